@@ -1,0 +1,5 @@
+import sys
+
+from quadrant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""The `quadrant` command: parse, build configs, call the library.
+
+Bad input of any kind (a missing model, a corrupt file, an out-of-range flag)
+ends with one `error: ...` line on stderr and a non-zero exit, never a
+traceback (QUADRANT_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+
+from quadrant import envs
+from quadrant.errors import QuadrantError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from quadrant.loader import store
+
+    m = store.pull(args.model)
+    print(f"{m.name}: {_human_bytes(m.size)}, sha256 {m.sha256[:12]} verified, at {m.path}")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from quadrant.loader import store
+
+    table = Table(box=None)
+    for col in ("NAME", "ID", "SIZE", "PULLED"):
+        table.add_column(col)
+    for m in store.list_models():
+        when = datetime.fromtimestamp(m.pulled_at).strftime("%Y-%m-%d %H:%M")
+        table.add_row(m.name, m.sha256[:12], _human_bytes(m.size), when)
+    Console().print(table)
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from quadrant.loader import store
+    from quadrant.loader.source import open_model
+
+    info = open_model(store.resolve(args.model)).describe()
+    template = info.pop("chat template")
+    params = info.get("parameters")
+    if params:
+        info["parameters"] = f"{params / 1e6:.1f}M" if params < 1e9 else f"{params / 1e9:.2f}B"
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"  {key:<{width}}  {value if value is not None else '-'}")
+    print("  chat template:" if template else "  chat template: -")
+    if template:
+        for line in template.strip().splitlines():
+            print(f"    {line}")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    from quadrant.loader import store
+
+    store.remove(args.model)
+    print(f"deleted {store.canonical_name(args.model)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from quadrant.chat import render_chat
+    from quadrant.engine.engine import LLMEngine
+    from quadrant.sampling_params import SamplingParams
+    from quadrant.tokenizer import IncrementalDetokenizer
+
+    prompt = args.prompt if args.prompt is not None else (sys.stdin.read() if not sys.stdin.isatty() else None)
+    if not prompt:
+        raise QuadrantError('give a prompt: quadrant run MODEL "your question"')
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    engine = LLMEngine(args.model, dtype=args.dtype)
+    tok = engine.tokenizer
+    if tok is None:
+        raise QuadrantError(f"{args.model}: the model has no tokenizer (tokenizer.json)")
+    if tok.chat_template and not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        text = render_chat(tok.chat_template, messages, add_generation_prompt=True, special_tokens=tok.special_tokens)
+        prompt_ids = tok.encode(text, add_special_tokens=False)
+    else:
+        prompt_ids = tok.encode(prompt)
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for step in engine.stream(prompt_ids, params):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if step.finish_reason == "stop":
+            break  # the stop token itself is not printed
+        sys.stdout.write(detok.step([step.token_id]))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    if args.verbose and first is not None:
+        end = time.perf_counter()
+        decode = (count - 1) / (end - first) if count > 1 else 0.0
+        print(
+            f"load {engine.load_seconds:.2f}s | prompt {len(prompt_ids)} tokens, {len(prompt_ids) / (first - start):.1f} tok/s"
+            f" | {count} tokens generated, {decode:.1f} tok/s",
+            file=sys.stderr,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quadrant import __version__
+
+    p = argparse.ArgumentParser(prog="quadrant", description="Run, serve, quantise and train language models.")
+    p.add_argument("--version", action="version", version=f"quadrant {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("pull", help="download a model into the store")
+    s.add_argument("model", help="catalogue name, e.g. smollm2:135m")
+    s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("list", aliases=["ls"], help="list pulled models")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="describe a model")
+    s.add_argument("model", help="name, .gguf file or model folder")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("rm", help="remove a pulled model")
+    s.add_argument("model")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("run", help="generate an answer to one prompt, streamed")
+    s.add_argument("model", help="name (pulled on first use), .gguf file or model folder")
+    s.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--system", default=None, help="system message")
+    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--verbose", action="store_true", help="print load time and tokens/s to stderr")
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (QuadrantError, ValueError, MemoryError, OSError) as e:
+        if envs.debug():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as e:
+        print(f"error: {e.name} is not installed; run scripts/install.sh", file=sys.stderr)
+        return EXIT_ERROR
+    return 0

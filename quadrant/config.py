@@ -1,0 +1,221 @@
+"""Configuration dataclasses.
+
+ModelConfig describes an architecture in one vocabulary whatever the source
+(a Hugging Face config.json here, GGUF metadata in loader/gguf.py). Each config
+checks itself in __post_init__ and raises ValueError naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+# Hugging Face `model_type` -> quadrant architecture family key (models/registry.py).
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+
+LayerType = Literal["full_attention", "sliding_attention"]
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # family key: llama | qwen2 | qwen3 | gemma3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", ...}; applies to full-attention layers
+    rope_freq_factors: list[float] | None = None  # per-frequency divisors (GGUF rope_freqs tensor)
+    rope_local_theta: float | None = None  # rope base of sliding-window layers (gemma3); None: rope_theta
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v/o (llama's attention_bias)
+    qkv_bias: bool = False  # bias on q/k/v only (qwen2)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (qwen3, gemma3)
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
+    norm_offset: float = 0.0  # RMSNorm gain is (offset + w): gemma stores w around 0, so offset 1
+    sandwich_norm: bool = False  # extra post-attention / post-FFN norms before the residual add (gemma3)
+    embed_scale: float | None = None  # multiply token embeddings (gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None  # window of sliding_attention layers (keys with q - k < window)
+    layer_types: list[str] | None = None  # per layer; None: all full_attention unless sliding_window set
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    dtype: str = "float32"  # dtype the checkpoint stores its dense weights in
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ValueError(f"unsupported layer types {sorted(bad)}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding_attention layers need a sliding_window size")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        assert self.layer_types is not None
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Map a Hugging Face config.json (transformers 4.x or 5.x layout) to a ModelConfig."""
+        model_type = cfg.get("model_type", "")
+        if model_type == "gemma3" and "text_config" in cfg:
+            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+            model_type = "gemma3_text"
+        arch = HF_MODEL_TYPES.get(model_type)
+        if arch is None:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; supported: {sorted(HF_MODEL_TYPES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        kwargs: dict[str, Any] = dict(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", arch == "gemma3"),
+            attention_bias=bool(cfg.get("attention_bias", False)) and arch != "qwen2",
+            qkv_bias=arch == "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch in ("qwen3", "gemma3"),
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=_hf_dtype(cfg),
+        )
+        if kwargs["hidden_act"] not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation {kwargs['hidden_act']!r} is not supported")
+        rope_params = cfg.get("rope_parameters")
+        if arch == "gemma3":
+            full, local = _gemma3_rope(cfg, rope_params)
+            kwargs.update(
+                rope_theta=full.get("rope_theta", 1_000_000.0),
+                rope_scaling=_scaling_only(full),
+                rope_local_theta=local.get("rope_theta", 10_000.0),
+                norm_offset=1.0,
+                sandwich_norm=True,
+                embed_scale=float(cfg["hidden_size"]) ** 0.5,
+                attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+                attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+                final_logit_softcapping=cfg.get("final_logit_softcapping"),
+                sliding_window=cfg.get("sliding_window"),
+                layer_types=cfg.get("layer_types")
+                or _gemma3_layer_types(cfg["num_hidden_layers"], cfg.get("sliding_window_pattern", 6)),
+            )
+        else:
+            params = rope_params if isinstance(rope_params, dict) else {}
+            kwargs["rope_theta"] = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            kwargs["rope_scaling"] = _scaling_only(params) or _scaling_only(cfg.get("rope_scaling") or {})
+            window = cfg.get("sliding_window")
+            use_window = arch == "llama" or cfg.get("use_sliding_window", False)
+            if window and use_window:
+                kwargs["sliding_window"] = window
+                if cfg.get("layer_types"):
+                    kwargs["layer_types"] = cfg["layer_types"]
+            elif cfg.get("layer_types") and "sliding_attention" not in cfg["layer_types"]:
+                kwargs["layer_types"] = cfg["layer_types"]
+        return cls(**kwargs)
+
+
+def _hf_dtype(cfg: dict[str, Any]) -> str:
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+
+
+def _scaling_only(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The scaling part of a rope dict; None for plain RoPE."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    return scaling
+
+
+def _gemma3_rope(cfg: dict[str, Any], rope_params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if isinstance(rope_params, dict) and "full_attention" in rope_params:
+        return dict(rope_params["full_attention"]), dict(rope_params.get("sliding_attention") or {})
+    full = dict(cfg.get("rope_scaling") or {})
+    full["rope_theta"] = cfg.get("rope_theta", 1_000_000.0)
+    return full, {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # fixed pool size; None: sized from kv_cache_memory
+    kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers when num_blocks is None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        if self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+
+    def blocks_for(self, model: ModelConfig, dtype: torch.dtype) -> int:
+        """Pool size: num_blocks, or as many blocks as kv_cache_memory holds."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        bytes_per_block = (
+            2 * model.num_hidden_layers * self.block_size * model.num_key_value_heads * model.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
+        return max(1, self.kv_cache_memory // bytes_per_block)

@@ -1,0 +1,21 @@
+"""The one reader of QUADRANT_* environment variables.
+
+Environment variables only locate things or switch on debugging; behaviour is
+configured through the dataclass configs in config.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def quadrant_home() -> Path:
+    """Root of the model store and caches: $QUADRANT_HOME, default ~/.cache/quadrant."""
+    value = os.environ.get("QUADRANT_HOME")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "quadrant"
+
+
+def debug() -> bool:
+    """QUADRANT_DEBUG=1 shows full tracebacks on the CLI instead of one-line errors."""
+    return os.environ.get("QUADRANT_DEBUG", "") not in ("", "0", "false")

@@ -1,0 +1,78 @@
+"""Attention layer: writes this step's K/V into the paged cache, then calls the backend.
+
+The runner builds one AttentionMetadata per step for the flattened batch
+(prefill chunks and decode tokens mixed) and binds each layer's KV cache
+tensors; model code only passes q, k, v and the metadata through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B + 1] int32: cu_seqlens_q, token offsets of each sequence in the batch
+    seq_lens: torch.Tensor  # [B] int32: context length of each sequence after this step (cached + new)
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]  # host copies, so the torch backend loops without device syncs
+    seq_lens_cpu: list[int]
+    slot_mapping: torch.Tensor | None = None  # [T] int64: cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32: cache blocks of each sequence
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @classmethod
+    def for_packed_sequences(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Causal attention within each of several packed sequences, no KV cache (training, scoring)."""
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            max_query_len=max(seq_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=list(seq_lens),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        # Bound by the runner: (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim].
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        from quadrant.layers.attn_backends import torch_attention
+
+        self.backend = torch_attention
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
+        if self.kv_cache is not None and meta.slot_mapping is not None:
+            k_cache, v_cache = self.kv_cache
+            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        return self.backend(self, q, k, v, meta)

@@ -1,0 +1,55 @@
+"""Linear layers and the weight loaders that fill packed (merged) projections.
+
+QKV and gate/up are packed into one matrix so each layer runs fewer, larger
+matmuls; checkpoints store them separately, so each packed layer knows the
+slice every source tensor goes to (`weight_loader(param, tensor, shard)`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). W: [out_features, in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked on the output dim (gate_up, qkv).
+
+    `shard_sizes[name]` gives each part's rows in order; loading a checkpoint
+    tensor for part `name` copies it into that slice.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (start, size)
+            start += size
+        self.weight.weight_loader = self._load_shard  # type: ignore[attr-defined]
+        if self.bias is not None:
+            self.bias.weight_loader = self._load_shard  # type: ignore[attr-defined]
+
+    def _load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
+        start, size = self.shard_offsets[shard]
+        target = param.data.narrow(0, start, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))

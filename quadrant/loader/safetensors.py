@@ -1,0 +1,63 @@
+"""Hugging Face folders: config.json + (sharded) *.safetensors, read memory-mapped.
+
+Tensors are yielded one at a time straight from the mapped file, so loading
+never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quadrant.config import ModelConfig
+from quadrant.errors import ModelLoadError, UnsupportedError
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_config(folder: Path) -> ModelConfig:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: cannot read ({e})") from e
+    try:
+        return ModelConfig.from_hf_config(raw)
+    except KeyError as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: missing field {e}") from e
+    except ValueError as e:
+        raise UnsupportedError(f"{folder}: {e}") from e
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from e
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.safetensors weights found")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as e:
+            # safetensors validates header offsets against the file size and raises here.
+            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e})") from e

@@ -1,0 +1,130 @@
+"""A model on disk, whatever its format: config, tokenizer, weights and a summary.
+
+`open_model(path)` accepts a .gguf file or a Hugging Face-layout folder; the
+store resolves catalogue names to such paths first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quadrant.config import ModelConfig
+from quadrant.errors import ModelLoadError, ModelNotFoundError
+from quadrant.loader import safetensors as st
+from quadrant.loader.gguf import GGUFModelFile
+from quadrant.loader.weights import load_weights
+from quadrant.models.registry import model_class
+from quadrant.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    config: ModelConfig
+    gguf: GGUFModelFile | None = None  # None for a Hugging Face folder
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.gguf is not None:
+            return self.gguf.iter_tensors(self.config)
+        return st.iter_tensors(self.path)
+
+    def has_tokenizer(self) -> bool:
+        return self.gguf is not None or (self.path / "tokenizer.json").is_file()
+
+    def tokenizer(self) -> Tokenizer:
+        try:
+            if self.gguf is not None:
+                return Tokenizer.from_gguf_fields(self.gguf.tokenizer_fields())
+            return Tokenizer.from_pretrained_dir(self.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{self.path}: cannot build the tokenizer ({e})") from e
+
+    def load_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+        """Build the model on `device` in `dtype` and fill it, one tensor at a time."""
+        cls = model_class(self.config.architecture)
+        with torch.device(device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                model = cls(self.config)
+            finally:
+                torch.set_default_dtype(prev)
+        load_weights(model, self.weights())
+        return model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        """What `quadrant show` prints."""
+        c = self.config
+        info: dict[str, Any] = {
+            "path": str(self.path),
+            "architecture": c.architecture,
+            "parameters": None,
+            "quantization": None,
+            "context length": c.max_position_embeddings,
+            "embedding length": c.hidden_size,
+            "layers": c.num_hidden_layers,
+            "heads (q / kv)": f"{c.num_attention_heads} / {c.num_key_value_heads}",
+            "vocabulary": c.vocab_size,
+            "license": None,
+            "chat template": None,
+        }
+        if self.gguf is not None:
+            g = self.gguf
+            info["parameters"] = g.num_parameters()
+            info["quantization"] = g.quantization()
+            info["license"] = g.field("general.license")
+            info["name"] = g.field("general.name")
+            info["chat template"] = g.field("tokenizer.chat_template")
+        else:
+            from safetensors import safe_open
+
+            total = 0
+            for f in st.shard_files(self.path):
+                with safe_open(str(f), framework="pt") as h:
+                    total += sum(_numel(h.get_slice(k).get_shape()) for k in h.keys())
+            info["parameters"] = total
+            info["quantization"] = c.dtype
+            info["license"] = _hf_license(self.path)
+            info["chat template"] = self.tokenizer().chat_template
+        return info
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _hf_license(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines()[:30]:
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip()
+    cfg = folder / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("license")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def open_model(path: str | Path) -> ModelSource:
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{p}: expected a .gguf file or a Hugging Face model folder")
+        g = GGUFModelFile(p)
+        return ModelSource(p, g.model_config(), g)
+    if st.is_hf_folder(p):
+        return ModelSource(p, st.read_config(p))
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: a model folder needs config.json, *.safetensors and tokenizer.json")
+    raise ModelNotFoundError(f"{p}: no such file or folder")

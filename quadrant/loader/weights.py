@@ -1,0 +1,70 @@
+"""Fill a model's parameters from (checkpoint name, tensor) pairs.
+
+Names are Hugging Face's; the model class declares its packed projections
+(`packed_modules`), so this loader has no per-model branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from quadrant.errors import ModelLoadError
+
+# Checkpoint entries that are derived state, not weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    expected = _expected_targets(model, params)
+    loaded: set[tuple[str, str | None]] = set()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard = _resolve(name, packed)
+        param = params.get(target)
+        if param is None:
+            raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
+        with torch.no_grad():
+            if shard is not None:
+                param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+            else:
+                if param.shape != tensor.shape:
+                    raise ModelLoadError(
+                        f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
+        loaded.add((target, shard))
+    missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+
+
+def _resolve(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'q')."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            module, shard = packed[part]
+            return ".".join(parts[:i] + [module] + parts[i + 1 :]), shard
+    return name, None
+
+
+def _expected_targets(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tuple[str, str | None]]:
+    expected: set[tuple[str, str | None]] = set()
+    for module_name, module in model.named_modules():
+        shards = getattr(module, "shard_offsets", None)
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            if full not in params:
+                continue
+            if shards:
+                expected.update((full, s) for s in shards)
+            else:
+                expected.add((full, None))
+    return expected

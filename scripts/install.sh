@@ -1,0 +1,19 @@
+#!/bin/sh
+# Installs quadrant into the active Python environment.
+#   sh scripts/install.sh          runtime only
+#   sh scripts/install.sh test     runtime + test dependencies
+# torch goes first, as the CPU build of 2.13.0, unless a torch is already there
+# (a GPU machine keeps its own CUDA build): a bare `torch` requirement would pull
+# a multi-GB CUDA build onto a CPU-only machine.
+set -e
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "installing torch 2.13.0 (CPU build)"
+  "$PY" -m pip install --quiet "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+if [ "$1" = "test" ]; then
+  "$PY" -m pip install --quiet -e ".[test]"
+else
+  "$PY" -m pip install --quiet -e .
+fi
