@@ -200,20 +200,22 @@ def _gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # fixed pool size; None: sized from kv_cache_memory
-    kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers when num_blocks is None
+    kv_cache_memory: int | None = None  # bytes for K and V of all layers; None: one full context
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
 
     def blocks_for(self, model: ModelConfig, dtype: torch.dtype) -> int:
         """Pool size: num_blocks, or as many blocks as kv_cache_memory holds."""
         if self.num_blocks is not None:
             return self.num_blocks
+        if self.kv_cache_memory is None:
+            return -(-model.max_position_embeddings // self.block_size)
         bytes_per_block = (
             2 * model.num_hidden_layers * self.block_size * model.num_key_value_heads * model.head_dim
             * torch.empty((), dtype=dtype).element_size()

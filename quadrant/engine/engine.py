@@ -69,8 +69,9 @@ class LLMEngine:
         if not prompt_ids:
             raise QuadrantError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
+            where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}"
+                f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}"
             )
         eos = set() if params.ignore_eos else set(self.eos_token_ids)
         stop_ids = eos | set(params.stop_token_ids)

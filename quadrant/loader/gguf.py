@@ -34,7 +34,7 @@ class GGUFModelFile:
             self.reader = GGUFReader(str(self.path), "r")
         except Exception as e:  # the reader raises many types (ValueError, IndexError, struct errors)
             raise ModelLoadError(f"{self.path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
-        self._check_bounds()
+        self._check_tensors()
         self.architecture = self.field("general.architecture")
         if self.architecture not in supported_architectures():
             raise UnsupportedError(
@@ -43,13 +43,19 @@ class GGUFModelFile:
             )
         self._tensors = {t.name: t for t in self.reader.tensors}
 
-    def _check_bounds(self) -> None:
+    def _check_tensors(self) -> None:
         size = self.path.stat().st_size
         for t in self.reader.tensors:
             try:
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(t.tensor_type))]
+                qtype = GGMLQuantizationType(int(t.tensor_type))
+                block, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"{self.path}: tensor {t.name} has an unknown type id {int(t.tensor_type)}") from e
+            if qtype not in SUPPORTED_TYPES:
+                # Fail at open, before minutes of loading, not at the first odd tensor.
+                raise UnsupportedError(
+                    f"{self.path}: tensor {t.name} has type {qtype.name}, which quadrant does not support"
+                )
             n_bytes = int(t.n_elements) // block * type_size
             if t.data_offset + n_bytes > size or t.data_offset < 0:
                 raise ModelLoadError(f"{self.path}: truncated or corrupt: tensor {t.name} runs past the end of the file")

@@ -1,0 +1,62 @@
+"""The default GGUF (real weights, Q4_1/Q8_0) against transformers' own GGUF loader.
+
+transformers dequantises the same blocks to fp32 and undoes llama.cpp's Q/K
+permutation itself, so matching logits (1e-4 relative, fp32 op-order noise)
+checks our dequantisation, name map and un-permutation together.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from quadrant.errors import ModelLoadError
+from quadrant.layers.attention import AttentionMetadata
+from quadrant.loader.source import open_model
+
+
+def test_default_model_config(default_gguf_path):
+    src = open_model(default_gguf_path)
+    c = src.config
+    assert (c.architecture, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        "llama", 30, 576, 9, 3)
+    assert c.tie_word_embeddings and c.max_position_embeddings == 8192 and c.rope_theta == 100000.0
+    info = src.describe()
+    assert info["quantization"] == "Q4_1" and info["license"] == "apache-2.0"
+    assert 130e6 < info["parameters"] < 140e6
+    assert "<|im_start|>" in info["chat template"]
+
+
+def test_default_model_logits_match_transformers(default_gguf_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32).eval()
+    ours = open_model(default_gguf_path).load_model(torch.float32)
+    ids = [1, 504, 3458, 282, 4649, 314, 253, 1789, 30, 198, 2683, 8453]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        got = ours.compute_logits(ours(torch.tensor(ids), torch.arange(len(ids)),
+                                       AttentionMetadata.for_packed_sequences([len(ids)])))
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_truncated_gguf_is_a_clear_error(default_gguf_path, tmp_path):
+    bad = tmp_path / "truncated.gguf"
+    with open(default_gguf_path, "rb") as src, open(bad, "wb") as dst:
+        dst.write(src.read(os.path.getsize(default_gguf_path) // 2))
+    with pytest.raises(ModelLoadError, match="truncated|not a valid GGUF"):
+        open_model(bad)
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(1000))
+    with pytest.raises(ModelLoadError):
+        open_model(bad)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ModelLoadError):
+        open_model(tmp_path / "empty.gguf")
