@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "installing torch 2.13.0 (CPU build)"
-  "$PY" -m pip install --quiet "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # A machine whose pip already sees the CPU wheel (a local wheel folder or mirror)
+  # takes it from there; elsewhere PyTorch's CPU index serves it.
+  "$PY" -m pip install --quiet "torch==2.13.0+cpu" 2>/dev/null \
+    || "$PY" -m pip install --quiet "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
 fi
 if [ "$1" = "test" ]; then
   "$PY" -m pip install --quiet -e ".[test]"
