@@ -199,6 +199,7 @@ class Tokenizer:
         add_bos = bool(config["add_bos_token"]) if "add_bos_token" in config else probed_bos
         add_eos = bool(config["add_eos_token"]) if "add_eos_token" in config else probed_eos
         eos_id = eos_ids[0] if eos_ids else None
+        # Replacing the post-processor only drops offset trimming (ByteLevel), which ids never depend on.
         backend.post_processor = _template(
             backend.id_to_token(bos_id) if bos_id is not None else None, bos_id,
             backend.id_to_token(eos_id) if eos_id is not None else None, eos_id, add_bos, add_eos)
@@ -223,6 +224,8 @@ class Tokenizer:
                 f"Unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model); "
                 f"quadrant supports {', '.join(map(repr, _SUPPORTED_GGUF_MODELS))}."
             )
+        if not fields.get("tokenizer.ggml.tokens"):
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer.")
         tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]  # type: ignore[union-attr]
         raw_types = fields.get("tokenizer.ggml.token_type")
         token_types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)  # type: ignore[union-attr]
@@ -370,17 +373,17 @@ def _merges_from_scores(tokens: list[str], scores: list[float], token_types: lis
         # control/unknown/byte/unused pieces are never produced by merging text
         if kind in (_NORMAL, _USER_DEFINED):
             normal.setdefault(token, i)
-    candidates: list[tuple[float, int, int, int, int, str, str]] = []
+    candidates: list[tuple[float, int, int, int, str, str]] = []
     for piece, piece_id in normal.items():
         if len(piece) < 2:
             continue
         splits = [(normal[piece[:k]], normal[piece[k:]], k) for k in range(1, len(piece))
                   if piece[:k] in normal and piece[k:] in normal]
-        for left_id, right_id, k in sorted(splits):
-            candidates.append((-scores[piece_id], -k, -(len(piece) - k), piece_id, len(candidates),
-                               piece[:k], piece[k:]))
-    candidates.sort(key=lambda c: c[:3] + (c[4],))
-    return [(c[5], c[6]) for c in candidates]
+        for _, _, k in sorted(splits):
+            # (key..., insertion order) so equal keys keep transformers' order: piece id, then split ids
+            candidates.append((-scores[piece_id], -k, k - len(piece), len(candidates), piece[:k], piece[k:]))
+    candidates.sort(key=lambda c: c[:4])
+    return [(c[4], c[5]) for c in candidates]
 
 
 # ---------------------------------------------------------------------- folder helpers

@@ -21,3 +21,18 @@ def quadrant_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "qhome"
     monkeypatch.setenv("QUADRANT_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def gguf_fields(default_gguf_path) -> dict[str, object]:
+    """The default model's tokenizer.* metadata as plain values (what the loader passes on)."""
+    from quadrant.loader.gguf import GGUFModelFile
+
+    return GGUFModelFile(default_gguf_path).tokenizer_fields()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(default_gguf_path):
+    """transformers' own tokenizer built from the same GGUF: the reference ids and decodes."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
