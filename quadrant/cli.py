@@ -75,39 +75,32 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from quadrant.chat import render_chat
     from quadrant.engine.engine import LLMEngine
     from quadrant.sampling_params import SamplingParams
-    from quadrant.tokenizer import IncrementalDetokenizer
 
     prompt = args.prompt if args.prompt is not None else (sys.stdin.read() if not sys.stdin.isatty() else None)
     if not prompt:
         raise QuadrantError('give a prompt: quadrant run MODEL "your question"')
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    engine = LLMEngine(args.model, dtype=args.dtype)
-    tok = engine.tokenizer
-    if tok is None:
-        raise QuadrantError(f"{args.model}: the model has no tokenizer (tokenizer.json)")
+    engine = LLMEngine.from_model(args.model, dtype=args.dtype)
+    tok = engine.require_tokenizer()
     if tok.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        text = render_chat(tok.chat_template, messages, add_generation_prompt=True, special_tokens=tok.special_tokens)
-        prompt_ids = tok.encode(text, add_special_tokens=False)
+        prompt_ids = engine.chat_prompt(messages)
     else:
-        prompt_ids = tok.encode(prompt)
-    detok = IncrementalDetokenizer(tok, prompt_ids)
+        prompt_ids = engine.encode(prompt)
     start = time.perf_counter()
+    engine.add_request(prompt_ids, params)
     first = None
     count = 0
-    for step in engine.stream(prompt_ids, params):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-        if step.finish_reason == "stop":
-            break  # the stop token itself is not printed
-        sys.stdout.write(detok.step([step.token_id]))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            first = first or time.perf_counter()
+            count = len(out.outputs[0].token_ids)
+            sys.stdout.write(out.outputs[0].text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     if args.verbose and first is not None:
         end = time.perf_counter()
         decode = (count - 1) / (end - first) if count > 1 else 0.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingParams:
+    n: int = 1  # independent samples of the same prompt (they share its KV blocks)
     max_tokens: int = 256  # new tokens to generate at most
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 or -1 = no limit
@@ -21,10 +22,20 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, never included in the output
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value, name, "must be a number")
+        for name in ("max_tokens", "top_k", "n"):
+            _check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool), name, "must be an integer")
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 or a positive integer")
@@ -33,6 +44,18 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
+        _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]")
+        _check(all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in self.logit_bias.items()),
+               "logit_bias", "must map token ids to values in [-100, 100]")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               "logprobs", "must be an integer in [0, 20]")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

@@ -1,103 +1,288 @@
-"""LLMEngine: a loaded model, its tokenizer and paged KV cache, and token generation.
+"""LLMEngine.step(): schedule, run, update, emit; and LLM, the batch API on top of it.
 
-`stream()` runs one request: the prompt in chunks of at most
-max_num_batched_tokens, then one decode step per token, each step one
-flattened forward pass through the runner. Blocks are taken from the pool as
-the sequence grows and returned when it ends, however it ends.
+The engine owns the model, tokenizer, KV cache manager, scheduler and runner.
+Each step runs one flattened batch; new tokens then go through the per-request
+incremental detokenizer, where stop strings are matched across token
+boundaries and held back until they can no longer start one, so a stop string
+is never emitted.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from quadrant.config import CacheConfig
-from quadrant.engine.kv_cache import BlockPool
-from quadrant.engine.runner import ModelRunner, ScheduledSeq
+from quadrant.chat import render_chat
+from quadrant.config import CacheConfig, EngineConfig, SchedulerConfig
+from quadrant.engine.kv_cache import KVCacheManager
+from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
+from quadrant.engine.runner import ModelRunner
+from quadrant.engine.scheduler import Scheduler
 from quadrant.errors import QuadrantError
-from quadrant.layers.sampler import sample
 from quadrant.loader import store
 from quadrant.loader.source import open_model
 from quadrant.sampling_params import SamplingParams
+from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Prompt = str | list[int]
 
 
-class PromptTooLongError(QuadrantError):
+class PromptTooLongError(QuadrantError, ValueError):
     """The prompt does not fit the model's context."""
 
 
 @dataclass
-class GenerationStep:
-    token_id: int
-    finish_reason: str | None  # None while running; "stop" (eos / stop token) or "length"
+class _Sample:
+    """Output-side state of one of a request's n samples."""
+
+    request: Request
+    detok: IncrementalDetokenizer | None
+    text: str = ""  # produced so far (stop strings cut off)
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+
+
+@dataclass
+class _Group:
+    """One caller request: its n samples and their timing."""
+
+    request_id: str
+    prompt_ids: list[int]
+    samples: list[_Sample]
+    stop: list[str]
+    arrival: float
+    first_token: float | None = None
+    num_cached_tokens: int = 0
+    done: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "float32",
-        device: str = "cpu",
-        cache_config: CacheConfig | None = None,
-        max_num_batched_tokens: int = 512,
-    ) -> None:
-        if max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
+    def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
-        self.source = open_model(store.resolve(model, pull_missing=True))
+        self.config = config
+        self.source = open_model(store.resolve(config.model, pull_missing=True))
         self.model_config = self.source.config
-        # A weights-only folder (tests, dummy loads) has no tokenizer; ids still work.
-        self.tokenizer = self.source.tokenizer() if self.source.has_tokenizer() else None
-        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
-        torch_dtype = getattr(torch, dtype)
-        self.model = self.source.load_model(torch_dtype, device)
-        self.cache_config = cache_config or CacheConfig()
-        num_blocks = self.cache_config.blocks_for(self.model_config, torch_dtype)
-        self.pool = BlockPool(num_blocks)
-        self.runner = ModelRunner(self.model, self.model_config, self.cache_config, num_blocks, torch_dtype, device)
-        self.max_num_batched_tokens = max_num_batched_tokens
+        # A weights-only folder (tests, dummy loads) has no tokenizer; token ids still work.
+        self.tokenizer: Tokenizer | None = self.source.tokenizer() if self.source.has_tokenizer() else None
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
+        dtype = getattr(torch, config.dtype)
+        self.model = self.source.load_model(dtype, config.device)
+        num_blocks = config.cache.blocks_for(self.model_config, dtype)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
+        self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
+        self.groups: dict[str, _Group] = {}
+        self._ids = itertools.count()
         self.load_seconds = time.perf_counter() - start
 
-    @property
-    def max_model_len(self) -> int:
-        """Longest sequence (prompt + output) the model's context and the KV pool can hold."""
-        return min(self.model_config.max_position_embeddings, self.pool.num_blocks * self.cache_config.block_size)
+    @classmethod
+    def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu",
+                   cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None) -> "LLMEngine":
+        return cls(EngineConfig(model, dtype, device, cache or CacheConfig(), scheduler or SchedulerConfig()))  # type: ignore[arg-type]
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationStep]:
+    # -- prompts -------------------------------------------------------------------------------
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise QuadrantError(f"{self.config.model}: the model has no tokenizer; pass token ids")
+        return self.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.require_tokenizer().encode(prompt)
+        ids = list(prompt)
+        if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        return ids
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        tok = self.require_tokenizer()
+        if not tok.chat_template:
+            raise QuadrantError(f"{self.config.model}: the model has no chat template")
+        text = render_chat(tok.chat_template, messages, add_generation_prompt, tok.special_tokens, **template_kwargs)
+        return tok.encode(text, add_special_tokens=False)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
         if not prompt_ids:
-            raise QuadrantError("the prompt is empty")
+            raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}"
+            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.perf_counter()
+        samples = []
+        for i in range(params.n):
+            req = Request(
+                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_ids=prompt_ids,
+                params=params,
+                eos_token_ids=self.eos_token_ids,
+                group_id=request_id if params.n > 1 else None,
+                arrival=now,
             )
-        eos = set() if params.ignore_eos else set(self.eos_token_ids)
-        stop_ids = eos | set(params.stop_token_ids)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = ScheduledSeq(token_ids=list(prompt_ids), num_computed=0, num_new=0, block_table=[])
-        bs = self.cache_config.block_size
+            if params.seed is not None:
+                req.generator = torch.Generator().manual_seed(params.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+            samples.append(_Sample(req, detok))
+            self.scheduler.add(req)
+        self.groups[request_id] = _Group(request_id, prompt_ids, samples, params.stop, now)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request and free its KV blocks now; False if it is unknown or already done."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for s in group.samples:
+            self.scheduler.finish(s.request, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out)
+        self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
+        touched: dict[str, _Group] = {}
+        now = time.perf_counter()
+        for s in out.scheduled:
+            req = s.request
+            if req.request_id in sampled and sampled[req.request_id][1] is not None:
+                req.logprobs.append(sampled[req.request_id][1])  # type: ignore[arg-type]
+            group_id = req.group_id or req.request_id
+            if group_id in self.groups and req.request_id in sampled:
+                touched[group_id] = self.groups[group_id]
+        outputs = []
+        for group in touched.values():
+            if group.first_token is None:
+                group.first_token = now
+                group.num_cached_tokens = group.samples[0].request.num_cached_prompt_tokens
+            outputs.append(self._emit(group, now))
+        return outputs
+
+    def _emit(self, group: _Group, now: float) -> RequestOutput:
+        completions = []
+        for index, sample in enumerate(group.samples):
+            completions.append(self._advance_sample(index, sample, group.stop))
+        group.done = all(s.request.is_finished for s in group.samples)
+        if group.done:
+            del self.groups[group.request_id]
+        metrics = {"arrival": group.arrival, "first_token": group.first_token or now}
+        if group.done:
+            metrics["finished"] = now
+        return RequestOutput(group.request_id, group.prompt_ids, completions, group.done, group.num_cached_tokens, metrics)
+
+    def _advance_sample(self, index: int, sample: _Sample, stop: list[str]) -> CompletionOutput:
+        req = sample.request
+        new_ids = req.output_ids[sample.num_emitted_tokens :]
+        if sample.detok is not None and new_ids:
+            if req.finish_reason == FinishReason.STOP and req.stop_reason in req.output_ids[-1:]:
+                new_ids_for_text = new_ids[:-1]  # the stop token itself adds no text
+            else:
+                new_ids_for_text = new_ids
+            sample.text += sample.detok.step(new_ids_for_text) if new_ids_for_text else ""
+            if req.is_finished:
+                sample.text += sample.detok.flush()
+            if stop:
+                self._match_stop_strings(sample, stop)
+        hold = 0 if req.is_finished or not stop else max(len(s) for s in stop) - 1
+        end = max(sample.num_emitted_chars, len(sample.text) - hold)
+        text_delta = sample.text[sample.num_emitted_chars : end]
+        sample.num_emitted_chars = end
+        sample.num_emitted_tokens = len(req.output_ids)
+        return CompletionOutput(
+            index=index,
+            text=sample.text[:end],
+            token_ids=list(req.output_ids),
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            stop_reason=req.stop_reason,
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            text_delta=text_delta,
+            token_ids_delta=new_ids,
+            logprobs_delta=req.logprobs[len(req.logprobs) - len(new_ids):] if req.params.logprobs is not None else [],
+        )
+
+    def _match_stop_strings(self, sample: _Sample, stop: list[str]) -> None:
+        # Only text after what was already emitted can hold a new match (held-back chars included).
+        window_start = max(0, sample.num_emitted_chars - max(len(s) for s in stop) + 1)
+        best: tuple[int, str] | None = None
+        for s in stop:
+            pos = sample.text.find(s, window_start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is not None:
+            sample.text = sample.text[: best[0]]
+            req = sample.request
+            self.scheduler.finish(req, FinishReason.STOP)
+            req.stop_reason = best[1]
+
+
+class LLM:
+    """Offline batch generation: `LLM(model).generate(prompts, params)`."""
+
+    def __init__(self, model: str = store.DEFAULT_MODEL, **engine_kwargs) -> None:
+        self.engine = LLMEngine.from_model(model, **engine_kwargs)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return self._run([self.engine.encode(p) for p in prompts], sampling_params, use_tqdm)  # type: ignore[arg-type]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.engine.chat_prompt(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[list[int]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        ids = []
         try:
-            for num_generated in range(1, params.max_tokens + 1):
-                while True:  # prefill in chunks; the last chunk (or a decode) yields logits we sample
-                    remaining = len(seq.token_ids) - seq.num_computed
-                    seq.num_new = min(remaining, self.max_num_batched_tokens)
-                    needed = -(-(seq.num_computed + seq.num_new) // bs) - len(seq.block_table)
-                    if needed > 0:
-                        seq.block_table += self.pool.allocate(needed)
-                    logits = self.runner.execute([seq])
-                    seq.num_computed += seq.num_new
-                    if seq.num_computed == len(seq.token_ids):
-                        break
-                token = sample(logits, [params], [generator])[0]
-                seq.token_ids.append(token)
-                if token in stop_ids:
-                    yield GenerationStep(token, "stop")
-                    return
-                full = len(seq.token_ids) >= self.max_model_len
-                yield GenerationStep(token, "length" if num_generated == params.max_tokens or full else None)
-                if full:
-                    return
-        finally:
-            self.pool.free(seq.block_table)
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.engine.add_request(p, sp))
+            results: dict[str, RequestOutput] = {}
+            with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished_requests():
+                    for o in self.engine.step():
+                        if o.finished:
+                            results[o.request_id] = o
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [results[i] for i in ids]

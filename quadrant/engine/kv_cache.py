@@ -1,34 +1,156 @@
-"""The paged KV cache: a pool of fixed-size blocks and the per-layer K/V tensors.
+"""The paged KV cache: a pool of fixed-size blocks, prefix caching and the per-layer K/V tensors.
 
-Each sequence owns a block table (list of block ids); the runner turns token
-positions into cache slots through it. Blocks are recycled through a free list.
+Each request owns a block table. A full block is named by a hash chained over
+every token before it, so two requests with the same prefix map it to the same
+block: it is reused with a reference count, and kept after its last user
+leaves, until the pool needs it back (least recently freed first).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 
 from quadrant.config import CacheConfig, ModelConfig
+from quadrant.engine.request import Request
+
+
+def hash_block(parent: int | None, tokens: Iterable[int]) -> int:
+    """Chained block hash: equal only if this block and every block before it hold the same tokens."""
+    return hash((parent, tuple(tokens)))
 
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # Blocks with no users, oldest-freed first; cached ones among them can still be revived.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self.free_queue)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV cache exhausted: need {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > len(self.free_queue):
+            raise MemoryError(f"KV cache exhausted: need {n} blocks, {len(self.free_queue)} free")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free_queue.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            blocks.append(block)
+        return blocks
 
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+    def touch(self, blocks: list[int]) -> None:
+        """Take a reference on prefix-cache hits, reviving them from the free queue."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self.free_queue[b]
+            self.ref_counts[b] += 1
+
+    def free(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            self.ref_counts[b] -= 1
+            assert self.ref_counts[b] >= 0, f"block {b} freed twice"
+            if self.ref_counts[b] == 0:
+                self.free_queue[b] = None
+
+    def register(self, block: int, block_hash: int) -> None:
+        if block_hash not in self.cached and self.block_hash[block] is None:
+            self.block_hash[block] = block_hash
+            self.cached[block_hash] = block
+
+    def _evict(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            self.block_hash[block] = None
+            if self.cached.get(h) == block:
+                del self.cached[h]
+
+    def reset_prefix_cache(self) -> None:
+        for b in list(self.cached.values()):
+            self._evict(b)
+
+
+class KVCacheManager:
+    """Block accounting for the scheduler: allocation, prefix hits, release. Pure Python, no tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.num_queries = 0  # prompt tokens looked up in the prefix cache
+        self.num_hits = 0  # of those, tokens found
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hits / self.num_queries if self.num_queries else 0.0
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request's tokens (always leaving one token to run)."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens = req.all_token_ids
+        bs = self.block_size
+        hits: list[int] = []
+        parent = None
+        for i in range((len(tokens) - 1) // bs):
+            parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
+            block = self.pool.cached.get(parent)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_queries += len(tokens)
+        self.num_hits += len(hits) * bs
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:  # type: ignore[assignment]
+        """Give `req` blocks for `num_new_tokens` more tokens (after adopting `cached_blocks`); False if the pool is short."""
+        bs = self.block_size
+        num_computed = req.num_computed_tokens + len(cached_blocks) * bs
+        need = -(-(num_computed + num_new_tokens) // bs) - len(req.block_table) - len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)
+        if need + revived > self.pool.num_free:
+            return False
+        if cached_blocks:
+            self.pool.touch(list(cached_blocks))
+            req.block_table.extend(cached_blocks)
+            req.num_computed_tokens = num_computed
+            self._extend_hashes(req)
+        if need > 0:
+            req.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register every block whose tokens are now all computed under its chained hash."""
+        if self.enable_prefix_caching:
+            for i in self._extend_hashes(req):
+                self.pool.register(req.block_table[i], req.block_hashes[i])
+
+    def _extend_hashes(self, req: Request) -> range:
+        bs = self.block_size
+        start = len(req.block_hashes)
+        full = min(req.num_computed_tokens // bs, len(req.block_table))
+        tokens = req.all_token_ids
+        for i in range(start, full):
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            req.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+        return range(start, full)
+
+    def free(self, req: Request) -> None:
+        # Tail blocks first into the free queue, so they are evicted before the shared prefix.
+        self.pool.free(reversed(req.block_table))
+        req.block_table = []
+        req.block_hashes = []
 
 
 def allocate_kv_tensors(

@@ -1,29 +1,21 @@
-"""ModelRunner: turns scheduled sequences into one flattened forward pass.
+"""ModelRunner: turns a SchedulerOutput into one flattened forward pass and sampled tokens.
 
 It owns the KV tensors (bound into every Attention layer), builds input ids,
-positions, slot mapping, block tables and AttentionMetadata for a batch of
-(sequence, new-token count) pairs, and returns the logits of each sequence's
-last scheduled token.
+positions, slot mapping, block tables and AttentionMetadata, runs the model,
+computes logits only at the rows that sample, and calls the sampler.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.kv_cache import allocate_kv_tensors
+from quadrant.engine.request import Request, TokenLogprob
+from quadrant.engine.scheduler import SchedulerOutput
 from quadrant.layers.attention import Attention, AttentionMetadata
-
-
-@dataclass
-class ScheduledSeq:
-    token_ids: list[int]  # all tokens of the sequence so far (prompt + generated)
-    num_computed: int  # tokens whose K/V are already cached
-    num_new: int  # tokens to run this step: token_ids[num_computed : num_computed + num_new]
-    block_table: list[int]
+from quadrant.layers.sampler import sample
 
 
 class ModelRunner:
@@ -32,33 +24,37 @@ class ModelRunner:
         self.model = model
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
+        self.generator = torch.Generator()  # for unseeded requests
+        self.generator.seed()
         self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks, dtype, device)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == len(self.kv_caches)
         for layer, kv in zip(layers, self.kv_caches):
             layer.kv_cache = kv
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts, seq_lens = [0], []
         bs = self.block_size
-        for s in batch:
-            end = s.num_computed + s.num_new
-            input_ids.extend(s.token_ids[s.num_computed:end])
-            for pos in range(s.num_computed, end):
+        for s in out.scheduled:
+            req, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids.extend(req.token_slice(start, end))
+            table = req.block_table
+            for pos in range(start, end):
                 positions.append(pos)
-                slots.append(s.block_table[pos // bs] * bs + pos % bs)
-            starts.append(starts[-1] + s.num_new)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            starts.append(starts[-1] + s.num_new_tokens)
             seq_lens.append(end)
-        width = max(len(s.block_table) for s in batch)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch]
+        width = max(len(s.request.block_table) for s in out.scheduled)
+        tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_new for s in batch),
+            max_query_len=max(s.num_new_tokens for s in out.scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
@@ -70,9 +66,15 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Run the batch; returns fp32 logits [B, V] at each sequence's last scheduled token."""
-        ids, pos, meta = self.prepare(batch)
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Run one step; returns {request_id: (sampled token, logprob record)} for the rows that sample."""
+        ids, pos, meta = self.prepare(out)
         hidden = self.model(ids, pos, meta)  # [T, D]
-        last = torch.tensor(meta.query_start_loc_cpu[1:], device=self.device) - 1
-        return self.model.compute_logits(hidden[last])
+        rows = [i for i, s in enumerate(out.scheduled) if s.samples]
+        if not rows:
+            return {}
+        last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in rows], device=self.device)
+        logits = self.model.compute_logits(hidden[last])  # [N, V] fp32
+        requests: list[Request] = [out.scheduled[i].request for i in rows]
+        tokens, records = sample(logits, requests, self.generator)
+        return {r.request_id: (t, lp) for r, t, lp in zip(requests, tokens, records)}

@@ -1,14 +1,16 @@
-"""Token sampling for a batch of rows, each with its own SamplingParams.
+"""Token sampling for a batch of requests, each with its own SamplingParams.
 
-Greedy rows take the argmax; the others apply temperature, then top-k, top-p
-and min-p filtering, and draw with their own torch.Generator, so a seeded
-request gives the same tokens whatever else shares its batch.
+Per row: logit bias and penalties, then greedy argmax, or temperature, top-k,
+top-p and min-p filtering and a draw from the row's own torch.Generator, so a
+seeded request gives the same tokens whatever else shares its batch. Logprobs
+are those of the model's raw distribution (before any of the above).
 """
 
 from __future__ import annotations
 
 import torch
 
+from quadrant.engine.request import Request, TokenLogprob
 from quadrant.sampling_params import SamplingParams
 
 
@@ -31,12 +33,47 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [B, V] fp32 -> one token id per row."""
-    out = logits.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """logits: [V] fp32 -> logits with logit_bias and repetition/presence/frequency penalties applied."""
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor([i for i in params.logit_bias if i < logits.shape[0]], dtype=torch.long)
+        logits[ids] += torch.tensor([params.logit_bias[int(i)] for i in ids], dtype=logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[0]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def sample(logits: torch.Tensor, requests: list[Request], default_generator: torch.Generator | None = None
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None)."""
+    tokens = logits.argmax(-1).tolist()
+    for i, req in enumerate(requests):
+        p = req.params
+        if p.greedy and not (p.logit_bias or p.uses_penalties):
             continue
-        probs = filter_logits(logits[i], p).softmax(-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+        row = apply_penalties(logits[i], p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits[i]
+        if p.greedy:
+            tokens[i] = int(row.argmax())
+        else:
+            probs = filter_logits(row, p).softmax(-1)
+            gen = req.generator if req.generator is not None else default_generator
+            tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    records: list[TokenLogprob | None] = [None] * len(requests)
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if wanted:
+        logp = torch.log_softmax(logits[wanted], dim=-1)
+        for row, i in enumerate(wanted):
+            k = requests[i].params.logprobs or 0
+            top = torch.topk(logp[row], k) if k else None
+            records[i] = TokenLogprob(
+                token_id=tokens[i],
+                logprob=float(logp[row, tokens[i]]),
+                top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+            )
+    return tokens, records

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quadrant.engine.engine import LLMEngine  # noqa: E402
-from quadrant.config import CacheConfig  # noqa: E402
+from quadrant.config import CacheConfig, SchedulerConfig  # noqa: E402
 from quadrant.layers.attention import AttentionMetadata  # noqa: E402
 from quadrant.loader.source import open_model  # noqa: E402
 from quadrant.sampling_params import SamplingParams  # noqa: E402
@@ -81,12 +81,16 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
             start += len(p)
 
     # Greedy decoding through the paged KV cache, the prompt prefilled in small chunks.
-    engine = LLMEngine(str(tmp_path), cache_config=CacheConfig(block_size=4, num_blocks=64), max_num_batched_tokens=6)
+    engine = LLMEngine.from_model(str(tmp_path), cache=CacheConfig(block_size=4, num_blocks=64),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=6))
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     hf.generation_config.eos_token_id = None  # run all 32 steps, as ignore_eos does
     for p in prompts:
-        got = [step.token_id for step in engine.stream(p, params)]
+        engine.add_request(p, params, request_id="r")
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+        got = outs[0].outputs[0].token_ids
         want = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
                            attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist()
         assert got == want
-    assert engine.pool.num_free == 64  # every block returned
+    assert engine.kv.pool.num_free == 64  # every block returned
