@@ -80,6 +80,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
         self.groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+        self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
         self.load_seconds = time.perf_counter() - start
 
     @classmethod
@@ -157,6 +158,7 @@ class LLMEngine:
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
+        self.num_computed_tokens += out.num_batched_tokens
         self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
         touched: dict[str, _Group] = {}
         now = time.perf_counter()

@@ -1,0 +1,75 @@
+"""Fixtures for engine tests: a tiny random llama saved as safetensors, prompts (two sharing a
+40-token prefix) and transformers' greedy continuations of them as the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quadrant import SamplingParams
+from quadrant.config import CacheConfig, SchedulerConfig
+from quadrant.engine.engine import LLMEngine
+
+transformers = pytest.importorskip("transformers")
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + 1.0) if "norm" in name else p.normal_(0.0, 0.15)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    model.generation_config.eos_token_id = None
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 256, (40,), generator=g).tolist()
+    lengths = (3, 17, 33, 8, 61)
+    own = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    return [own[0], shared + own[1], own[2], shared + own[3], own[4]]  # two share a 40-token prefix
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, prompts):
+    return [hf_greedy(tiny[1], p, GREEDY.max_tokens) for p in prompts]
+
+
+def run_all(engine: LLMEngine, prompts, params=GREEDY, arrivals=None) -> list[list[int]]:
+    """Run prompts to completion; `arrivals[i]` is the step at which prompt i is added (default 0)."""
+    arrivals = arrivals or [0] * len(prompts)
+    results: dict[str, list[int]] = {}
+    step = 0
+    while len(results) < len(prompts):
+        for i, p in enumerate(prompts):
+            if arrivals[i] == step:
+                engine.add_request(p, params, request_id=str(i))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        step += 1
+        assert step < 10_000
+    return [results[str(i)] for i in range(len(prompts))]
+
+
+def make_engine(path, num_blocks=256, block_size=4, budget=512, prefix=True, max_num_seqs=64):
+    return LLMEngine.from_model(path, cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+                                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                                          enable_prefix_caching=prefix))
+
+

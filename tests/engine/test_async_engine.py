@@ -1,0 +1,79 @@
+"""AsyncLLM: streaming from the engine thread, concurrency, abort on early close, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from quadrant import SamplingParams
+from quadrant.engine.async_engine import AsyncLLM
+from tests.engine.conftest import GREEDY, make_engine
+
+
+@pytest.fixture
+def allm(tiny):
+    a = AsyncLLM(make_engine(tiny[0]))
+    yield a
+    a.shutdown()
+
+
+async def collect(allm, prompt, params=GREEDY, rid=None):
+    outs = [o async for o in allm.generate(prompt, params, rid)]
+    return outs
+
+
+def test_streams_match_reference_concurrently(allm, prompts, reference):
+    async def main():
+        return await asyncio.gather(*(collect(allm, p) for p in prompts))
+
+    results = asyncio.run(main())
+    for outs, ref in zip(results, reference):
+        assert outs[-1].finished and outs[-1].outputs[0].token_ids == ref
+        assert sum(len(o.outputs[0].token_ids_delta) for o in outs) == len(ref)  # deltas add up
+    assert allm.engine.kv.pool.num_free == allm.engine.kv.pool.num_blocks
+
+
+def test_closing_a_stream_aborts_and_frees(allm, prompts):
+    async def main():
+        gen = allm.generate(prompts[4], SamplingParams(max_tokens=200, ignore_eos=True), "long")
+        first = await gen.__anext__()
+        assert not first.finished
+        await gen.aclose()  # what a disconnecting client does
+        return await allm.call(lambda e: (e.kv.pool.num_free, e.kv.pool.num_blocks, e.has_unfinished_requests()))
+
+    free, total, busy = asyncio.run(main())
+    assert free == total and not busy
+
+
+def test_bad_request_raises_in_caller(allm):
+    async def main():
+        with pytest.raises(ValueError, match="empty"):
+            await collect(allm, [])
+        # The loop still serves others.
+        return await collect(allm, [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+
+    assert asyncio.run(main())[-1].finished
+
+
+def test_failed_step_fails_its_requests_only(allm, monkeypatch):
+    runner = allm.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(out):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(out)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="generation failed: boom"):
+            await collect(allm, [5, 6, 7])
+        return await collect(allm, [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0))
+
+    assert asyncio.run(main())[-1].finished
+    assert allm.is_running
+    assert allm.engine.kv.pool.num_free == allm.engine.kv.pool.num_blocks
