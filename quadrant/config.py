@@ -241,9 +241,14 @@ class EngineConfig:
     model: str  # catalogue name, .gguf file or Hugging Face folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    # auto: for quantised GGUF on CPU, compact weights for decode-sized batches and bf16 for prefill
+    # (quant/formats.cpu_plan); the checkpoint's own precision otherwise. Or one format for all.
+    weight_format: Literal["auto", "dense", "int8", "w4a16", "w8a16"] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weight_format not in ("auto", "dense", "int8", "w4a16", "w8a16"):
+            raise ValueError(f"weight_format must be auto, dense, int8, w4a16 or w8a16, got {self.weight_format!r}")

@@ -72,7 +72,10 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = self.source.tokenizer() if self.source.has_tokenizer() else None
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
         dtype = getattr(torch, config.dtype)
-        self.model = self.source.load_model(dtype, config.device)
+        self.weight_format = (
+            self.source.default_weight_format(config.device) if config.weight_format == "auto" else config.weight_format
+        )
+        self.model = self.source.load_model(dtype, config.device, self.weight_format)
         num_blocks = config.cache.blocks_for(self.model_config, dtype)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
@@ -84,9 +87,10 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - start
 
     @classmethod
-    def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu",
+    def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu", weight_format: str = "auto",
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None) -> "LLMEngine":
-        return cls(EngineConfig(model, dtype, device, cache or CacheConfig(), scheduler or SchedulerConfig()))  # type: ignore[arg-type]
+        return cls(EngineConfig(model, dtype, device, weight_format,  # type: ignore[arg-type]
+                                cache or CacheConfig(), scheduler or SchedulerConfig()))
 
     # -- prompts -------------------------------------------------------------------------------
     def require_tokenizer(self) -> Tokenizer:

@@ -1,8 +1,11 @@
 """Attention backends. `torch_attention` is the reference and the CPU path.
 
-It gathers each sequence's K/V from its cache blocks and runs SDPA with a
-causal (and sliding-window) mask offset by the cached prefix. Without a cache
-(training, scoring) each sequence attends causally to its own new tokens.
+Decode tokens (one query each) of the whole batch run together: their K/V
+blocks are gathered into one padded [B, S, Hk, D] tensor and attended with
+grouped-query matmuls under a length (and sliding-window) mask. Prefill
+chunks run one sequence at a time through SDPA, causal with the mask offset
+by the cached prefix. Without a cache (training, scoring) each sequence
+attends causally to its own tokens.
 """
 
 from __future__ import annotations
@@ -19,13 +22,27 @@ if TYPE_CHECKING:
 def torch_attention(
     layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: "AttentionMetadata"
 ) -> torch.Tensor:
-    out = torch.empty_like(q)
     starts = meta.query_start_loc_cpu
     use_cache = layer.kv_cache is not None and meta.block_tables is not None
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
+    num_seqs = meta.num_seqs
+    if use_cache and meta.max_query_len == 1:
+        return _paged_decode(layer, q, meta.block_tables, meta.seq_lens, meta.max_seq_len)  # type: ignore[arg-type]
+    out = torch.empty_like(q)
+    # Decodes first in a batch (the scheduler puts running requests first): attend them together.
+    num_decodes = 0
+    if use_cache:
+        while num_decodes < num_seqs and starts[num_decodes + 1] - starts[num_decodes] == 1:
+            num_decodes += 1
+        if num_decodes > 1:
+            out[:num_decodes] = _paged_decode(layer, q[:num_decodes], meta.block_tables[:num_decodes],  # type: ignore[index]
+                                              meta.seq_lens[:num_decodes], max(meta.seq_lens_cpu[:num_decodes]))
+        else:
+            num_decodes = 0
+    for i in range(num_decodes, num_seqs):
         qs, qe = starts[i], starts[i + 1]
         if qe == qs:
             continue
+        seq_len = meta.seq_lens_cpu[i]
         if use_cache:
             k_ctx, v_ctx = _gather_context(layer, meta.block_tables[i], seq_len)  # type: ignore[index]
         else:
@@ -43,6 +60,33 @@ def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int)
     return k_ctx, v_ctx
 
 
+def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  max_seq_len: int) -> torch.Tensor:
+    """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
+    k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
+    bsz, num_heads, dim = q.shape
+    block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
+    width = (max_seq_len + block_size - 1) // block_size
+    tables = block_tables[:, :width]
+    # [B, S, Hk, D]; one sequence needs no padding, so slice it to its length and skip the mask.
+    span = max_seq_len if bsz == 1 else width * block_size
+    k = k_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span]
+    v = v_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span]
+    qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(layer.scale)  # [B, Hk, G, S]
+    if layer.logit_softcap is not None:
+        scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
+    if bsz > 1 or layer.sliding_window is not None:
+        pos = torch.arange(span, device=q.device)
+        valid = pos[None, :] < seq_lens[:, None]  # [B, S]
+        if layer.sliding_window is not None:
+            valid &= pos[None, :] > (seq_lens[:, None] - 1 - layer.sliding_window)
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hk, G, D]
+    return out.view(bsz, num_heads, dim)
+
+
 def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [S, Hk, D]."""
     num_q, num_k = q.shape[0], k.shape[0]
@@ -50,7 +94,8 @@ def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L|S, D]
     if layer.logit_softcap is None:
         out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=layer.scale, enable_gqa=layer.num_heads != layer.num_kv_heads
+            qh, kh, vh, attn_mask=mask, is_causal=False, scale=layer.scale,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
         )
     else:
         groups = layer.num_heads // layer.num_kv_heads

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quadrant.quant.formats import Kernels, Plan, pack_plan, run_kernels
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, scale: float | None = None) -> None:
@@ -32,10 +34,22 @@ class LMHead(nn.Module):
         self._tied = [tied] if tied is not None else []
         self.weight = None if tied is not None else nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.softcap = softcap
+        self.kernels: Kernels = []
+
+    def repack(self, plan: Plan) -> None:
+        """Keep the (possibly tied) matrix in the plan's formats for the logits matmul."""
+        weight = self._tied[0].weight if self._tied else self.weight
+        self.kernels = pack_plan(plan, weight.data, None)
+        if not self._tied:
+            del self.weight
+            self.weight = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self._tied[0].weight if self._tied else self.weight
-        logits = F.linear(hidden, weight)  # [N, V]
+        if self.kernels:
+            logits = run_kernels(self.kernels, hidden)
+        else:
+            weight = self._tied[0].weight if self._tied else self.weight
+            logits = F.linear(hidden, weight)  # [N, V]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quadrant.quant.formats import Kernels, Plan, pack_plan, run_kernels
+
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). W: [out_features, in_features]."""
+    """y = x W^T (+ b). W: [out_features, in_features], loaded dense, then optionally repacked."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -21,9 +23,21 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernels: Kernels = []  # empty: the dense parameters, as loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if not self.kernels:
+            return F.linear(x, self.weight, self.bias)
+        return run_kernels(self.kernels, x)
+
+    def repack(self, plan: Plan) -> None:
+        """Convert the loaded weight to the plan's formats; the dense parameter is dropped."""
+        self.kernels = pack_plan(plan, self.weight.data, None if self.bias is None else self.bias.data)
+        del self.weight
+        self.weight = None  # type: ignore[assignment]
+        if self.bias is not None:
+            del self.bias
+            self.bias = None
 
 
 class MergedLinear(Linear):

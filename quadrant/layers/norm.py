@@ -7,6 +7,7 @@ models match their reference. `offset` 1.0 gives Gemma's (1 + w) gain.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +25,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
+        if not self.offset and x.dtype == torch.float32:
+            out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
+            return out if residual is None else (out, residual)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

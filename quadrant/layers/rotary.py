@@ -53,16 +53,19 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        # [max_positions, head_dim // 2] each; kept fp32 and cast at use.
-        self.register_buffer("cos_cached", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cached", freqs.sin(), persistent=False)
+        # [max_positions, head_dim]: cos repeated over both halves, sin signed (-sin | +sin) so that
+        # rotation is x * cos + swap_halves(x) * sin, three ops for all of q and k together.
+        self.register_buffer("cos_cached", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
+        self.register_buffer("sin_cached", torch.cat([-freqs.sin(), freqs.sin()], -1), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin), each [T, 1, D/2], broadcasting over heads."""
-        return self.cos_cached[positions].unsqueeze(1), self.sin_cached[positions].unsqueeze(1)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> (cos, signed sin), each [T, 1, D] in `dtype`, broadcasting over heads."""
+        cos = self.cos_cached[positions].unsqueeze(1)
+        sin = self.sin_cached[positions].unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [T, H, D] by its tokens' (cos, sin) in the rotate-half layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate x: [T, H, D] (rotate-half layout) by its tokens' tables from RotaryEmbedding.cos_sin."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2 | x1]
+    return torch.addcmul(x * cos, swapped, sin)

@@ -27,6 +27,9 @@ from quadrant.quant.gguf_blocks import SUPPORTED_TYPES, dequantize
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
+_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
+
+
 class GGUFModelFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -155,6 +158,16 @@ class GGUFModelFile:
                 raise UnsupportedError(f"{self.path}: unknown tensor {t.name!r} for architecture {config.architecture}")
             tensor = self._dense(t.name)
             yield hf_name, cls.adapt_gguf_tensor(hf_name, tensor, config)  # type: ignore[attr-defined]
+
+    def tensor_bits(self, config: ModelConfig) -> dict[str, int]:
+        """Hugging Face name -> bits per weight class of its GGUF type: 4 (Q4_*), 8 (Q5+/Q8), 16 (float)."""
+        names = _compile_name_map(model_class(config.architecture).gguf_names)  # type: ignore[attr-defined]
+        out = {}
+        for t in self.reader.tensors:
+            hf_name = _hf_name(t.name, names)
+            if hf_name is not None:
+                out[hf_name] = _BITS.get(GGMLQuantizationType(int(t.tensor_type)).name, 16)
+        return out
 
     def _dense(self, name: str) -> torch.Tensor:
         t = self._tensors[name]

@@ -19,8 +19,11 @@ from quadrant.config import ModelConfig
 from quadrant.errors import ModelLoadError, ModelNotFoundError
 from quadrant.loader import safetensors as st
 from quadrant.loader.gguf import GGUFModelFile
-from quadrant.loader.weights import load_weights
+from quadrant.layers.embedding import LMHead
+from quadrant.layers.linear import Linear
+from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
+from quadrant.quant.formats import cpu_plan, single_plan
 from quadrant.tokenizer import Tokenizer
 
 
@@ -46,8 +49,10 @@ class ModelSource:
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"{self.path}: cannot build the tokenizer ({e})") from e
 
-    def load_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
-        """Build the model on `device` in `dtype` and fill it, one tensor at a time."""
+    def load_model(
+        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", weight_format: str = "dense"
+    ) -> nn.Module:
+        """Build the model on `device` in `dtype`, fill it one tensor at a time, then repack its linears."""
         cls = model_class(self.config.architecture)
         with torch.device(device):
             prev = torch.get_default_dtype()
@@ -57,7 +62,31 @@ class ModelSource:
             finally:
                 torch.set_default_dtype(prev)
         load_weights(model, self.weights())
+        if weight_format != "dense":
+            bits = self._module_source_bits(model)
+            for name, module in model.named_modules():
+                if isinstance(module, (Linear, LMHead)):
+                    head = isinstance(module, LMHead)
+                    source = bits.get("model.embed_tokens" if head and module._tied else name, 16)
+                    module.repack(cpu_plan(source, sensitive=head) if weight_format == "auto" else single_plan(weight_format))
         return model.eval()
+
+    def _module_source_bits(self, model: nn.Module) -> dict[str, int]:
+        """Module path -> bits per weight of the checkpoint tensors it was loaded from (16 for float)."""
+        if self.gguf is None:
+            return {}
+        packed = getattr(model, "packed_modules", {})
+        out: dict[str, int] = {}
+        for hf_name, bits in self.gguf.tensor_bits(self.config).items():
+            target, _ = resolve_name(hf_name, packed)
+            module = target.rsplit(".", 1)[0]
+            out[module] = max(out.get(module, 0), bits)
+        return out
+
+    def default_weight_format(self, device: str | torch.device) -> str:
+        """'auto' (per-phase CPU plan) for quantised GGUF files on CPU; the checkpoint's own precision otherwise."""
+        quantized = self.gguf is not None and self.gguf.quantization() not in ("F32", "F16", "BF16")
+        return "auto" if quantized and torch.device(device).type == "cpu" else "dense"
 
     def describe(self) -> dict[str, Any]:
         """What `quadrant show` prints."""

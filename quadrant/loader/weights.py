@@ -26,7 +26,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        target, shard = _resolve(name, packed)
+        target, shard = resolve_name(name, packed)
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
@@ -45,7 +45,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
 
 
-def _resolve(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def resolve_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
     """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'q')."""
     parts = name.split(".")
     for i, part in enumerate(parts):

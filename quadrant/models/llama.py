@@ -20,7 +20,7 @@ from quadrant.layers.linear import Linear, MergedLinear
 from quadrant.layers.norm import RMSNorm
 from quadrant.layers.rotary import RotaryEmbedding, apply_rotary
 
-RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin), each [T, 1, D/2]
+RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, signed sin), each [T, 1, D]
 
 
 class LlamaAttention(nn.Module):
@@ -48,15 +48,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hk) D]
+        num_qk = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : num_qk * self.head_dim].unflatten(-1, (num_qk, self.head_dim))  # [T, Hq + Hk, D]
+        v = qkv[:, num_qk * self.head_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, Hk, D]
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
         cos, sin = rope[self.layer_type]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q, k, v, meta)  # [T, Hq, D]
+        qk = apply_rotary(qk, cos, sin)  # q and k rotated in one pass
+        out = self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -125,8 +125,8 @@ class LlamaModel(nn.Module):
             self.rotary[kind] = RotaryEmbedding(c.head_dim, c.max_position_embeddings, theta, scaling, factors)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        rope = {kind: rot.cos_sin(positions) for kind, rot in self.rotary.items()}
         hidden = self.embed_tokens(input_ids)  # [T, D]
+        rope = {kind: rot.cos_sin(positions, hidden.dtype) for kind, rot in self.rotary.items()}
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, meta)

@@ -1,0 +1,234 @@
+"""Weight formats for linear layers: how a weight is stored and which kernel multiplies by it.
+
+`dense` keeps the checkpoint's float matrix (the reference). `int8` (W8A8)
+stores per-output-channel symmetric int8 weights and quantises activations
+per token inside the matmul, through PyTorch's fbgemm quantized linear on x86
+CPUs, which reads 4x fewer weight bytes than fp32 — what batch-1 decode is
+bound by. The torch kernels sit behind this interface so another kernel can
+replace them without touching model code.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+FormatName = Literal["dense", "int8", "w4a16", "w8a16"]
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: FormatName
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dense(WeightFormat):
+    """The float matrix, optionally cast (bf16 halves the bytes of an fp32 checkpoint)."""
+
+    name: FormatName = "dense"
+    dtype: torch.dtype | None = None  # None: keep the loaded dtype
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        dtype = self.dtype or weight.dtype
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        weight, bias = packed
+        if x.dtype == weight.dtype:
+            return F.linear(x, weight, bias)
+        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight [N, K] -> (q int8 [N, K], scale fp32 [N]), weight ~= q * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@dataclass
+class Int8Packed:
+    packed: Any  # fbgemm's prepacked [N, K + 2] int8 weight
+    bias: torch.Tensor | None
+    in_features: int
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(WeightFormat):
+    """int8 weights x per-token 8-bit activations, int32 accumulation, fp32 in and out.
+
+    fbgemm's dynamic linear quantises its whole input with one (min, max) range.
+    To get one scale per token instead, each row is divided by its absolute
+    maximum and two constant columns (+1, -1, against zero weights) are
+    appended, so the range is always exactly [-1, 1]: every token is quantised
+    on its own grid, and its result is bit-identical whatever else is batched
+    with it (prefix caching and chunking change nothing).
+    """
+
+    name: FormatName = "int8"
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        q, scale = int8_per_channel(weight)
+        q = torch.cat([q, torch.zeros(q.shape[0], 2, dtype=torch.int8)], dim=1)
+        with warnings.catch_warnings():
+            # Quantized-tensor constructors warn of deprecation in torch >= 2.13; the packed
+            # result is all we keep.
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
+        return Int8Packed(packed, None if bias is None else bias.float(), weight.shape[1])
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        k = packed.in_features
+        x2 = x if x.dim() == 2 and x.dtype == torch.float32 else x.reshape(-1, k).float()
+        row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+        buf = _padded_buffer(x2.shape[0], k)
+        torch.div(x2, row_max, out=buf[:, :k])
+        out = torch.ops.quantized.linear_dynamic(buf, packed.packed, _REDUCE_RANGE).mul_(row_max)
+        if packed.bias is not None:
+            out += packed.bias
+        return out if x2 is x else out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16, so activations must
+# stay within 7 bits; with VNNI (int32 dot products) the full 8 bits are safe, and they
+# matter: 7-bit activations cost SmolLM2 ~13% perplexity, 8-bit ~1%.
+_REDUCE_RANGE = not _cpu_has_vnni()
+
+_scratch = threading.local()  # one set of buffers per thread: engines on different threads never share
+
+
+def _padded_buffer(rows: int, k: int) -> torch.Tensor:
+    """A [rows, k + 2] fp32 scratch whose last two columns hold +1 and -1 (reused across calls)."""
+    _buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = _buffers.get((rows, k))
+    if buf is None:
+        buf = torch.empty(rows, k + 2)
+        buf[:, k] = 1.0
+        buf[:, k + 1] = -1.0
+        if rows <= 64:  # keep decode-sized scratch; prefill sizes vary too much to be worth caching
+            _buffers[(rows, k)] = buf
+    return buf
+
+
+@dataclass
+class Int4Packed:
+    packed: torch.Tensor  # torch's CPU int4 tile layout
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2] bf16
+    bias: torch.Tensor | None
+    group_size: int
+
+
+@dataclass(frozen=True)
+class W4A16(WeightFormat):
+    """4-bit weights, asymmetric with one (scale, zero) per group of 32 inputs; bf16 activations.
+
+    Half the bytes of int8: the format for memory-bound decode. Its grid matches
+    GGUF Q4_1 blocks, so a Q4_1 file's weights come through (nearly) unchanged.
+    """
+
+    name: FormatName = "w4a16"
+    group_size: int = 32
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        n, k = weight.shape
+        if k % self.group_size:
+            raise ValueError(f"w4a16 needs in_features divisible by {self.group_size}, got {k}")
+        w = weight.float().reshape(n, k // self.group_size, self.group_size)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+        q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.int32).reshape(n, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
+        sz = torch.stack([scale.squeeze(-1), (lo + 8 * scale).squeeze(-1)], dim=-1)  # [N, K/g, 2]
+        sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+        return Int4Packed(packed, sz, None if bias is None else bias.float(), self.group_size)
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(x2, packed.packed, packed.group_size, packed.scales_and_zeros)
+        out = out.to(x.dtype)
+        if packed.bias is not None:
+            out += packed.bias
+        return out.view(*x.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class W8A16(WeightFormat):
+    """Per-channel int8 weights, bf16 activations (weight-only: no activation rounding)."""
+
+    name: FormatName = "w8a16"
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        q, scale = int8_per_channel(weight)
+        return q, scale.to(torch.bfloat16), None if bias is None else bias.float()
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        q, scale, bias = packed
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), q, scale).to(x.dtype)
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], -1)
+
+
+FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": Int8Dynamic(), "w4a16": W4A16(), "w8a16": W8A16()}
+
+# A plan: (max tokens in the batch, format) pairs, tried in order; the last must take any size.
+Plan = list[tuple[float, WeightFormat]]
+Kernels = list[tuple[float, WeightFormat, Any]]
+SMALL_BATCH_TOKENS = 16  # up to here compact weights win (decode); beyond, bf16 GEMMs do (prefill)
+
+
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise ValueError(f"weight format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def single_plan(name: str) -> Plan:
+    return [(float("inf"), get_format(name))]
+
+
+def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:
+    """CPU formats by batch size, all weight-only (per-token int8 activations cost SmolLM2 its
+    answers: W8A8 prefill turned "Paris" into "L'Etoile"). Small (decode) batches are
+    weight-bandwidth bound: a 4-bit checkpoint streams its 4-bit weights unchanged, an 8-bit
+    one int8. Larger batches are compute-bound and run bf16. The LM head (`sensitive`) keeps
+    int8 at every size: its batch is only the rows that sample."""
+    if sensitive:
+        return [(float("inf"), W8A16())]
+    decode = W4A16() if source_bits <= 4 else W8A16()
+    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(torch.bfloat16))]
+
+
+def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:
+    return [(max_tokens, fmt, fmt.pack(weight, bias)) for max_tokens, fmt in plan]
+
+
+def run_kernels(kernels: Kernels, x: torch.Tensor) -> torch.Tensor:
+    num_tokens = x.shape[0]
+    for max_tokens, fmt, packed in kernels:
+        if num_tokens <= max_tokens:
+            return fmt.apply(x, packed)
+    raise AssertionError("a plan's last kernel must accept any batch size")
