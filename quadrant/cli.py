@@ -111,6 +111,32 @@ def cmd_run(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from quadrant.benchmark import run_benchmark
+
+    r = run_benchmark(args.model, args.prompt_tokens, args.decode_tokens, args.concurrency, args.weight_format)
+    table = Table(title=f"quadrant bench {args.model} ({torch.get_num_threads()} threads)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("load to first token", f"{r.load_to_first_token_s:.2f} s")
+    table.add_row(f"prompt processing ({args.prompt_tokens} tokens)", f"{r.prompt_tokens_per_s:.1f} tok/s")
+    table.add_row(f"time to first token ({args.prompt_tokens}-token prompt)", f"{r.ttft_s * 1000:.0f} ms")
+    table.add_row("decode, batch 1", f"{r.decode_tokens_per_s:.1f} tok/s")
+    table.add_row(f"decode, {r.concurrency} concurrent (aggregate)", f"{r.concurrent_tokens_per_s:.1f} tok/s")
+    table.add_row("peak resident memory", f"{r.peak_rss_gib:.2f} GiB")
+    Console().print(table)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from quadrant.interactive import chat_loop
+
+    chat_loop(args.model, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quadrant import __version__
 
@@ -144,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--verbose", action="store_true", help="print load time and tokens/s to stderr")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("chat", help="interactive chat in the terminal")
+    s.add_argument("model", help="name (pulled on first use), .gguf file or model folder")
+    s.add_argument("--system", default=None, help="system message")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--max-tokens", type=int, default=1024)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("bench", help="measure load time, prompt and decode speed, memory")
+    s.add_argument("model", help="name, .gguf file or model folder")
+    s.add_argument("--prompt-tokens", type=int, default=512)
+    s.add_argument("--decode-tokens", type=int, default=128)
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--weight-format", choices=["auto", "dense", "int8", "w4a16", "w8a16"], default="auto")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

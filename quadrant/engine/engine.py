@@ -9,6 +9,7 @@ is never emitted.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import time
 from collections.abc import Sequence
@@ -76,11 +77,15 @@ class LLMEngine:
             self.source.default_weight_format(config.device) if config.weight_format == "auto" else config.weight_format
         )
         self.model = self.source.load_model(dtype, config.device, self.weight_format)
-        num_blocks = config.cache.blocks_for(self.model_config, dtype)
+        self.source.release()  # unmap the checkpoint: the weights now live in the model
+        _return_freed_memory()
+        # The CPU plan's KV cache is bf16: half the memory, well within its quantised weights' error.
+        kv_dtype = dtype
+        num_blocks = config.cache.blocks_for(self.model_config, kv_dtype)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, kv_dtype, config.device)
         self.groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
@@ -236,6 +241,14 @@ class LLMEngine:
             req = sample.request
             self.scheduler.finish(req, FinishReason.STOP)
             req.stop_reason = best[1]
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed buffers back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 class LLM:

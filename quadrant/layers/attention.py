@@ -73,6 +73,8 @@ class Attention(nn.Module):
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
         if self.kv_cache is not None and meta.slot_mapping is not None:
             k_cache, v_cache = self.kv_cache
+            if k.dtype != k_cache.dtype:
+                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         return self.backend(self, q, k, v, meta)

@@ -70,8 +70,8 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     tables = block_tables[:, :width]
     # [B, S, Hk, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 else width * block_size
-    k = k_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span]
-    v = v_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span]
+    k = k_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span].to(q.dtype)
+    v = v_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span].to(q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:

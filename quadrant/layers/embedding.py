@@ -14,9 +14,17 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.scale = scale
+        self.out_dtype: torch.dtype | None = None  # set when the table is stored narrower than activations
+
+    def compact(self, dtype: torch.dtype) -> None:
+        """Store the table in `dtype` (bf16 halves it); rows are widened back on lookup."""
+        self.out_dtype = self.weight.dtype
+        self.weight = nn.Parameter(self.weight.data.to(dtype), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = F.embedding(input_ids, self.weight)  # [T, D]
+        if self.out_dtype is not None:
+            h = h.to(self.out_dtype)
         if self.scale is not None:
             # Gemma multiplies by sqrt(D) rounded to the activation dtype.
             h = h * torch.tensor(self.scale, dtype=h.dtype)

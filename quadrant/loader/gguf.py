@@ -63,6 +63,12 @@ class GGUFModelFile:
             if t.data_offset + n_bytes > size or t.data_offset < 0:
                 raise ModelLoadError(f"{self.path}: truncated or corrupt: tensor {t.name} runs past the end of the file")
 
+    def release_tensors(self) -> None:
+        """Forget the tensor views into the mapped file, so the mapping can close."""
+        self._tensors = {}
+        self.reader.tensors = []
+        self.reader.data = None  # type: ignore[assignment]
+
     def field(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()

@@ -19,7 +19,7 @@ from quadrant.config import ModelConfig
 from quadrant.errors import ModelLoadError, ModelNotFoundError
 from quadrant.loader import safetensors as st
 from quadrant.loader.gguf import GGUFModelFile
-from quadrant.layers.embedding import LMHead
+from quadrant.layers.embedding import LMHead, VocabEmbedding
 from quadrant.layers.linear import Linear
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
@@ -37,6 +37,11 @@ class ModelSource:
         if self.gguf is not None:
             return self.gguf.iter_tensors(self.config)
         return st.iter_tensors(self.path)
+
+    def release(self) -> None:
+        """Drop the memory map of a GGUF file once its weights are loaded (metadata stays readable)."""
+        if self.gguf is not None:
+            self.gguf.release_tensors()
 
     def has_tokenizer(self) -> bool:
         return self.gguf is not None or (self.path / "tokenizer.json").is_file()
@@ -61,14 +66,29 @@ class ModelSource:
                 model = cls(self.config)
             finally:
                 torch.set_default_dtype(prev)
-        load_weights(model, self.weights())
-        if weight_format != "dense":
-            bits = self._module_source_bits(model)
-            for name, module in model.named_modules():
-                if isinstance(module, (Linear, LMHead)):
-                    head = isinstance(module, LMHead)
-                    source = bits.get("model.embed_tokens" if head and module._tied else name, 16)
-                    module.repack(cpu_plan(source, sensitive=head) if weight_format == "auto" else single_plan(weight_format))
+        if weight_format == "dense":
+            load_weights(model, self.weights())
+            return model.eval()
+        # Repack each linear the moment its tensors are in, so the full-precision copy of the
+        # model never exists at once (peak memory stays near the packed size).
+        bits = self._module_source_bits(model)
+        modules = dict(model.named_modules())
+        done: set[str] = set()
+
+        def repack(name: str) -> None:
+            module = modules.get(name)
+            if isinstance(module, (Linear, LMHead)) and name not in done:
+                head = isinstance(module, LMHead)
+                source = bits.get("model.embed_tokens" if head and module._tied else name, 16)
+                module.repack(cpu_plan(source, sensitive=head) if weight_format == "auto" else single_plan(weight_format))
+                done.add(name)
+
+        load_weights(model, self.weights(), on_module_loaded=repack)
+        for name in modules:
+            repack(name)  # modules without tensors of their own (a tied LM head)
+        for module in modules.values():
+            if isinstance(module, VocabEmbedding) and weight_format == "auto":
+                module.compact(torch.bfloat16)  # lookups only: a few rows per step
         return model.eval()
 
     def _module_source_bits(self, model: nn.Module) -> dict[str, int]:

@@ -6,7 +6,7 @@ Names are Hugging Face's; the model class declares its packed projections
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -17,10 +17,20 @@ from quadrant.errors import ModelLoadError
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    on_module_loaded: Callable[[str], None] | None = None,
+) -> None:
+    """Copy every tensor into its parameter (or packed slice); `on_module_loaded(path)` runs as
+    soon as a module has all its tensors, so it can be repacked before the next one loads."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     expected = _expected_targets(model, params)
+    pending: dict[str, int] = {}
+    for target, _ in expected:
+        module = target.rsplit(".", 1)[0]
+        pending[module] = pending.get(module, 0) + 1
     loaded: set[tuple[str, str | None]] = set()
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, tensor in weights:
@@ -39,7 +49,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                         f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                     )
                 param.copy_(tensor)
-        loaded.add((target, shard))
+        if (target, shard) not in loaded:
+            loaded.add((target, shard))
+            module = target.rsplit(".", 1)[0]
+            pending[module] -= 1
+            if pending[module] == 0 and on_module_loaded is not None:
+                on_module_loaded(module)
     missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")

@@ -1,0 +1,76 @@
+"""Weight formats against the dense reference matmul, with tolerances from their rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quadrant.layers.linear import Linear
+from quadrant.quant.formats import (Dense, Int8Dynamic, W4A16, W8A16, cpu_plan, int8_per_channel, pack_plan,
+                                    run_kernels, single_plan)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def wx():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(96, 128, generator=g) * 0.05, torch.randn(7, 128, generator=g)
+
+
+def test_w4a16_is_exact_on_a_4bit_grid(wx):
+    w, x = wx
+    # Weights already on an asymmetric 4-bit grid per group of 32 (what GGUF Q4_1 holds) ...
+    groups = w.reshape(96, 4, 32)
+    lo, scale = groups.amin(-1, keepdim=True), (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
+    lo, scale = lo.bfloat16().float(), scale.bfloat16().float()  # representable scales and zeros
+    grid = (torch.round((groups - lo) / scale).clamp(0, 15) * scale + lo).reshape(96, 128)
+    fmt = W4A16()
+    out = fmt.apply(x, fmt.pack(grid, None))
+    # ... come through unchanged; only the bf16 activations and bf16 zero point round (~1e-2 relative).
+    assert rel_err(out, x @ grid.t()) < 1e-2
+
+
+def test_w8a16_and_int8_close_to_dense(wx):
+    w, x = wx
+    ref = x @ w.t()
+    assert rel_err(W8A16().apply(x, W8A16().pack(w, None)), ref) < 1e-2  # int8 weights + bf16 activations
+    assert rel_err(Int8Dynamic().apply(x, Int8Dynamic().pack(w, None)), ref) < 2e-2  # + 8-bit activations
+    q, s = int8_per_channel(w)
+    assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-7
+
+
+def test_int8_rows_are_batch_invariant(wx):
+    w, x = wx
+    fmt = Int8Dynamic()
+    packed = fmt.pack(w, torch.randn(96))
+    x = x.clone()
+    x[2] *= 100.0  # an outlier token must not change its neighbours' quantisation
+    full = fmt.apply(x, packed)
+    for i in range(x.shape[0]):
+        assert torch.equal(fmt.apply(x[i : i + 1], packed)[0], full[i])
+
+
+def test_plan_picks_kernels_by_batch_size(wx):
+    w, _ = wx
+    kernels = pack_plan(cpu_plan(4), w, None)
+    assert [type(f) for _, f, _ in kernels] == [W4A16, Dense]
+    assert [type(f) for _, f, _ in pack_plan(cpu_plan(8), w, None)] == [W8A16, Dense]
+    assert [type(f) for _, f, _ in pack_plan(cpu_plan(4, sensitive=True), w, None)] == [W8A16]
+    small, big = torch.randn(2, 128), torch.randn(40, 128)
+    assert torch.equal(run_kernels(kernels, small), kernels[0][1].apply(small, kernels[0][2]))
+    assert torch.equal(run_kernels(kernels, big), kernels[1][1].apply(big, kernels[1][2]))
+
+
+def test_linear_repack_drops_dense_weight(wx):
+    w, x = wx
+    lin = Linear(128, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.normal_()
+    ref = lin(x)
+    lin.repack(single_plan("w8a16"))
+    assert lin.weight is None and lin.bias is None and not list(lin.parameters())
+    assert rel_err(lin(x), ref) < 1e-2
