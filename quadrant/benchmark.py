@@ -64,13 +64,13 @@ def run_benchmark(
     prompt_tokens: int = 512,
     decode_tokens: int = 128,
     concurrency: int = 16,
-    weight_format: str = "auto",
+    engine_kwargs: dict | None = None,
     progress: bool = True,
 ) -> BenchResult:
     bar = tqdm(total=4, desc="bench", disable=not progress, leave=False)
+    kwargs = {"scheduler": SchedulerConfig(max_num_batched_tokens=max(prompt_tokens, 512)), **(engine_kwargs or {})}
     start = time.perf_counter()
-    engine = LLMEngine.from_model(model, weight_format=weight_format,
-                                  scheduler=SchedulerConfig(max_num_batched_tokens=max(prompt_tokens, 512)))
+    engine = LLMEngine.from_model(model, **kwargs)
     vocab = engine.model_config.vocab_size
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     _run(engine, [synthetic_prompt(8, vocab, seed=99)], greedy)

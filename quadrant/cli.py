@@ -27,6 +27,31 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def parse_size(text: str) -> int:
+    """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1, "": 1}
+    t = text.strip().lower()
+    number = t.rstrip("kmgib")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB or 2GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return int(value)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    from quadrant.config import CacheConfig, SchedulerConfig
+
+    return dict(
+        dtype=args.dtype,
+        weight_format=args.weight_format,
+        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+
+
 def cmd_pull(args: argparse.Namespace) -> None:
     from quadrant.loader import store
 
@@ -82,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not prompt:
         raise QuadrantError('give a prompt: quadrant run MODEL "your question"')
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    engine = LLMEngine.from_model(args.model, dtype=args.dtype)
+    engine = LLMEngine.from_model(args.model, **engine_kwargs(args))
     tok = engine.require_tokenizer()
     if tok.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -91,15 +116,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     else:
         prompt_ids = engine.encode(prompt)
     start = time.perf_counter()
-    engine.add_request(prompt_ids, params)
     first = None
     count = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            first = first or time.perf_counter()
-            count = len(out.outputs[0].token_ids)
-            sys.stdout.write(out.outputs[0].text_delta)
-            sys.stdout.flush()
+    for out in engine.stream(prompt_ids, params):
+        first = first or time.perf_counter()
+        count = len(out.outputs[0].token_ids)
+        sys.stdout.write(out.outputs[0].text_delta)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose and first is not None:
         end = time.perf_counter()
@@ -118,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from quadrant.benchmark import run_benchmark
 
-    r = run_benchmark(args.model, args.prompt_tokens, args.decode_tokens, args.concurrency, args.weight_format)
+    r = run_benchmark(args.model, args.prompt_tokens, args.decode_tokens, args.concurrency, engine_kwargs(args))
     table = Table(title=f"quadrant bench {args.model} ({torch.get_num_threads()} threads)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -134,13 +157,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from quadrant.interactive import chat_loop
 
-    chat_loop(args.model, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
+    chat_loop(args.model, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens,
+              engine_kwargs=engine_kwargs(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from quadrant import __version__
 
     p = argparse.ArgumentParser(prog="quadrant", description="Run, serve, quantise and train language models.")
+    engine = argparse.ArgumentParser(add_help=False)
+    g = engine.add_argument_group("engine")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
+    g.add_argument("--weight-format", choices=["auto", "dense", "int8", "w4a16", "w8a16"], default="auto",
+                   help="auto: compact weights for decode, bf16 for prefill on CPU (quantised GGUF)")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                   help="KV cache budget, e.g. 512MiB (default: one full context)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -159,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.set_defaults(func=cmd_rm)
 
-    s = sub.add_parser("run", help="generate an answer to one prompt, streamed")
+    s = sub.add_parser("run", help="generate an answer to one prompt, streamed", parents=[engine])
     s.add_argument("model", help="name (pulled on first use), .gguf file or model folder")
     s.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     s.add_argument("--max-tokens", type=int, default=512)
@@ -167,23 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--system", default=None, help="system message")
     s.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--verbose", action="store_true", help="print load time and tokens/s to stderr")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("chat", help="interactive chat in the terminal")
+    s = sub.add_parser("chat", help="interactive chat in the terminal", parents=[engine])
     s.add_argument("model", help="name (pulled on first use), .gguf file or model folder")
     s.add_argument("--system", default=None, help="system message")
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--max-tokens", type=int, default=1024)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("bench", help="measure load time, prompt and decode speed, memory")
+    s = sub.add_parser("bench", help="measure load time, prompt and decode speed, memory", parents=[engine])
     s.add_argument("model", help="name, .gguf file or model folder")
     s.add_argument("--prompt-tokens", type=int, default=512)
     s.add_argument("--decode-tokens", type=int, default=128)
     s.add_argument("--concurrency", type=int, default=16)
-    s.add_argument("--weight-format", choices=["auto", "dense", "int8", "w4a16", "w8a16"], default="auto")
     s.set_defaults(func=cmd_bench)
     return p
 

@@ -199,8 +199,10 @@ def _gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
 @dataclass
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # fixed pool size; None: sized from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes for K and V of all layers; None: one full context
+    num_blocks: int | None = None  # fixed pool size (tests); overrides the two below
+    kv_cache_memory: int | None = None  # bytes for K and V of all layers
+    memory_fraction: float | None = None  # or: this share of the memory free after loading and a warm-up pass
+    # With none of the three: room for one sequence of the model's full context.
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -209,18 +211,28 @@ class CacheConfig:
             raise ValueError("num_blocks must be >= 1")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
+        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 0.95:
+            raise ValueError("memory_fraction must be in (0, 0.95]")
 
-    def blocks_for(self, model: ModelConfig, dtype: torch.dtype) -> int:
-        """Pool size: num_blocks, or as many blocks as kv_cache_memory holds."""
+    def bytes_per_block(self, model: ModelConfig, dtype: torch.dtype) -> int:
+        return (2 * model.num_hidden_layers * self.block_size * model.num_key_value_heads * model.head_dim
+                * torch.empty((), dtype=dtype).element_size())
+
+    def blocks_for(self, model: ModelConfig, dtype: torch.dtype, free_bytes: int | None = None) -> int:
+        """Pool size from num_blocks, kv_cache_memory, memory_fraction x free_bytes, or one full context."""
         if self.num_blocks is not None:
             return self.num_blocks
-        if self.kv_cache_memory is None:
+        if self.kv_cache_memory is not None:
+            budget = self.kv_cache_memory
+        elif self.memory_fraction is not None:
+            assert free_bytes is not None, "memory_fraction needs the free memory measured"
+            budget = int(self.memory_fraction * free_bytes)
+        else:
             return -(-model.max_position_embeddings // self.block_size)
-        bytes_per_block = (
-            2 * model.num_hidden_layers * self.block_size * model.num_key_value_heads * model.head_dim
-            * torch.empty((), dtype=dtype).element_size()
-        )
-        return max(1, self.kv_cache_memory // bytes_per_block)
+        blocks = budget // self.bytes_per_block(model, dtype)
+        if blocks < 1:
+            raise ValueError(f"a KV cache budget of {budget} bytes holds no block of {self.block_size} tokens")
+        return blocks
 
 
 @dataclass

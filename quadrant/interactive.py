@@ -8,6 +8,7 @@ the prompt does not leave (as in Ollama).
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import TextIO
 
@@ -41,17 +42,16 @@ def read_message(prompt: str = ">>> ", out: TextIO = sys.stdout) -> str | None:
 
 def stream_answer(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, out: TextIO) -> str | None:
     """Print the answer as it comes; None if Ctrl-C stopped it (its request is aborted)."""
-    request_id = engine.add_request(prompt_ids, params)
     text = []
+    stream = engine.stream(prompt_ids, params)
     try:
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                delta = o.outputs[0].text_delta
-                text.append(delta)
-                out.write(delta)
-                out.flush()
+        for o in stream:
+            delta = o.outputs[0].text_delta
+            text.append(delta)
+            out.write(delta)
+            out.flush()
     except KeyboardInterrupt:
-        engine.abort_request(request_id)
+        stream.close()  # aborts the request now, freeing its blocks
         out.write("\n[stopped]\n")
         return None
     out.write("\n\n")
@@ -59,9 +59,11 @@ def stream_answer(engine: LLMEngine, prompt_ids: list[int], params: SamplingPara
 
 
 def chat_loop(model: str, system: str | None = None, temperature: float = 0.7, max_tokens: int = 1024,
-              out: TextIO = sys.stdout) -> None:
+              out: TextIO = sys.stdout, engine_kwargs: dict | None = None) -> None:
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)  # validates before the load
-    engine = LLMEngine.from_model(model)
+    # Ctrl-C must reach us as KeyboardInterrupt even if our parent started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    engine = LLMEngine.from_model(model, **(engine_kwargs or {}))
     engine.require_tokenizer()
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     out.write(f"quadrant chat with {model}. /? for help, /bye to leave.\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import Scheduler
+from quadrant.layers.attention import AttentionMetadata
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
 from quadrant.loader.source import open_model
@@ -81,7 +82,8 @@ class LLMEngine:
         _return_freed_memory()
         # The CPU plan's KV cache is bf16: half the memory, well within its quantised weights' error.
         kv_dtype = dtype
-        num_blocks = config.cache.blocks_for(self.model_config, kv_dtype)
+        free = self._free_memory_after_warm_up() if config.cache.memory_fraction is not None else None
+        num_blocks = config.cache.blocks_for(self.model_config, kv_dtype, free)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
@@ -90,6 +92,19 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
         self.load_seconds = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _free_memory_after_warm_up(self) -> int:
+        """Free bytes on the device once a forward pass of a full token budget has run."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.model_config.max_position_embeddings)
+        ids = torch.zeros(n, dtype=torch.long, device=self.config.device)
+        meta = AttentionMetadata.for_packed_sequences([n], self.config.device)
+        self.model.compute_logits(self.model(ids, torch.arange(n, device=self.config.device), meta)[-1:])
+        if torch.device(self.config.device).type == "cuda":
+            return torch.cuda.mem_get_info()[0]
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
 
     @classmethod
     def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu", weight_format: str = "auto",
@@ -160,6 +175,21 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Run one request to its end (alongside anything else queued), yielding its outputs.
+        Leaving early (closing the generator, Ctrl-C) aborts it and frees its blocks."""
+        request_id = self.add_request(prompt, params)
+        done = False
+        try:
+            while not done and self.has_unfinished_requests():
+                for out in self.step():
+                    if out.request_id == request_id:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.abort_request(request_id)
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

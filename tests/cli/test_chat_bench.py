@@ -25,7 +25,9 @@ def test_chat_conversation_clear_multiline_and_bye(default_gguf_path):
 def test_chat_ctrl_c_stops_the_answer_not_the_program(default_gguf_path):
     proc = subprocess.Popen([sys.executable, "-m", "quadrant", "chat", "smollm2:135m", "--temperature", "0",
                              "--max-tokens", "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+                            # CI may start us with SIGINT ignored (a background job); a terminal would not.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()

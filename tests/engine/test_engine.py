@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quadrant import SamplingParams  # noqa: E402
-from quadrant.engine.engine import LLM  # noqa: E402
+from quadrant.engine.engine import LLM, LLMEngine  # noqa: E402
 
 from tests.engine.conftest import GREEDY, make_engine, run_all  # noqa: E402
 
@@ -139,3 +139,26 @@ def test_prompt_validation(tiny):
         engine.add_request([], GREEDY)
     with pytest.raises(ValueError, match="token ids"):
         engine.add_request([1, 999], GREEDY)
+
+
+def test_stream_closes_and_frees(tiny, prompts):
+    path, _ = tiny
+    engine = make_engine(path)
+    stream = engine.stream(prompts[4], SamplingParams(max_tokens=50, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished and engine.kv.pool.num_free < engine.kv.pool.num_blocks
+    stream.close()  # a caller that stops listening (Ctrl-C in chat) aborts the request
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks and not engine.has_unfinished_requests()
+
+
+def test_kv_pool_sizing(tiny):
+    from quadrant.config import CacheConfig
+
+    path, _ = tiny
+    per_block = 2 * 3 * 4 * 2 * 16 * 4  # K and V, 3 layers, 4-token blocks, 2 kv heads, head_dim 16, fp32
+    engine = LLMEngine.from_model(path, cache=CacheConfig(block_size=4, kv_cache_memory=per_block * 10))
+    assert engine.kv.pool.num_blocks == 10 and engine.max_model_len == 40
+    engine = LLMEngine.from_model(path, cache=CacheConfig(block_size=4, memory_fraction=0.01))
+    assert engine.kv.pool.num_blocks > 1000  # 1% of this machine's free memory is far more than 10 blocks
+    with pytest.raises(ValueError, match="memory_fraction"):
+        CacheConfig(memory_fraction=1.5)
