@@ -48,7 +48,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         weight_format=args.weight_format,
         cache=CacheConfig(kv_cache_memory=args.kv_cache_memory),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
     )
 
 
@@ -161,6 +161,31 @@ def cmd_chat(args: argparse.Namespace) -> None:
               engine_kwargs=engine_kwargs(args))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from quadrant.loader import store
+    from quadrant.loader.source import open_model
+    from quadrant.serve.app import ServerConfig, serve
+
+    config = ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or envs.api_key(),
+        max_queued_requests=args.max_queued_requests,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        engine_kwargs=engine_kwargs(args),
+    )
+    open_model(store.resolve(args.model, pull_missing=True))  # a bad model fails here, in one line
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    code = serve(config)
+    if code:
+        raise QuadrantError(f"the model {args.model} failed to load; see the log above")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quadrant import __version__
 
@@ -173,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 512MiB (default: one full context)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -208,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--max-tokens", type=int, default=1024)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server", parents=[engine])
+    s.add_argument("model", help="name (pulled on first use), .gguf file or model folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set QUADRANT_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    s.add_argument("--max-queued-requests", type=int, default=256, help="beyond this backlog, answer 429")
+    s.add_argument("--max-body-bytes", type=parse_size, default=4 * 2**20)
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="measure load time, prompt and decode speed, memory", parents=[engine])
     s.add_argument("model", help="name, .gguf file or model folder")

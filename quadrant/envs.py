@@ -19,3 +19,8 @@ def quadrant_home() -> Path:
 def debug() -> bool:
     """QUADRANT_DEBUG=1 shows full tracebacks on the CLI instead of one-line errors."""
     return os.environ.get("QUADRANT_DEBUG", "") not in ("", "0", "false")
+
+
+def api_key() -> str | None:
+    """QUADRANT_API_KEY: the server's API key when --api-key is not given."""
+    return os.environ.get("QUADRANT_API_KEY") or None

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the server: one registry per app, engine gauges read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("quadrant_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("quadrant_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("quadrant_generation_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("quadrant_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("quadrant_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("quadrant_kv_cache_usage_ratio", "Share of KV blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("quadrant_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache",
+                                     registry=r)
+        self.ttft = Histogram("quadrant_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("quadrant_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=r, buckets=_TPOT_BUCKETS)
+        self.e2e = Histogram("quadrant_e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             registry=r, buckets=_LATENCY_BUCKETS)
+
+    def observe_finished(self, prompt_tokens: int, output_tokens: int, arrival: float, first: float, end: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.ttft.observe(first - arrival)
+        self.e2e.observe(end - arrival)
+        if output_tokens > 1:
+            self.tpot.observe((end - first) / (output_tokens - 1))
+
+    def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        self.prefix_hit_rate.set(hit_rate)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
