@@ -43,7 +43,6 @@ class AsyncLLM:
         self._commands: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
-        self.num_requests = 0  # streams in progress (admission control reads it from the event loop)
         self._thread = threading.Thread(target=self._loop, name="quadrant-engine", daemon=True)
         self._thread.start()
 
@@ -124,7 +123,6 @@ class AsyncLLM:
 
         rid = await asyncio.wrap_future(self._call(add))
         finished = False
-        self.num_requests += 1
         try:
             while True:
                 item = await stream.queue.get()
@@ -135,7 +133,6 @@ class AsyncLLM:
                 if finished:
                     return
         finally:
-            self.num_requests -= 1
             if not finished:
                 self.abort(rid)
 

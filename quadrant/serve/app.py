@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from quadrant import __version__
 from quadrant.chat import ChatTemplateError
@@ -143,6 +144,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.max_model_len = 0
         self.max_inflight = 0
+        self.active = 0  # admitted requests not yet finished (the event loop is its only writer)
         self.on_load_failed: Any = None  # set by serve(): stops the server
 
     def ready(self) -> AsyncLLM:
@@ -156,10 +158,15 @@ class ServerState:
             raise OpenAIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
                               "invalid_request_error", param="model", code="model_not_found")
 
-    def admit(self, llm: AsyncLLM, count: int) -> None:
-        if llm.num_requests + count > self.max_inflight:
+    def admit(self, count: int) -> None:
+        """Reserve room for `count` prompts or refuse with 429; `release` gives it back."""
+        if self.active + count > self.max_inflight:
             raise OpenAIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
                               code="queue_full", headers={"Retry-After": "1"})
+        self.active += count
+
+    def release(self, count: int) -> None:
+        self.active -= count
 
     def load(self) -> None:
         try:
@@ -325,20 +332,28 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     vocab = llm.engine.model_config.vocab_size
     if any(t >= vocab for t in params.logit_bias):
         raise OpenAIError(400, f"logit_bias token ids must be below {vocab}", param="logit_bias")
-    state.admit(llm, len(prompt_ids))
+    state.admit(len(prompt_ids))
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     streams = [llm.generate(ids, params) for ids in prompt_ids]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     formatter = _Formatter(rid, state.config.model_name, chat, tokenizer, params.n)
     if body.stream:
-        return StreamingResponse(_stream(state, endpoint, streams, prompt_ids, formatter, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # Generation starts now, whether or not the client ever reads: the pumps hold the
+        # reservation until they end (finished, failed, or cancelled on disconnect).
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+        asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: state.release(len(tasks)))
+        return StreamingResponse(_stream(state, endpoint, queue, len(tasks), prompt_ids, formatter, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(_cancel, tasks))
     try:
         finals = await asyncio.gather(*(_collect(s, request) for s in streams))
     except _Disconnected:
         return Response(status_code=499)
     except ValueError as e:
         raise OpenAIError(400, str(e), param="prompt") from None
+    finally:
+        state.release(len(prompt_ids))
     for out in finals:
         _observe(state, out)
     state.metrics.requests.labels(endpoint, "200").inc()
@@ -370,29 +385,32 @@ async def _collect(stream: AsyncIterator[RequestOutput], request: Request) -> Re
     return last
 
 
-async def _stream(state: ServerState, endpoint: str, streams: list, prompt_ids: list[list[int]],
-                  formatter: "_Formatter", include_usage: bool) -> AsyncIterator[str]:
+async def _pump(i: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+    try:
+        async for out in stream:
+            await queue.put((i, out))
+    except Exception as e:  # noqa: BLE001 - reported to the client in the stream
+        await queue.put((i, e))
+    finally:
+        await stream.aclose()  # aborts the request if it did not finish
+        await queue.put((i, None))
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        t.cancel()
+
+
+async def _stream(state: ServerState, endpoint: str, queue: asyncio.Queue, num_streams: int,
+                  prompt_ids: list[list[int]], formatter: "_Formatter", include_usage: bool) -> AsyncIterator[str]:
     n = formatter.n
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        except Exception as e:  # noqa: BLE001 - reported to the client in the stream
-            await queue.put((i, e))
-        finally:
-            await stream.aclose()
-            await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     completion_tokens = 0
     status = "200"
     try:
         if formatter.chat:
-            for i in range(len(streams) * n):
+            for i in range(num_streams * n):
                 yield sse(formatter.chunk(i, role=True))
-        open_streams = len(streams)
+        open_streams = num_streams
         while open_streams:
             i, item = await queue.get()
             if item is None:
@@ -417,8 +435,6 @@ async def _stream(state: ServerState, endpoint: str, streams: list, prompt_ids: 
                                  "total_tokens": prompt_tokens + completion_tokens}})
         yield sse_done()
     finally:
-        for t in tasks:
-            t.cancel()  # a disconnected client: stop the pumps, whose streams then abort
         state.metrics.requests.labels(endpoint, status).inc()
 
 
