@@ -89,7 +89,7 @@ class AsyncLLM:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.put(out)
+                stream.put(RuntimeError(f"generation failed: {out.error}") if out.error else out)
                 if out.finished:
                     del self._streams[out.request_id]
 

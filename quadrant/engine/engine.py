@@ -200,20 +200,31 @@ class LLMEngine:
         self.num_computed_tokens += out.num_batched_tokens
         self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
         touched: dict[str, _Group] = {}
+        failed: dict[str, str] = {}
         now = time.perf_counter()
         for s in out.scheduled:
             req = s.request
-            if req.request_id in sampled and sampled[req.request_id][1] is not None:
-                req.logprobs.append(sampled[req.request_id][1])  # type: ignore[arg-type]
             group_id = req.group_id or req.request_id
-            if group_id in self.groups and req.request_id in sampled:
-                touched[group_id] = self.groups[group_id]
+            if req.request_id not in sampled or group_id not in self.groups:
+                continue
+            token, record = sampled[req.request_id]
+            if token is None:
+                failed[group_id] = "sampling failed (non-finite logits?)"
+            elif record is not None:
+                req.logprobs.append(record)
+            touched[group_id] = self.groups[group_id]
         outputs = []
-        for group in touched.values():
+        for group_id, group in touched.items():
             if group.first_token is None:
                 group.first_token = now
                 group.num_cached_tokens = group.samples[0].request.num_cached_prompt_tokens
-            outputs.append(self._emit(group, now))
+            try:
+                if group_id in failed:
+                    raise RuntimeError(failed[group_id])
+                outputs.append(self._emit(group, now))
+            except Exception as e:  # one request's failure ends that request only
+                self.abort_request(group_id)
+                outputs.append(RequestOutput(group_id, group.prompt_ids, [], True, error=f"{type(e).__name__}: {e}"))
         return outputs
 
     def _emit(self, group: _Group, now: float) -> RequestOutput:

@@ -105,3 +105,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished (perf_counter seconds)
+    error: str | None = None  # set when this request failed inside the engine (others go on)

@@ -66,7 +66,7 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprob | None]]:
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int | None, TokenLogprob | None]]:
         """Run one step; returns {request_id: (sampled token, logprob record)} for the rows that sample."""
         ids, pos, meta = self.prepare(out)
         hidden = self.model(ids, pos, meta)  # [T, D]

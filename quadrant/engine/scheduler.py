@@ -114,7 +114,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, int | None]) -> list[Request]:
         """Advance computed counts, append sampled tokens, finish what must stop; returns the finished."""
         finished = []
         for s in out.scheduled:

@@ -50,30 +50,43 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 
 def sample(logits: torch.Tensor, requests: list[Request], default_generator: torch.Generator | None = None
-           ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None)."""
-    tokens = logits.argmax(-1).tolist()
+           ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+    """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None).
+
+    A row whose sampling fails (say, its logits are not finite) gets None: that request fails,
+    the rest of the batch goes on.
+    """
+    tokens: list[int | None] = logits.argmax(-1).tolist()
     for i, req in enumerate(requests):
         p = req.params
         if p.greedy and not (p.logit_bias or p.uses_penalties):
             continue
-        row = apply_penalties(logits[i], p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits[i]
-        if p.greedy:
-            tokens[i] = int(row.argmax())
-        else:
-            probs = filter_logits(row, p).softmax(-1)
-            gen = req.generator if req.generator is not None else default_generator
-            tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+        try:
+            tokens[i] = _sample_row(logits[i], req, default_generator)
+        except (RuntimeError, ValueError):
+            tokens[i] = None
     records: list[TokenLogprob | None] = [None] * len(requests)
-    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] is not None]
     if wanted:
         logp = torch.log_softmax(logits[wanted], dim=-1)
         for row, i in enumerate(wanted):
             k = requests[i].params.logprobs or 0
             top = torch.topk(logp[row], k) if k else None
+            token = tokens[i]
+            assert token is not None
             records[i] = TokenLogprob(
-                token_id=tokens[i],
-                logprob=float(logp[row, tokens[i]]),
+                token_id=token,
+                logprob=float(logp[row, token]),
                 top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
             )
     return tokens, records
+
+
+def _sample_row(logits: torch.Tensor, req: Request, default_generator: torch.Generator | None) -> int:
+    p = req.params
+    row = apply_penalties(logits, p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits
+    if p.greedy:
+        return int(row.argmax())
+    probs = filter_logits(row, p).softmax(-1)
+    gen = req.generator if req.generator is not None else default_generator
+    return int(torch.multinomial(probs, 1, generator=gen).item())

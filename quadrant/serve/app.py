@@ -352,6 +352,8 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
         return Response(status_code=499)
     except ValueError as e:
         raise OpenAIError(400, str(e), param="prompt") from None
+    except RuntimeError as e:  # this request failed inside the engine; the others go on
+        raise OpenAIError(500, str(e), "server_error") from None
     finally:
         state.release(len(prompt_ids))
     for out in finals:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from quadrant import SamplingParams
 from quadrant.engine.async_engine import AsyncLLM
@@ -77,3 +78,36 @@ def test_failed_step_fails_its_requests_only(allm, monkeypatch):
     assert asyncio.run(main())[-1].finished
     assert allm.is_running
     assert allm.engine.kv.pool.num_free == allm.engine.kv.pool.num_blocks
+
+
+def test_one_failing_request_fails_alone(allm, prompts, reference, monkeypatch):
+    engine = allm.engine
+    real = engine._emit
+
+    def emit(group, now):
+        if group.request_id == "bad":
+            raise ValueError("detokenizer exploded")
+        return real(group, now)
+
+    monkeypatch.setattr(engine, "_emit", emit)
+
+    async def main():
+        good = asyncio.create_task(collect(allm, prompts[1], rid="good"))
+        with pytest.raises(RuntimeError, match="detokenizer exploded"):
+            await collect(allm, prompts[2], rid="bad")
+        return await good
+
+    outs = asyncio.run(main())
+    assert outs[-1].outputs[0].token_ids == reference[1]
+    assert allm.engine.kv.pool.num_free == allm.engine.kv.pool.num_blocks
+
+
+def test_non_finite_logits_fail_only_that_row(allm, prompts):
+    from quadrant.engine.request import Request
+    from quadrant.layers.sampler import sample
+
+    logits = torch.randn(2, 16)
+    logits[1] = float("nan")
+    sampled = SamplingParams(temperature=1.0)
+    tokens, _ = sample(logits, [Request("a", [1], sampled), Request("b", [1], sampled)])
+    assert tokens[0] is not None and tokens[1] is None
