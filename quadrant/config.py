@@ -61,6 +61,11 @@ class ModelConfig:
     dtype: str = "float32"  # dtype the checkpoint stores its dense weights in
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.head_dim == 0:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(

@@ -42,7 +42,8 @@ class SamplingParams:
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop), "stop",
+               "must be non-empty strings of at most 256 characters")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
@@ -59,7 +60,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5 the scaled logits overflow: such a temperature means greedy anyway.
+        return self.temperature < 1e-5
 
 
 def _check(ok: bool, name: str, rule: str) -> None:

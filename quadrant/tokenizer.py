@@ -226,9 +226,9 @@ class Tokenizer:
             )
         if not fields.get("tokenizer.ggml.tokens"):
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer.")
-        tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]  # type: ignore[union-attr]
+        tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]  # type: ignore[union-attr,attr-defined]
         raw_types = fields.get("tokenizer.ggml.token_type")
-        token_types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)  # type: ignore[union-attr]
+        token_types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)  # type: ignore[union-attr,attr-defined]
         if len(token_types) != len(tokens):
             raise ValueError(f"GGUF has {len(tokens)} tokens but {len(token_types)} token types.")
 
@@ -299,7 +299,7 @@ def _byte_level_backend(tokens: list[str], token_types: list[int], fields: dict[
 
     merges: list[tuple[str, str]] = []
     dropped = 0
-    for merge in fields.get("tokenizer.ggml.merges") or []:  # type: ignore[union-attr]
+    for merge in fields.get("tokenizer.ggml.merges") or []:  # type: ignore[union-attr,attr-defined]
         parts = str(merge).split(" ")
         if len(parts) == 2 and parts[0] in vocab and parts[1] in vocab and parts[0] + parts[1] in vocab:
             merges.append((parts[0], parts[1]))
@@ -341,7 +341,7 @@ def _sentencepiece_backend(tokens: list[str], token_types: list[int], fields: di
                            unk_id: int | None) -> tokenizers.Tokenizer:
     """SentencePiece BPE ("llama"): no merges in the file, so rebuild them from the scores, as llama.cpp merges."""
     scores_field = fields.get("tokenizer.ggml.scores")
-    scores = [float(s) for s in scores_field] if scores_field is not None else [-float(i) for i in range(len(tokens))]  # type: ignore[union-attr]
+    scores = [float(s) for s in scores_field] if scores_field is not None else [-float(i) for i in range(len(tokens))]  # type: ignore[union-attr,attr-defined]
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
@@ -368,7 +368,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float], token_types: lis
     SentencePiece merges the adjacent pair whose joined piece scores highest, so ranking merges by the joined
     piece's score reproduces it. Ties (two splits of one piece) go longer-left first, as transformers does.
     """
-    normal = {}
+    normal: dict[str, int] = {}
     for i, (token, kind) in enumerate(zip(tokens, token_types)):
         # control/unknown/byte/unused pieces are never produced by merging text
         if kind in (_NORMAL, _USER_DEFINED):

@@ -13,7 +13,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ class AsyncLLM:
                         break
                     if cmd is None:
                         return
-                    cmd()
+                    cmd()  # never raises: _call's wrapper hands exceptions to the caller
                     block = False
                 if self.engine.has_unfinished_requests():
                     self._step()
@@ -100,10 +101,14 @@ class AsyncLLM:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller gave up (a client that left before we got to it)
             try:
-                fut.set_result(fn())
-            except BaseException as e:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - the caller's to handle
                 fut.set_exception(e)
+            else:
+                fut.set_result(result)
 
         self._commands.put(run)
         return fut
@@ -111,17 +116,23 @@ class AsyncLLM:
     # -- asyncio side --------------------------------------------------------------------------
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; validation errors (bad params, prompt too long) raise here."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
+        # The id is ours before the add runs, so a caller cancelled mid-add can still abort it.
+        rid = request_id if request_id is not None else uuid.uuid4().hex
 
         def add() -> str:
-            rid = self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, rid)
             self._streams[rid] = stream
             return rid
 
-        rid = await asyncio.wrap_future(self._call(add))
+        try:
+            await asyncio.wrap_future(self._call(add))
+        except asyncio.CancelledError:
+            self.abort(rid)
+            raise
         finished = False
         try:
             while True:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import ctypes
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -77,7 +78,7 @@ class LLMEngine:
         self.weight_format = (
             self.source.default_weight_format(config.device) if config.weight_format == "auto" else config.weight_format
         )
-        self.model = self.source.load_model(dtype, config.device, self.weight_format)
+        self.model: Any = self.source.load_model(dtype, config.device, self.weight_format)
         self.source.release()  # unmap the checkpoint: the weights now live in the model
         _return_freed_memory()
         # The CPU plan's KV cache is bf16: half the memory, well within its quantised weights' error.
@@ -143,6 +144,8 @@ class LLMEngine:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
         request_id = request_id if request_id is not None else str(next(self._ids))
+        if "#" in request_id:
+            raise ValueError("request ids may not contain '#' (it marks the samples of n > 1)")
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         now = time.perf_counter()
@@ -157,7 +160,7 @@ class LLMEngine:
                 arrival=now,
             )
             if params.seed is not None:
-                req.generator = torch.Generator().manual_seed(params.seed + i)
+                req.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             samples.append(_Sample(req, detok))
             self.scheduler.add(req)
@@ -176,7 +179,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Generator[RequestOutput, None, None]:
         """Run one request to its end (alongside anything else queued), yielding its outputs.
         Leaving early (closing the generator, Ctrl-C) aborts it and frees its blocks."""
         request_id = self.add_request(prompt, params)
@@ -281,6 +284,7 @@ class LLMEngine:
             sample.text = sample.text[: best[0]]
             req = sample.request
             self.scheduler.finish(req, FinishReason.STOP)
+            req.finish_reason = FinishReason.STOP  # also when it had just stopped for length
             req.stop_reason = best[1]
 
 

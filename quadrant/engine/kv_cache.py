@@ -8,6 +8,8 @@ leaves, until the pool needs it back (least recently freed first).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -18,8 +20,15 @@ from quadrant.engine.request import Request
 
 
 def hash_block(parent: int | None, tokens: Iterable[int]) -> int:
-    """Chained block hash: equal only if this block and every block before it hold the same tokens."""
-    return hash((parent, tuple(tokens)))
+    """Chained block hash: equal only if this block and every block before it hold the same tokens.
+
+    A cryptographic digest, not Python's hash(): token sequences are user input, and a crafted
+    collision would hand one user's cached KV to another.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update((parent or 0).to_bytes(16, "little"))
+    h.update(array("q", tokens).tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 class BlockPool:
@@ -156,8 +165,12 @@ class KVCacheManager:
 def allocate_kv_tensors(
     model: ModelConfig, cache: CacheConfig, num_blocks: int, dtype: torch.dtype, device: torch.device | str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
-    shape = (num_blocks, cache.block_size, model.num_key_value_heads, model.head_dim)
+    """One (K, V) pair per layer, each [num_blocks, kv_heads, block_size, head_dim].
+
+    Head-major inside a block: gathering a sequence's blocks yields each head's keys as one
+    [S, D] run, which the attention matmuls read without another copy.
+    """
+    shape = (num_blocks, model.num_key_value_heads, cache.block_size, model.head_dim)
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(model.num_hidden_layers)

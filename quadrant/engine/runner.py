@@ -7,6 +7,8 @@ computes logits only at the rows that sample, and calls the sampler.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,10 +23,10 @@ from quadrant.layers.sampler import sample
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        self.model = model
+        self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
-        self.generator = torch.Generator()  # for unseeded requests
+        self.generator = torch.Generator(device=self.device)  # for unseeded requests
         self.generator.seed()
         self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks, dtype, device)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -59,11 +61,13 @@ class ModelRunner:
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_block=torch.tensor([s // bs for s in slots], dtype=torch.int64, device=dev),
+            slot_offset=torch.tensor([s % bs for s in slots], dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
-        return ids, pos, meta
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
+        return ids, positions_t, meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, tuple[int | None, TokenLogprob | None]]:

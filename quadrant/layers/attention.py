@@ -23,6 +23,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     slot_mapping: torch.Tensor | None = None  # [T] int64: cache slot (block * block_size + offset) of each new token
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32: cache blocks of each sequence
+    slot_block: torch.Tensor | None = None  # [T] int64: slot_mapping // block_size (set by the runner)
+    slot_offset: torch.Tensor | None = None  # [T] int64: slot_mapping % block_size
 
     @property
     def num_seqs(self) -> int:
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
-        # Bound by the runner: (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim].
+        # Bound by the runner: (k_cache, v_cache), each [num_blocks, kv_heads, block_size, head_dim].
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         from quadrant.layers.attn_backends import torch_attention
 
@@ -75,6 +77,7 @@ class Attention(nn.Module):
             k_cache, v_cache = self.kv_cache
             if k.dtype != k_cache.dtype:
                 k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+            index = (meta.slot_block, slice(None), meta.slot_offset)
+            k_cache[index] = k  # [T, Hk, D] into each token's (block, all heads, offset)
+            v_cache[index] = v
         return self.backend(self, q, k, v, meta)

@@ -1,7 +1,7 @@
 """Attention backends. `torch_attention` is the reference and the CPU path.
 
 Decode tokens (one query each) of the whole batch run together: their K/V
-blocks are gathered into one padded [B, S, Hk, D] tensor and attended with
+blocks are gathered into one padded [B, Hk, S, D] tensor and attended with
 grouped-query matmuls under a length (and sliding-window) mask. Prefill
 chunks run one sequence at a time through SDPA, causal with the mask offset
 by the cached prefix. Without a cache (training, scoring) each sequence
@@ -46,17 +46,18 @@ def torch_attention(
         if use_cache:
             k_ctx, v_ctx = _gather_context(layer, meta.block_tables[i], seq_len)  # type: ignore[index]
         else:
-            k_ctx, v_ctx = k[qs:qe], v[qs:qe]
+            k_ctx, v_ctx = k[qs:qe].transpose(0, 1), v[qs:qe].transpose(0, 1)
         out[qs:qe] = _attend(layer, q[qs:qe], k_ctx.to(q.dtype), v_ctx.to(q.dtype))
     return out
 
 
 def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's cached K and V, each [Hk, S, D]."""
     k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
-    block_size = k_cache.shape[1]
+    num_kv, block_size, dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     blocks = block_table[: (seq_len + block_size - 1) // block_size]
-    k_ctx = k_cache[blocks].flatten(0, 1)[:seq_len]  # [S, Hk, D]
-    v_ctx = v_cache[blocks].flatten(0, 1)[:seq_len]
+    k_ctx = k_cache[blocks].transpose(0, 1).reshape(num_kv, -1, dim)[:, :seq_len]
+    v_ctx = v_cache[blocks].transpose(0, 1).reshape(num_kv, -1, dim)[:, :seq_len]
     return k_ctx, v_ctx
 
 
@@ -65,15 +66,15 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
     k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
     bsz, num_heads, dim = q.shape
-    block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
+    num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
     width = (max_seq_len + block_size - 1) // block_size
     tables = block_tables[:, :width]
-    # [B, S, Hk, D]; one sequence needs no padding, so slice it to its length and skip the mask.
+    # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 else width * block_size
-    k = k_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span].to(q.dtype)
-    v = v_cache[tables].view(bsz, width * block_size, num_kv, dim)[:, :span].to(q.dtype)
+    k = k_cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(q.dtype)
+    v = v_cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(layer.scale)  # [B, Hk, G, S]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:
         scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
     if bsz > 1 or layer.sliding_window is not None:
@@ -83,15 +84,15 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
             valid &= pos[None, :] > (seq_lens[:, None] - 1 - layer.sliding_window)
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hk, G, D]
+    out = torch.matmul(probs, v)  # [B, Hk, G, D]
     return out.view(bsz, num_heads, dim)
 
 
 def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [S, Hk, D]."""
-    num_q, num_k = q.shape[0], k.shape[0]
+    """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [Hk, S, D]."""
+    num_q, num_k = q.shape[0], k.shape[1]
     mask = _mask(num_q, num_k, layer.sliding_window, q.device)
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L|S, D]
+    qh, kh, vh = q.transpose(0, 1), k, v  # [H, L|S, D]
     if layer.logit_softcap is None:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, is_causal=False, scale=layer.scale,

@@ -47,6 +47,7 @@ class LMHead(nn.Module):
     def repack(self, plan: Plan) -> None:
         """Keep the (possibly tied) matrix in the plan's formats for the logits matmul."""
         weight = self._tied[0].weight if self._tied else self.weight
+        assert weight is not None
         self.kernels = pack_plan(plan, weight.data, None)
         if not self._tied:
             del self.weight
@@ -57,6 +58,7 @@ class LMHead(nn.Module):
             logits = run_kernels(self.kernels, hidden)
         else:
             weight = self._tied[0].weight if self._tied else self.weight
+            assert weight is not None
             logits = F.linear(hidden, weight)  # [N, V]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap

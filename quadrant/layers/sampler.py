@@ -37,14 +37,16 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     """logits: [V] fp32 -> logits with logit_bias and repetition/presence/frequency penalties applied."""
     logits = logits.clone()
     if params.logit_bias:
-        ids = torch.tensor([i for i in params.logit_bias if i < logits.shape[0]], dtype=torch.long)
-        logits[ids] += torch.tensor([params.logit_bias[int(i)] for i in ids], dtype=logits.dtype)
+        ids = torch.tensor([i for i in params.logit_bias if i < logits.shape[0]], dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor([params.logit_bias[int(i)] for i in ids.tolist()], dtype=logits.dtype,
+                                    device=logits.device)
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[0]).to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long, device=logits.device),
+                                minlength=logits.shape[0]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 

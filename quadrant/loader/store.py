@@ -80,7 +80,7 @@ def _entry_dir(name: str) -> Path:
 
 
 def list_models() -> list[StoredModel]:
-    out = []
+    out: list[StoredModel] = []
     root = models_dir()
     if not root.is_dir():
         return out
@@ -88,10 +88,11 @@ def list_models() -> list[StoredModel]:
         try:
             m = json.loads(manifest.read_text())
             path = manifest.parent / m["file"]
-        except (OSError, json.JSONDecodeError, KeyError):
+            entry = StoredModel(str(m["name"]), path, int(m["size"]), str(m["sha256"]), float(m["pulled_at"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a damaged entry is skipped, not fatal
         if path.exists():
-            out.append(StoredModel(m["name"], path, m["size"], m["sha256"], m["pulled_at"]))
+            out.append(entry)
     return out
 
 
@@ -204,4 +205,4 @@ def remove(name: str) -> None:
     stored = find_stored(name)
     if stored is None:
         raise ModelNotFoundError(_unknown_message(name))
-    shutil.rmtree(_entry_dir(stored.name))
+    shutil.rmtree(stored.path.parent)

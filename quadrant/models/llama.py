@@ -9,6 +9,8 @@ so the checkpoint name map is the identity plus the packed projections below.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,7 +128,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, D]
-        rope = {kind: rot.cos_sin(positions, hidden.dtype) for kind, rot in self.rotary.items()}
+        rope = {kind: cast(RotaryEmbedding, rot).cos_sin(positions, hidden.dtype) for kind, rot in self.rotary.items()}
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, meta)

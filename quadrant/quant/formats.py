@@ -219,7 +219,7 @@ def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:
     if sensitive:
         return [(float("inf"), W8A16())]
     decode = W4A16() if source_bits <= 4 else W8A16()
-    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(torch.bfloat16))]
+    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(dtype=torch.bfloat16))]
 
 
 def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:

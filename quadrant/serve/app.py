@@ -15,7 +15,7 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,11 +90,12 @@ class GuardMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = dict(scope.get("headers", []))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw.items()}
         if self.api_key and scope["path"] not in PUBLIC_PATHS:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            given = raw.get(b"authorization", b"")
+            expected = f"Bearer {self.api_key}".encode()
+            if not hmac.compare_digest(given, expected):
                 return await _send_json(send, _error(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                                                      "authentication_error", "invalid_api_key"))
         length = headers.get("content-length")
@@ -253,7 +254,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         prompts = _prompt_list(body.prompt)
         try:
             prompt_ids = await llm.call(lambda e: [e.encode(p) for p in prompts])
-        except ValueError as e:
+        except (QuadrantError, ValueError) as e:
             raise OpenAIError(400, str(e), param="prompt") from None
         max_tokens = _fit_context(prompt_ids, body.max_tokens, state.max_model_len, "prompt")
         params = _params(body, max_tokens, body.logprobs)
@@ -332,7 +333,8 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     vocab = llm.engine.model_config.vocab_size
     if any(t >= vocab for t in params.logit_bias):
         raise OpenAIError(400, f"logit_bias token ids must be below {vocab}", param="logit_bias")
-    state.admit(len(prompt_ids))
+    num_seqs = len(prompt_ids) * params.n
+    state.admit(num_seqs)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     streams = [llm.generate(ids, params) for ids in prompt_ids]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -342,12 +344,13 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
         # reservation until they end (finished, failed, or cancelled on disconnect).
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
-        asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: state.release(len(tasks)))
+        asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: state.release(num_seqs))
         return StreamingResponse(_stream(state, endpoint, queue, len(tasks), prompt_ids, formatter, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(_cancel, tasks))
+    collectors = [asyncio.create_task(_collect(s, request)) for s in streams]
     try:
-        finals = await asyncio.gather(*(_collect(s, request) for s in streams))
+        finals = await asyncio.gather(*collectors)
     except _Disconnected:
         return Response(status_code=499)
     except ValueError as e:
@@ -355,7 +358,10 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     except RuntimeError as e:  # this request failed inside the engine; the others go on
         raise OpenAIError(500, str(e), "server_error") from None
     finally:
-        state.release(len(prompt_ids))
+        for task in collectors:  # one prompt failing ends its siblings too, before the release
+            task.cancel()
+        await asyncio.gather(*collectors, return_exceptions=True)
+        state.release(num_seqs)
     for out in finals:
         _observe(state, out)
     state.metrics.requests.labels(endpoint, "200").inc()
@@ -374,7 +380,7 @@ class _Disconnected(Exception):
     pass
 
 
-async def _collect(stream: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
+async def _collect(stream: AsyncGenerator[RequestOutput, None], request: Request) -> RequestOutput:
     last = None
     try:
         async for out in stream:
@@ -387,7 +393,7 @@ async def _collect(stream: AsyncIterator[RequestOutput], request: Request) -> Re
     return last
 
 
-async def _pump(i: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+async def _pump(i: int, stream: AsyncGenerator[RequestOutput, None], queue: asyncio.Queue) -> None:
     try:
         async for out in stream:
             await queue.put((i, out))
@@ -408,6 +414,7 @@ async def _stream(state: ServerState, endpoint: str, queue: asyncio.Queue, num_s
     n = formatter.n
     completion_tokens = 0
     status = "200"
+    finished: set[int] = set()  # choices whose finish_reason has been sent
     try:
         if formatter.chat:
             for i in range(num_streams * n):
@@ -424,8 +431,12 @@ async def _stream(state: ServerState, endpoint: str, queue: asyncio.Queue, num_s
                                      "param": None, "code": None}})
                 continue
             for c in item.outputs:
-                if c.text_delta or c.token_ids_delta or c.finish_reason:
-                    yield sse(formatter.chunk(i * n + c.index, output=c))
+                index = i * n + c.index
+                newly_finished = c.finish_reason is not None and index not in finished
+                if c.text_delta or c.token_ids_delta or newly_finished:
+                    yield sse(formatter.chunk(index, output=c))
+                if newly_finished:
+                    finished.add(index)
             if item.finished:
                 completion_tokens += sum(len(c.token_ids) for c in item.outputs)
                 _observe(state, item)
@@ -492,11 +503,13 @@ class _Formatter:
         return choice
 
     def chunk(self, index: int, output: CompletionOutput | None = None, role: bool = False) -> dict[str, Any]:
+        assert role or output is not None
+        text = output.text_delta if output is not None else ""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": output.text_delta}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
         else:
-            choice = {"index": index, "text": output.text_delta, "finish_reason": None, "logprobs": None}
+            choice = {"index": index, "text": text, "finish_reason": None, "logprobs": None}
         if output is not None:
             choice["finish_reason"] = output.finish_reason
             if output.logprobs_delta:
@@ -511,7 +524,7 @@ def serve(config: ServerConfig) -> int:
 
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=config.shutdown_timeout))
+                                           timeout_graceful_shutdown=max(1, round(config.shutdown_timeout))))
     app.state.quadrant.on_load_failed = lambda: setattr(server, "should_exit", True)
     # uvicorn handles SIGINT/SIGTERM (drain, then stop) and afterwards re-raises the signal
     # into the handler that was there before it; make that a no-op so a drained exit is 0.

@@ -111,3 +111,21 @@ def test_non_finite_logits_fail_only_that_row(allm, prompts):
     sampled = SamplingParams(temperature=1.0)
     tokens, _ = sample(logits, [Request("a", [1], sampled), Request("b", [1], sampled)])
     assert tokens[0] is not None and tokens[1] is None
+
+
+def test_caller_cancelled_while_adding_leaves_engine_alive(allm, prompts):
+    async def main():
+        # Cancel many callers at once, some before and some after their add reaches the engine.
+        tasks = [asyncio.create_task(collect(allm, prompts[4], SamplingParams(max_tokens=50, ignore_eos=True)))
+                 for _ in range(6)]
+        await asyncio.sleep(0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.5)
+        state = await allm.call(lambda e: (e.has_unfinished_requests(), e.kv.pool.num_free == e.kv.pool.num_blocks))
+        done = await collect(allm, [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+        return state, done
+
+    (busy, all_free), done = asyncio.run(main())
+    assert allm.is_running and not busy and all_free and done[-1].finished

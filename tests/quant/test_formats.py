@@ -57,6 +57,7 @@ def test_plan_picks_kernels_by_batch_size(wx):
     w, _ = wx
     kernels = pack_plan(cpu_plan(4), w, None)
     assert [type(f) for _, f, _ in kernels] == [W4A16, Dense]
+    assert kernels[1][2][0].dtype == torch.bfloat16  # prefill streams bf16 weights
     assert [type(f) for _, f, _ in pack_plan(cpu_plan(8), w, None)] == [W8A16, Dense]
     assert [type(f) for _, f, _ in pack_plan(cpu_plan(4, sensitive=True), w, None)] == [W8A16]
     small, big = torch.randn(2, 128), torch.randn(40, 128)

@@ -125,3 +125,30 @@ def test_version_and_metrics(server):
                  "quadrant_prefix_cache_hit_rate", "quadrant_time_to_first_token_seconds_bucket",
                  "quadrant_time_per_output_token_seconds_bucket", "quadrant_e2e_request_latency_seconds_bucket"):
         assert name in text
+
+
+def test_stream_n_finishes_each_choice_once(server):
+    body = {"model": "smollm2:135m", "prompt": "Once upon a time", "max_tokens": 12, "n": 3, "temperature": 1.0,
+            "seed": 3, "stream": True}
+    finishes: dict[int, int] = {}
+    texts: dict[int, str] = {}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                import json
+
+                choice = json.loads(line[6:])["choices"][0]
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+                if choice["finish_reason"]:
+                    finishes[choice["index"]] = finishes.get(choice["index"], 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1}
+    plain = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=60).json()
+    assert {c["index"]: c["text"] for c in plain["choices"]} == texts  # same seed: same samples, streamed or not
+
+
+def test_stop_list_limit(server):
+    body = {"model": "smollm2:135m", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    long_stop = {"model": "smollm2:135m", "prompt": "hi", "max_tokens": 2, "stop": "a stop string longer than 16"}
+    assert httpx.post(server.url + "/v1/completions", json=long_stop, timeout=60).status_code == 200
