@@ -54,6 +54,8 @@ def load_weights(
             module = target.rsplit(".", 1)[0]
             pending[module] -= 1
             if pending[module] == 0 and on_module_loaded is not None:
+                for done in [n for n in params if n.rsplit(".", 1)[0] == module]:
+                    del params[done]  # let a repacked module's dense tensors go now, not after the load
                 on_module_loaded(module)
     missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)
     if missing:
