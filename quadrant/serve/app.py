@@ -80,18 +80,30 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> di
     return {"status": status, "body": {"error": {"message": message, "type": type_, "param": None, "code": code}}}
 
 
-class GuardMiddleware:
-    """API key and body-size checks for every route but the public ones (plain ASGI, so
-    streaming responses and disconnect detection pass through untouched)."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+
+class GuardMiddleware:
+    """Host, API key and body-size checks (plain ASGI, so streaming responses and disconnect
+    detection pass through untouched). A server bound to loopback answers only requests
+    addressed to a loopback name: a web page cannot reach it through DNS rebinding."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, loopback_only: bool = False) -> None:
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         raw = dict(scope.get("headers", []))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw.items()}
+        if self.loopback_only:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.lower() not in LOOPBACK_HOSTS:
+                return await _send_json(send, _error(403, f"host {host!r} is not allowed; this server only answers "
+                                                     "loopback names (start it with --host to open it)",
+                                                     "permission_error", "host_not_allowed"))
         if self.api_key and scope["path"] not in PUBLIC_PATHS:
             given = raw.get(b"authorization", b"")
             expected = f"Bearer {self.api_key}".encode()
@@ -196,7 +208,8 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="quadrant", version=__version__, lifespan=lifespan)
     app.state.quadrant = state
-    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       loopback_only=config.host in ("127.0.0.1", "localhost", "::1"))
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:

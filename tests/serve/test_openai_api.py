@@ -152,3 +152,10 @@ def test_stop_list_limit(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
     long_stop = {"model": "smollm2:135m", "prompt": "hi", "max_tokens": 2, "stop": "a stop string longer than 16"}
     assert httpx.post(server.url + "/v1/completions", json=long_stop, timeout=60).status_code == 200
+
+
+def test_loopback_server_refuses_foreign_host_header(server):
+    # DNS rebinding: a page on evil.example resolves its name to 127.0.0.1 and calls us.
+    r = httpx.get(server.url + "/v1/models", headers={"Host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(server.url + "/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
