@@ -7,7 +7,6 @@ checks itself in __post_init__ and raises ValueError naming the fix.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,9 +21,6 @@ HF_MODEL_TYPES = {
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
 }
-
-LayerType = Literal["full_attention", "sliding_attention"]
-
 
 @dataclass
 class ModelConfig:
@@ -97,13 +93,6 @@ class ModelConfig:
     def layer_sliding_window(self, layer: int) -> int | None:
         assert self.layer_types is not None
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":

@@ -81,10 +81,6 @@ class BlockPool:
             if self.cached.get(h) == block:
                 del self.cached[h]
 
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.cached.values()):
-            self._evict(b)
-
 
 class KVCacheManager:
     """Block accounting for the scheduler: allocation, prefix hits, release. Pure Python, no tensors."""

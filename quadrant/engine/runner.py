@@ -53,6 +53,7 @@ class ModelRunner:
         width = max(len(s.request.block_table) for s in out.scheduled)
         tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
         dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
@@ -60,9 +61,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            slot_block=torch.tensor([s // bs for s in slots], dtype=torch.int64, device=dev),
-            slot_offset=torch.tensor([s % bs for s in slots], dtype=torch.int64, device=dev),
+            slot_mapping=slot_mapping,
+            slot_block=slot_mapping // bs,
+            slot_offset=slot_mapping % bs,
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]

@@ -51,14 +51,18 @@ def torch_attention(
     return out
 
 
+def _gather(cache: torch.Tensor, tables: torch.Tensor, span: int) -> torch.Tensor:
+    """The first `span` cached positions of each row's blocks. tables: [B, W] -> [B, Hk, span, D]."""
+    bsz, width = tables.shape
+    _, num_kv, block_size, dim = cache.shape
+    return cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span]
+
+
 def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's cached K and V, each [Hk, S, D]."""
     k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
-    num_kv, block_size, dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    blocks = block_table[: (seq_len + block_size - 1) // block_size]
-    k_ctx = k_cache[blocks].transpose(0, 1).reshape(num_kv, -1, dim)[:, :seq_len]
-    v_ctx = v_cache[blocks].transpose(0, 1).reshape(num_kv, -1, dim)[:, :seq_len]
-    return k_ctx, v_ctx
+    blocks = block_table[None, : (seq_len + k_cache.shape[2] - 1) // k_cache.shape[2]]
+    return _gather(k_cache, blocks, seq_len)[0], _gather(v_cache, blocks, seq_len)[0]
 
 
 def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -71,8 +75,8 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     tables = block_tables[:, :width]
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 else width * block_size
-    k = k_cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(q.dtype)
-    v = v_cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(q.dtype)
+    k = _gather(k_cache, tables, span).to(q.dtype)
+    v = _gather(v_cache, tables, span).to(q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:

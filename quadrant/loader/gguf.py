@@ -23,8 +23,6 @@ from quadrant.errors import ModelLoadError, UnsupportedError
 from quadrant.models.registry import model_class, supported_architectures
 from quadrant.quant.gguf_blocks import SUPPORTED_TYPES, dequantize
 
-# Large arrays that only the tokenizer needs; skipped when listing metadata.
-_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
 _BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
@@ -72,10 +70,6 @@ class GGUFModelFile:
     def field(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()
-
-    def metadata(self) -> dict[str, Any]:
-        """All key/values except the tokenizer's big arrays."""
-        return {k: f.contents() for k, f in self.reader.fields.items() if k not in _TOKENIZER_ARRAYS and not k.startswith("GGUF.")}
 
     def tokenizer_fields(self) -> dict[str, Any]:
         return {k: f.contents() for k, f in self.reader.fields.items() if k.startswith("tokenizer.")}

@@ -280,9 +280,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         try:
             prompt_ids = [await llm.call(lambda e: e.chat_prompt(messages))]
-        except ChatTemplateError as e:
-            raise OpenAIError(400, str(e), param="messages") from None
-        except (QuadrantError, ValueError) as e:
+        except (QuadrantError, ValueError) as e:  # ChatTemplateError included
             raise OpenAIError(400, str(e), param="messages") from None
         max_tokens = _fit_context(prompt_ids, body.max_completion_tokens or body.max_tokens, state.max_model_len,
                                   "messages")
