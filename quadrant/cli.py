@@ -44,11 +44,22 @@ def parse_size(text: str) -> int:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     from quadrant.config import CacheConfig, SchedulerConfig
 
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return dict(
-        dtype=args.dtype,
+        dtype=dtype,
+        device=device,
         weight_format=args.weight_format,
-        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory),
+        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory, cache_dtype=args.kv_cache_dtype,
+                          quant_group=args.kv_quant_group),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        attention_backend=args.attention_backend,
+        load_format=args.load_format,
+        cuda_graphs=not args.enforce_eager,
     )
 
 
@@ -192,13 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quadrant", description="Run, serve, quantise and train language models.")
     engine = argparse.ArgumentParser(add_help=False)
     g = engine.add_argument_group("engine")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
+    g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when there is one)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="activation dtype (auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--weight-format", choices=["auto", "dense", "int8", "w4a16", "w8a16"], default="auto",
                    help="auto: compact weights for decode, bf16 for prefill on CPU (quantised GGUF)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 512MiB (default: one full context)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                   help="8-bit KV cache: fp8 (GPU) or int8 (CPU), one scale per --kv-quant-group tokens")
+    g.add_argument("--kv-quant-group", type=int, default=16, help="tokens per KV scale (per sequence and head)")
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="auto: triton on GPU, torch on CPU")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights of the model's shape; MODEL may name a shipped architecture "
+                        "(llama-3-8b, smollm2-135m) or a config.json")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -197,6 +197,10 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes for K and V of all layers
     memory_fraction: float | None = None  # or: this share of the memory free after loading and a warm-up pass
     # With none of the three: room for one sequence of the model's full context.
+    # auto: the activation dtype. fp8 (e4m3, GPU) and int8 (CPU) store 8-bit codes with one fp32
+    # scale per quant_group tokens per sequence per KV head, quantised as the tokens are written.
+    cache_dtype: Literal["auto", "fp8", "int8"] = "auto"
+    quant_group: int = 16  # N of the 8-bit cache: tokens per scale; a power of two dividing block_size
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -207,10 +211,27 @@ class CacheConfig:
             raise ValueError("kv_cache_memory must be positive")
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 0.95:
             raise ValueError("memory_fraction must be in (0, 0.95]")
+        if self.cache_dtype not in ("auto", "fp8", "int8"):
+            raise ValueError(f"kv cache dtype must be auto, fp8 or int8, got {self.cache_dtype!r}")
+        group = self.quant_group
+        if self.quantized and (group < 1 or group & (group - 1) or group > self.block_size):
+            raise ValueError(
+                f"kv quant group must be a power of two no larger than the block size {self.block_size}, got {group}"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.cache_dtype != "auto"
+
+    def torch_dtype(self, activation_dtype: torch.dtype) -> torch.dtype:
+        """Element type of the K/V tensors."""
+        return {"auto": activation_dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[self.cache_dtype]
 
     def bytes_per_block(self, model: ModelConfig, dtype: torch.dtype) -> int:
-        return (2 * model.num_hidden_layers * self.block_size * model.num_key_value_heads * model.head_dim
-                * torch.empty((), dtype=dtype).element_size())
+        """K and V of one block over all layers, scales included; `dtype` is the activation dtype."""
+        per_token = model.head_dim * torch.empty((), dtype=self.torch_dtype(dtype)).element_size()
+        scales = 4 * self.block_size // self.quant_group if self.quantized else 0
+        return 2 * model.num_hidden_layers * model.num_key_value_heads * (self.block_size * per_token + scales)
 
     def blocks_for(self, model: ModelConfig, dtype: torch.dtype, free_bytes: int | None = None) -> int:
         """Pool size from num_blocks, kv_cache_memory, memory_fraction x free_bytes, or one full context."""
@@ -252,9 +273,23 @@ class EngineConfig:
     weight_format: Literal["auto", "dense", "int8", "w4a16", "w8a16"] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # auto: triton on CUDA, torch elsewhere. triton on CPU runs the kernels under TRITON_INTERPRET=1 (tests).
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the config's shape (benchmarks)
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format not in ("auto", "dense", "int8", "w4a16", "w8a16"):
             raise ValueError(f"weight_format must be auto, dense, int8, w4a16 or w8a16, got {self.weight_format!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load format must be auto or dummy, got {self.load_format!r}")
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.device.startswith("cuda") else "torch"

@@ -3,7 +3,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Triton decides at decoration time (the kernel module's import) whether a kernel is compiled or
+# interpreted, so the switch is set here, before any test imports quadrant.kernels: without a
+# GPU every Triton kernel runs on CPU tensors under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

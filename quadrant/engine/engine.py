@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from quadrant.chat import render_chat
 from quadrant.config import CacheConfig, EngineConfig, SchedulerConfig
+from quadrant.engine.cuda_graphs import default_batch_sizes
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
@@ -28,7 +29,7 @@ from quadrant.engine.scheduler import Scheduler
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
-from quadrant.loader.source import open_model
+from quadrant.loader.source import open_config, open_model
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -69,7 +70,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
         self.config = config
-        self.source = open_model(store.resolve(config.model, pull_missing=True))
+        if config.load_format == "dummy":
+            self.source = open_config(config.model)
+        else:
+            self.source = open_model(store.resolve(config.model, pull_missing=True))
         self.model_config = self.source.config
         # A weights-only folder (tests, dummy loads) has no tokenizer; token ids still work.
         self.tokenizer: Tokenizer | None = self.source.tokenizer() if self.source.has_tokenizer() else None
@@ -78,17 +82,24 @@ class LLMEngine:
         self.weight_format = (
             self.source.default_weight_format(config.device) if config.weight_format == "auto" else config.weight_format
         )
-        self.model: Any = self.source.load_model(dtype, config.device, self.weight_format)
+        if config.load_format == "dummy":
+            self.weight_format = "dense"
+            self.model: Any = self.source.load_dummy_model(dtype, config.device)
+        else:
+            self.model = self.source.load_model(dtype, config.device, self.weight_format)
         self.source.release()  # unmap the checkpoint: the weights now live in the model
         _return_freed_memory()
-        # The CPU plan's KV cache is bf16: half the memory, well within its quantised weights' error.
-        kv_dtype = dtype
         free = self._free_memory_after_warm_up() if config.cache.memory_fraction is not None else None
-        num_blocks = config.cache.blocks_for(self.model_config, kv_dtype, free)
+        num_blocks = config.cache.blocks_for(self.model_config, dtype, free)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, kv_dtype, config.device)
+        backend = config.resolved_backend
+        graph_sizes = (default_batch_sizes(config.scheduler.max_num_seqs)
+                       if config.cuda_graphs and backend == "triton" else None)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device,
+                                  backend, graph_sizes, self.max_model_len)
+        self.runner.capture_graphs()
         self.groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
@@ -109,9 +120,11 @@ class LLMEngine:
 
     @classmethod
     def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu", weight_format: str = "auto",
-                   cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None) -> "LLMEngine":
+                   cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
+                   **options: Any) -> "LLMEngine":
+        """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs)."""
         return cls(EngineConfig(model, dtype, device, weight_format,  # type: ignore[arg-type]
-                                cache or CacheConfig(), scheduler or SchedulerConfig()))
+                                cache or CacheConfig(), scheduler or SchedulerConfig(), **options))
 
     # -- prompts -------------------------------------------------------------------------------
     def require_tokenizer(self) -> Tokenizer:

@@ -17,6 +17,7 @@ import torch
 
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.request import Request
+from quadrant.layers.attention import LayerKVCache
 
 
 def hash_block(parent: int | None, tokens: Iterable[int]) -> int:
@@ -160,14 +161,22 @@ class KVCacheManager:
 
 def allocate_kv_tensors(
     model: ModelConfig, cache: CacheConfig, num_blocks: int, dtype: torch.dtype, device: torch.device | str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each [num_blocks, kv_heads, block_size, head_dim].
+) -> list[LayerKVCache]:
+    """One cache per layer: K and V each [num_blocks, kv_heads, block_size, head_dim] (+ scales if 8-bit).
 
     Head-major inside a block: gathering a sequence's blocks yields each head's keys as one
     [S, D] run, which the attention matmuls read without another copy.
     """
     shape = (num_blocks, model.num_key_value_heads, cache.block_size, model.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(model.num_hidden_layers)
-    ]
+    kv_dtype = cache.torch_dtype(dtype)
+    caches = []
+    for _ in range(model.num_hidden_layers):
+        kv = LayerKVCache(torch.zeros(shape, dtype=kv_dtype, device=device),
+                          torch.zeros(shape, dtype=kv_dtype, device=device))
+        if cache.quantized:
+            scale_shape = (num_blocks, model.num_key_value_heads, cache.block_size // cache.quant_group)
+            kv.k_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
+            kv.v_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
+            kv.group = cache.quant_group
+        caches.append(kv)
+    return caches

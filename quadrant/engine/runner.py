@@ -1,8 +1,9 @@
 """ModelRunner: turns a SchedulerOutput into one flattened forward pass and sampled tokens.
 
-It owns the KV tensors (bound into every Attention layer), builds input ids,
-positions, slot mapping, block tables and AttentionMetadata, runs the model,
-computes logits only at the rows that sample, and calls the sampler.
+It owns the KV tensors and binds them, with the attention backend, into every Attention
+layer; builds input ids, positions, slot mapping, block tables and AttentionMetadata; runs
+the model (decode-only steps from CUDA graphs when it has them); computes logits only at
+the rows that sample, and calls the sampler.
 """
 
 from __future__ import annotations
@@ -13,28 +14,69 @@ import torch
 from torch import nn
 
 from quadrant.config import CacheConfig, ModelConfig
+from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
 from quadrant.engine.request import Request, TokenLogprob
 from quadrant.engine.scheduler import SchedulerOutput
 from quadrant.layers.attention import Attention, AttentionMetadata
+from quadrant.layers.attn_backends import TORCH_BACKEND, TRITON_BACKEND
 from quadrant.layers.sampler import sample
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 backend: str = "torch", graph_batch_sizes: list[int] | None = None,
+                 max_model_len: int | None = None) -> None:
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
+        self.num_kv_heads = model_config.num_key_value_heads
         self.generator = torch.Generator(device=self.device)  # for unseeded requests
         self.generator.seed()
         self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks, dtype, device)
+        self.backend = TRITON_BACKEND if backend == "triton" else TORCH_BACKEND
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == len(self.kv_caches)
         for layer, kv in zip(layers, self.kv_caches):
             layer.kv_cache = kv
+            layer.backend = self.backend
+        self.graphs: DecodeGraphs | None = None
+        if graph_batch_sizes:
+            assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
+            max_len = max_model_len or model_config.max_position_embeddings
+            self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, -(-max_len // self.block_size),
+                                       self.num_kv_heads, self.device)
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids, positions, slots, starts, seq_lens = self._flatten(out)
+        width = max(len(s.request.block_table) for s in out.scheduled)
+        tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(s.num_new_tokens for s in out.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+            slot_mapping=slot_mapping,
+            slot_block=slot_mapping // self.block_size,
+            slot_offset=slot_mapping % self.block_size,
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        )
+        if self.backend is TRITON_BACKEND and meta.max_query_len == 1:
+            from quadrant.kernels.paged_decode import num_sms, plan_splits
+
+            meta.decode_num_splits, chunk = plan_splits(seq_lens, self.num_kv_heads, num_sms(dev))
+            meta.decode_chunk = torch.tensor([chunk], dtype=torch.int32, device=dev)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
+        return ids, positions_t, meta
+
+    def _flatten(self, out: SchedulerOutput) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """Host lists: input ids, positions and slots [T]; query starts [B + 1]; context lengths [B]."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -50,36 +92,38 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
             starts.append(starts[-1] + s.num_new_tokens)
             seq_lens.append(end)
-        width = max(len(s.request.block_table) for s in out.scheduled)
-        tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
-        dev = self.device
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_new_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=seq_lens,
-            slot_mapping=slot_mapping,
-            slot_block=slot_mapping // bs,
-            slot_offset=slot_mapping % bs,
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
-        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
-        return ids, positions_t, meta
+        return input_ids, positions, slots, starts, seq_lens
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, tuple[int | None, TokenLogprob | None]]:
         """Run one step; returns {request_id: (sampled token, logprob record)} for the rows that sample."""
-        ids, pos, meta = self.prepare(out)
-        hidden = self.model(ids, pos, meta)  # [T, D]
         rows = [i for i, s in enumerate(out.scheduled) if s.samples]
+        logits = self._graph_logits(out)
+        if logits is None:
+            ids, pos, meta = self.prepare(out)
+            hidden = self.model(ids, pos, meta)  # [T, D]
+            if not rows:
+                return {}
+            last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in rows], device=self.device)
+            logits = self.model.compute_logits(hidden[last])  # [N, V] fp32
+        elif len(rows) < len(out.scheduled):
+            logits = logits[torch.tensor(rows, device=self.device)]
         if not rows:
             return {}
-        last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in rows], device=self.device)
-        logits = self.model.compute_logits(hidden[last])  # [N, V] fp32
         requests: list[Request] = [out.scheduled[i].request for i in rows]
         tokens, records = sample(logits, requests, self.generator)
         return {r.request_id: (t, lp) for r, t, lp in zip(requests, tokens, records)}
+
+    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of every row of a decode-only step replayed from a captured graph; None if none fits."""
+        if self.graphs is None or any(s.num_new_tokens != 1 for s in out.scheduled):
+            return None
+        if not self.graphs.fits(len(out.scheduled), max(len(s.request.block_table) for s in out.scheduled)):
+            return None
+        input_ids, positions, slots, _, seq_lens = self._flatten(out)
+        tables = [s.request.block_table for s in out.scheduled]
+        return self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+
+    def capture_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.capture()

@@ -8,9 +8,34 @@ tensors; model code only passes q, k, v and the metadata through.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's paged K/V. 8-bit caches carry one fp32 scale per `group` tokens per head."""
+
+    k: torch.Tensor  # [num_blocks, kv_heads, block_size, head_dim]
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None  # [num_blocks, kv_heads, block_size // group], 8-bit caches only
+    v_scale: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's K/V into the cache, then attends; see layers/attn_backends.py."""
+
+    def store(self, kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor, meta: "AttentionMetadata") -> None: ...
+
+    def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: "AttentionMetadata") -> torch.Tensor: ...
 
 
 @dataclass
@@ -25,6 +50,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32: cache blocks of each sequence
     slot_block: torch.Tensor | None = None  # [T] int64: slot_mapping // block_size (set by the runner)
     slot_offset: torch.Tensor | None = None  # [T] int64: slot_mapping % block_size
+    # Split-KV plan of a decode-only batch (triton backend): grid depth and [1] int32 chunk length.
+    decode_num_splits: int = 1
+    decode_chunk: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -63,21 +91,15 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
-        # Bound by the runner: (k_cache, v_cache), each [num_blocks, kv_heads, block_size, head_dim].
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        from quadrant.layers.attn_backends import torch_attention
+        self.kv_cache: LayerKVCache | None = None  # bound by the runner, with the backend
+        from quadrant.layers.attn_backends import TORCH_BACKEND
 
-        self.backend = torch_attention
+        self.backend: AttentionBackend = TORCH_BACKEND
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
         if self.kv_cache is not None and meta.slot_mapping is not None:
-            k_cache, v_cache = self.kv_cache
-            if k.dtype != k_cache.dtype:
-                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-            index = (meta.slot_block, slice(None), meta.slot_offset)
-            k_cache[index] = k  # [T, Hk, D] into each token's (block, all heads, offset)
-            v_cache[index] = v
-        return self.backend(self, q, k, v, meta)
+            self.backend.store(self.kv_cache, k, v, meta)
+        return self.backend.forward(self, q, k, v, meta)

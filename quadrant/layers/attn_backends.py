@@ -1,11 +1,14 @@
-"""Attention backends. `torch_attention` is the reference and the CPU path.
+"""Attention backends: each writes a step's K/V into the paged cache and attends over it.
 
-Decode tokens (one query each) of the whole batch run together: their K/V
-blocks are gathered into one padded [B, Hk, S, D] tensor and attended with
-grouped-query matmuls under a length (and sliding-window) mask. Prefill
-chunks run one sequence at a time through SDPA, causal with the mask offset
-by the cached prefix. Without a cache (training, scoring) each sequence
-attends causally to its own tokens.
+`TorchBackend` is the reference and the CPU path. Decode tokens (one query each) of the
+whole batch run together: their K/V blocks are gathered into one padded [B, Hk, S, D]
+tensor and attended with grouped-query matmuls under a length (and sliding-window) mask.
+Prefill chunks run one sequence at a time through SDPA, causal with the mask offset by the
+cached prefix. Without a cache (training, scoring) each sequence attends causally to its
+own tokens. 8-bit caches are dequantised as they are gathered.
+
+`TritonBackend` (CUDA; CPU under the interpreter) runs kernels/: split-KV paged decode for
+decode-only batches, varlen flash prefill for everything else, quantise-on-write stores.
 """
 
 from __future__ import annotations
@@ -15,8 +18,60 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from quadrant.kernels.kv_store import dequantize_ref, store_kv_ref
+
 if TYPE_CHECKING:
-    from quadrant.layers.attention import Attention, AttentionMetadata
+    from quadrant.layers.attention import Attention, AttentionMetadata, LayerKVCache
+
+
+class TorchBackend:
+    name = "torch"
+
+    def store(self, kv: "LayerKVCache", k: torch.Tensor, v: torch.Tensor, meta: "AttentionMetadata") -> None:
+        if kv.k_scale is not None:
+            store_kv_ref(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale, kv.group)  # type: ignore[arg-type]
+            return
+        if k.dtype != kv.k.dtype:
+            k, v = k.to(kv.k.dtype), v.to(kv.v.dtype)
+        index = (meta.slot_block, slice(None), meta.slot_offset)
+        kv.k[index] = k  # [T, Hk, D] into each token's (block, all heads, offset)
+        kv.v[index] = v
+
+    def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: "AttentionMetadata") -> torch.Tensor:
+        return torch_attention(layer, q, k, v, meta)
+
+
+class TritonBackend:
+    name = "triton"
+
+    def store(self, kv: "LayerKVCache", k: torch.Tensor, v: torch.Tensor, meta: "AttentionMetadata") -> None:
+        from quadrant.kernels.kv_store import store_kv
+
+        if k.dtype != kv.k.dtype and kv.k_scale is None:
+            k, v = k.to(kv.k.dtype), v.to(kv.v.dtype)
+        store_kv(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale, kv.group)  # type: ignore[arg-type]
+
+    def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: "AttentionMetadata") -> torch.Tensor:
+        kv = layer.kv_cache
+        if kv is None or meta.block_tables is None:
+            return torch_attention(layer, q, k, v, meta)  # packed sequences without a cache
+        window, softcap = layer.sliding_window, layer.logit_softcap
+        if meta.decode_chunk is not None:
+            from quadrant.kernels.paged_decode import paged_decode
+
+            return paged_decode(q, kv.k, kv.v, meta.block_tables, meta.seq_lens, layer.scale,
+                                meta.decode_num_splits, meta.decode_chunk, kv.k_scale, kv.v_scale, kv.group,
+                                window, softcap)
+        from quadrant.kernels.varlen_prefill import varlen_prefill
+
+        return varlen_prefill(q, kv.k, kv.v, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                              meta.max_query_len, layer.scale, kv.k_scale, kv.v_scale, kv.group, window, softcap)
+
+
+TORCH_BACKEND = TorchBackend()
+TRITON_BACKEND = TritonBackend()
 
 
 def torch_attention(
@@ -44,39 +99,47 @@ def torch_attention(
             continue
         seq_len = meta.seq_lens_cpu[i]
         if use_cache:
-            k_ctx, v_ctx = _gather_context(layer, meta.block_tables[i], seq_len)  # type: ignore[index]
+            k_ctx, v_ctx = _gather_context(layer, meta.block_tables[i], seq_len, q.dtype)  # type: ignore[index]
         else:
-            k_ctx, v_ctx = k[qs:qe].transpose(0, 1), v[qs:qe].transpose(0, 1)
-        out[qs:qe] = _attend(layer, q[qs:qe], k_ctx.to(q.dtype), v_ctx.to(q.dtype))
+            k_ctx, v_ctx = k[qs:qe].transpose(0, 1).to(q.dtype), v[qs:qe].transpose(0, 1).to(q.dtype)
+        out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx)
     return out
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor, span: int) -> torch.Tensor:
-    """The first `span` cached positions of each row's blocks. tables: [B, W] -> [B, Hk, span, D]."""
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, group: int, tables: torch.Tensor, span: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The first `span` cached positions of each row's blocks, in `dtype`. tables: [B, W] -> [B, Hk, span, D]."""
     bsz, width = tables.shape
     _, num_kv, block_size, dim = cache.shape
-    return cache[tables].transpose(1, 2).reshape(bsz, num_kv, width * block_size, dim)[:, :, :span]
+    blocks = cache[tables].transpose(1, 2)  # [B, Hk, W, block_size, D]
+    if scale is not None:
+        blocks = dequantize_ref(blocks.flatten(2, 3), scale[tables].transpose(1, 2).flatten(2, 3), group)
+    return blocks.reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(dtype)
 
 
-def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's cached K and V, each [Hk, S, D]."""
-    k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
-    blocks = block_table[None, : (seq_len + k_cache.shape[2] - 1) // k_cache.shape[2]]
-    return _gather(k_cache, blocks, seq_len)[0], _gather(v_cache, blocks, seq_len)[0]
+    kv = layer.kv_cache
+    assert kv is not None
+    blocks = block_table[None, : (seq_len + kv.block_size - 1) // kv.block_size]
+    return (_gather(kv.k, kv.k_scale, kv.group, blocks, seq_len, dtype)[0],
+            _gather(kv.v, kv.v_scale, kv.group, blocks, seq_len, dtype)[0])
 
 
 def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                   max_seq_len: int) -> torch.Tensor:
     """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
-    k_cache, v_cache = layer.kv_cache  # type: ignore[misc]
+    kv = layer.kv_cache
+    assert kv is not None
     bsz, num_heads, dim = q.shape
-    num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
+    num_kv, block_size = kv.k.shape[1], kv.block_size
     width = (max_seq_len + block_size - 1) // block_size
     tables = block_tables[:, :width]
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 else width * block_size
-    k = _gather(k_cache, tables, span).to(q.dtype)
-    v = _gather(v_cache, tables, span).to(q.dtype)
+    k = _gather(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)
+    v = _gather(kv.v, kv.v_scale, kv.group, tables, span, q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:

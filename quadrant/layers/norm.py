@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quadrant.kernels.fused_norm_rope import rms_norm, use_fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
@@ -22,6 +24,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Normalise x; with `residual`, normalise x + residual and also return that sum."""
+        if use_fused(x) and self.weight.dtype == x.dtype:
+            return rms_norm(x, self.weight, self.eps, residual, self.offset)  # one kernel on the GPU
         if residual is not None:
             x = x + residual
             residual = x

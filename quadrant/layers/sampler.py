@@ -55,18 +55,17 @@ def sample(logits: torch.Tensor, requests: list[Request], default_generator: tor
            ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None).
 
-    A row whose sampling fails (say, its logits are not finite) gets None: that request fails,
-    the rest of the batch goes on.
+    Every row is decided on the logits' device and the ids come back in one host copy, so a
+    GPU step synchronises once. A row whose sampling fails (its logits are not finite) gets
+    None: that request fails, the rest of the batch goes on.
     """
-    tokens: list[int | None] = logits.argmax(-1).tolist()
+    chosen = logits.argmax(-1)  # [B]
     for i, req in enumerate(requests):
         p = req.params
         if p.greedy and not (p.logit_bias or p.uses_penalties):
             continue
-        try:
-            tokens[i] = _sample_row(logits[i], req, default_generator)
-        except (RuntimeError, ValueError):
-            tokens[i] = None
+        chosen[i] = _sample_row(logits[i], req, default_generator)
+    tokens: list[int | None] = [t if t >= 0 else None for t in chosen.tolist()]
     records: list[TokenLogprob | None] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] is not None]
     if wanted:
@@ -84,11 +83,16 @@ def sample(logits: torch.Tensor, requests: list[Request], default_generator: tor
     return tokens, records
 
 
-def _sample_row(logits: torch.Tensor, req: Request, default_generator: torch.Generator | None) -> int:
+def _sample_row(logits: torch.Tensor, req: Request, default_generator: torch.Generator | None) -> torch.Tensor:
+    """The row's token as a 0-d device tensor; -1 if its distribution is not usable (no host sync)."""
     p = req.params
     row = apply_penalties(logits, p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits
     if p.greedy:
-        return int(row.argmax())
+        token = row.argmax()
+        return torch.where(torch.isfinite(row[token]), token, -1)
     probs = filter_logits(row, p).softmax(-1)
+    # Checked on the device: on CUDA a bad distribution would be a device-side assert, not an exception.
+    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
+    probs = torch.where(usable, probs, torch.ones_like(probs))
     gen = req.generator if req.generator is not None else default_generator
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return torch.where(usable, torch.multinomial(probs, 1, generator=gen)[0], -1)

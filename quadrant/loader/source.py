@@ -58,14 +58,7 @@ class ModelSource:
         self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", weight_format: str = "dense"
     ) -> nn.Module:
         """Build the model on `device` in `dtype`, fill it one tensor at a time, then repack its linears."""
-        cls = model_class(self.config.architecture)
-        with torch.device(device):
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                model = cls(self.config)
-            finally:
-                torch.set_default_dtype(prev)
+        model = self._build(dtype, device)
         if weight_format == "dense":
             load_weights(model, self.weights())
             return model.eval()
@@ -90,6 +83,30 @@ class ModelSource:
             if isinstance(module, VocabEmbedding) and weight_format == "auto":
                 module.compact(torch.bfloat16)  # lookups only: a few rows per step
         return model.eval()
+
+    def load_dummy_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                         seed: int = 0) -> nn.Module:
+        """The architecture with random weights (N(0, 0.02) matrices, unit norms): speed runs on real
+        shapes without the checkpoint (`--load-format dummy`)."""
+        model = self._build(dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, 0.02, generator=gen)
+                elif name.endswith("bias"):
+                    param.zero_()
+        return model.eval()
+
+    def _build(self, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+        cls = model_class(self.config.architecture)
+        with torch.device(device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                return cls(self.config)
+            finally:
+                torch.set_default_dtype(prev)
 
     def _module_source_bits(self, model: nn.Module) -> dict[str, int]:
         """Module path -> bits per weight of the checkpoint tensors it was loaded from (16 for float)."""
@@ -163,6 +180,36 @@ def _hf_license(folder: Path) -> str | None:
         return json.loads(cfg.read_text()).get("license")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def open_config(ref: str) -> ModelSource:
+    """A source for `--load-format dummy`: a shipped architecture name (quadrant/model_configs), a
+    config.json file, or any model path (its config; the weights are not read)."""
+    shipped = SHIPPED_CONFIGS / f"{ref}.json"
+    path = shipped if shipped.is_file() else Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path}: cannot read ({e})") from e
+        try:
+            return ModelSource(path, ModelConfig.from_hf_config(raw))
+        except KeyError as e:
+            raise ModelLoadError(f"{path}: missing field {e}") from e
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path, st.read_config(path))
+    if path.exists():
+        return open_model(path)
+    raise ModelNotFoundError(
+        f"{ref}: not a shipped architecture ({', '.join(shipped_configs())}), config.json or model path"
+    )
 
 
 def open_model(path: str | Path) -> ModelSource:

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from quadrant.config import ModelConfig
+from quadrant.kernels.fused_norm_rope import act_and_mul, use_fused
 from quadrant.layers.attention import Attention, AttentionMetadata
 from quadrant.layers.embedding import LMHead, VocabEmbedding
 from quadrant.layers.linear import Linear, MergedLinear
 from quadrant.layers.norm import RMSNorm
-from quadrant.layers.rotary import RotaryEmbedding, apply_rotary
+from quadrant.layers.rotary import RotaryEmbedding, rotate
 
 RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, signed sin), each [T, 1, D]
 
@@ -57,7 +58,7 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
         cos, sin = rope[self.layer_type]
-        qk = apply_rotary(qk, cos, sin)  # q and k rotated in one pass
+        qk = rotate(qk, cos, sin)  # q and k rotated in one pass
         out = self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -71,7 +72,10 @@ class LlamaMLP(nn.Module):
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if use_fused(gate_up):
+            return self.down_proj(act_and_mul(gate_up, "gelu_tanh" if self.gelu else "silu"))
+        gate, up = self.gate_up_proj.split(gate_up)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 

@@ -67,9 +67,12 @@ def run_all(engine: LLMEngine, prompts, params=GREEDY, arrivals=None) -> list[li
     return [results[str(i)] for i in range(len(prompts))]
 
 
-def make_engine(path, num_blocks=256, block_size=4, budget=512, prefix=True, max_num_seqs=64):
-    return LLMEngine.from_model(path, cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+def make_engine(path, num_blocks=256, block_size=4, budget=512, prefix=True, max_num_seqs=64, cache_dtype="auto",
+                quant_group=4, **options):
+    """`options`: other EngineConfig fields (attention_backend, cuda_graphs, ...)."""
+    return LLMEngine.from_model(path, cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                                        cache_dtype=cache_dtype, quant_group=quant_group),
                                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                                          enable_prefix_caching=prefix))
+                                                          enable_prefix_caching=prefix), **options)
 
 

@@ -1,0 +1,306 @@
+"""GPU decode: quadrant against the weight-streaming roofline and Hugging Face transformers, in one run.
+
+    python benchmarks/gpu_decode.py                  # all workloads, H100-sized (about 6-8 minutes)
+    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention
+    python benchmarks/gpu_decode.py --smoke          # tiny shapes: checks the script itself (CPU works)
+
+Random weights of real architectures (--load-format dummy with the configs shipped in
+quadrant/model_configs), bf16. Measured in the same run:
+1. copy bandwidth: a device-to-device copy of 2 GiB, best of 10; the roofline for batch-1
+   decode is bandwidth / bytes streamed per token (every weight except the input embedding
+   table, of which one row is read, plus the KV cache).
+2. Llama-3-8B shape, batch 1, 128-token prompt, 256 output tokens: quadrant (CUDA graphs,
+   Triton attention) against the roofline and against transformers' generate.
+3. SmolLM2-135M shape, batch 1: launch overhead decides this one.
+4. throughput: 1,000 prompts of ShareGPT-like lengths (fixed-seed log-normal input and
+   output lengths), Llama-3-8B shape, all submitted at once: output tokens/s.
+5. decode attention alone (the paged split-KV kernel) at 8k-32k context, batch 32-128,
+   bf16 and fp8 caches: achieved bandwidth against the copy bandwidth.
+Prints one table; --json writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from quadrant import SamplingParams
+from quadrant.config import CacheConfig, SchedulerConfig
+from quadrant.engine.engine import LLMEngine
+from quadrant.loader.source import SHIPPED_CONFIGS
+
+SMOKE_CONFIG = {
+    "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+}
+
+
+@dataclass
+class Row:
+    workload: str
+    ours: float
+    peer: float | None
+    peer_name: str
+    unit: str
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ours / self.peer if self.peer else None
+
+
+@dataclass
+class Context:
+    device: str
+    smoke: bool
+    bandwidth: float = 0.0  # bytes/s
+    rows: list[Row] = field(default_factory=list)
+    smoke_config: str | None = None  # config.json of the tiny smoke-test model
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+def copy_bandwidth(ctx: Context) -> float:
+    """Device-to-device copy: each byte is read once and written once."""
+    n = (64 << 20) if ctx.smoke else (2 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=ctx.device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(10):
+        ctx.sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        ctx.sync()
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return 2 * n / best
+
+
+def streamed_bytes(engine: LLMEngine) -> int:
+    """Bytes a batch-1 decode step must read: all weights but the (untied) input embedding table."""
+    model = engine.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if not engine.model_config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def engine_for(ctx: Context, model: str, max_num_seqs: int = 8, kv_memory: int | None = None,
+               fraction: float | None = None, budget: int = 2048) -> LLMEngine:
+    if ctx.smoke_config:
+        model = ctx.smoke_config
+    return LLMEngine.from_model(
+        model, dtype="bfloat16" if ctx.device.startswith("cuda") else "float32", device=ctx.device,
+        load_format="dummy",
+        cache=CacheConfig(kv_cache_memory=kv_memory, memory_fraction=fraction),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+    )
+
+
+def _smoke_config() -> str:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "config.json"
+    path.write_text(json.dumps(SMOKE_CONFIG))
+    return str(path)
+
+
+def decode_rate(engine: LLMEngine, prompt_len: int, output_len: int, seed: int = 0) -> float:
+    """Batch-1 decode tokens/s: output tokens after the first, over the time after the first."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    engine.add_request(prompt, params, request_id=f"warm{seed}")  # warm-up: kernels compiled, allocator primed
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_request(prompt, params, request_id=f"run{seed}")
+    first = last = 0.0
+    produced = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n = len(out.outputs[0].token_ids)
+            if n > produced:
+                now = time.perf_counter()
+                first = first or now
+                last, produced = now, n
+    return (produced - 1) / (last - first)
+
+
+def transformers_rate(ctx: Context, config_name: str, prompt_len: int, output_len: int) -> float | None:
+    """transformers' generate on the same shape (bf16, random weights, SDPA): output tokens/s."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cfg = json.loads(Path(ctx.smoke_config or SHIPPED_CONFIGS / f"{config_name}.json").read_text())
+    cfg.pop("_comment", None)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg)
+    dtype = torch.bfloat16 if ctx.device.startswith("cuda") else torch.float32
+    with torch.device(ctx.device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (1, prompt_len), device=ctx.device)
+    kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+              attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, **kw)  # warm-up
+        ctx.sync()
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        ctx.sync()
+        elapsed = time.perf_counter() - t
+    del model
+    _free(ctx)
+    return output_len / elapsed
+
+
+def _free(ctx: Context) -> None:
+    gc.collect()
+    if ctx.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def bench_batch1(ctx: Context, name: str, label: str) -> None:
+    prompt_len, output_len = (16, 16) if ctx.smoke else (128, 256)
+    engine = engine_for(ctx, name, max_num_seqs=1, kv_memory=(64 << 20) if ctx.smoke else (4 << 30))
+    rate = decode_rate(engine, prompt_len, output_len)
+    roofline = ctx.bandwidth / streamed_bytes(engine)
+    del engine
+    _free(ctx)
+    ctx.rows.append(Row(f"{label}, batch 1, {prompt_len}+{output_len}", rate, roofline, "roofline", "tok/s",
+                        f"{streamed_bytes_note(roofline, ctx)}"))
+    hf = transformers_rate(ctx, name, prompt_len, output_len)
+    ctx.rows.append(Row(f"{label}, batch 1", rate, hf, "transformers generate", "tok/s"))
+
+
+def streamed_bytes_note(roofline: float, ctx: Context) -> str:
+    return f"{ctx.bandwidth / roofline / 1e9:.2f} GB read per token"
+
+
+def sharegpt_like(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt length, output length) pairs: log-normal, medians about 150 and 180 tokens, capped at 1024,
+    a stand-in for ShareGPT's length distribution (no data set is fetched)."""
+    rng = random.Random(seed)
+    return [(min(1024, max(4, int(rng.lognormvariate(5.0, 0.9)))), min(1024, max(4, int(rng.lognormvariate(5.2, 0.8)))))
+            for _ in range(n)]
+
+
+def bench_throughput(ctx: Context) -> None:
+    n = 16 if ctx.smoke else 1000
+    engine = engine_for(ctx, "llama-3-8b", max_num_seqs=8 if ctx.smoke else 256,
+                        fraction=None if ctx.smoke else 0.85, kv_memory=(64 << 20) if ctx.smoke else None,
+                        budget=512 if ctx.smoke else 8192)
+    rng = random.Random(1)
+    vocab = engine.model_config.vocab_size
+    work = sharegpt_like(n)
+    if ctx.smoke:
+        work = [(min(p, 64), min(o, 16)) for p, o in work]
+    for i, (p, o) in enumerate(work):
+        engine.add_request([rng.randrange(vocab) for _ in range(p)],
+                           SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True), request_id=str(i))
+    ctx.sync()
+    t = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    ctx.sync()
+    elapsed = time.perf_counter() - t
+    output = sum(o for _, o in work)
+    del engine
+    _free(ctx)
+    ctx.rows.append(Row(f"Llama-3-8B shape, {n} ShareGPT-like prompts", output / elapsed, 16_000.0,
+                        "SGLang published (H100)", "output tok/s", f"{elapsed:.1f} s wall"))
+
+
+def bench_attention(ctx: Context) -> None:
+    from quadrant.kernels.paged_decode import num_sms, paged_decode, plan_splits
+
+    dev = torch.device(ctx.device)
+    heads, kv_heads, dim, block = 32, 8, 128, 16
+    shapes = [(2, 256), (2, 512)] if ctx.smoke else [(32, 8192), (128, 8192), (32, 32768), (64, 32768)]
+    cache_dtypes = [torch.bfloat16, torch.float8_e4m3fn] if dev.type == "cuda" else [torch.float32, torch.int8]
+    for batch, ctx_len in shapes:
+        for cache_dtype in cache_dtypes:
+            quant = cache_dtype in (torch.int8, torch.float8_e4m3fn)
+            blocks_per_seq = ctx_len // block
+            num_blocks = batch * blocks_per_seq
+            k = torch.empty(num_blocks, kv_heads, block, dim, device=dev, dtype=torch.bfloat16 if dev.type == "cuda"
+                            else torch.float32).normal_().to(cache_dtype)
+            v = torch.empty_like(k)
+            v.copy_(k)
+            scales = (torch.full((num_blocks, kv_heads, 1), 0.01, device=dev),) * 2 if quant else (None, None)
+            tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32)[:num_blocks].view(batch, blocks_per_seq)
+            tables = tables.to(torch.int32).contiguous()
+            lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=dev)
+            q = torch.randn(batch, heads, dim, device=dev, dtype=k.dtype if not quant else
+                            (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+            splits, chunk = plan_splits([ctx_len] * batch, kv_heads, num_sms(dev))
+            chunk_t = torch.tensor([chunk], dtype=torch.int32, device=dev)
+
+            def call() -> None:
+                paged_decode(q, k, v, tables, lens, dim**-0.5, splits, chunk_t, scales[0], scales[1],
+                             block if quant else 0)
+
+            call()
+            ctx.sync()
+            reps = 1 if ctx.smoke else 20
+            t = time.perf_counter()
+            for _ in range(reps):
+                call()
+            ctx.sync()
+            per_call = (time.perf_counter() - t) / reps
+            read = 2 * k.numel() * k.element_size() + (2 * scales[0].numel() * 4 if quant else 0)
+            name = str(cache_dtype).replace("torch.", "")
+            ctx.rows.append(Row(f"decode attention, batch {batch}, {ctx_len} ctx, {name} KV", read / per_call / 1e9,
+                                ctx.bandwidth / 1e9, "copy bandwidth", "GB/s", f"{splits} splits of {chunk}"))
+            del k, v, scales
+            _free(ctx)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention"],
+                    default=["batch1", "small", "throughput", "attention"])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the GPU")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    ctx = Context(args.device, args.smoke, smoke_config=_smoke_config() if args.smoke else None)
+    ctx.bandwidth = copy_bandwidth(ctx)
+    if "batch1" in args.only:
+        bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape")
+    if "small" in args.only:
+        bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape")
+    if "throughput" in args.only:
+        bench_throughput(ctx)
+    if "attention" in args.only:
+        bench_attention(ctx)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    table = Table(title=f"quadrant GPU decode ({device}, torch {torch.__version__}, {date.today()}); "
+                        f"copy bandwidth {ctx.bandwidth / 1e9:.0f} GB/s")
+    for col in ("workload", "quadrant", "peer", "peer figure", "ratio", "note"):
+        table.add_column(col, justify="left" if col in ("workload", "peer", "note") else "right")
+    for r in ctx.rows:
+        table.add_row(r.workload, f"{r.ours:,.1f} {r.unit}", r.peer_name,
+                      "-" if r.peer is None else f"{r.peer:,.1f}", "-" if r.ratio is None else f"{r.ratio:.2f}x", r.note)
+    Console(width=200).print(table)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ | {"ratio": r.ratio} for r in ctx.rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

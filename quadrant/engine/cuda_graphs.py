@@ -1,0 +1,108 @@
+"""Decode-only steps replayed from CUDA graphs, one graph per padded batch size.
+
+A decode step of a small model is dozens of kernel launches of a few microseconds each:
+launching them from Python costs more than running them. Each graph holds the whole
+forward and the LM head over static input buffers. A step fills the buffers for its real
+rows and pads to the next captured size with rows that write nothing (slot -1) and attend
+to nothing (length 0). The split-KV grid depth is fixed per graph; the chunk length, a
+device scalar, follows the batch (kernels/paged_decode.py). Off CUDA (tests) the same
+buffers run the forward eagerly, so the padding logic is exercised on CPU too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quadrant.kernels.paged_decode import grid_splits, num_sms, plan_splits
+from quadrant.layers.attention import AttentionMetadata
+
+
+def default_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to max_num_seqs (and max_num_seqs itself)."""
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(self, model: Any, batch_sizes: list[int], block_size: int, max_blocks_per_seq: int,
+                 num_kv_heads: int, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.sizes = sorted(set(batch_sizes))
+        self.device = device
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = num_sms(device)
+        max_bs = self.sizes[-1]
+        self.max_blocks = max_blocks_per_seq
+        with torch.device(device):
+            self.input_ids = torch.zeros(max_bs, dtype=torch.long)  # [B]
+            self.positions = torch.zeros(max_bs, dtype=torch.long)  # [B]
+            self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long)  # [B]
+            self.seq_lens = torch.zeros(max_bs, dtype=torch.int32)  # [B]
+            self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32)  # [B, W]
+            self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32)  # [B + 1]: one token each
+            self.chunk = torch.zeros(1, dtype=torch.int32)
+        self.splits = {bs: grid_splits(bs, num_kv_heads, self.num_sms) for bs in self.sizes}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def fits(self, num_seqs: int, num_blocks: int) -> bool:
+        return num_seqs <= self.sizes[-1] and num_blocks <= self.max_blocks
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_blocks * self.block_size,
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs,  # host copies are for the torch backend; graphs run the triton one
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            decode_num_splits=self.splits[bs],
+            decode_chunk=self.chunk,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._metadata(bs))
+        return self.model.compute_logits(hidden)  # [bs, V] fp32
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first so the smaller graphs reuse its memory pool."""
+        if self.device.type != "cuda":
+            return
+        self.chunk.fill_(plan_splits([1], self.num_kv_heads, self.num_sms)[1])
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # compiles this shape's kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [n, V] of a decode-only step of n <= the largest captured size."""
+        n = len(input_ids)
+        bs = next(s for s in self.sizes if s >= n)
+        pad = bs - n
+        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:bs].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in block_tables)
+        rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self.block_tables[:n, :width].copy_(rows, non_blocking=True)
+        _, chunk = plan_splits(seq_lens, self.num_kv_heads, self.num_sms, max_splits=self.splits[bs])
+        self.chunk.fill_(chunk)
+        if bs in self.graphs:
+            graph, logits = self.graphs[bs]
+            graph.replay()
+            return logits[:n]
+        return self._forward(bs)[:n]

@@ -1,0 +1,221 @@
+"""Writing K/V into the paged cache, quantising on write: one scale per N tokens per sequence per head.
+
+Cache layout: [num_blocks, kv_heads, block_size, head_dim] in the model dtype, or int8 (CPU) /
+fp8 e4m3 (GPU) codes with fp32 scales [num_blocks, kv_heads, block_size // N]. N divides the
+block size, so a scale group is N consecutive positions of one sequence inside one block.
+Tokens arrive a few at a time (a prefill chunk, then one per decode step), so a write
+re-derives its group's scale from the tokens already there plus the new ones and requantises
+the group. `load_kv_tile` is the matching read used inside the attention kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from quadrant.kernels.triton_import import require_triton, tl, triton
+
+QUANT_NONE, QUANT_INT8, QUANT_FP8 = 0, 1, 2
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+_MIN_SCALE_AMAX = 1e-6  # an all-zero group still gets a finite, non-zero scale
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand type of the attention kernels' tl.dot: the activations' own type on the GPU.
+
+    Triton's CPU interpreter multiplies bf16/fp16 tiles wrongly, so there it is fp32.
+    """
+    if triton.knobs.runtime.interpret or dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def quant_mode(cache_dtype: torch.dtype) -> int:
+    if cache_dtype == torch.int8:
+        return QUANT_INT8
+    if cache_dtype == torch.float8_e4m3fn:
+        return QUANT_FP8
+    return QUANT_NONE
+
+
+# -- reference ---------------------------------------------------------------------------------
+def quantize_ref(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x already divided by its scale (|x| <= qmax) -> codes: int8 rounds half away from zero, fp8 RNE."""
+    if dtype == torch.int8:
+        return (x.abs() + 0.5).floor().copysign(x).clamp(-127, 127).to(torch.int8)
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """codes [..., S, D] with scale [..., S // group] -> fp32 values."""
+    return codes.float() * scale.repeat_interleave(group, dim=-1).unsqueeze(-1)
+
+
+def store_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+) -> None:
+    """k, v: [T, Hk, D] into the slots of slot_mapping [T] (negative slot: padding, skipped)."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    if k.shape[0] == 0:
+        return
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if scale is None:
+            cache[blocks, :, offsets] = src.to(cache.dtype)
+        else:
+            _store_group_ref(src, cache, scale, slot_mapping, group)
+
+
+def _store_group_ref(src: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor,
+                     group: int) -> None:
+    block_size = cache.shape[2]
+    group_ids = slots // group  # a sequence's tokens are consecutive, so each group's writes are too
+    firsts = torch.ones_like(group_ids, dtype=torch.bool)
+    firsts[1:] = group_ids[1:] != group_ids[:-1]
+    first_idx = firsts.nonzero().squeeze(1)  # [G]
+    member = torch.cumsum(firsts.long(), 0) - 1  # [T]: which touched group each token writes
+    starts = group_ids[first_idx] * group  # first slot of each touched group
+    blocks, base = starts // block_size, starts % block_size
+    rows = base[:, None] + torch.arange(group, device=slots.device)  # [G, N]
+    old = dequantize_ref(cache[blocks[:, None], :, rows].transpose(1, 2),  # [G, Hk, N, D]
+                         scale[blocks, :, base // group].unsqueeze(-1), group)
+    first_new = (slots[first_idx] % group)[:, None, None, None]
+    earlier = torch.arange(group, device=slots.device)[None, None, :, None] < first_new
+    vals = torch.where(earlier, old, 0.0)  # rows from this token on are rewritten (or not yet used)
+    vals[member, :, slots % group] = src.float()
+    new_scale = vals.abs().amax(dim=(2, 3)).clamp_min(_MIN_SCALE_AMAX) / QMAX[cache.dtype]  # [G, Hk]
+    codes = quantize_ref(vals / new_scale[:, :, None, None], cache.dtype)
+    cache[blocks[:, None], :, rows] = codes.transpose(1, 2)
+    scale[blocks, :, base // group] = new_scale
+
+
+# -- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def round_to_e4m3(x):
+    """Round fp32 to e4m3's 3 mantissa bits (nearest-even) so the fp8 cast itself is exact.
+
+    Rounding in integer arithmetic keeps the codes identical under Triton's CPU interpreter,
+    whose own fp8 cast drops the carry when the mantissa rounds up.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+    y = bits.to(tl.float32, bitcast=True)
+    return tl.minimum(tl.maximum(y, -448.0), 448.0)
+
+
+@triton.jit
+def load_kv_tile(cache, scale, page, head, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
+                 QUANT: tl.constexpr, GROUP: tl.constexpr):
+    """Values of positions (page, offset) [BLOCK_N] of one head, [BLOCK_N, BLOCK_D], fp32 if quantised."""
+    ptrs = cache + page[:, None] * c_sb + head * c_sh + offset[:, None] * c_st + d[None, :]
+    x = tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
+    if QUANT != 0:
+        s = tl.load(scale + page * s_sb + head * s_sh + offset // GROUP, mask=valid, other=0.0)
+        x = x.to(tl.float32) * s[:, None]
+    return x
+
+
+@triton.jit
+def _store_one(src, cache, scale, slots, t, h, num_tokens, s_st, s_sh, c_sb, c_sh, c_st, sc_sb, sc_sh,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+               GROUP: tl.constexpr, QMAX: tl.constexpr):
+    slot = tl.load(slots + t)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    if QUANT == 0:
+        if slot >= 0:
+            x = tl.load(src + t * s_st + h * s_sh + d, mask=d_mask)
+            dst = cache + (slot // PAGE) * c_sb + h * c_sh + (slot % PAGE) * c_st + d
+            tl.store(dst, x.to(cache.dtype.element_ty), mask=d_mask)
+    else:
+        prev = tl.load(slots + t - 1, mask=t > 0, other=-1)
+        gid = slot // GROUP
+        leads = (slot >= 0) & ((prev < 0) | (prev // GROUP != gid))
+        if leads:  # the first of this step's tokens in its group rewrites the whole group
+            block = slot // PAGE
+            first = slot % GROUP  # rows before it hold earlier steps' tokens
+            r = tl.arange(0, GROUP)
+            idx = t + r - first
+            new = (r >= first) & (idx < num_tokens)
+            new_slots = tl.load(slots + idx, mask=new, other=-1)
+            new = new & (new_slots >= 0) & (new_slots // GROUP == gid)
+            old = r < first
+            rows = slot % PAGE - first + r
+            base = cache + block * c_sb + h * c_sh
+            old_codes = tl.load(base + rows[:, None] * c_st + d[None, :], mask=old[:, None] & d_mask[None, :],
+                                other=0.0)
+            group_scale = scale + block * sc_sb + h * sc_sh + (slot % PAGE) // GROUP
+            old_vals = old_codes.to(tl.float32) * tl.load(group_scale)
+            new_vals = tl.load(src + idx[:, None] * s_st + h * s_sh + d[None, :], mask=new[:, None] & d_mask[None, :],
+                               other=0.0).to(tl.float32)
+            vals = tl.where(old[:, None], old_vals, new_vals)  # [GROUP, BLOCK_D]; later rows 0
+            amax = tl.max(tl.max(tl.abs(vals), axis=1), axis=0)
+            s = tl.maximum(amax, 1e-6) / QMAX
+            x = vals / s
+            if QUANT == 1:
+                codes = tl.minimum(tl.maximum(tl.floor(tl.abs(x) + 0.5), 0.0), 127.0)
+                codes = tl.where(x < 0, -codes, codes)
+            else:
+                codes = round_to_e4m3(x)
+            tl.store(base + rows[:, None] * c_st + d[None, :], codes.to(cache.dtype.element_ty),
+                     mask=(old | new)[:, None] & d_mask[None, :])
+            tl.store(group_scale, s)
+
+
+@triton.jit
+def _store_kv_kernel(k, v, k_cache, v_cache, k_scale, v_scale, slots, num_tokens,
+                     k_st, k_sh, v_st, v_sh, c_sb, c_sh, c_st, sc_sb, sc_sh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+                     GROUP: tl.constexpr, QMAX: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    _store_one(k, k_cache, k_scale, slots, t, h, num_tokens, k_st, k_sh, c_sb, c_sh, c_st, sc_sb, sc_sh,
+               HEAD_DIM, BLOCK_D, PAGE, QUANT, GROUP, QMAX)
+    _store_one(v, v_cache, v_scale, slots, t, h, num_tokens, v_st, v_sh, c_sb, c_sh, c_st, sc_sb, sc_sh,
+               HEAD_DIM, BLOCK_D, PAGE, QUANT, GROUP, QMAX)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+) -> None:
+    """Triton version of store_kv_ref. k, v: [T, Hk, D] (any row strides); caches as in the module doc."""
+    require_triton()
+    num_tokens, num_kv, dim = k.shape
+    if v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"k and v must share a shape and have a unit last stride, got {k.shape}/{v.shape}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or not k_cache.is_contiguous():
+        raise ValueError("k_cache and v_cache must be contiguous and of one shape")
+    if k_cache.shape[1] != num_kv or k_cache.shape[3] != dim:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not hold [T, {num_kv}, {dim}] K/V")
+    mode = quant_mode(k_cache.dtype)
+    if mode != QUANT_NONE:
+        if k_scale is None or v_scale is None or group < 1 or k_cache.shape[2] % group:
+            raise ValueError("a quantised cache needs k_scale, v_scale and a group dividing the block size")
+        if k_scale.shape != (k_cache.shape[0], num_kv, k_cache.shape[2] // group) or not k_scale.is_contiguous():
+            raise ValueError(f"scale shape {tuple(k_scale.shape)} does not match the cache")
+    if num_tokens == 0:
+        return
+    scale_k = k_scale if k_scale is not None else k_cache
+    scale_v = v_scale if v_scale is not None else v_cache
+    _store_kv_kernel[(num_tokens, num_kv)](
+        k, v, k_cache, v_cache, scale_k, scale_v, slot_mapping, num_tokens,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale_k.stride(0), scale_k.stride(1),
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=k_cache.shape[2], QUANT=mode,
+        GROUP=max(group, 1), QMAX=QMAX.get(k_cache.dtype, 1.0),
+    )

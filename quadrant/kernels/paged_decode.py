@@ -1,0 +1,227 @@
+"""Split-KV paged decode attention (flash-decoding): one query token per sequence.
+
+Each program takes one (sequence, KV head, split): the whole query group of that KV head
+is packed into the rows of one tile, so every K/V block is read once for the group. A
+sequence's context is cut into chunks of `chunk` tokens; programs past its end exit at
+once, so the grid can stay fixed (CUDA graphs) while the chunk length follows the batch.
+A second kernel merges the splits by their log-sum-exp. 8-bit caches are dequantised
+in the tile loads (kv_store.load_kv_tile).
+"""
+
+from __future__ import annotations
+
+import torch
+from quadrant.kernels.triton_import import require_triton, tl, triton
+
+from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, load_kv_tile, quant_mode
+
+MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
+MAX_SPLITS = 32
+
+
+def plan_splits(seq_lens: list[int], num_kv_heads: int, num_sms: int, min_chunk: int = MIN_CHUNK,
+                max_splits: int = MAX_SPLITS) -> tuple[int, int]:
+    """(number of splits, chunk length) for a decode batch.
+
+    Split only to fill the GPU: about two programs per SM over all (sequence, KV head) pairs.
+    One chunk length for the whole batch balances it: a long sequence gets many splits, a
+    short one few, and every program reads at most `chunk` tokens.
+    """
+    longest = max(max(seq_lens) if seq_lens else 1, 1)
+    wanted = grid_splits(len(seq_lens), num_kv_heads, num_sms, max_splits)
+    chunk = max(min_chunk, -(-longest // wanted))
+    chunk = -(-chunk // 16) * 16
+    return -(-longest // chunk), chunk
+
+
+def grid_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
+    """Splits per (sequence, KV head) that make about two programs per SM."""
+    pairs = max(1, num_seqs * num_kv_heads)
+    return max(1, min(max_splits, -(-2 * num_sms // pairs)))
+
+
+# -- reference ---------------------------------------------------------------------------------
+def paged_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """q: [B, Hq, D]; caches [num_blocks, Hk, block_size, D]; returns [B, Hq, D], computed in fp32."""
+    bsz, num_heads, _ = q.shape
+    num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(bsz):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        ks = k_cache[blocks].transpose(0, 1).flatten(1, 2)  # [Hk, S, D]
+        vs = v_cache[blocks].transpose(0, 1).flatten(1, 2)
+        if k_scale is not None and v_scale is not None:
+            ks = dequantize_ref(ks, k_scale[blocks].transpose(0, 1).flatten(1, 2), group)
+            vs = dequantize_ref(vs, v_scale[blocks].transpose(0, 1).flatten(1, 2), group)
+        lo = max(0, n - sliding_window) if sliding_window else 0
+        ks, vs = ks[:, lo:n].float(), vs[:, lo:n].float()
+        qg = q[b].float().view(num_kv, num_heads // num_kv, -1)  # [Hk, G, D]
+        scores = qg @ ks.transpose(1, 2) * scale  # [Hk, G, S]
+        if logit_softcap is not None:
+            scores = torch.tanh(scores / logit_softcap) * logit_softcap
+        out[b] = (scores.softmax(-1) @ vs).reshape(num_heads, -1).to(q.dtype)
+    return out
+
+
+# -- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(
+    q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, chunk_ptr, out, part_out, part_lse,
+    sm_scale, softcap, window,
+    q_sb, q_sh, c_sb, c_sh, c_st, s_sb, s_sh, bt_sb, o_sb, o_sh, p_sb, p_sh, p_ss,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, QGROUP: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT: tl.constexpr, SINGLE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + b)
+    # Branch-free: a runtime `if` may not rebind a plain-int variable in compiled Triton.
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    chunk = tl.load(chunk_ptr)
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    qt = tl.load(q + b * q_sb + heads[:, None] * q_sh + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
+                 other=0.0)  # [BLOCK_G, BLOCK_D]: the query group of this KV head
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(block_tables + b * bt_sb + pos // PAGE, mask=valid, other=0)
+        offset = pos % PAGE
+        kt = load_kv_tile(k_cache, k_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
+                          QUANT, QGROUP)
+        s = tl.dot(qt.to(DOT), tl.trans(kt.to(DOT))) * sm_scale  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        vt = load_kv_tile(v_cache, v_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
+                          QUANT, QGROUP)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    has = l_i > 0
+    result = acc / tl.where(has, l_i, 1.0)[:, None]
+    mask = g_mask[:, None] & d_mask[None, :]
+    if SINGLE:
+        tl.store(out + b * o_sb + heads[:, None] * o_sh + d[None, :], result.to(out.dtype.element_ty), mask=mask)
+    else:
+        base = b * p_sb + heads * p_sh + split * p_ss
+        tl.store(part_out + base[:, None] * HEAD_DIM + d[None, :], result, mask=mask)
+        tl.store(part_lse + base, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out, part_lse, out, num_splits, p_sb, p_sh, o_sb, o_sh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    base = b * p_sb + h * p_sh + s
+    lse = tl.load(part_lse + base, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))  # [BLOCK_S]
+    parts = tl.load(part_out + base[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+    total = tl.sum(w, axis=0)
+    result = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + b * o_sb + h * o_sh + d, result.to(out.dtype.element_ty), mask=d_mask)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    chunk: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of paged_decode_ref. `num_splits` and `chunk` ([1] int32 on q's device) come
+    from plan_splits: the grid has `num_splits` programs per (sequence, KV head), each reading at
+    most `chunk` tokens; num_splits * chunk must cover the longest context."""
+    require_triton()
+    bsz, num_heads, dim = q.shape
+    num_kv, page = k_cache.shape[1], k_cache.shape[2]
+    if q.stride(-1) != 1 or num_heads % num_kv or k_cache.shape[3] != dim:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous and of one shape")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or chunk.dtype != torch.int32:
+        raise ValueError("block_tables, seq_lens and chunk must be int32")
+    mode = quant_mode(k_cache.dtype)
+    if mode and (k_scale is None or v_scale is None or group < 1):
+        raise ValueError("a quantised cache needs k_scale, v_scale and its group size")
+    assert num_splits >= 1
+    out = torch.empty_like(q) if out is None else out
+    groups = num_heads // num_kv
+    block_d = triton.next_power_of_2(dim)
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = torch.empty(bsz, num_heads, num_splits, dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
+    _decode_split_kernel[(bsz, num_kv, num_splits)](
+        q, k_cache, v_cache, scales[0], scales[1], block_tables, seq_lens, chunk, out, part_out, part_lse,
+        scale, logit_softcap or 0.0, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        num_heads * num_splits, num_splits, 1,
+        GROUP=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=max(16, min(64, page * 4)), QUANT=mode, QGROUP=max(group, 1),
+        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), SINGLE=single,
+    )
+    if not single:
+        _merge_splits_kernel[(bsz, num_heads)](
+            part_out, part_lse, out, num_splits, num_heads * num_splits, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (a nominal count off the GPU, for the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8

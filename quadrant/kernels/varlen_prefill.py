@@ -1,0 +1,167 @@
+"""Causal flash attention for prefill chunks over the paged cache (varlen, chunked prefill).
+
+The chunk's own K/V are already in the cache (written by kv_store first), so a query at
+position p attends to cached positions 0..p of its sequence: the prefix from earlier
+chunks or prefix-cache hits, then the chunk itself. One program per (sequence, block of
+queries, query head); key tiles beyond the block's last query are never read. Decode
+rows (one query) of a mixed batch run here too.
+"""
+
+from __future__ import annotations
+
+import torch
+from quadrant.kernels.triton_import import require_triton, tl, triton
+
+from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, load_kv_tile, quant_mode
+
+
+def varlen_prefill_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """q: [T, Hq, D], the last q_len positions of each sequence; returns [T, Hq, D] in fp32 math."""
+    num_heads = q.shape[1]
+    num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    for b in range(len(starts) - 1):
+        qs, qe, n = starts[b], starts[b + 1], int(seq_lens[b])
+        if qe == qs:
+            continue
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        ks = k_cache[blocks].transpose(0, 1).flatten(1, 2)  # [Hk, S, D], S rounded up to whole blocks
+        vs = v_cache[blocks].transpose(0, 1).flatten(1, 2)
+        if k_scale is not None and v_scale is not None:
+            ks = dequantize_ref(ks, k_scale[blocks].transpose(0, 1).flatten(1, 2), group)
+            vs = dequantize_ref(vs, v_scale[blocks].transpose(0, 1).flatten(1, 2), group)
+        ks, vs = ks[:, :n], vs[:, :n]
+        groups = num_heads // num_kv
+        ks, vs = ks.float().repeat_interleave(groups, 0), vs.float().repeat_interleave(groups, 0)
+        scores = q[qs:qe].float().transpose(0, 1) @ ks.transpose(1, 2) * scale  # [Hq, L, S]
+        if logit_softcap is not None:
+            scores = torch.tanh(scores / logit_softcap) * logit_softcap
+        q_pos = torch.arange(n - (qe - qs), n, device=q.device)[:, None]
+        k_pos = torch.arange(n, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[qs:qe] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, seq_lens, out,
+    sm_scale, softcap, window,
+    q_st, q_sh, c_sb, c_sh, c_st, s_sb, s_sh, bt_sb, o_st, o_sh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, QGROUP: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mb = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(query_start_loc + b)
+    q_len = tl.load(query_start_loc + b + 1) - q_start
+    if mb * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens + b)
+        prefix = seq_len - q_len
+        kh = h // GROUP
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < q_len
+        q_pos = prefix + m
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        qt = tl.load(q + (q_start + m)[:, None] * q_st + h * q_sh + d[None, :],
+                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        hi = tl.minimum(seq_len, prefix + (mb + 1) * BLOCK_M)  # keys past the last query are never needed
+        # Branch-free: a runtime `if` may not rebind a plain-int variable in compiled Triton.
+        lo = tl.where(window > 0, tl.maximum(prefix + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < hi
+            page = tl.load(block_tables + b * bt_sb + pos // PAGE, mask=valid, other=0)
+            offset = pos % PAGE
+            kt = load_kv_tile(k_cache, k_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
+                              QUANT, QGROUP)
+            s = tl.dot(qt.to(DOT), tl.trans(kt.to(DOT))) * sm_scale  # [BLOCK_M, BLOCK_N]
+            if SOFTCAP:
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            allowed = allowed & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            vt = load_kv_tile(v_cache, v_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
+                              QUANT, QGROUP)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + (q_start + m)[:, None] * o_st + h * o_sh + d[None, :], result.to(out.dtype.element_ty),
+                 mask=m_mask[:, None] & d_mask[None, :])
+
+
+def varlen_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    group: int = 0,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of varlen_prefill_ref; `max_query_len` sizes the grid."""
+    require_triton()
+    num_tokens, num_heads, dim = q.shape
+    num_kv, page = k_cache.shape[1], k_cache.shape[2]
+    if q.stride(-1) != 1 or num_heads % num_kv or k_cache.shape[3] != dim:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous and of one shape")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32:
+        raise ValueError("block_tables, query_start_loc and seq_lens must be int32")
+    mode = quant_mode(k_cache.dtype)
+    if mode and (k_scale is None or v_scale is None or group < 1):
+        raise ValueError("a quantised cache needs k_scale, v_scale and its group size")
+    out = torch.empty_like(q) if out is None else out
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_m = 64 if dim <= 128 else 32
+    block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
+    scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, scales[0], scales[1], block_tables, query_start_loc, seq_lens, out,
+        scale, logit_softcap or 0.0, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=page,
+        BLOCK_M=block_m, BLOCK_N=64 if dim <= 128 else 32, QUANT=mode, QGROUP=max(group, 1),
+        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype),
+    )
+    return out
