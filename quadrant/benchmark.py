@@ -67,10 +67,10 @@ def run_benchmark(
     engine_kwargs: dict | None = None,
     progress: bool = True,
 ) -> BenchResult:
-    bar = tqdm(total=4, desc="bench", disable=not progress, leave=False)
     kwargs = {"scheduler": SchedulerConfig(max_num_batched_tokens=max(prompt_tokens, 512)), **(engine_kwargs or {})}
     start = time.perf_counter()
-    engine = LLMEngine.from_model(model, **kwargs)
+    engine = LLMEngine.from_model(model, **kwargs)  # before the bar: a load error stays one clean line
+    bar = tqdm(total=4, desc="bench", disable=not progress, leave=False)
     vocab = engine.model_config.vocab_size
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     _run(engine, [synthetic_prompt(8, vocab, seed=99)], greedy)

@@ -94,6 +94,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     params = info.get("parameters")
     if params:
         info["parameters"] = f"{params / 1e6:.1f}M" if params < 1e9 else f"{params / 1e9:.2f}B"
+    if info.get("size on disk"):
+        info["size on disk"] = _human_bytes(info["size on disk"])
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"  {key:<{width}}  {value if value is not None else '-'}")
@@ -165,6 +167,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _smoothing_arg(text: str) -> float | str | None:
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise QuadrantError(f"--smoothing takes auto, off or a number in (0, 1), got {text!r}") from None
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quadrant.quant.quantize import quantize_model
+
+    r = quantize_model(args.model, args.format, args.output, allow_requantize=args.allow_requantize,
+                       group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing))
+    print(f"{r.path}: {r.format}, {r.num_quantized} weights quantised, {_human_bytes(r.bytes_out)} written "
+          f"({_human_bytes(r.bytes_in)} as float32)")
+
+
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from quadrant.upcycle import upcycle
+
+    path = upcycle(args.model, args.output, args.experts, args.top_k, args.seed)
+    print(f"{path}: Mixtral layout, {args.experts} experts (top-{args.top_k}), each a copy of the dense FFN")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from quadrant.interactive import chat_loop
 
@@ -206,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when there is one)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="activation dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--weight-format", choices=["auto", "dense", "int8", "w4a16", "w8a16"], default="auto",
+    g.add_argument("--weight-format", choices=["auto", "dense", "int8", "w8a8", "w4a16", "w4a8"], default="auto",
                    help="auto: compact weights for decode, bf16 for prefill on CPU (quantised GGUF)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 512MiB (default: one full context)")
@@ -274,6 +301,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-tokens", type=int, default=128)
     s.add_argument("--concurrency", type=int, default=16)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("quantize", help="write a quantised copy of a model (safetensors folder)")
+    s.add_argument("model", help="name, .gguf file or model folder")
+    s.add_argument("--format", required=True, choices=["int8", "w8a8", "w4a16", "w4a8"],
+                   help="int8: 8-bit weights; w8a8: + 8-bit activations; w4a16: 4-bit weights (groups of 128); "
+                        "w4a8: 4-bit weights + 8-bit activations")
+    s.add_argument("-o", "--output", required=True, help="new folder to write (must not exist)")
+    s.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="inputs per 4-bit scale (narrower where the width requires)")
+    s.add_argument("--smoothing", default="auto",
+                   help="SmoothQuant for w8a8/w4a8, calibrated on a shipped text: auto (each layer's best "
+                        "strength), a strength in (0, 1), or off")
+    s.add_argument("--allow-requantize", action="store_true",
+                   help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("upcycle", help="turn a dense llama-family model into a Mixtral-layout MoE")
+    s.add_argument("model", help="name, .gguf file or model folder")
+    s.add_argument("-o", "--output", required=True, help="new folder to write (must not exist)")
+    s.add_argument("--experts", type=int, default=4, help="experts per layer, each a copy of the dense FFN")
+    s.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random router")
+    s.set_defaults(func=cmd_upcycle)
     return p
 
 

@@ -20,11 +20,16 @@ HF_MODEL_TYPES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "olmoe": "olmoe",
+    "dots1": "dots1",
 }
 
 @dataclass
 class ModelConfig:
-    architecture: str  # family key: llama | qwen2 | qwen3 | gemma3
+    architecture: str  # family key: llama | qwen2 | qwen3 | gemma3 | mixtral | qwen2moe | qwen3moe | olmoe | dots1
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,6 +48,7 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q/k/v only (qwen2)
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (qwen3, gemma3)
+    qk_norm_full: bool = False  # the q/k norms span all heads' q (k) projection, not one head (olmoe)
     hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
     norm_offset: float = 0.0  # RMSNorm gain is (offset + w): gemma stores w around 0, so offset 1
     sandwich_norm: bool = False  # extra post-attention / post-FFN norms before the residual add (gemma3)
@@ -52,6 +58,20 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None  # window of sliding_attention layers (keys with q - k < window)
     layer_types: list[str] | None = None  # per layer; None: all full_attention unless sliding_window set
+    # Mixture of experts (layers/moe.py): in a MoE layer each token runs the top num_experts_per_tok
+    # of num_experts gated MLPs, weighted by the router, plus any shared experts every token runs.
+    num_experts: int = 0  # routed experts per MoE layer; 0: a dense model
+    num_experts_per_tok: int = 0  # k of the router's top-k
+    moe_intermediate_size: int = 0  # one routed expert's MLP width; 0: intermediate_size (mixtral, olmoe)
+    moe_layers: list[int] | None = None  # the MoE layers, the rest dense (intermediate_size); None: all
+    router: Literal["softmax", "sigmoid"] = "softmax"  # scores; sigmoid (deepseek-v3, dots1) + e_score_correction_bias
+    norm_topk_prob: bool = False  # rescale the k chosen weights to sum to 1 (mixtral, qwen3-moe)
+    n_group: int = 1  # experts in n_group equal groups; top-k only within the topk_group best (deepseek-v3)
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed weights, after renormalising (deepseek-v3)
+    shared_expert_intermediate_size: int = 0  # qwen2-moe's `shared_expert` MLP width; 0: none
+    shared_expert_gate: bool = False  # qwen2-moe: the shared expert's output times sigmoid(x . w)
+    n_shared_experts: int = 0  # deepseek's `shared_experts`: one MLP of n * moe_intermediate_size; 0: none
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: str = "float32"  # dtype the checkpoint stores its dense weights in
@@ -89,6 +109,51 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0: dense), got {self.num_experts}")
+        if not self.num_experts:
+            self.moe_layers = []
+            return
+        num_experts, top_k = self.num_experts, self.num_experts_per_tok
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be between 1 and num_experts ({num_experts}), got {top_k}: "
+                "lower num_experts_per_tok or raise num_experts"
+            )
+        if self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.num_hidden_layers))
+        bad_layers = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_layers:
+            raise ValueError(f"moe_layers {bad_layers} are not layers of a {self.num_hidden_layers}-layer model")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ValueError(f"router must be softmax or sigmoid, got {self.router!r}")
+        if self.n_group < 1 or num_experts % self.n_group:
+            raise ValueError(f"n_group {self.n_group} must divide num_experts {num_experts}; use 1 for no groups")
+        if self.n_group > 1:
+            per_group = num_experts // self.n_group
+            if per_group < 2:
+                raise ValueError(f"grouped top-k ranks groups by their two best experts: n_group {self.n_group} "
+                                 f"leaves {per_group} per group; lower n_group")
+            if not 1 <= self.topk_group <= self.n_group or self.topk_group * per_group < top_k:
+                raise ValueError(
+                    f"topk_group must be in [1, n_group {self.n_group}] and its groups must hold "
+                    f"num_experts_per_tok {top_k} experts, got topk_group {self.topk_group}"
+                )
+        if self.shared_expert_intermediate_size and self.n_shared_experts:
+            raise ValueError("set shared_expert_intermediate_size (qwen2-moe) or n_shared_experts (deepseek), not both")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ValueError("shared_expert_gate needs a shared expert: set shared_expert_intermediate_size")
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return to_hf_config(self)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in (self.moe_layers or ())
 
     def layer_sliding_window(self, layer: int) -> int | None:
         assert self.layer_types is not None
@@ -121,9 +186,10 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=cfg.get("tie_word_embeddings", arch == "gemma3"),
             attention_bias=bool(cfg.get("attention_bias", False)) and arch != "qwen2",
-            qkv_bias=arch == "qwen2",
+            qkv_bias=arch == "qwen2" or (arch == "qwen2moe" and bool(cfg.get("qkv_bias", True))),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch in ("qwen3", "gemma3"),
+            qk_norm=arch in ("qwen3", "gemma3", "qwen3moe", "olmoe", "dots1"),
+            qk_norm_full=arch == "olmoe",
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -153,14 +219,80 @@ class ModelConfig:
             kwargs["rope_theta"] = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
             kwargs["rope_scaling"] = _scaling_only(params) or _scaling_only(cfg.get("rope_scaling") or {})
             window = cfg.get("sliding_window")
-            use_window = arch == "llama" or cfg.get("use_sliding_window", False)
+            use_window = (arch in ("llama", "mixtral") or cfg.get("use_sliding_window", False)
+                          or (arch == "dots1" and bool(cfg.get("layer_types"))))
             if window and use_window:
                 kwargs["sliding_window"] = window
                 if cfg.get("layer_types"):
                     kwargs["layer_types"] = cfg["layer_types"]
             elif cfg.get("layer_types") and "sliding_attention" not in cfg["layer_types"]:
                 kwargs["layer_types"] = cfg["layer_types"]
+        if arch in ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "dots1"):
+            kwargs.update(_hf_moe(cfg, arch))
         return cls(**kwargs)
+
+
+def to_hf_config(c: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face config.json for a llama-family ModelConfig (models converted from GGUF are
+    written out as HF folders by `quadrant quantize`); from_hf_config reads it back unchanged."""
+    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(c.architecture)
+    if model_type is None or c.sandwich_norm:
+        raise ValueError(f"writing a config.json for {c.architecture!r} models is not supported; "
+                         f"give the Hugging Face folder instead of the GGUF file")
+    if c.rope_freq_factors is not None:
+        raise ValueError("GGUF rope frequency factors have no config.json form; give the Hugging Face folder")
+    cfg: dict[str, Any] = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM"}[model_type]],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "hidden_act": c.hidden_act,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else c.eos_token_ids or None,
+        "torch_dtype": c.dtype,
+    }
+    if c.sliding_window is not None:
+        cfg["sliding_window"] = c.sliding_window
+    return cfg
+
+
+def _hf_moe(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The MoE fields of a config.json. Sparse layers: qwen's mlp_only_layers and decoder_sparse_step,
+    deepseek's first_k_dense_replace, whichever the config has; mixtral and olmoe have only MoE layers."""
+    if cfg.get("clip_qkv") is not None:
+        raise ValueError("clip_qkv (olmoe) is not supported")
+    mlp_only = set(cfg.get("mlp_only_layers") or ())
+    step = cfg.get("decoder_sparse_step") or 1
+    first_dense = cfg.get("first_k_dense_replace") or 0
+    shared_size = cfg.get("shared_expert_intermediate_size") or 0
+    return dict(
+        num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0,
+        num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+        moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+        moe_layers=[i for i in range(cfg["num_hidden_layers"])
+                    if i >= first_dense and i not in mlp_only and (i + 1) % step == 0],
+        router="sigmoid" if arch == "dots1" else "softmax",
+        norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),  # mixtral always renormalises
+        n_group=cfg.get("n_group") or 1,
+        topk_group=cfg.get("topk_group") or 1,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+        shared_expert_intermediate_size=shared_size,
+        shared_expert_gate=arch == "qwen2moe" and bool(shared_size),
+        n_shared_experts=cfg.get("n_shared_experts") or 0,
+    )
 
 
 def _hf_dtype(cfg: dict[str, Any]) -> str:
@@ -270,7 +402,7 @@ class EngineConfig:
     device: str = "cpu"
     # auto: for quantised GGUF on CPU, compact weights for decode-sized batches and bf16 for prefill
     # (quant/formats.cpu_plan); the checkpoint's own precision otherwise. Or one format for all.
-    weight_format: Literal["auto", "dense", "int8", "w4a16", "w8a16"] = "auto"
+    weight_format: Literal["auto", "dense", "int8", "w8a8", "w4a16", "w4a8"] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # auto: triton on CUDA, torch elsewhere. triton on CPU runs the kernels under TRITON_INTERPRET=1 (tests).
@@ -281,8 +413,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "int8", "w4a16", "w8a16"):
-            raise ValueError(f"weight_format must be auto, dense, int8, w4a16 or w8a16, got {self.weight_format!r}")
+        if self.weight_format not in ("auto", "dense", "int8", "w8a8", "w4a16", "w4a8"):
+            raise ValueError(f"weight_format must be auto, dense, int8, w8a8, w4a16 or w4a8, got {self.weight_format!r}")
+        if self.weight_format not in ("auto", "dense") and not self.device.startswith("cpu"):
+            raise ValueError(f"weight format {self.weight_format} runs on the CPU only so far; on {self.device} "
+                             f"use dense (a quantised folder is then dequantised at load)")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):

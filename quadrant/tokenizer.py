@@ -215,6 +215,19 @@ class Tokenizer:
             unk_token_id=ids["unk_token"],
         )
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json as a Hugging Face
+        folder holds them, so `from_pretrained_dir` (and transformers) read the same tokenizer back."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, object] = {"add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token}
+        config.update(self.special_tokens)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=1))
+
     # ------------------------------------------------------------------ GGUF
     @classmethod
     def from_gguf_fields(cls, fields: dict[str, object]) -> Tokenizer:

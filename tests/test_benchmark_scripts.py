@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -33,3 +35,10 @@ def test_gpu_decode_smoke(tmp_path):
     assert any("ShareGPT-like" in n for n in names)
     assert sum("decode attention" in n for n in names) == 4
     assert all(r["ours"] > 0 for r in rows)
+
+
+def test_gpu_moe_smoke(capsys):
+    """CPU, tiny expert shapes: the Triton fused MoE (interpreter) and the loop, bf16-free."""
+    _load("gpu_moe").main(["--smoke", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "int8 (w8a16)" in out and "tiny" in out

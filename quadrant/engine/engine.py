@@ -180,6 +180,13 @@ class LLMEngine:
         self.groups[request_id] = _Group(request_id, prompt_ids, samples, params.stop, now)
         return request_id
 
+    def expert_load(self) -> dict[str, list[int]]:
+        """Router statistics: MoE layer name -> tokens routed to each of its experts so far."""
+        from quadrant.layers.moe import Experts
+
+        return {name: m.tokens_per_expert.tolist() for name, m in self.model.named_modules()
+                if isinstance(m, Experts)}
+
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request and free its KV blocks now; False if it is unknown or already done."""
         group = self.groups.pop(request_id, None)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
-from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, load_kv_tile, quant_mode
+from quadrant.kernels.attention_tile import attend_kv_tile
+from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, quant_mode
 
 MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
 MAX_SPLITS = 32
@@ -111,23 +112,9 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(block_tables + b * bt_sb + pos // PAGE, mask=valid, other=0)
-        offset = pos % PAGE
-        kt = load_kv_tile(k_cache, k_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
-                          QUANT, QGROUP)
-        s = tl.dot(qt.to(DOT), tl.trans(kt.to(DOT))) * sm_scale  # [BLOCK_G, BLOCK_N]
-        if SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        vt = load_kv_tile(v_cache, v_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
-                          QUANT, QGROUP)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, valid[None, :], k_cache, v_cache, k_scale, v_scale,
+                                       block_tables + b * bt_sb, kh, pos, valid, d, d_mask, sm_scale, softcap,
+                                       c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP, DOT)
     has = l_i > 0
     result = acc / tl.where(has, l_i, 1.0)[:, None]
     mask = g_mask[:, None] & d_mask[None, :]
@@ -211,6 +198,7 @@ def paged_decode(
         GROUP=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=max(16, min(64, page * 4)), QUANT=mode, QGROUP=max(group, 1),
         SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), SINGLE=single,
+        num_warps=8, num_stages=2,  # no register spills at head_dim 128 on sm_90 (4 warps spill)
     )
     if not single:
         _merge_splits_kernel[(bsz, num_heads)](

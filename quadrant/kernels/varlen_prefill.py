@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
-from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, load_kv_tile, quant_mode
+from quadrant.kernels.attention_tile import attend_kv_tile
+from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, quant_mode
 
 
 def varlen_prefill_ref(
@@ -94,25 +95,11 @@ def _prefill_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < hi
-            page = tl.load(block_tables + b * bt_sb + pos // PAGE, mask=valid, other=0)
-            offset = pos % PAGE
-            kt = load_kv_tile(k_cache, k_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
-                              QUANT, QGROUP)
-            s = tl.dot(qt.to(DOT), tl.trans(kt.to(DOT))) * sm_scale  # [BLOCK_M, BLOCK_N]
-            if SOFTCAP:
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
             allowed = allowed & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            vt = load_kv_tile(v_cache, v_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
-                              QUANT, QGROUP)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+            acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scale,
+                                           block_tables + b * bt_sb, kh, pos, valid, d, d_mask, sm_scale, softcap,
+                                           c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP, DOT)
         result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + (q_start + m)[:, None] * o_st + h * o_sh + d[None, :], result.to(out.dtype.element_ty),
                  mask=m_mask[:, None] & d_mask[None, :])
@@ -151,7 +138,11 @@ def varlen_prefill(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m = 64 if dim <= 128 else 32
+    # Tiles without register spills on sm_90 at 8 warps (checked with ptxas): head_dim 64 takes
+    # 128x64; 128 takes 64x64, or 128x32 when 8-bit K/V need registers to dequantise.
+    quantised = mode != 0
+    block_m, block_n = (128, 64) if dim <= 64 else (128, 32) if dim <= 128 and quantised else \
+        (64, 64) if dim <= 128 else (32, 32)
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
@@ -161,7 +152,8 @@ def varlen_prefill(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=64 if dim <= 128 else 32, QUANT=mode, QGROUP=max(group, 1),
+        BLOCK_M=block_m, BLOCK_N=block_n, QUANT=mode, QGROUP=max(group, 1),
         SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype),
+        num_warps=8, num_stages=2,
     )
     return out

@@ -48,9 +48,8 @@ class TritonBackend:
     def store(self, kv: "LayerKVCache", k: torch.Tensor, v: torch.Tensor, meta: "AttentionMetadata") -> None:
         from quadrant.kernels.kv_store import store_kv
 
-        if k.dtype != kv.k.dtype and kv.k_scale is None:
-            k, v = k.to(kv.k.dtype), v.to(kv.v.dtype)
-        store_kv(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale, kv.group)  # type: ignore[arg-type]
+        store_kv(  # the kernel casts (or quantises) to the cache's dtype as it writes
+            k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale, kv.group)  # type: ignore[arg-type]
 
     def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: "AttentionMetadata") -> torch.Tensor:

@@ -37,9 +37,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     """logits: [V] fp32 -> logits with logit_bias and repetition/presence/frequency penalties applied."""
     logits = logits.clone()
     if params.logit_bias:
-        ids = torch.tensor([i for i in params.logit_bias if i < logits.shape[0]], dtype=torch.long, device=logits.device)
-        logits[ids] += torch.tensor([params.logit_bias[int(i)] for i in ids.tolist()], dtype=logits.dtype,
-                                    device=logits.device)
+        keys = [i for i in params.logit_bias if i < logits.shape[0]]  # host lists: no device round trip
+        ids = torch.tensor(keys, dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor([params.logit_bias[i] for i in keys], dtype=logits.dtype, device=logits.device)
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         vals = logits[seen]

@@ -26,6 +26,9 @@ from quadrant.quant.gguf_blocks import SUPPORTED_TYPES, dequantize
 
 
 _BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
+# llama.cpp renormalises the top-k expert weights of these architectures whatever the file says;
+# the others read {arch}.expert_weights_norm (default off).
+_RENORMALISING_ARCHS = ("llama", "qwen3moe")
 
 
 class GGUFModelFile:
@@ -116,6 +119,10 @@ class GGUFModelFile:
             )
         except (KeyError, TypeError) as e:
             raise ModelLoadError(f"{self.path}: GGUF metadata incomplete for {arch} ({e})") from e
+        q_norm = self._tensors.get("blk.0.attn_q_norm.weight")
+        # olmoe: one norm over all heads' q (and k), so its gain is longer than a head.
+        kwargs["qk_norm_full"] = q_norm is not None and int(q_norm.n_elements) > kwargs["head_dim"]
+        kwargs.update(self._moe_config(arch, kwargs["num_hidden_layers"], kwargs["intermediate_size"]))
         scaling_type = key("rope.scaling.type")
         if scaling_type == "linear":
             kwargs["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
@@ -145,6 +152,34 @@ class GGUFModelFile:
             return ModelConfig(**kwargs)
         except ValueError as e:
             raise UnsupportedError(f"{self.path}: {e}") from e
+
+    def _moe_config(self, arch: str, num_layers: int, intermediate_size: int) -> dict[str, Any]:
+        """MoE fields from llama.cpp's expert metadata; a layer is MoE where it has a router tensor."""
+
+        def key(name: str, default: Any = None) -> Any:
+            return self.field(f"{arch}.{name}", default)
+
+        num_experts = key("expert_count") or 0
+        if not num_experts:
+            return {}
+        shared_count = key("expert_shared_count") or 0  # deepseek-style `shared_experts`
+        has_shexp = any(name.endswith(".ffn_up_shexp.weight") for name in self._tensors)
+        return dict(
+            architecture="mixtral" if arch == "llama" else arch,
+            num_experts=num_experts,
+            num_experts_per_tok=key("expert_used_count") or 0,
+            moe_intermediate_size=key("expert_feed_forward_length") or 0,
+            moe_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" in self._tensors],
+            router="sigmoid" if key("expert_gating_func") == 2 else "softmax",  # gguf.ExpertGatingFuncType
+            norm_topk_prob=bool(key("expert_weights_norm", arch in _RENORMALISING_ARCHS)),
+            n_group=key("expert_group_count") or 1,
+            topk_group=key("expert_group_used_count") or 1,
+            routed_scaling_factor=float(key("expert_weights_scale") or 1.0),
+            shared_expert_intermediate_size=(key("expert_shared_feed_forward_length") or intermediate_size)
+            if has_shexp and not shared_count else 0,
+            shared_expert_gate=any(name.endswith(".ffn_gate_inp_shexp.weight") for name in self._tensors),
+            n_shared_experts=shared_count if has_shexp else 0,
+        )
 
     def iter_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float32 tensor) for every weight the model uses."""

@@ -23,7 +23,9 @@ from quadrant.layers.embedding import LMHead, VocabEmbedding
 from quadrant.layers.linear import Linear
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
-from quadrant.quant.formats import cpu_plan, single_plan
+from quadrant.layers.moe import Experts
+from quadrant.quant.formats import cpu_plan, get_format, single_plan
+from quadrant.quant.quantize import tensor_format
 from quadrant.tokenizer import Tokenizer
 
 
@@ -32,11 +34,31 @@ class ModelSource:
     path: Path
     config: ModelConfig
     gguf: GGUFModelFile | None = None  # None for a Hugging Face folder
+    quantized_format: str | None = None  # a folder written by `quadrant quantize`: its format
+    quantized_group: int | None = None  # and, for the 4-bit formats, its preferred group size
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, float tensor) pairs; quantised folders come back on their stored grid."""
         if self.gguf is not None:
             return self.gguf.iter_tensors(self.config)
+        if self.quantized_format is not None:
+            from quadrant.quant.quantize import iter_dequantized
+
+            return iter_dequantized(st.iter_tensors(self.path), self.quantized_format)
         return st.iter_tensors(self.path)
+
+    def quantization_label(self) -> str | None:
+        """How the checkpoint is already quantised (a GGUF type like 'Q4_1', or a quantize format); None if float."""
+        if self.gguf is not None:
+            label = self.gguf.quantization()
+            return None if label in ("F32", "F16", "BF16") else label
+        return self.quantized_format
+
+    def hf_config(self) -> dict[str, Any]:
+        """The checkpoint's config.json (or, for GGUF, one written from its metadata)."""
+        if self.gguf is not None:
+            return self.config.to_hf_config()
+        return json.loads((self.path / "config.json").read_text())
 
     def release(self) -> None:
         """Drop the memory map of a GGUF file once its weights are loaded (metadata stays readable)."""
@@ -70,10 +92,17 @@ class ModelSource:
 
         def repack(name: str) -> None:
             module = modules.get(name)
+            if isinstance(module, Experts) and name not in done and weight_format not in ("auto", "dense"):
+                module.repack(get_format(weight_format, self.quantized_group))
+                done.add(name)
             if isinstance(module, (Linear, LMHead)) and name not in done:
                 head = isinstance(module, LMHead)
                 source = bits.get("model.embed_tokens" if head and module._tied else name, 16)
-                module.repack(cpu_plan(source, sensitive=head) if weight_format == "auto" else single_plan(weight_format))
+                if weight_format == "auto":
+                    module.repack(cpu_plan(source, sensitive=head))
+                else:  # an LM head keeps 8 bits under the 4-bit formats, as `quadrant quantize` stores it
+                    group = self.quantized_group if weight_format == self.quantized_format else None
+                    module.repack(single_plan(tensor_format("lm_head." if head else name, weight_format), group))
                 done.add(name)
 
         load_weights(model, self.weights(), on_module_loaded=repack)
@@ -122,6 +151,9 @@ class ModelSource:
 
     def default_weight_format(self, device: str | torch.device) -> str:
         """'auto' (per-phase CPU plan) for quantised GGUF files on CPU; the checkpoint's own precision otherwise."""
+        if self.quantized_format is not None:
+            # The quantised matmuls are CPU kernels so far: a GPU dequantises the stored grid at load.
+            return self.quantized_format if torch.device(device).type == "cpu" else "dense"
         quantized = self.gguf is not None and self.gguf.quantization() not in ("F32", "F16", "BF16")
         return "auto" if quantized and torch.device(device).type == "cpu" else "dense"
 
@@ -156,9 +188,10 @@ class ModelSource:
                 with safe_open(str(f), framework="pt") as h:
                     total += sum(_numel(h.get_slice(k).get_shape()) for k in h.keys())
             info["parameters"] = total
-            info["quantization"] = c.dtype
+            info["quantization"] = self.quantized_format or c.dtype
+            info["size on disk"] = sum(f.stat().st_size for f in st.shard_files(self.path))
             info["license"] = _hf_license(self.path)
-            info["chat template"] = self.tokenizer().chat_template
+            info["chat template"] = self.tokenizer().chat_template if self.has_tokenizer() else None
         return info
 
 
@@ -212,6 +245,21 @@ def open_config(ref: str) -> ModelSource:
     )
 
 
+def _quantized_format(folder: Path) -> tuple[str | None, int | None]:
+    """(format, group size) of a folder written by `quadrant quantize`; other quantisation methods are refused."""
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    if not qc:
+        return None, None
+    method = qc.get("quant_method")
+    if method != "quadrant":
+        raise ModelLoadError(f"{folder}: quantization method {method!r} is not supported (quadrant reads its own "
+                             f"`quadrant quantize` folders, float checkpoints and GGUF)")
+    return str(qc["format"]), qc.get("group_size")
+
+
 def open_model(path: str | Path) -> ModelSource:
     p = Path(path).expanduser()
     if p.is_file():
@@ -220,7 +268,8 @@ def open_model(path: str | Path) -> ModelSource:
         g = GGUFModelFile(p)
         return ModelSource(p, g.model_config(), g)
     if st.is_hf_folder(p):
-        return ModelSource(p, st.read_config(p))
+        fmt, group = _quantized_format(p)
+        return ModelSource(p, st.read_config(p), quantized_format=fmt, quantized_group=group)
     if p.is_dir():
         raise ModelLoadError(f"{p}: a model folder needs config.json, *.safetensors and tokenizer.json")
     raise ModelNotFoundError(f"{p}: no such file or folder")

@@ -1,7 +1,8 @@
 """Fill a model's parameters from (checkpoint name, tensor) pairs.
 
 Names are Hugging Face's; the model class declares its packed projections
-(`packed_modules`), so this loader has no per-model branches.
+(`packed_modules`, which also route per-expert tensors into stacked expert
+weights), so this loader has no per-model branches.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def load_weights(
     """Copy every tensor into its parameter (or packed slice); `on_module_loaded(path)` runs as
     soon as a module has all its tensors, so it can be repacked before the next one loads."""
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    packed: dict[str, tuple[str, str | None]] = getattr(model, "packed_modules", {})
     expected = _expected_targets(model, params)
     pending: dict[str, int] = {}
     for target, _ in expected:
@@ -40,17 +41,21 @@ def load_weights(
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
+        filled: list[str | None] = [shard]
         with torch.no_grad():
             if shard is not None:
-                param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+                # A loader may fill more than the shard named (a stacked GGUF tensor: every expert's).
+                filled = param.weight_loader(param, tensor, shard) or filled  # type: ignore[attr-defined]
             else:
                 if param.shape != tensor.shape:
                     raise ModelLoadError(
                         f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                     )
                 param.copy_(tensor)
-        if (target, shard) not in loaded:
-            loaded.add((target, shard))
+        for part in filled:
+            if (target, part) in loaded:
+                continue
+            loaded.add((target, part))
             module = target.rsplit(".", 1)[0]
             pending[module] -= 1
             if pending[module] == 0 and on_module_loaded is not None:
@@ -62,24 +67,37 @@ def load_weights(
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
 
 
-def resolve_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
-    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'q')."""
+def resolve_name(name: str, packed: dict[str, tuple[str, str | None]]) -> tuple[str, str | None]:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'q').
+
+    A key may span several name parts, "{e}" standing for an expert number that the shard
+    carries: 'experts.{e}.gate_proj.weight': ('experts.w13', '{e}.gate') sends
+    'mlp.experts.3.gate_proj.weight' to ('mlp.experts.w13', '3.gate'). A shard of None only
+    renames. The leftmost match wins; at one position, the longest key.
+    """
     parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part in packed:
-            module, shard = packed[part]
-            return ".".join(parts[:i] + [module] + parts[i + 1 :]), shard
+    keys = sorted((key.split(".") for key in packed), key=len, reverse=True)
+    for i in range(len(parts)):
+        for key in keys:
+            window = parts[i : i + len(key)]
+            if len(window) < len(key) or any(k != w and not (k == "{e}" and w.isdigit()) for k, w in zip(key, window)):
+                continue
+            module, shard = packed[".".join(key)]
+            if shard is not None and "{e}" in key:
+                shard = shard.replace("{e}", window[key.index("{e}")])
+            return ".".join(parts[:i] + [module] + parts[i + len(key) :]), shard
     return name, None
 
 
 def _expected_targets(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tuple[str, str | None]]:
     expected: set[tuple[str, str | None]] = set()
     for module_name, module in model.named_modules():
-        shards = getattr(module, "shard_offsets", None)
-        for pname, _ in module.named_parameters(recurse=False):
+        for pname, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname
             if full not in params:
                 continue
+            # A parameter may name its own shards (stacked experts); else the module's packed parts.
+            shards = getattr(param, "shard_names", None) or getattr(module, "shard_offsets", None)
             if shards:
                 expected.update((full, s) for s in shards)
             else:

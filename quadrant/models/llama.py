@@ -3,8 +3,9 @@
 One forward path: a flattened batch of tokens [T] with their positions and an
 AttentionMetadata, whatever mix of prefill chunks and decode tokens it holds.
 Variants are ModelConfig flags (qk_norm, qkv_bias, sandwich_norm, norm_offset,
-embed_scale, sliding windows), not forks. Parameter names follow Hugging Face,
-so the checkpoint name map is the identity plus the packed projections below.
+embed_scale, sliding windows; MoE layers take a layers/moe FFN), not forks.
+Parameter names follow Hugging Face, so the checkpoint name map is the
+identity plus the packed projections below.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from quadrant.kernels.fused_norm_rope import act_and_mul, use_fused
 from quadrant.layers.attention import Attention, AttentionMetadata
 from quadrant.layers.embedding import LMHead, VocabEmbedding
 from quadrant.layers.linear import Linear, MergedLinear
+from quadrant.layers.moe import SparseMoeBlock
 from quadrant.layers.norm import RMSNorm
 from quadrant.layers.rotary import RotaryEmbedding, rotate
 
@@ -33,13 +35,16 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.layer_type = c.layer_types[layer_idx]  # type: ignore[index]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
         self.qkv_proj = MergedLinear(
             c.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=c.attention_bias or c.qkv_bias
         )
         self.o_proj = Linear(q_size, c.hidden_size, bias=c.attention_bias)
+        self.qk_norm_full = c.qk_norm and c.qk_norm_full
         if c.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_offset)
-            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_offset)
+            q_dim, k_dim = (q_size, kv_size) if self.qk_norm_full else (self.head_dim, self.head_dim)
+            self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, c.norm_offset)
+            self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, c.norm_offset)
         self.attn = Attention(
             self.num_heads,
             self.num_kv_heads,
@@ -52,10 +57,13 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hk) D]
+        if self.qk_norm_full:  # olmoe: one norm over all heads' q, one over all k, before the head split
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
         num_qk = self.num_heads + self.num_kv_heads
         qk = qkv[:, : num_qk * self.head_dim].unflatten(-1, (num_qk, self.head_dim))  # [T, Hq + Hk, D]
         v = qkv[:, num_qk * self.head_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, Hk, D]
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and not self.qk_norm_full:
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
         cos, sin = rope[self.layer_type]
         qk = rotate(qk, cos, sin)  # q and k rotated in one pass
@@ -64,9 +72,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias)
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
@@ -85,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         c = config
         self.self_attn = LlamaAttention(c, layer_idx)
-        self.mlp = LlamaMLP(c)
+        self.mlp: nn.Module = SparseMoeBlock(c, LlamaMLP) if c.is_moe_layer(layer_idx) else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_offset)
         # Hugging Face names: without sandwich norms, `post_attention_layernorm` is the
         # pre-FFN norm; with them (gemma3) it normalises the attention output.
@@ -141,8 +149,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # Checkpoint projection name -> (packed module, shard) it is loaded into.
-    packed_modules = {
+    # Checkpoint projection name -> (packed module, shard) it is loaded into (loader/weights.resolve_name).
+    packed_modules: dict[str, tuple[str, str | None]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -14,6 +14,11 @@ _MODELS = {
     "qwen2": ("quadrant.models.llama", "Qwen2ForCausalLM"),
     "qwen3": ("quadrant.models.llama", "Qwen2ForCausalLM"),
     "gemma3": ("quadrant.models.gemma3", "Gemma3ForCausalLM"),
+    "mixtral": ("quadrant.models.moe", "MixtralForCausalLM"),  # GGUF: "llama" with expert tensors
+    "qwen2moe": ("quadrant.models.moe", "MoeForCausalLM"),
+    "qwen3moe": ("quadrant.models.moe", "MoeForCausalLM"),
+    "olmoe": ("quadrant.models.moe", "MoeForCausalLM"),
+    "dots1": ("quadrant.models.moe", "Dots1ForCausalLM"),
 }
 
 

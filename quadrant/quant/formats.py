@@ -1,11 +1,13 @@
 """Weight formats for linear layers: how a weight is stored and which kernel multiplies by it.
 
-`dense` keeps the checkpoint's float matrix (the reference). `int8` (W8A8)
-stores per-output-channel symmetric int8 weights and quantises activations
-per token inside the matmul, through PyTorch's fbgemm quantized linear on x86
-CPUs, which reads 4x fewer weight bytes than fp32 — what batch-1 decode is
-bound by. The torch kernels sit behind this interface so another kernel can
-replace them without touching model code.
+`dense` keeps the checkpoint's float matrix (the reference). `int8` stores
+per-output-channel symmetric int8 weights and multiplies bf16 activations
+(weight-only, W8A16). `w8a8` keeps the same weights and quantises activations
+per token inside the matmul (fbgemm's quantized linear on x86 CPUs). `w4a16`
+stores 4-bit asymmetric weights with a (scale, min) per group of inputs;
+`w4a8` the same 4-bit weights with per-token 8-bit activations.
+Weight bytes are what batch-1 decode is bound by. The torch kernels sit behind
+this interface so another kernel can replace them without touching model code.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-FormatName = Literal["dense", "int8", "w4a16", "w8a16"]
+FormatName = Literal["dense", "int8", "w8a8", "w4a16", "w4a8"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Int8Dynamic(WeightFormat):
     with it (prefix caching and chunking change nothing).
     """
 
-    name: FormatName = "int8"
+    name: FormatName = "w8a8"
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         q, scale = int8_per_channel(weight)
@@ -142,10 +144,11 @@ class Int4Packed:
 
 @dataclass(frozen=True)
 class W4A16(WeightFormat):
-    """4-bit weights, asymmetric with one (scale, zero) per group of 32 inputs; bf16 activations.
+    """4-bit weights, asymmetric with one (scale, zero) per group of inputs; bf16 activations.
 
-    Half the bytes of int8: the format for memory-bound decode. Its grid matches
-    GGUF Q4_1 blocks, so a Q4_1 file's weights come through (nearly) unchanged.
+    Half the bytes of int8: the format for memory-bound decode. With groups of 32 (the
+    CPU plan's) its grid matches GGUF Q4_1 blocks, so a Q4_1 file's weights come through
+    (nearly) unchanged; the `w4a16` format uses groups of 128 where the width allows.
     """
 
     name: FormatName = "w4a16"
@@ -153,17 +156,14 @@ class W4A16(WeightFormat):
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         n, k = weight.shape
-        if k % self.group_size:
-            raise ValueError(f"w4a16 needs in_features divisible by {self.group_size}, got {k}")
-        w = weight.float().reshape(n, k // self.group_size, self.group_size)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-        q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.int32).reshape(n, k)
+        group = group_size_for(k, self.group_size)
+        codes, scale, lo = int4_groups(weight, group)
+        q = codes.to(torch.int32).reshape(n, k)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
         sz = torch.stack([scale.squeeze(-1), (lo + 8 * scale).squeeze(-1)], dim=-1)  # [N, K/g, 2]
         sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-        return Int4Packed(packed, sz, None if bias is None else bias.float(), self.group_size)
+        return Int4Packed(packed, sz, None if bias is None else bias.float(), group)
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -176,9 +176,9 @@ class W4A16(WeightFormat):
 
 @dataclass(frozen=True)
 class W8A16(WeightFormat):
-    """Per-channel int8 weights, bf16 activations (weight-only: no activation rounding)."""
+    """`int8`: per-channel int8 weights, bf16 activations (weight-only: no activation rounding)."""
 
-    name: FormatName = "w8a16"
+    name: FormatName = "int8"
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         q, scale = int8_per_channel(weight)
@@ -192,7 +192,44 @@ class W8A16(WeightFormat):
         return out.view(*x.shape[:-1], -1)
 
 
-FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": Int8Dynamic(), "w4a16": W4A16(), "w8a16": W8A16()}
+def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups along the last dim: weight [.., K] -> (codes [.., K/g, g] in 0..15,
+    scale and min [.., K/g, 1]), weight ~= codes * scale + min. A weight already on such a grid
+    (GGUF Q4_1 with g = 32, or a `quadrant quantize` folder) gets the same codes back."""
+    w = weight.float().reshape(*weight.shape[:-1], weight.shape[-1] // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    return torch.round((w - lo) / scale).clamp_(0, 15), scale, lo
+
+
+def group_size_for(in_features: int, preferred: int = 128) -> int:
+    """The largest of preferred, 64, 32 dividing the input width (SmolLM2's 576 takes 64)."""
+    for g in (preferred, 64, 32):
+        if g <= preferred and in_features % g == 0:
+            return g
+    raise ValueError(f"4-bit formats need in_features divisible by 32, got {in_features}")
+
+
+@dataclass(frozen=True)
+class W4A8(Int8Dynamic):
+    """4-bit weights (w4a16's asymmetric groups) x per-token int8 activations.
+
+    The 4-bit grid is what the format keeps (and what `quadrant quantize` stores, at half
+    int8's bytes). On the CPU the product runs as int8 x int8 in fbgemm: the grid is
+    re-expressed per output channel in int8 at load (one more rounding, a sixteenth of the
+    4-bit step at most), since x86 has no int4 x int8 kernel in torch.
+    """
+
+    name: FormatName = "w4a8"
+    group_size: int = 128
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        codes, scale, lo = int4_groups(weight, group_size_for(weight.shape[1], self.group_size))
+        return super().pack((codes * scale + lo).reshape(weight.shape), bias)
+
+
+FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": Int8Dynamic(),
+                                    "w4a16": W4A16(group_size=128), "w4a8": W4A8()}
 
 # A plan: (max tokens in the batch, format) pairs, tried in order; the last must take any size.
 Plan = list[tuple[float, WeightFormat]]
@@ -200,14 +237,19 @@ Kernels = list[tuple[float, WeightFormat, Any]]
 SMALL_BATCH_TOKENS = 16  # up to here compact weights win (decode); beyond, bf16 GEMMs do (prefill)
 
 
-def get_format(name: str) -> WeightFormat:
+def get_format(name: str, group_size: int | None = None) -> WeightFormat:
+    """A format by name; `group_size` sets the 4-bit formats' groups (a quantised folder's own)."""
     if name not in FORMATS:
         raise ValueError(f"weight format must be one of {sorted(FORMATS)}, got {name!r}")
+    if group_size is not None and name == "w4a16":
+        return W4A16(group_size=group_size)
+    if group_size is not None and name == "w4a8":
+        return W4A8(group_size=group_size)
     return FORMATS[name]
 
 
-def single_plan(name: str) -> Plan:
-    return [(float("inf"), get_format(name))]
+def single_plan(name: str, group_size: int | None = None) -> Plan:
+    return [(float("inf"), get_format(name, group_size))]
 
 
 def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:

@@ -249,9 +249,11 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.llm is not None:
-            running, waiting, usage, hits = await state.llm.call(
-                lambda e: (len(e.scheduler.running), len(e.scheduler.waiting), e.kv.usage, e.kv.hit_rate))
+            running, waiting, usage, hits, experts = await state.llm.call(
+                lambda e: (len(e.scheduler.running), len(e.scheduler.waiting), e.kv.usage, e.kv.hit_rate,
+                           e.expert_load()))
             state.metrics.set_engine_state(running, waiting, usage, hits)
+            state.metrics.set_expert_load(experts)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

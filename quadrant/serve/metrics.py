@@ -25,6 +25,9 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS)
         self.tpot = Histogram("quadrant_time_per_output_token_seconds", "Time per output token after the first",
                               registry=r, buckets=_TPOT_BUCKETS)
+        self.expert_tokens = Gauge("quadrant_moe_expert_tokens",
+                                   "Tokens routed to each expert of each MoE layer since the engine started",
+                                   ["layer", "expert"], registry=r)
         self.e2e = Histogram("quadrant_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              registry=r, buckets=_LATENCY_BUCKETS)
 
@@ -41,6 +44,11 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self.prefix_hit_rate.set(hit_rate)
+
+    def set_expert_load(self, load: dict[str, list[int]]) -> None:
+        for layer, counts in load.items():
+            for expert, n in enumerate(counts):
+                self.expert_tokens.labels(layer=layer, expert=str(expert)).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -82,3 +82,39 @@ def test_prompt_longer_than_context(default_gguf_path):
 @pytest.mark.parametrize("flag,value", [("--max-tokens", "0"), ("--temperature", "-1")])
 def test_bad_sampling_flag(flag, value, default_gguf_path):
     assert_one_line_error(quadrant("run", "smollm2:135m", "hi", flag, value), flag.strip("-").replace("-", "_"))
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "fp8"])
+def test_run_with_an_8bit_kv_cache_completes_paris(cache_dtype, default_gguf_path):
+    # A raw completion: the chat answer's first token is a 0.13-nat coin toss between "The" and
+    # "L'Étoile" for this 135M model, which an int8 cache with groups of 16 tips (BENCHMARKS.md).
+    proc = quadrant("run", "smollm2:135m", "The capital of France is", "--raw", "--max-tokens", "8",
+                    "--kv-cache-dtype", cache_dtype)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_bad_kv_quant_group_is_one_line(default_gguf_path):
+    assert_one_line_error(quadrant("run", "smollm2:135m", "hi", "--kv-cache-dtype", "int8", "--kv-quant-group", "3"),
+                          "kv quant group")
+
+
+def test_dummy_load_of_an_unknown_architecture_is_one_line():
+    assert_one_line_error(quadrant("bench", "no-such-arch", "--load-format", "dummy"), "not a shipped architecture")
+
+
+def test_quantize_show_and_run_a_quantized_folder(default_gguf_path, tmp_path):
+    out = tmp_path / "smol-int8"
+    proc = quadrant("quantize", "smollm2:135m", "--format", "int8", "-o", str(out), "--allow-requantize")
+    assert proc.returncode == 0, proc.stderr
+    assert "int8" in proc.stdout and out.is_dir()
+    show = quadrant("show", str(out))
+    assert show.returncode == 0 and "int8" in show.stdout and "size on disk" in show.stdout
+    run = quadrant("run", str(out), "The capital of France is", "--raw", "--max-tokens", "8")
+    assert run.returncode == 0 and "Paris" in run.stdout
+    # Refusals are one line and write nothing.
+    assert_one_line_error(quadrant("quantize", "smollm2:135m", "--format", "int8", "-o", str(out),
+                                   "--allow-requantize"), "already exists")
+    assert_one_line_error(quadrant("quantize", "smollm2:135m", "--format", "w4a8", "-o", str(tmp_path / "x")),
+                          "already quantised", "--allow-requantize")
+    assert not (tmp_path / "x").exists()

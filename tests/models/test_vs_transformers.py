@@ -41,17 +41,24 @@ HF_CLASSES = {"gemma3": "Gemma3ForCausalLM", "mistral-window": "MistralForCausal
 
 def _make_hf(name: str, tmp_path):
     torch.manual_seed(0)
-    config = CONFIGS[name]()
-    config._attn_implementation = "eager"
     cls = getattr(transformers, HF_CLASSES.get(name, "LlamaForCausalLM"))
+    return make_random_hf(cls, CONFIGS[name](), tmp_path, norm_center=0.0 if name == "gemma3" else 1.0)
+
+
+def make_random_hf(cls, config, tmp_path, norm_center: float = 1.0):
+    """A transformers model of `config` with random weights, saved as safetensors in tmp_path."""
+    config._attn_implementation = "eager"
     model = cls(config).eval()
     with torch.no_grad():
         # Larger-than-default weights give peaked logits, so greedy choices are not near-ties.
         for pname, p in model.named_parameters():
             if "norm" in pname:
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if name == "gemma3" else 1.0))
+                p.copy_(torch.randn_like(p) * 0.1 + norm_center)
             else:
                 p.normal_(0.0, 0.15)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # a checkpoint buffer (DeepSeek-style routers)
+                b.normal_(0.0, 0.1)
     model.save_pretrained(tmp_path, safe_serialization=True)
     return model
 
@@ -62,7 +69,12 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_and_greedy_match_transformers(name, tmp_path):
-    hf = _make_hf(name, tmp_path)
+    check_logits_and_greedy(_make_hf(name, tmp_path), tmp_path)
+
+
+def check_logits_and_greedy(hf, tmp_path) -> None:
+    """quadrant loaded from tmp_path (where `hf` was saved) against `hf`: logits of a packed batch,
+    then 32 greedy tokens per prompt through the engine's paged KV cache."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (21, 5, 13)]
 

@@ -72,6 +72,6 @@ def test_linear_repack_drops_dense_weight(wx):
         lin.weight.copy_(w)
         lin.bias.normal_()
     ref = lin(x)
-    lin.repack(single_plan("w8a16"))
+    lin.repack(single_plan("int8"))
     assert lin.weight is None and lin.bias is None and not list(lin.parameters())
     assert rel_err(lin(x), ref) < 1e-2

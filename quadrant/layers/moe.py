@@ -1,0 +1,216 @@
+"""Mixture-of-experts FFN: a top-k router, the stacked experts, and the block that joins them.
+
+`Router` scores experts per token (softmax, or DeepSeek-V3's sigmoid with a bias that steers only
+the choice and grouped top-k) and returns (topk_weights, topk_ids). `Experts` holds every expert's
+gate/up and down weights stacked, filled from per-expert Hugging Face or stacked GGUF tensors,
+and runs them through kernels/fused_moe. `SparseMoeBlock` adds the shared experts some families
+have. Parameter names follow Hugging Face; the model's name maps route checkpoint tensors here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quadrant.config import ModelConfig
+from quadrant.kernels.fused_moe import fused_moe, fused_moe_cpu
+from quadrant.kernels.fused_norm_rope import use_fused
+from quadrant.quant.formats import WeightFormat, int8_per_channel
+
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config hidden_act -> fused_moe's name
+
+
+def select_experts(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int64).
+
+    Scores are softmax or sigmoid of the logits. `correction_bias` [E] is added to the scores only
+    to choose experts; the weights are the unbiased scores of the chosen ones. With n_group > 1 the
+    experts form n_group equal groups, ranked by the sum of their two best (biased) scores, and only
+    the topk_group best groups are eligible (DeepSeek-V3). Then optional renormalisation to sum 1,
+    then scaling_factor.
+    """
+    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(dim=-1)  # [T, E]
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        num_tokens, num_experts = choice.shape
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        best_groups = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)  # [T, G]
+        eligible = keep[:, :, None].expand_as(grouped).reshape(num_tokens, num_experts)  # [T, E]
+        choice = choice.masked_fill(~eligible, float("-inf"))
+    topk_ids = choice.topk(top_k, dim=-1).indices  # [T, k]
+    topk_weights = scores.gather(1, topk_ids)  # [T, k]
+    if renormalize:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling_factor != 1.0:
+        topk_weights = topk_weights * scaling_factor
+    return topk_weights, topk_ids
+
+
+class Router(nn.Module):
+    """Linear gate [E, H] + select_experts with the config's scoring, grouping and scaling."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.top_k, self.scoring = c.num_experts_per_tok, c.router
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.renormalize, self.scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        # A checkpoint tensor (a buffer in transformers), so a parameter here for the loader to fill.
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(c.num_experts), requires_grad=False) if c.router == "sigmoid" else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (topk_weights [T, k] fp32, topk_ids [T, k])."""
+        # fp32 logits: near-tied experts are chosen alike whatever the activation dtype.
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return select_experts(logits, self.top_k, self.scoring, self.e_score_correction_bias,
+                              self.n_group, self.topk_group, self.renormalize, self.scaling_factor)
+
+
+class Experts(nn.Module):
+    """num_experts gated MLPs stacked: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
+
+    Loading: the model's name maps turn a checkpoint tensor into a shard name, "{e}.gate",
+    "{e}.up", "{e}.down" for one expert's [I, H] / [H, I] tensor (Hugging Face) or "gate", "up",
+    "gate_up", "down" for all experts stacked (GGUF); each weight loader returns the shards it filled.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.activation = _ACTIVATIONS[hidden_act]
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        experts = range(num_experts)
+        for param, parts in ((self.w13, ("gate", "up")), (self.w2, ("down",))):
+            param.weight_loader = self._load  # type: ignore[attr-defined]
+            param.shard_names = [f"{e}.{p}" for e in experts for p in parts]  # type: ignore[attr-defined]
+        # Router statistics: (token, expert) pairs this layer has run per expert since the last reset,
+        # warm-up and CUDA-graph padding rows included. Read it, then reset_stats().
+        self.tokens_per_expert: torch.Tensor
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_*: [T, k] -> [T, H]: sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x)."""
+        flat = topk_ids.reshape(-1)
+        # scatter_add_, not bincount: no host sync, so decode steps stay CUDA-graph capturable.
+        self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+        if self.expert_kernels:
+            return self._run_packed(x, topk_weights, topk_ids)
+        run = fused_moe if use_fused(x) else fused_moe_cpu
+        return run(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
+                   w13_scale=self.w13_scale, w2_scale=self.w2_scale)
+
+    # Quantised experts. int8 (weight-only) stays stacked: both fused paths take int8 weights with
+    # per-channel scales. The other formats pack each expert's matrices with the dense linears'
+    # CPU kernels and run the experts that received tokens one after another.
+    w13_scale: torch.Tensor | None = None  # [E, 2I] fp32, int8 experts only
+    w2_scale: torch.Tensor | None = None  # [E, H]
+    expert_kernels: list[tuple[WeightFormat, Any, Any]] = []
+
+    def repack(self, fmt: WeightFormat) -> None:
+        """Convert the loaded float experts to `fmt`; the float stacks are dropped."""
+        if fmt.name == "dense":
+            return
+        w13, w2 = self.w13.data, self.w2.data
+        if fmt.name == "int8":
+            q13, s13 = int8_per_channel(w13.reshape(-1, w13.shape[-1]))
+            q2, s2 = int8_per_channel(w2.reshape(-1, w2.shape[-1]))
+            self.w13 = nn.Parameter(q13.view(w13.shape), requires_grad=False)
+            self.w2 = nn.Parameter(q2.view(w2.shape), requires_grad=False)
+            self.w13_scale, self.w2_scale = s13.view(w13.shape[:2]), s2.view(w2.shape[:2])
+            return
+        self.expert_kernels = [(fmt, fmt.pack(w13[e], None), fmt.pack(w2[e], None)) for e in range(self.num_experts)]
+        del self.w13, self.w2
+        self.w13 = self.w2 = None  # type: ignore[assignment]
+
+    def _run_packed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = topk_ids.shape
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start : start + n]
+            start += n
+            tokens = pairs // top_k
+            fmt, k13, k2 = self.expert_kernels[e]
+            gate_up = fmt.apply(x[tokens], k13)  # [n, 2I]
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+            down = fmt.apply((act * up).to(x.dtype), k2).float()  # [n, H]
+            out.index_add_(0, tokens, down * topk_weights.reshape(-1)[pairs, None].float())
+        return out.to(x.dtype)
+
+    def reset_stats(self) -> None:
+        self.tokens_per_expert.zero_()
+
+    def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
+        expert_str, _, part = shard.rpartition(".")
+        inter = self.intermediate_size
+        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "gate_up": slice(0, 2 * inter),
+                "down": slice(None)}[part]
+        experts = [int(expert_str)] if expert_str else list(range(self.num_experts))
+        if experts[-1] >= self.num_experts:
+            raise ValueError(f"expert shard {shard}: the model has {self.num_experts} experts")
+        target = (param.data[experts[0]] if expert_str else param.data)[..., rows, :]
+        if target.shape != loaded.shape:
+            raise ValueError(f"expert shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
+        target.copy_(loaded)
+        parts = ("gate", "up") if part == "gate_up" else (part,)
+        return [f"{e}.{p}" for e in experts for p in parts]
+
+
+class SparseMoeBlock(nn.Module):
+    """The FFN of a MoE layer: routed experts, plus the shared experts every token runs.
+
+    Shared experts are plain MLPs made by `make_mlp(config, intermediate_size)` (the model's dense
+    MLP class): qwen2-moe's `shared_expert`, scaled by sigmoid(shared_expert_gate(x)), or
+    deepseek's `shared_experts`; their Hugging Face names differ, so both are kept.
+    """
+
+    def __init__(self, config: ModelConfig, make_mlp: Callable[[ModelConfig, int], nn.Module]) -> None:
+        super().__init__()
+        c = config
+        self.gate = Router(c)
+        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, c.hidden_act)
+        self.shared_expert = (
+            make_mlp(c, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
+        )
+        # nn.Linear, not layers.linear.Linear: a [1, H] gate is not worth repacking into a weight format.
+        self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False) if c.shared_expert_gate else None
+        self.shared_experts = make_mlp(c, c.moe_intermediate_size * c.n_shared_experts) if c.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+

@@ -1,0 +1,246 @@
+"""Offline quantisation to a safetensors folder (`quadrant quantize`), and reading such folders back.
+
+Every projection (attention, MLP, MoE experts) is stored quantised; embeddings, norms and
+MoE routers stay float, and the LM head runs int8 weight-only in every format (llama.cpp
+keeps its output matrix at 6-8 bits too). Per quantised weight `P.weight` [.., N, K]:
+
+    int8, w8a8    P.qweight int8 [.., N, K]              P.scales fp32 [.., N]           (symmetric, per channel)
+    w4a16, w4a8   P.qweight uint8 [.., N, K/2] (2 codes)  P.scales, P.mins [.., N, K/g]   (asymmetric, per group)
+
+The group g is --group-size (128 by default) where the input width allows (else 64 or 32);
+K / scales' last dim gives it back. config.json gains `quantization_config` {quant_method: "quadrant", format}; an
+LM head's own format follows from the model's (`tensor_format`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from quadrant.errors import QuadrantError
+from quadrant.quant.formats import group_size_for, int4_groups, int8_per_channel
+
+if TYPE_CHECKING:
+    from quadrant.config import ModelConfig
+    from quadrant.loader.source import ModelSource
+    from quadrant.quant.calibrate import Smoother
+
+QUANT_FORMATS = ("int8", "w8a8", "w4a16", "w4a8")
+_PROJECTIONS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
+_SHARD_BYTES = 2 << 30
+
+
+class QuantizeError(QuadrantError, ValueError):
+    """The model cannot be quantised as asked (nothing was written)."""
+
+
+def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """Projection weights (2-D, or stacked 3-D experts); routers (`.gate.weight`) stay float."""
+    return tensor.dim() in (2, 3) and (name.endswith(_PROJECTIONS) or (".experts." in name and name.endswith("weight")))
+
+
+# -- packing -----------------------------------------------------------------------------------
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[.., K] ints in [0, 15] -> [.., K/2] uint8, even k in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128) -> dict[str, torch.Tensor]:
+    """weight [.., N, K] -> {"qweight", "scales"(, "mins")} in the layout of the module docstring."""
+    w = weight.float()
+    if fmt in ("int8", "w8a8"):
+        flat = w.reshape(-1, w.shape[-1])
+        q, scale = int8_per_channel(flat)
+        return {"qweight": q.reshape(w.shape), "scales": scale.reshape(w.shape[:-1])}
+    if fmt in ("w4a16", "w4a8"):
+        codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], preferred_group))
+        return {"qweight": _pack_nibbles(codes.reshape(w.shape)), "scales": scale.squeeze(-1), "mins": lo.squeeze(-1)}
+    raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+
+
+def dequantize_tensor(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    """The float weight a stored triple stands for (exactly the grid `quantize_tensor` chose)."""
+    q, scale = parts["qweight"], parts["scales"].float()
+    if fmt in ("int8", "w8a8"):
+        return q.float() * scale.unsqueeze(-1)
+    codes = _unpack_nibbles(q).float()  # [.., N, K]
+    grouped = codes.reshape(*codes.shape[:-1], scale.shape[-1], codes.shape[-1] // scale.shape[-1])
+    return (grouped * scale.unsqueeze(-1) + parts["mins"].float().unsqueeze(-1)).reshape(codes.shape)
+
+
+def stored_group_size(parts: dict[str, torch.Tensor]) -> int:
+    """The 4-bit group a stored weight was quantised with (0 for per-channel formats)."""
+    if "mins" not in parts:
+        return 0
+    return 2 * parts["qweight"].shape[-1] // parts["scales"].shape[-1]
+
+
+def tensor_format(name: str, fmt: str) -> str:
+    """The format a weight runs in: the model's, but the LM head is always int8 weight-only (its
+    logits feed sampling directly, and it is one matrix: 8-bit activations or 4-bit weights
+    there cost more quality than the bytes they save)."""
+    head = name == "lm_head" or name.startswith("lm_head.")
+    return "int8" if head else fmt
+
+
+def iter_dequantized(tensors: Iterator[tuple[str, torch.Tensor]], fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """A quantised folder's tensors with every stored triple turned back into `P.weight`."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        stem, _, part = name.rpartition(".")
+        if part not in ("qweight", "scales", "mins"):
+            yield name, tensor
+            continue
+        parts = pending.setdefault(stem, {})
+        parts[part] = tensor
+        own = tensor_format(stem, fmt)
+        if set(parts) == ({"qweight", "scales", "mins"} if own in ("w4a16", "w4a8") else {"qweight", "scales"}):
+            yield f"{stem}.weight", dequantize_tensor(pending.pop(stem), own)
+    if pending:
+        raise QuadrantError(f"quantised weights incomplete for {sorted(pending)[:3]}")
+
+
+# -- the command -------------------------------------------------------------------------------
+@dataclass
+class QuantizeReport:
+    path: Path
+    format: str
+    num_quantized: int
+    bytes_in: int  # float32 bytes of the tensors read
+    bytes_out: int  # bytes written (all tensors)
+
+
+def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
+                   progress: bool = True, group_size: int = 128,
+                   smoothing: float | str | None = "auto") -> QuantizeReport:
+    """`smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
+    calibration text, a number fixes it for all layers, None turns it off."""
+    """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`."""
+    from quadrant.loader import store
+    from quadrant.loader.source import open_model
+
+    if fmt not in QUANT_FORMATS:
+        raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+    out = Path(out).expanduser()
+    if out.exists():
+        raise QuantizeError(f"{out} already exists; choose a new output folder (nothing was written)")
+    source = open_model(store.resolve(model, pull_missing=True))
+    already = source.quantization_label()
+    if already is not None and not allow_requantize:
+        raise QuantizeError(f"{model} is already quantised ({already}); quantise a float checkpoint, or pass "
+                            f"--allow-requantize to stack the errors")
+    config = source.hf_config()
+    if group_size not in (32, 64, 128, 256):
+        raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
+    _check_shapes(source.config, fmt)
+    tied = source.config.tie_word_embeddings
+    smoother = _smoother(source, fmt, smoothing)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
+    try:
+        report = _write(source, fmt, tmp, tied, progress, group_size, smoother)
+        config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
+        if fmt in ("w4a16", "w4a8"):
+            config["quantization_config"]["group_size"] = group_size
+        if smoother is not None:
+            config["quantization_config"]["smoothquant"] = smoothing
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if source.has_tokenizer():
+            source.tokenizer().save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)  # all or nothing: the folder appears complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.path = out
+    return report
+
+
+def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
+    """Refuse before writing anything when a projection's input width does not fit the format."""
+    if fmt not in ("w4a16", "w4a8"):
+        return
+    widths = {cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size}
+    widths |= {w for w in (getattr(cfg, "moe_intermediate_size", 0),) if w}
+    for k in sorted(widths):
+        try:
+            group_size_for(k)
+        except ValueError as e:
+            raise QuantizeError(f"{fmt} cannot hold this architecture: {e}") from None
+
+
+def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None) -> Smoother | None:
+    """SmoothQuant scales for the formats with 8-bit activations (None where they do not apply)."""
+    from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
+
+    if smoothing is None or fmt not in ("w8a8", "w4a8") or not source.has_tokenizer():
+        return None
+    if smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
+        raise QuantizeError(f"smoothing must be 'auto', a strength in (0, 1) or off, got {smoothing!r}")
+    model = source.load_model(torch.float32, "cpu", "dense")
+    if not supports_smoothing(model):
+        return None
+    ids = source.tokenizer().encode(CALIBRATION_TEXT.read_text())[:1024]
+    smoother = Smoother(model, ids, None if smoothing == "auto" else float(smoothing))
+    del model
+    return smoother
+
+
+def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bool, group_size: int,
+           smoother: Smoother | None = None) -> QuantizeReport:
+    report = QuantizeReport(folder, fmt, 0, 0, 0)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    shards: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(desc=f"quantize {fmt}", unit=" tensors", disable=not progress)
+    for name, tensor in source.weights():
+        report.bytes_in += tensor.numel() * 4
+        if smoother is not None:
+            tensor = smoother.apply(name, tensor)
+        if is_quantizable(name, tensor) and not (tied and name == "lm_head.weight"):
+            stem = name.removesuffix(".weight")
+            parts = {f"{stem}.{k}": v.contiguous()
+                     for k, v in quantize_tensor(tensor, tensor_format(name, fmt), group_size).items()}
+            report.num_quantized += 1
+        else:
+            # Safetensors sources keep their own dtype (the folder then loads back bit-identical to
+            # quantising in memory); a GGUF's dequantised fp32 embedding table is stored as bf16.
+            shrink = source.gguf is not None and tensor.is_floating_point() and tensor.dim() > 1
+            parts = {name: (tensor.to(torch.bfloat16) if shrink else tensor).contiguous()}
+        for key, value in parts.items():
+            size = value.numel() * value.element_size()
+            if shard and shard_bytes + size > _SHARD_BYTES:
+                shards.append(shard)
+                shard, shard_bytes = {}, 0
+            shard[key] = value
+            shard_bytes += size
+            report.bytes_out += size
+        bar.update(1)
+    bar.close()
+    shards.append(shard)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"))
+        return report
+    weight_map = {}
+    for i, part in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, str(folder / file))
+        weight_map.update({k: file for k in part})
+    index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return report

@@ -1,0 +1,76 @@
+"""Sparse upcycling (`quadrant upcycle`): a dense llama-family model turned into a Mixtral-layout MoE.
+
+Every expert starts as a copy of the layer's dense FFN and the router is random (small, seeded).
+Mixtral renormalises its top-k routing weights to sum to one, so with identical experts the
+MoE's output equals the dense model's whatever the router picks: the new model starts exactly
+where the dense one is, ready to be trained apart, and meanwhile gives the MoE path (routing,
+fused experts, quantised experts) real weights and a real tokenizer to run on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from quadrant.errors import QuadrantError
+
+_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's expert projections
+
+
+class UpcycleError(QuadrantError, ValueError):
+    """The model cannot be upcycled as asked (nothing was written)."""
+
+
+def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, seed: int = 0,
+            progress: bool = True) -> Path:
+    from quadrant.loader import store
+    from quadrant.loader.source import open_model
+
+    out = Path(out).expanduser()
+    if out.exists():
+        raise UpcycleError(f"{out} already exists; choose a new output folder (nothing was written)")
+    if not 1 <= top_k <= num_experts:
+        raise UpcycleError(f"top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+    source = open_model(store.resolve(model, pull_missing=True))
+    if source.config.architecture != "llama" or source.config.num_experts:
+        raise UpcycleError(f"upcycling takes a dense llama-family model, not {source.config.architecture!r}")
+    config = source.hf_config()
+    config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=num_experts,
+                  num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False)
+    config.pop("mlp_bias", None)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in tqdm(source.weights(), desc="upcycle", unit=" tensors", disable=not progress):
+        if source.gguf is not None and tensor.dim() > 1:
+            tensor = tensor.to(torch.bfloat16)  # a GGUF comes dequantised to fp32: keep the copies at half that
+        stem, _, kind = name.rpartition(".")
+        layer, _, proj = stem.rpartition(".mlp.")
+        if proj in _EXPERT_NAMES and kind == "weight":
+            for e in range(num_experts):
+                tensors[f"{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[proj]}.weight"] = tensor.clone()
+            if proj == "gate_proj":
+                router = torch.randn(num_experts, tensor.shape[1], generator=gen) * 0.02
+                tensors[f"{layer}.block_sparse_moe.gate.weight"] = router.to(tensor.dtype)
+        elif ".mlp." in name:
+            raise UpcycleError(f"{name}: only bias-free gate/up/down MLPs can be upcycled")
+        else:
+            tensors[name] = tensor.contiguous()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if source.has_tokenizer():
+            source.tokenizer().save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

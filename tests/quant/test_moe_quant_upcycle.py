@@ -1,0 +1,100 @@
+"""Upcycling a dense model into a MoE, and quantised experts.
+
+- An upcycled model computes what the dense one did: every expert is the dense FFN and
+  Mixtral's renormalised top-k weights sum to one (fp32 logits within 1e-5 relative, the
+  rounding of that sum), and transformers' Mixtral reads the folder to the same logits.
+- Quantised experts: a quantised MoE folder loads back to what quantising in memory gives
+  (1e-5). On the upcycled model every expert is the dense FFN, so its quantised experts must
+  compute what the dense model's quantised MLP does: the same kernels for w8a8, w4a16 and w4a8,
+  up to the routing weights' rounding, which the int8 LM head's bf16 input can turn into one
+  bf16 step (1e-2); int8 experts run the fused-MoE path on the int8 codes in fp32 against the
+  dense layer's bf16-activation kernel (5e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quadrant.engine.engine import LLMEngine  # noqa: E402
+from quadrant.layers.attention import AttentionMetadata  # noqa: E402
+from quadrant.layers.moe import Experts  # noqa: E402
+from quadrant.quant.quantize import quantize_model  # noqa: E402
+from quadrant.upcycle import UpcycleError, upcycle  # noqa: E402
+
+TOL = {"int8": 5e-2, "w8a8": 1e-2, "w4a16": 1e-2, "w4a8": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + 1.0) if "norm" in name else p.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("dense")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe(dense, tmp_path_factory):
+    return upcycle(str(dense), tmp_path_factory.mktemp("up") / "moe", num_experts=4, top_k=2, progress=False)
+
+
+def _logits(path, fmt: str = "dense") -> torch.Tensor:
+    engine = LLMEngine.from_model(str(path), weight_format=fmt)
+    ids = torch.arange(40) % 256
+    with torch.inference_mode():
+        return engine.model.compute_logits(engine.model(ids, torch.arange(40), AttentionMetadata.for_packed_sequences([40])))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_upcycled_moe_starts_as_the_dense_model(dense, moe):
+    engine = LLMEngine.from_model(str(moe))
+    assert engine.model_config.num_experts == 4 and any(isinstance(m, Experts) for m in engine.model.modules())
+    ours = _logits(moe)
+    assert _rel(ours, _logits(dense)) < 1e-5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(moe).eval()
+    with torch.no_grad():
+        ref = hf(torch.arange(40)[None] % 256).logits[0]
+    assert _rel(ours, ref) < 1e-4
+
+
+def test_upcycle_refusals(dense, moe, tmp_path):
+    with pytest.raises(UpcycleError, match="already exists"):
+        upcycle(str(dense), moe, progress=False)
+    with pytest.raises(UpcycleError, match="dense llama-family"):
+        upcycle(str(moe), tmp_path / "again", progress=False)
+    with pytest.raises(UpcycleError, match="top-k"):
+        upcycle(str(dense), tmp_path / "k", num_experts=2, top_k=3, progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "w4a16", "w4a8"])
+def test_quantized_experts(dense, moe, tmp_path, fmt):
+    out = tmp_path / fmt
+    quantize_model(str(moe), fmt, out, progress=False)
+    folder = _logits(out, "auto")
+    engine = LLMEngine.from_model(str(out))
+    experts = [m for m in engine.model.modules() if isinstance(m, Experts)]
+    assert experts and all((m.w13_scale is not None) if fmt == "int8" else m.expert_kernels for m in experts)
+    assert _rel(folder, _logits(moe, fmt)) < 1e-5  # the folder holds exactly the in-memory grid
+    assert _rel(folder, _logits(dense, fmt)) < TOL[fmt]
+
+
+def test_router_statistics_count_every_routed_token(moe):
+    from quadrant import SamplingParams
+
+    engine = LLMEngine.from_model(str(moe))
+    list(engine.stream(list(range(1, 30)), SamplingParams(max_tokens=5, ignore_eos=True)))
+    load = engine.expert_load()
+    assert len(load) == 2 and all(len(c) == 4 for c in load.values())
+    # Every token run through the model went to top-2 experts in each layer.
+    assert all(sum(c) == 2 * engine.num_computed_tokens for c in load.values())
