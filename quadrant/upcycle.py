@@ -45,6 +45,7 @@ def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, s
     config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=num_experts,
                   num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False)
     config.pop("mlp_bias", None)
+    config.pop("quantization_config", None)  # the source's tensors arrive dequantised: the MoE is float
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in tqdm(source.weights(), desc="upcycle", unit=" tensors", disable=not progress):

@@ -11,6 +11,8 @@ buffers run the forward eagerly, so the padding logic is exercised on CPU too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,7 +46,11 @@ class DecodeGraphs:
             self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32)  # [B, W]
             self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32)  # [B + 1]: one token each
             self.chunk = torch.zeros(1, dtype=torch.int32)
+        self.row_valid = torch.zeros(max_bs, dtype=torch.long, device=device)  # [B]: 1 for real rows
         self.splits = {bs: grid_splits(bs, num_kv_heads, self.num_sms) for bs in self.sizes}
+        from quadrant.layers.moe import Experts
+
+        self._experts = [m for m in model.modules() if isinstance(m, Experts)]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def fits(self, num_seqs: int, num_blocks: int) -> bool:
@@ -65,8 +71,20 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._metadata(bs))
-        return self.model.compute_logits(hidden)  # [bs, V] fp32
+        """Final hidden states [bs, D]: the LM head runs after the replay, so the graphs keep [bs, D]
+        outputs, not [bs, V] logits each (2 GB for Llama 3's vocabulary over 35 graphs)."""
+        return self.model(self.input_ids[:bs], self.positions[:bs], self._metadata(bs))
+
+    @contextmanager
+    def _counting_real_rows(self) -> Iterator[None]:
+        """MoE router statistics count only real rows: padding rows are routed too, but uncounted."""
+        for m in self._experts:
+            m.count_mask = self.row_valid
+        try:
+            yield
+        finally:
+            for m in self._experts:
+                m.count_mask = None
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -79,16 +97,18 @@ class DecodeGraphs:
             self._forward(bs)  # compiles this shape's kernels outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(bs)
+            with self._counting_real_rows(), torch.cuda.graph(graph, pool=pool):
+                hidden = self._forward(bs)
             pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            self.graphs[bs] = (graph, hidden)
         torch.cuda.synchronize(self.device)
+        for m in self._experts:
+            m.reset_stats()  # the warm-up passes routed nothing real
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, V] of a decode-only step of n <= the largest captured size."""
+        """Logits [n, V] fp32 of a decode-only step of n <= the largest captured size."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
@@ -101,8 +121,11 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(rows, non_blocking=True)
         _, chunk = plan_splits(seq_lens, self.num_kv_heads, self.num_sms, max_splits=self.splits[bs])
         self.chunk.fill_(chunk)
+        self.row_valid[:bs].copy_(torch.tensor([1] * n + [0] * pad), non_blocking=True)
         if bs in self.graphs:
-            graph, logits = self.graphs[bs]
+            graph, hidden = self.graphs[bs]
             graph.replay()
-            return logits[:n]
-        return self._forward(bs)[:n]
+        else:
+            with self._counting_real_rows():
+                hidden = self._forward(bs)
+        return self.model.compute_logits(hidden[:n])  # [n, V] fp32

@@ -100,6 +100,11 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device,
                                   backend, graph_sizes, self.max_model_len)
         self.runner.capture_graphs()
+        from quadrant.layers.moe import Experts
+
+        for m in self.model.modules():
+            if isinstance(m, Experts):
+                m.reset_stats()  # warm-up and capture passes routed nothing real
         self.groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)

@@ -36,6 +36,24 @@ def quant_mode(cache_dtype: torch.dtype) -> int:
     return QUANT_NONE
 
 
+def check_paged_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, group: int,
+                                 **int32_tensors: torch.Tensor) -> int:
+    """The attention launchers' shared checks; returns the cache's quantisation mode."""
+    num_heads, dim = q.shape[1], q.shape[2]
+    if q.stride(-1) != 1 or num_heads % k_cache.shape[1] or k_cache.shape[3] != dim:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous and of one shape")
+    wrong = [name for name, t in int32_tensors.items() if t.dtype != torch.int32]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} must be int32")
+    mode = quant_mode(k_cache.dtype)
+    if mode and (k_scale is None or v_scale is None or group < 1):
+        raise ValueError("a quantised cache needs k_scale, v_scale and its group size")
+    return mode
+
+
 # -- reference ---------------------------------------------------------------------------------
 def quantize_ref(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x already divided by its scale (|x| <= qmax) -> codes: int8 rounds half away from zero, fp8 RNE."""
@@ -115,6 +133,7 @@ def round_to_e4m3(x):
 def load_kv_tile(cache, scale, page, head, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
                  QUANT: tl.constexpr, GROUP: tl.constexpr):
     """Values of positions (page, offset) [BLOCK_N] of one head, [BLOCK_N, BLOCK_D], fp32 if quantised."""
+    page = page.to(tl.int64)  # block tables are int32; a big cache's element offsets are not
     ptrs = cache + page[:, None] * c_sb + head * c_sh + offset[:, None] * c_st + d[None, :]
     x = tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
     if QUANT != 0:

@@ -14,7 +14,7 @@ import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
 from quadrant.kernels.attention_tile import attend_kv_tile
-from quadrant.kernels.kv_store import dequantize_ref, dot_dtype, quant_mode
+from quadrant.kernels.kv_store import check_paged_attention_inputs, dequantize_ref, dot_dtype
 
 MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
 MAX_SPLITS = 32
@@ -169,15 +169,8 @@ def paged_decode(
     require_triton()
     bsz, num_heads, dim = q.shape
     num_kv, page = k_cache.shape[1], k_cache.shape[2]
-    if q.stride(-1) != 1 or num_heads % num_kv or k_cache.shape[3] != dim:
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
-    if k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous and of one shape")
-    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or chunk.dtype != torch.int32:
-        raise ValueError("block_tables, seq_lens and chunk must be int32")
-    mode = quant_mode(k_cache.dtype)
-    if mode and (k_scale is None or v_scale is None or group < 1):
-        raise ValueError("a quantised cache needs k_scale, v_scale and its group size")
+    mode = check_paged_attention_inputs(q, k_cache, v_cache, k_scale, v_scale, group, block_tables=block_tables,
+                                        seq_lens=seq_lens, chunk=chunk)
     assert num_splits >= 1
     out = torch.empty_like(q) if out is None else out
     groups = num_heads // num_kv

@@ -111,16 +111,19 @@ class Experts(nn.Module):
         """x: [T, H]; topk_*: [T, k] -> [T, H]: sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x)."""
         flat = topk_ids.reshape(-1)
         # scatter_add_, not bincount: no host sync, so decode steps stay CUDA-graph capturable.
-        self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+        counted = (torch.ones_like(flat, dtype=torch.long) if self.count_mask is None
+                   else self.count_mask[: topk_ids.shape[0]].repeat_interleave(topk_ids.shape[1]))
+        self.tokens_per_expert.scatter_add_(0, flat, counted)
         if self.expert_kernels:
             return self._run_packed(x, topk_weights, topk_ids)
         run = fused_moe if use_fused(x) else fused_moe_cpu
         return run(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
                    w13_scale=self.w13_scale, w2_scale=self.w2_scale)
 
-    # Quantised experts. int8 (weight-only) stays stacked: both fused paths take int8 weights with
-    # per-channel scales. The other formats pack each expert's matrices with the dense linears'
-    # CPU kernels and run the experts that received tokens one after another.
+    # Quantised experts. On the GPU int8 (weight-only) stays stacked: the Triton fused MoE takes int8
+    # weights with per-channel scales. On the CPU every format packs each expert's matrices with the
+    # dense linears' kernels and runs the experts that received tokens one after another.
+    count_mask: torch.Tensor | None = None  # [>= T] 1 for real rows, set around CUDA-graph steps (padding)
     w13_scale: torch.Tensor | None = None  # [E, 2I] fp32, int8 experts only
     w2_scale: torch.Tensor | None = None  # [E, H]
     expert_kernels: list[tuple[WeightFormat, Any, Any]] = []
@@ -130,7 +133,7 @@ class Experts(nn.Module):
         if fmt.name == "dense":
             return
         w13, w2 = self.w13.data, self.w2.data
-        if fmt.name == "int8":
+        if fmt.name == "int8" and w13.is_cuda:  # stacked int8 codes for the Triton kernel
             q13, s13 = int8_per_channel(w13.reshape(-1, w13.shape[-1]))
             q2, s2 = int8_per_channel(w2.reshape(-1, w2.shape[-1]))
             self.w13 = nn.Parameter(q13.view(w13.shape), requires_grad=False)

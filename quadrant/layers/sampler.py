@@ -60,6 +60,8 @@ def sample(logits: torch.Tensor, requests: list[Request], default_generator: tor
     None: that request fails, the rest of the batch goes on.
     """
     chosen = logits.argmax(-1)  # [B]
+    finite = torch.isfinite(logits.gather(1, chosen[:, None])).squeeze(1)
+    chosen = torch.where(finite, chosen, -1)  # a row whose best logit is not finite fails, on the device
     for i, req in enumerate(requests):
         p = req.params
         if p.greedy and not (p.logit_bias or p.uses_penalties):

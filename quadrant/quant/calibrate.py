@@ -11,22 +11,27 @@ the package (quant/data/calibration.txt), disjoint from the perplexity text.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.linear import Linear
+from quadrant.layers.moe import SparseMoeBlock
+from quadrant.quant.formats import group_size_for, int4_groups
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 
 
 @torch.inference_mode()
 def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
-                  keep: int = 512) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """For every Linear, by module name: max |x| per input channel [K] over all the tokens, and
-    the first `keep` input rows [keep, K] (to score candidate scales on)."""
+                  keep: int = 1024) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For every Linear and MoE block, by module name: max |x| per input channel [K] over all the
+    tokens, and the first `keep` input rows [keep, K] (to score candidate scales on)."""
     stats: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] = {}
 
@@ -40,7 +45,8 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
                 samples[name] = x[:keep] if have is None else torch.cat([have, x[: keep - have.shape[0]]])
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, Linear)]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (Linear, SparseMoeBlock))]
     try:
         for start in range(0, len(token_ids), chunk):
             ids = torch.tensor(token_ids[start : start + chunk])
@@ -64,44 +70,68 @@ def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp(-127, 127) * scale
 
 
+def _fake_w4_then_int8(w: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """w4a8's weights as the CPU runs them: the 4-bit group grid, re-expressed per channel in int8."""
+    codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], group))
+    return _fake_int8_rows((codes * scale + lo).reshape(w.shape))
+
+
+def weight_quantizer(fmt: str, group: int = 128) -> Callable[[torch.Tensor], torch.Tensor]:
+    return (lambda w: _fake_w4_then_int8(w, group)) if fmt == "w4a8" else _fake_int8_rows
+
+
 def best_scales(act: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                quantize_weight: Callable[[torch.Tensor], torch.Tensor] = _fake_int8_rows,
                 alphas: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> torch.Tensor:
     """The scales whose W8A8 product on the sampled inputs x [M, K] is closest to the float one.
 
     SmoothQuant's strength a trades activation range against weight range; the best a differs
-    by layer (outlier-heavy inputs want more migration), so each layer takes the a that
-    minimises its own output error, measured on the calibration text.
+    by layer (outlier-heavy inputs want more migration), so each layer takes the a (or none)
+    that minimises its own output error, measured on the calibration text with the weights
+    quantised as the format stores them (`quantize_weight`).
     """
     w = weight.detach().float()
     ref = x @ w.t()
     best, best_err = torch.ones_like(act), float("inf")
     for alpha in (0.0, *alphas):
         s = smoothing_scales(act, w, alpha) if alpha else torch.ones_like(act)
-        err = float((_fake_int8_rows(x / s) @ _fake_int8_rows(w * s).t() - ref).pow(2).mean())
+        err = float((_fake_int8_rows(x / s) @ quantize_weight(w * s).t() - ref).pow(2).mean())
         if err < best_err:
             best, best_err = s, err
     return best
 
 
+# One expert's projection in a Hugging Face name: "<layer>.<block>.experts.<e>.<proj>.weight".
+_EXPERT_WEIGHT = re.compile(r"\.[a-z_]+\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+# Hugging Face names of the weights that read a MoE block's input: router, experts' gate/up, shared experts.
+_FFN_INPUT_READERS = ("gate.weight", "w1.weight", "w3.weight", "gate_proj.weight", "up_proj.weight",
+                      "shared_expert_gate.weight")
+
+
 class Smoother:
     """Per-tensor rewrites (by Hugging Face name) that migrate activation outliers into weights.
 
-    Built from a dense llama-family model's calibration statistics; `apply(name, tensor)`
-    returns the tensor to store. Families with gain offsets (gemma) or MoE blocks are left
-    as they are: their norms feed routers or carry (1 + w) gains.
+    Built from a llama-family model's calibration statistics; `apply(name, tensor)` returns
+    the tensor to store. Families with (1 + w) gains (gemma) are left as they are; MoE
+    layers smooth only their attention input (their FFN norm also feeds the router).
     """
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, token_ids: list[int], alpha: float | None = None) -> None:
-        """`alpha`: one migration strength for every layer; None searches each layer's own."""
+    def __init__(self, model: nn.Module, token_ids: list[int], alpha: float | None = None,
+                 fmt: str = "w8a8", group: int = 128) -> None:
+        """`alpha`: one migration strength for every layer; None searches each layer's own for `fmt`."""
         self.scales: dict[str, tuple[str, torch.Tensor]] = {}  # tensor name -> ("col" | "row" | "div", s)
+        self.ffn_readers: dict[str, torch.Tensor] = {}  # MoE layer prefix -> s for its FFN-input readers
+        self.expert_down: dict[str, torch.Tensor] = {}  # "{layer prefix}.{expert}" -> s of its down input
         stats, samples = linear_inputs(model, token_ids)
+        quantize_weight = weight_quantizer(fmt, group)
 
         def scales(name: str, weight: torch.Tensor) -> torch.Tensor:
             if alpha is not None:
                 return smoothing_scales(stats[name], weight, alpha)
-            return best_scales(stats[name], samples[name], weight)
+            return best_scales(stats[name], samples[name], weight, quantize_weight)
 
+        config = getattr(model, "config", None)
         layers = getattr(getattr(model, "model", None), "layers", [])
         for i, layer in enumerate(layers):
             prefix = f"model.layers.{i}"
@@ -109,6 +139,17 @@ class Smoother:
             s = scales(f"{prefix}.self_attn.qkv_proj", attn.qkv_proj.weight)
             self._fold(s, f"{prefix}.input_layernorm.weight",
                        [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"])
+            if isinstance(mlp, SparseMoeBlock):
+                # The FFN norm feeds the router, every expert's gate/up and any shared expert: one s
+                # for all of them, scored on the experts' stacked gate/up weights.
+                hidden = mlp.experts.w13.shape[-1]
+                s = scales(f"{prefix}.mlp", mlp.experts.w13.reshape(-1, hidden))
+                self.scales[f"{prefix}.post_attention_layernorm.weight"] = ("div", s)
+                self.ffn_readers[f"{prefix}."] = s
+                self._smooth_expert_down(prefix, mlp, samples[f"{prefix}.mlp"], quantize_weight, alpha)
+                continue
+            if config is not None and config.mlp_bias:
+                continue  # the up projection's bias would need the row scaling too
             s = scales(f"{prefix}.mlp.gate_up_proj", mlp.gate_up_proj.weight)
             self._fold(s, f"{prefix}.post_attention_layernorm.weight",
                        [f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
@@ -121,8 +162,46 @@ class Smoother:
         for name in readers:
             self.scales[name] = ("col", s)
 
+    def _smooth_expert_down(self, prefix: str, block: SparseMoeBlock, x: torch.Tensor,
+                            quantize_weight: Callable[[torch.Tensor], torch.Tensor], alpha: float | None) -> None:
+        """Each expert's down projection reads act(gate) * up: its scales go into that expert's up rows.
+        Scored on every sampled token (the routed ones are a subset with the same channels)."""
+        experts = block.experts
+        inter = experts.intermediate_size
+        act = F.silu if experts.activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        for e in range(experts.num_experts):
+            gate_up = x @ experts.w13[e].float().t()  # [M, 2I]
+            h = act(gate_up[:, :inter]) * gate_up[:, inter:]  # [M, I]
+            amax, w2 = h.abs().amax(0), experts.w2[e]
+            s = smoothing_scales(amax, w2, alpha) if alpha is not None else best_scales(amax, h, w2, quantize_weight)
+            self.expert_down[f"{prefix}.{e}"] = s
+
+    def _expert_down_scale(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """("row", s) for an expert's up projection, ("col", s) for its down projection (per-expert names)."""
+        match = _EXPERT_WEIGHT.search(name)
+        if match is None or not self.expert_down:
+            return None
+        s = self.expert_down.get(f"{name[: match.start()]}.{match.group(1)}")
+        if s is None:
+            return None
+        return ("row", s) if match.group(2) in ("w3", "up_proj") else ("col", s) if match.group(2) in (
+            "w2", "down_proj") else None
+
+    def _moe_reader_scale(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        if not name.endswith(_FFN_INPUT_READERS) or ".self_attn." in name:
+            return None
+        return next((s for prefix, s in self.ffn_readers.items()
+                     if name.startswith(prefix) and tensor.shape[-1] == s.numel()), None)
+
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor
+        moe_s = self._moe_reader_scale(name, tensor)
+        if moe_s is not None:
+            out = out.float() * moe_s
+        down = self._expert_down_scale(name)
+        if down is not None:
+            kind, s = down
+            out = out.float() / s[:, None] if kind == "row" else out.float() * s
         if name in self.scales:
             kind, s = self.scales[name]
             out = out.float() / s if kind == "div" else out.float() * s  # "col": weight columns (inputs)
@@ -134,5 +213,4 @@ class Smoother:
 
 def supports_smoothing(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
-    return (config is not None and not config.norm_offset and not config.sandwich_norm
-            and not getattr(config, "num_experts", 0))
+    return config is not None and not config.norm_offset and not config.sandwich_norm

@@ -150,7 +150,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
     _check_shapes(source.config, fmt)
     tied = source.config.tie_word_embeddings
-    smoother = _smoother(source, fmt, smoothing)
+    smoother = _smoother(source, fmt, smoothing, group_size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
     try:
         report = _write(source, fmt, tmp, tied, progress, group_size, smoother)
@@ -184,7 +184,7 @@ def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
             raise QuantizeError(f"{fmt} cannot hold this architecture: {e}") from None
 
 
-def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None) -> Smoother | None:
+def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int) -> Smoother | None:
     """SmoothQuant scales for the formats with 8-bit activations (None where they do not apply)."""
     from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
 
@@ -196,7 +196,7 @@ def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None) -> S
     if not supports_smoothing(model):
         return None
     ids = source.tokenizer().encode(CALIBRATION_TEXT.read_text())[:1024]
-    smoother = Smoother(model, ids, None if smoothing == "auto" else float(smoothing))
+    smoother = Smoother(model, ids, None if smoothing == "auto" else float(smoothing), fmt, group_size)
     del model
     return smoother
 

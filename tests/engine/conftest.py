@@ -9,6 +9,7 @@ import torch
 from quadrant import SamplingParams
 from quadrant.config import CacheConfig, SchedulerConfig
 from quadrant.engine.engine import LLMEngine
+from tests.tiny_models import save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,15 +18,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + 1.0) if "norm" in name else p.normal_(0.0, 0.15)
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
+    model = save_tiny_llama(path, hidden_size=64, intermediate_size=128, num_layers=3, max_positions=512)
     model.generation_config.eos_token_id = None
     return str(path), model
 

@@ -19,21 +19,15 @@ transformers = pytest.importorskip("transformers")
 from quadrant.engine.engine import LLMEngine  # noqa: E402
 from quadrant.layers.attention import AttentionMetadata  # noqa: E402
 from quadrant.loader.source import open_model  # noqa: E402
+from tests.tiny_models import save_tiny_llama  # noqa: E402
 from quadrant.quant.quantize import (QuantizeError, _pack_nibbles, _unpack_nibbles, dequantize_tensor,  # noqa: E402
                                      quantize_model, quantize_tensor)
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + 1.0) if "norm" in name else p.normal_(0.0, 0.15)
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
+    save_tiny_llama(path)
     return path
 
 
