@@ -49,8 +49,6 @@ def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, s
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in tqdm(source.weights(), desc="upcycle", unit=" tensors", disable=not progress):
-        if source.gguf is not None and tensor.dim() > 1:
-            tensor = tensor.to(torch.bfloat16)  # a GGUF comes dequantised to fp32: keep the copies at half that
         stem, _, kind = name.rpartition(".")
         layer, _, proj = stem.rpartition(".mlp.")
         if proj in _EXPERT_NAMES and kind == "weight":

@@ -29,7 +29,7 @@ CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 
 @torch.inference_mode()
 def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
-                  keep: int = 1024) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                  keep: int = 512) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For every Linear and MoE block, by module name: max |x| per input channel [K] over all the
     tokens, and the first `keep` input rows [keep, K] (to score candidate scales on)."""
     stats: dict[str, torch.Tensor] = {}
