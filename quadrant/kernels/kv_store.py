@@ -67,6 +67,18 @@ def dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torc
     return codes.float() * scale.repeat_interleave(group, dim=-1).unsqueeze(-1)
 
 
+def gather_kv(cache: torch.Tensor, scale: torch.Tensor | None, group: int, tables: torch.Tensor, span: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The first `span` cached positions of each row's blocks, dequantised, in `dtype`.
+    tables: [B, W] block ids -> [B, Hk, span, D]. The torch backend's read and the kernels' reference."""
+    bsz, width = tables.shape
+    _, num_kv, block_size, dim = cache.shape
+    blocks = cache[tables].transpose(1, 2)  # [B, Hk, W, block_size, D]
+    if scale is not None:
+        blocks = dequantize_ref(blocks.flatten(2, 3), scale[tables].transpose(1, 2).flatten(2, 3), group)
+    return blocks.reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(dtype)
+
+
 def store_kv_ref(
     k: torch.Tensor,
     v: torch.Tensor,

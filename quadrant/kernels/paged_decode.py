@@ -14,7 +14,7 @@ import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
 from quadrant.kernels.attention_tile import attend_kv_tile
-from quadrant.kernels.kv_store import check_paged_attention_inputs, dequantize_ref, dot_dtype
+from quadrant.kernels.kv_store import check_paged_attention_inputs, dot_dtype, gather_kv
 
 MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
 MAX_SPLITS = 32
@@ -63,14 +63,10 @@ def paged_decode_ref(
         n = int(seq_lens[b])
         if n == 0:
             continue
-        blocks = block_tables[b, : -(-n // block_size)].long()
-        ks = k_cache[blocks].transpose(0, 1).flatten(1, 2)  # [Hk, S, D]
-        vs = v_cache[blocks].transpose(0, 1).flatten(1, 2)
-        if k_scale is not None and v_scale is not None:
-            ks = dequantize_ref(ks, k_scale[blocks].transpose(0, 1).flatten(1, 2), group)
-            vs = dequantize_ref(vs, v_scale[blocks].transpose(0, 1).flatten(1, 2), group)
+        blocks = block_tables[b : b + 1, : -(-n // block_size)].long()
         lo = max(0, n - sliding_window) if sliding_window else 0
-        ks, vs = ks[:, lo:n].float(), vs[:, lo:n].float()
+        ks = gather_kv(k_cache, k_scale, group, blocks, n, torch.float32)[0, :, lo:]  # [Hk, S, D]
+        vs = gather_kv(v_cache, v_scale, group, blocks, n, torch.float32)[0, :, lo:]
         qg = q[b].float().view(num_kv, num_heads // num_kv, -1)  # [Hk, G, D]
         scores = qg @ ks.transpose(1, 2) * scale  # [Hk, G, S]
         if logit_softcap is not None:

@@ -13,7 +13,7 @@ import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
 from quadrant.kernels.attention_tile import attend_kv_tile
-from quadrant.kernels.kv_store import check_paged_attention_inputs, dequantize_ref, dot_dtype
+from quadrant.kernels.kv_store import check_paged_attention_inputs, dot_dtype, gather_kv
 
 
 def varlen_prefill_ref(
@@ -39,15 +39,11 @@ def varlen_prefill_ref(
         qs, qe, n = starts[b], starts[b + 1], int(seq_lens[b])
         if qe == qs:
             continue
-        blocks = block_tables[b, : -(-n // block_size)].long()
-        ks = k_cache[blocks].transpose(0, 1).flatten(1, 2)  # [Hk, S, D], S rounded up to whole blocks
-        vs = v_cache[blocks].transpose(0, 1).flatten(1, 2)
-        if k_scale is not None and v_scale is not None:
-            ks = dequantize_ref(ks, k_scale[blocks].transpose(0, 1).flatten(1, 2), group)
-            vs = dequantize_ref(vs, v_scale[blocks].transpose(0, 1).flatten(1, 2), group)
-        ks, vs = ks[:, :n], vs[:, :n]
+        blocks = block_tables[b : b + 1, : -(-n // block_size)].long()
+        ks = gather_kv(k_cache, k_scale, group, blocks, n, torch.float32)[0]  # [Hk, S, D]
+        vs = gather_kv(v_cache, v_scale, group, blocks, n, torch.float32)[0]
         groups = num_heads // num_kv
-        ks, vs = ks.float().repeat_interleave(groups, 0), vs.float().repeat_interleave(groups, 0)
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
         scores = q[qs:qe].float().transpose(0, 1) @ ks.transpose(1, 2) * scale  # [Hq, L, S]
         if logit_softcap is not None:
             scores = torch.tanh(scores / logit_softcap) * logit_softcap

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quadrant.kernels.kv_store import dequantize_ref, store_kv_ref
+from quadrant.kernels.kv_store import gather_kv, store_kv_ref
 
 if TYPE_CHECKING:
     from quadrant.layers.attention import Attention, AttentionMetadata, LayerKVCache
@@ -105,25 +105,14 @@ def torch_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, scale: torch.Tensor | None, group: int, tables: torch.Tensor, span: int,
-            dtype: torch.dtype) -> torch.Tensor:
-    """The first `span` cached positions of each row's blocks, in `dtype`. tables: [B, W] -> [B, Hk, span, D]."""
-    bsz, width = tables.shape
-    _, num_kv, block_size, dim = cache.shape
-    blocks = cache[tables].transpose(1, 2)  # [B, Hk, W, block_size, D]
-    if scale is not None:
-        blocks = dequantize_ref(blocks.flatten(2, 3), scale[tables].transpose(1, 2).flatten(2, 3), group)
-    return blocks.reshape(bsz, num_kv, width * block_size, dim)[:, :, :span].to(dtype)
-
-
 def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's cached K and V, each [Hk, S, D]."""
     kv = layer.kv_cache
     assert kv is not None
     blocks = block_table[None, : (seq_len + kv.block_size - 1) // kv.block_size]
-    return (_gather(kv.k, kv.k_scale, kv.group, blocks, seq_len, dtype)[0],
-            _gather(kv.v, kv.v_scale, kv.group, blocks, seq_len, dtype)[0])
+    return (gather_kv(kv.k, kv.k_scale, kv.group, blocks, seq_len, dtype)[0],
+            gather_kv(kv.v, kv.v_scale, kv.group, blocks, seq_len, dtype)[0])
 
 
 def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -137,8 +126,8 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     tables = block_tables[:, :width]
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 else width * block_size
-    k = _gather(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)
-    v = _gather(kv.v, kv.v_scale, kv.group, tables, span, q.dtype)
+    k = gather_kv(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)
+    v = gather_kv(kv.v, kv.v_scale, kv.group, tables, span, q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:
