@@ -9,10 +9,6 @@ fused experts, quantised experts) real weights and a real tokenizer to run on.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from quadrant.errors import QuadrantError
+from quadrant.loader.safetensors import write_folder
 
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's expert projections
 
@@ -61,15 +58,6 @@ def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, s
             raise UpcycleError(f"{name}: only bias-free gate/up/down MLPs can be upcycled")
         else:
             tensors[name] = tensor.contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if source.has_tokenizer():
-            source.tokenizer().save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
+                 lambda folder: save_file(tensors, str(folder / "model.safetensors")))
     return out

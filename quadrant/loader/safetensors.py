@@ -1,20 +1,28 @@
-"""Hugging Face folders: config.json + (sharded) *.safetensors, read memory-mapped.
+"""Hugging Face folders: config.json + (sharded) *.safetensors, read memory-mapped, and written.
 
 Tensors are yielded one at a time straight from the mapped file, so loading
-never holds a second full copy of the weights.
+never holds a second full copy of the weights. A new folder is written beside
+its destination and moved into place at the end, so it appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from quadrant.config import ModelConfig
 from quadrant.errors import ModelLoadError, UnsupportedError
+
+if TYPE_CHECKING:
+    from quadrant.tokenizer import Tokenizer
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -61,3 +69,20 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except (OSError, RuntimeError, ValueError) as e:
             # safetensors validates header offsets against the file size and raises here.
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+
+
+def write_folder(out: Path, config: dict[str, Any], tokenizer: Tokenizer | None,
+                 write_weights: Callable[[Path], None]) -> None:
+    """A new model folder at `out` (which must not exist): `write_weights(folder)` writes the
+    safetensors, then config.json and the tokenizer files; on any failure nothing is left."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
+    try:
+        write_weights(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -15,9 +15,6 @@ LM head's own format follows from the model's (`tensor_format`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from quadrant.errors import QuadrantError
+from quadrant.loader import safetensors as st
 from quadrant.quant.formats import group_size_for, int4_groups, int8_per_channel
 
 if TYPE_CHECKING:
@@ -151,23 +149,14 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     _check_shapes(source.config, fmt)
     tied = source.config.tie_word_embeddings
     smoother = _smoother(source, fmt, smoothing, group_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
-        report = _write(source, fmt, tmp, tied, progress, group_size, smoother)
-        config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
-        if fmt in ("w4a16", "w4a8"):
-            config["quantization_config"]["group_size"] = group_size
-        if smoother is not None:
-            config["quantization_config"]["smoothquant"] = smoothing
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if source.has_tokenizer():
-            source.tokenizer().save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)  # all or nothing: the folder appears complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report.path = out
+    config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
+    if fmt in ("w4a16", "w4a8"):
+        config["quantization_config"]["group_size"] = group_size
+    if smoother is not None:
+        config["quantization_config"]["smoothquant"] = smoothing
+    report = QuantizeReport(out, fmt, 0, 0, 0)
+    st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
+                    lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, smoother))
     return report
 
 
@@ -202,8 +191,7 @@ def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None, grou
 
 
 def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bool, group_size: int,
-           smoother: Smoother | None = None) -> QuantizeReport:
-    report = QuantizeReport(folder, fmt, 0, 0, 0)
+           report: QuantizeReport, smoother: Smoother | None = None) -> None:
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
     shards: list[dict[str, torch.Tensor]] = []
@@ -235,7 +223,7 @@ def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bo
     shards.append(shard)
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"))
-        return report
+        return
     weight_map = {}
     for i, part in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -243,4 +231,3 @@ def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bo
         weight_map.update({k: file for k in part})
     index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return report
