@@ -192,6 +192,56 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
     print(f"{path}: Mixtral layout, {args.experts} experts (top-{args.top_k}), each a copy of the dense FFN")
 
 
+def _tokenizer(ref: str):  # type: ignore[no-untyped-def]
+    from quadrant.loader import store
+    from quadrant.loader.source import open_model
+
+    return open_model(store.resolve(ref, pull_missing=True)).tokenizer()
+
+
+def _set_arg(text: str) -> tuple[str, object]:
+    """--set table.key=value; the value parsed as TOML (numbers, booleans, strings, lists)."""
+    from quadrant.train.config import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes table.key=value, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from quadrant.train.data import prepare
+
+    out = prepare(args.inputs, args.output, _tokenizer(args.tokenizer), args.tokenizer, args.format, args.text_key)
+    import json
+
+    m = json.loads((out / "manifest.json").read_text())
+    print(f"{out}: {m['num_tokens']:,} tokens in {m['num_documents']:,} documents ({m['format']})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from quadrant.train.config import load_config
+    from quadrant.train.trainer import Trainer
+
+    config = load_config(args.config, dict(args.set or []))
+    tokenizer = _tokenizer(config.tokenizer) if config.checkpoint.export else None
+    Trainer(config, tokenizer).run()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from quadrant.train import checkpoint as ckpt
+
+    path = ckpt.latest(args.checkpoint) or args.checkpoint  # a checkpoint folder, or the folder holding them
+    tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
+    out = ckpt.export(path, args.output, tokenizer, getattr(torch, args.dtype))
+    print(f"{out}: exported from {path}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from quadrant.interactive import chat_loop
 
@@ -324,6 +374,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
     s.add_argument("--seed", type=int, default=0, help="seed of the random router")
     s.set_defaults(func=cmd_upcycle)
+
+    s = sub.add_parser("data", help="training data: `data prepare` tokenises a corpus into shards")
+    data = s.add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("prepare", help="tokenise text/JSONL/chat JSONL into token shards with a manifest")
+    s.add_argument("inputs", nargs="+", help="files or folders (.txt/.md: one document per file; .jsonl: one per line)")
+    s.add_argument("-o", "--output", required=True, help="new folder to write (must not exist)")
+    s.add_argument("--tokenizer", default="smollm2:135m", help="model whose tokenizer to use")
+    s.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "chat"],
+                   help="chat: JSONL of {\"messages\": [...]}, rendered with the chat template, loss on "
+                        "assistant tokens only")
+    s.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    s.set_defaults(func=cmd_data_prepare)
+
+    s = sub.add_parser("train", help="train a model from a TOML config (torchrun for several processes)")
+    s.add_argument("config", help="training config (.toml)")
+    s.add_argument("--set", action="append", type=_set_arg, metavar="TABLE.KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="write a training checkpoint as a model folder that run/serve load")
+    s.add_argument("checkpoint", help="a checkpoint (step-N folder) or the folder holding them (newest wins)")
+    s.add_argument("-o", "--output", required=True, help="new folder to write (must not exist)")
+    s.add_argument("--tokenizer", default="smollm2:135m", help="model whose tokenizer to ship with it")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.set_defaults(func=cmd_export)
     return p
 
 

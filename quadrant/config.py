@@ -65,6 +65,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # one routed expert's MLP width; 0: intermediate_size (mixtral, olmoe)
     moe_layers: list[int] | None = None  # the MoE layers, the rest dense (intermediate_size); None: all
     router: Literal["softmax", "sigmoid"] = "softmax"  # scores; sigmoid (deepseek-v3, dots1) + e_score_correction_bias
+    router_bias: bool = False  # a selection-only bias on every router (sigmoid routers always have it): aux-free balancing
     norm_topk_prob: bool = False  # rescale the k chosen weights to sum to 1 (mixtral, qwen3-moe)
     n_group: int = 1  # experts in n_group equal groups; top-k only within the topk_group best (deepseek-v3)
     topk_group: int = 1
@@ -163,6 +164,9 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Map a Hugging Face config.json (transformers 4.x or 5.x layout) to a ModelConfig."""
         model_type = cfg.get("model_type", "")
+        if model_type.startswith("quadrant_"):  # trained here with sandwich norms: the base family otherwise
+            return cls.from_hf_config({**cfg, "model_type": model_type.removeprefix("quadrant_"),
+                                       "sandwich_norm": True})
         if model_type == "gemma3" and "text_config" in cfg:
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
             model_type = "gemma3_text"
@@ -229,22 +233,30 @@ class ModelConfig:
                 kwargs["layer_types"] = cfg["layer_types"]
         if arch in ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "dots1"):
             kwargs.update(_hf_moe(cfg, arch))
+        if cfg.get("sandwich_norm"):
+            kwargs["sandwich_norm"] = True
         return cls(**kwargs)
 
 
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
 def to_hf_config(c: ModelConfig) -> dict[str, Any]:
-    """A Hugging Face config.json for a llama-family ModelConfig (models converted from GGUF are
-    written out as HF folders by `quadrant quantize`); from_hf_config reads it back unchanged."""
-    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(c.architecture)
-    if model_type is None or c.sandwich_norm:
+    """A Hugging Face config.json for a llama-family or Mixtral/Qwen3-MoE ModelConfig (models converted
+    from GGUF, quantised or trained here are written out as HF folders); from_hf_config reads it back
+    unchanged. A model with sandwich norms (trained here) gets model_type "quadrant_<family>", which
+    transformers refuses rather than silently dropping the extra norms."""
+    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
+                  "qwen3moe": "qwen3_moe"}.get(c.architecture)
+    if model_type is None:
         raise ValueError(f"writing a config.json for {c.architecture!r} models is not supported; "
                          f"give the Hugging Face folder instead of the GGUF file")
     if c.rope_freq_factors is not None:
         raise ValueError("GGUF rope frequency factors have no config.json form; give the Hugging Face folder")
     cfg: dict[str, Any] = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "qwen3": "Qwen3ForCausalLM"}[model_type]],
-        "model_type": model_type,
+        "architectures": [_HF_CLASSES[model_type]],
+        "model_type": f"quadrant_{model_type}" if c.sandwich_norm else model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -266,6 +278,17 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
     }
     if c.sliding_window is not None:
         cfg["sliding_window"] = c.sliding_window
+    if c.sandwich_norm:
+        cfg["sandwich_norm"] = True
+    if c.num_experts:
+        if c.router != "softmax" or c.n_group > 1 or c.shared_expert_intermediate_size or c.n_shared_experts \
+                or c.moe_layers != list(range(c.num_hidden_layers)):
+            raise ValueError("writing a config.json is supported for Mixtral/Qwen3-MoE layouts only")
+        cfg.update(num_local_experts=c.num_experts, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                   moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+                   router_aux_loss_coef=0.0, output_router_logits=False)
+        if c.router_bias:
+            cfg["router_bias"] = True
     return cfg
 
 
@@ -285,6 +308,7 @@ def _hf_moe(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         moe_layers=[i for i in range(cfg["num_hidden_layers"])
                     if i >= first_dense and i not in mlp_only and (i + 1) % step == 0],
         router="sigmoid" if arch == "dots1" else "softmax",
+        router_bias=bool(cfg.get("router_bias", False)),
         norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),  # mixtral always renormalises
         n_group=cfg.get("n_group") or 1,
         topk_group=cfg.get("topk_group") or 1,

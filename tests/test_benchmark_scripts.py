@@ -42,3 +42,11 @@ def test_gpu_moe_smoke(capsys):
     _load("gpu_moe").main(["--smoke", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "int8 (w8a16)" in out and "tiny" in out
+
+
+def test_train_mfu_smoke(capsys):
+    """CPU, tiny llama: the training step and transformers' in one table, with MFU."""
+    rows = _load("train_mfu").main(["--smoke", "--device", "cpu"])
+    assert [r["workload"] for r in rows] == ["quadrant train step", "transformers LlamaForCausalLM"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert "training MFU" in capsys.readouterr().out

@@ -65,5 +65,10 @@ class MergedLinear(Linear):
             raise ValueError(f"shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
         target.copy_(loaded)
 
+    def read_shard(self, param: torch.Tensor, shard: str) -> torch.Tensor:
+        """The inverse of the weight loader: part `shard` of the packed tensor (for export)."""
+        start, size = self.shard_offsets[shard]
+        return param.narrow(0, start, size)
+
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))

@@ -73,7 +73,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
         # A checkpoint tensor (a buffer in transformers), so a parameter here for the loader to fill.
         self.e_score_correction_bias = (
-            nn.Parameter(torch.zeros(c.num_experts), requires_grad=False) if c.router == "sigmoid" else None
+            nn.Parameter(torch.zeros(c.num_experts), requires_grad=False)
+            if c.router == "sigmoid" or c.router_bias else None
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,11 +169,19 @@ class Experts(nn.Module):
     def reset_stats(self) -> None:
         self.tokens_per_expert.zero_()
 
+    def _rows(self, part: str) -> slice:
+        inter = self.intermediate_size
+        return {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "gate_up": slice(0, 2 * inter),
+                "down": slice(None)}[part]
+
+    def read_shard(self, param: torch.Tensor, shard: str) -> torch.Tensor:
+        """The inverse of the weight loader for one expert's part "{e}.gate|up|down" (for export)."""
+        expert_str, _, part = shard.rpartition(".")
+        return param[int(expert_str)][..., self._rows(part), :]
+
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
         expert_str, _, part = shard.rpartition(".")
-        inter = self.intermediate_size
-        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "gate_up": slice(0, 2 * inter),
-                "down": slice(None)}[part]
+        rows = self._rows(part)
         experts = [int(expert_str)] if expert_str else list(range(self.num_experts))
         if experts[-1] >= self.num_experts:
             raise ValueError(f"expert shard {shard}: the model has {self.num_experts} experts")

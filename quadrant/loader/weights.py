@@ -7,7 +7,7 @@ weights), so this loader has no per-model branches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -103,3 +103,35 @@ def _expected_targets(model: nn.Module, params: dict[str, nn.Parameter]) -> set[
             else:
                 expected.add((full, None))
     return expected
+
+
+def export_tensors(model: nn.Module, packed: dict[str, tuple[str, str | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's parameters under checkpoint names: the inverse of load_weights. Packed parts
+    (qkv, gate_up, stacked experts) come out one tensor each, named by `packed`'s keys."""
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            shards = getattr(param, "shard_names", None) or getattr(module, "shard_offsets", None)
+            if not shards:
+                yield full, param.detach()
+                continue
+            for shard in shards:
+                yield checkpoint_name(full, shard, packed), module.read_shard(param.detach(), shard)
+
+
+def checkpoint_name(target: str, shard: str, packed: dict[str, tuple[str, str | None]]) -> str:
+    """The checkpoint name whose resolve_name is (target, shard); the map's later (more specific)
+    keys are preferred, so a Mixtral expert is written as Mixtral names it."""
+    parts = target.split(".")
+    expert = shard.split(".")[0] if "." in shard else ""
+    for key, (module, key_shard) in reversed(list(packed.items())):
+        if key_shard is None or key_shard.replace("{e}", expert) != shard:
+            continue
+        mod_parts = module.split(".")
+        for i in range(len(parts) - len(mod_parts) + 1):
+            if parts[i : i + len(mod_parts)] != mod_parts:
+                continue
+            name = ".".join(parts[:i] + key.replace("{e}", expert).split(".") + parts[i + len(mod_parts) :])
+            if resolve_name(name, packed) == (target, shard):
+                return name
+    raise ValueError(f"no checkpoint name maps to {target}[{shard}]")

@@ -128,7 +128,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size, scale=c.embed_scale)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_offset)
-        # One cos/sin table per distinct layer type, shared by all layers of that type.
+        self.build_rotary(c)
+
+    def build_rotary(self, c: ModelConfig) -> None:
+        """One cos/sin table per distinct layer type, shared by all layers of that type (rebuilt
+        when training raises the RoPE base for a long-context stage)."""
+        device = next(self.parameters()).device
         self.rotary = nn.ModuleDict()
         for kind in sorted(set(c.layer_types)):  # type: ignore[arg-type]
             sliding = kind == "sliding_attention"
@@ -136,11 +141,15 @@ class LlamaModel(nn.Module):
             # Gemma 3 scales only its global layers; other families have one kind of layer.
             scaling = None if sliding and c.rope_local_theta is not None else c.rope_scaling
             factors = None if sliding and c.rope_local_theta is not None else c.rope_freq_factors
-            self.rotary[kind] = RotaryEmbedding(c.head_dim, c.max_position_embeddings, theta, scaling, factors)
+            with torch.device(device):
+                self.rotary[kind] = RotaryEmbedding(c.head_dim, c.max_position_embeddings, theta, scaling, factors)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        return {kind: cast(RotaryEmbedding, rot).cos_sin(positions, dtype) for kind, rot in self.rotary.items()}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, D]
-        rope = {kind: cast(RotaryEmbedding, rot).cos_sin(positions, hidden.dtype) for kind, rot in self.rotary.items()}
+        rope = self.rope_tables(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, meta)
