@@ -6,9 +6,9 @@ norm, and depth-scaled sandwich norm + TinyInit: loss spikes, grad-norm spikes, 
     python benchmarks/train_stability.py --plot out.png   # loss curves (matplotlib)
 
 Data: the Canterbury books from the brotli sdist on PyPI (benchmarks/train_corpus.py). Every run
-sees the same tokens in the same order (same seed). A spike is a step whose loss (grad norm) is
-above 2x its 20-step moving average (the trainer's flag). "held-out" is the mean token loss on the
-books' held-out 5% after training. Pre-norm and plain sandwich use N(0, 0.02) matrices and embeddings.
+sees the same tokens in the same order (same seed). A loss spike is a step whose loss is 10% above
+its 20-step moving average, a grad spike one whose grad norm is 2x above it (the trainer's flags).
+"held-out" is the mean token loss on the books' held-out 5% after training. Pre-norm and plain sandwich use N(0, 0.02) matrices and embeddings.
 The peer is the pre-norm baseline in the same run (the layout of Llama, Qwen and torchtitan's models).
 """
 

@@ -164,9 +164,14 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Map a Hugging Face config.json (transformers 4.x or 5.x layout) to a ModelConfig."""
         model_type = cfg.get("model_type", "")
-        if model_type.startswith("quadrant_"):  # trained here with sandwich norms: the base family otherwise
-            return cls.from_hf_config({**cfg, "model_type": model_type.removeprefix("quadrant_"),
-                                       "sandwich_norm": True})
+        if model_type.startswith("quadrant_"):
+            # Trained here with options its Hugging Face family lacks (sandwich norms, q/k norms on a
+            # llama, a router bias...): the base family, then the options the config spells out.
+            base = cls.from_hf_config({**cfg, "model_type": model_type.removeprefix("quadrant_")})
+            for key in _QUADRANT_OPTIONS:
+                if key in cfg:
+                    setattr(base, key, cfg[key])
+            return base
         if model_type == "gemma3" and "text_config" in cfg:
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
             model_type = "gemma3_text"
@@ -254,9 +259,13 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
                          f"give the Hugging Face folder instead of the GGUF file")
     if c.rope_freq_factors is not None:
         raise ValueError("GGUF rope frequency factors have no config.json form; give the Hugging Face folder")
+    family = ModelConfig.from_hf_config({"model_type": model_type, "vocab_size": 1, "hidden_size": c.hidden_size,
+                                         "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+                                         "num_experts": 2, "num_experts_per_tok": 1})
+    options = {k: getattr(c, k) for k in _QUADRANT_OPTIONS if getattr(c, k) != getattr(family, k)}
     cfg: dict[str, Any] = {
         "architectures": [_HF_CLASSES[model_type]],
-        "model_type": f"quadrant_{model_type}" if c.sandwich_norm else model_type,
+        "model_type": f"quadrant_{model_type}" if options else model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -278,8 +287,7 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
     }
     if c.sliding_window is not None:
         cfg["sliding_window"] = c.sliding_window
-    if c.sandwich_norm:
-        cfg["sandwich_norm"] = True
+    cfg.update(options)
     if c.num_experts:
         if c.router != "softmax" or c.n_group > 1 or c.shared_expert_intermediate_size or c.n_shared_experts \
                 or c.moe_layers != list(range(c.num_hidden_layers)):
@@ -287,9 +295,12 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
         cfg.update(num_local_experts=c.num_experts, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                    moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
                    router_aux_loss_coef=0.0, output_router_logits=False)
-        if c.router_bias:
-            cfg["router_bias"] = True
     return cfg
+
+
+# Options a Hugging Face family fixes by its model type; a config that differs is written as
+# "quadrant_<family>" with them spelled out (transformers refuses it instead of misreading it).
+_QUADRANT_OPTIONS = ("sandwich_norm", "qk_norm", "qkv_bias", "norm_topk_prob", "router_bias")
 
 
 def _hf_moe(cfg: dict[str, Any], arch: str) -> dict[str, Any]:

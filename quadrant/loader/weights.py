@@ -113,19 +113,20 @@ def export_tensors(model: nn.Module, packed: dict[str, tuple[str, str | None]]) 
             full = f"{module_name}.{pname}" if module_name else pname
             shards = getattr(param, "shard_names", None) or getattr(module, "shard_offsets", None)
             if not shards:
-                yield full, param.detach()
+                yield checkpoint_name(full, None, packed), param.detach()
                 continue
             for shard in shards:
                 yield checkpoint_name(full, shard, packed), module.read_shard(param.detach(), shard)
 
 
-def checkpoint_name(target: str, shard: str, packed: dict[str, tuple[str, str | None]]) -> str:
+def checkpoint_name(target: str, shard: str | None, packed: dict[str, tuple[str, str | None]]) -> str:
     """The checkpoint name whose resolve_name is (target, shard); the map's later (more specific)
-    keys are preferred, so a Mixtral expert is written as Mixtral names it."""
+    keys are preferred, so a Mixtral expert or router is written as Mixtral names it. A parameter
+    no key renames keeps its own name."""
     parts = target.split(".")
-    expert = shard.split(".")[0] if "." in shard else ""
+    expert = shard.split(".")[0] if shard is not None and "." in shard else ""
     for key, (module, key_shard) in reversed(list(packed.items())):
-        if key_shard is None or key_shard.replace("{e}", expert) != shard:
+        if (key_shard is None) != (shard is None) or (shard is not None and key_shard.replace("{e}", expert) != shard):
             continue
         mod_parts = module.split(".")
         for i in range(len(parts) - len(mod_parts) + 1):
@@ -134,4 +135,6 @@ def checkpoint_name(target: str, shard: str, packed: dict[str, tuple[str, str | 
             name = ".".join(parts[:i] + key.replace("{e}", expert).split(".") + parts[i + len(mod_parts) :])
             if resolve_name(name, packed) == (target, shard):
                 return name
+    if shard is None:
+        return target
     raise ValueError(f"no checkpoint name maps to {target}[{shard}]")

@@ -31,18 +31,25 @@ CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
                   keep: int = 512) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For every Linear and MoE block, by module name: max |x| per input channel [K] over all the
-    tokens, and the first `keep` input rows [keep, K] (to score candidate scales on)."""
+    tokens, and the first `keep` input rows [keep, K] (to score candidate scales on). For a MoE
+    block also "{name}.experts.{e}.down": max |x| of expert e's down-projection input, over all the
+    tokens (as a dense layer's down_proj gets it), not only the sampled rows."""
     stats: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] = {}
 
+    def update(name: str, amax: torch.Tensor) -> None:
+        stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+
     def hook(name: str):  # type: ignore[no-untyped-def]
-        def record(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            amax = x.abs().amax(0)
-            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+            update(name, x.abs().amax(0))
             have = samples.get(name)
             if have is None or have.shape[0] < keep:
                 samples[name] = x[:keep] if have is None else torch.cat([have, x[: keep - have.shape[0]]])
+            if isinstance(module, SparseMoeBlock) and module.experts.w13 is not None:
+                for e in range(module.experts.num_experts):
+                    update(f"{name}.experts.{e}.down", expert_down_input(module, e, x).abs().amax(0))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
@@ -55,6 +62,15 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
         for h in handles:
             h.remove()
     return stats, samples
+
+
+def expert_down_input(block: SparseMoeBlock, e: int, x: torch.Tensor) -> torch.Tensor:
+    """act(x W_gate^T) * (x W_up^T) of expert e for block inputs x [M, H]: its down projection's input [M, I]."""
+    experts = block.experts
+    gate_up = x @ experts.w13[e].float().t()  # [M, 2I]
+    inter = experts.intermediate_size
+    gate = F.silu(gate_up[:, :inter]) if experts.activation == "silu" else F.gelu(gate_up[:, :inter], approximate="tanh")
+    return gate * gate_up[:, inter:]
 
 
 def smoothing_scales(act: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -146,7 +162,7 @@ class Smoother:
                 s = scales(f"{prefix}.mlp", mlp.experts.w13.reshape(-1, hidden))
                 self.scales[f"{prefix}.post_attention_layernorm.weight"] = ("div", s)
                 self.ffn_readers[f"{prefix}."] = s
-                self._smooth_expert_down(prefix, mlp, samples[f"{prefix}.mlp"], quantize_weight, alpha)
+                self._smooth_expert_down(prefix, mlp, samples[f"{prefix}.mlp"], stats, quantize_weight, alpha)
                 continue
             if config is not None and config.mlp_bias:
                 continue  # the up projection's bias would need the row scaling too
@@ -162,17 +178,14 @@ class Smoother:
         for name in readers:
             self.scales[name] = ("col", s)
 
-    def _smooth_expert_down(self, prefix: str, block: SparseMoeBlock, x: torch.Tensor,
+    def _smooth_expert_down(self, prefix: str, block: SparseMoeBlock, x: torch.Tensor, stats: dict[str, torch.Tensor],
                             quantize_weight: Callable[[torch.Tensor], torch.Tensor], alpha: float | None) -> None:
         """Each expert's down projection reads act(gate) * up: its scales go into that expert's up rows.
-        Scored on every sampled token (the routed ones are a subset with the same channels)."""
-        experts = block.experts
-        inter = experts.intermediate_size
-        act = F.silu if experts.activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
-        for e in range(experts.num_experts):
-            gate_up = x @ experts.w13[e].float().t()  # [M, 2I]
-            h = act(gate_up[:, :inter]) * gate_up[:, inter:]  # [M, I]
-            amax, w2 = h.abs().amax(0), experts.w2[e]
+        The activation range is the whole calibration text's, the candidates scored on the sampled
+        tokens, as for a dense down_proj (the routed tokens are a subset with the same channels)."""
+        for e in range(block.experts.num_experts):
+            h = expert_down_input(block, e, x)  # [M, I]
+            amax, w2 = stats[f"{prefix}.mlp.experts.{e}.down"], block.experts.w2[e]
             s = smoothing_scales(amax, w2, alpha) if alpha is not None else best_scales(amax, h, w2, quantize_weight)
             self.expert_down[f"{prefix}.{e}"] = s
 

@@ -160,7 +160,10 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast, fp32 master weights and optimizer
     device: str = "auto"
     log_every: int = 1
-    spike_factor: float = 2.0  # a step is a spike when its loss (grad norm) exceeds this x its moving average
+    # A step is flagged when its loss (grad norm) exceeds this factor times its 20-step moving average.
+    # Loss is a log-probability: 10% above the recent mean is already a jump; grad norms are noisier.
+    loss_spike_factor: float = 1.1
+    grad_spike_factor: float = 2.0
     metrics_file: str | None = None  # rank 0 appends one JSON line per step (loss, grad norm, lr, tok/s, MFU)
     seed: int = 0
 
@@ -186,6 +189,25 @@ class TrainConfig:
                                    f"got {self.model.num_hidden_layers}")
         if self.dtype not in ("float32", "bfloat16"):
             raise TrainConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.log_every < 1 or self.checkpoint.every < 0:
+            raise TrainConfigError("train.log_every must be >= 1 and checkpoint.every >= 0")
+        if self.moe.bias_update_speed < 0 or self.moe.balance_loss_weight < 0:
+            raise TrainConfigError("moe.bias_update_speed and moe.balance_loss_weight must be >= 0")
+        tp = self.parallel.tp
+        if tp > 1 and (self.model.intermediate_size % tp or self.model.num_experts):
+            raise TrainConfigError(f"tp {tp} must divide intermediate_size {self.model.intermediate_size} "
+                                   "(and MoE models take dp_shard, not tp)")
+        if 0 < self.parallel.microbatches < self.parallel.pp:
+            raise TrainConfigError(f"1F1B needs at least as many microbatches as stages: microbatches "
+                                   f"{self.parallel.microbatches} < pp {self.parallel.pp}")
+        if self.parallel.pp > 1 and self.model.tie_word_embeddings:
+            raise TrainConfigError("tied embeddings cannot be split across pipeline stages; "
+                                   "set tie_word_embeddings = false in [model]")
+        if self.init.tiny_init and self.model.tie_word_embeddings and self.init.embed_std is None and not self.init_from:
+            raise TrainConfigError("tiny_init draws the embedding from N(0, 1), which a tied LM head would turn into "
+                                   "logits of scale sqrt(hidden_size): set embed_std or tie_word_embeddings = false")
+        if self.checkpoint.export:
+            check_exportable(self.model)
 
     @property
     def total_steps(self) -> int:
@@ -199,6 +221,21 @@ class TrainConfig:
                 return i, stage, step - start
             start += stage.steps
         raise IndexError(f"step {step} is past the last stage")
+
+
+def check_exportable(model: ModelConfig) -> None:
+    """Raise unless the model's config.json reads back as the same model (checked before training)."""
+    import dataclasses
+
+    try:
+        back = ModelConfig.from_hf_config(model.to_hf_config())
+    except ValueError as e:
+        raise TrainConfigError(f"this model cannot be exported ({e}); remove checkpoint.export") from None
+    diff = [f.name for f in dataclasses.fields(model)
+            if f.name != "dtype" and getattr(model, f.name) != getattr(back, f.name)]
+    if diff:
+        raise TrainConfigError(f"this model's exported config.json would not read back ({', '.join(diff)}); "
+                               "remove checkpoint.export")
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:

@@ -219,46 +219,67 @@ class TokenCorpus:
         if not path.is_file():
             raise DataError(f"{self.folder}: not a prepared corpus (no {MANIFEST}); run `quadrant data prepare`")
         self.manifest = json.loads(path.read_text())
-        parts, starts, masks, offset = [], [], [], 0
+        # Shards stay memory-mapped, never concatenated: a window reads only the pages it spans.
+        self._tokens: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+        starts, offset = [], 0
+        self._offsets = [0]
         for shard in self.manifest["shards"]:
             stem = self.folder / shard["stem"]
-            parts.append(np.memmap(f"{stem}.tokens", dtype=np.uint32, mode="r"))
+            self._tokens.append(np.memmap(f"{stem}.tokens", dtype=np.uint32, mode="r"))
             starts.append(np.fromfile(f"{stem}.docs", dtype=np.int64) + offset)
             if self.manifest.get("has_mask"):
-                masks.append(np.memmap(f"{stem}.mask", dtype=np.uint8, mode="r"))
+                self._masks.append(np.memmap(f"{stem}.mask", dtype=np.uint8, mode="r"))
             offset += shard["num_tokens"]
+            self._offsets.append(offset)
         if offset == 0:
             raise DataError(f"{self.folder}: the corpus is empty")
-        self.tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.mask = (masks[0] if len(masks) == 1 else np.concatenate(masks)) if masks else None
-        self.doc_starts = np.concatenate(starts)  # sorted
+        self.num_tokens = offset
+        self.has_mask = bool(self._masks)
+        self.doc_starts = np.concatenate(starts)  # [num_documents], sorted
         self.vocab_size = int(self.manifest["vocab_size"])
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self.num_tokens
+
+    def read(self, start: int, end: int, mask: bool = False) -> np.ndarray:
+        """Tokens (or mask bytes) [start, end) of the flat stream, across shard boundaries."""
+        parts = self._masks if mask else self._tokens
+        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        out, pos = [], start
+        for i in range(first, len(parts)):
+            if pos >= end:
+                break
+            lo = pos - self._offsets[i]
+            take = min(end, self._offsets[i + 1]) - pos
+            out.append(np.asarray(parts[i][lo : lo + take]))
+            pos += take
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def num_windows(self, seq_len: int) -> int:
-        return max(1, (len(self.tokens) - 1) // seq_len)
+        return max(1, (self.num_tokens - 1) // seq_len)
 
     def window(self, index: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input ids [S], labels [S], positions [S]) of window `index` (tokens index*S .. index*S + S)."""
         start = index * seq_len
-        end = min(start + seq_len + 1, len(self.tokens))
-        tokens = np.asarray(self.tokens[start:end], dtype=np.int64)
-        if len(tokens) < seq_len + 1:  # a corpus shorter than one window: wrap around to fill it
-            reps = -(-(seq_len + 1) // len(self.tokens))
-            tokens = np.tile(np.asarray(self.tokens, dtype=np.int64), reps)[: seq_len + 1]
+        end = min(start + seq_len + 1, self.num_tokens)
+        if end - start < seq_len + 1:  # a corpus shorter than one window: wrap around to fill it
+            n = self.num_tokens
+            reps = -(-(seq_len + 1) // n)
+            tokens = np.tile(self.read(0, n).astype(np.int64), reps)[: seq_len + 1]
             doc_start = np.zeros(seq_len + 1, dtype=bool)
-            doc_start[np.arange(0, seq_len + 1, len(self.tokens))] = True
+            doc_start[np.arange(0, seq_len + 1, n)] = True
             for s in self.doc_starts:
-                doc_start[np.arange(s, seq_len + 1, len(self.tokens))] = True
-            trained = (np.ones(seq_len + 1, dtype=bool) if self.mask is None
-                       else np.tile(np.asarray(self.mask, dtype=bool), reps)[: seq_len + 1])
+                doc_start[np.arange(s, seq_len + 1, n)] = True
+            trained = (np.ones(seq_len + 1, dtype=bool) if not self.has_mask
+                       else np.tile(self.read(0, n, mask=True).astype(bool), reps)[: seq_len + 1])
         else:
+            tokens = self.read(start, end).astype(np.int64)
             doc_start = np.zeros(seq_len + 1, dtype=bool)
             lo, hi = np.searchsorted(self.doc_starts, [start, end])
             doc_start[self.doc_starts[lo:hi] - start] = True
-            trained = np.ones(seq_len + 1, dtype=bool) if self.mask is None else self.mask[start:end].astype(bool)
+            trained = (np.ones(seq_len + 1, dtype=bool) if not self.has_mask
+                       else self.read(start, end, mask=True).astype(bool))
         doc_start[0] = True  # a window starts a (possibly partial) document
         labels = tokens[1:].copy()
         labels[doc_start[1:] | ~trained[1:]] = IGNORE_INDEX
@@ -291,6 +312,7 @@ class PackedLoader:
             raise DataError(f"the sources were tokenised with different vocabularies ({sorted(vocab)})")
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._orders: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -311,10 +333,19 @@ class PackedLoader:
             k = int(rank_in_source[g])
             num = corpus.num_windows(seq_len)
             epoch, i = divmod(k, num)
-            order = np.random.default_rng([self.seed, stage_index, int(choice[g]), epoch]).permutation(num)
+            order = self._order(stage_index, int(choice[g]), epoch, num)
             rows.append(corpus.window(int(order[i]), seq_len))
         ids, labels, pos = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
         return Batch(ids, labels, pos)
+
+    def _order(self, stage_index: int, source: int, epoch: int, num: int) -> np.ndarray:
+        """The seeded order of a source's windows in one epoch (cached: consecutive samples share it)."""
+        key = (stage_index, source, epoch, num)
+        if key not in self._orders:
+            if len(self._orders) >= 8:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = np.random.default_rng([self.seed, stage_index, source, epoch]).permutation(num)
+        return self._orders[key]
 
     def _plan(self, stage_index: int, names: list[str], mixture: dict[str, float],
               num_samples: int) -> tuple[np.ndarray, np.ndarray]:

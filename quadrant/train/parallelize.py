@@ -132,7 +132,7 @@ def apply_tp(model: Any, mesh: DeviceMesh) -> None:
         raise TrainConfigError("tensor parallel for MoE layers is not supported; use FSDP (dp_shard) for MoE models")
     if c.attention_bias or c.mlp_bias or c.qk_norm_full:
         raise TrainConfigError("tensor parallel needs bias-free o_proj/down_proj and per-head q/k norms")
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         attn = layer.self_attn
         _localise_merged(attn.qkv_proj, tp)
         attn.num_heads //= tp
@@ -152,9 +152,11 @@ def apply_tp(model: Any, mesh: DeviceMesh) -> None:
         for module in layer.children():
             if isinstance(module, RMSNorm):
                 _sequence_parallel(module, mesh)
-    _tp_embedding(model.model.embed_tokens, mesh)
-    _sequence_parallel(model.model.norm, mesh)
-    if model.lm_head.weight is not None:
+    if model.model.embed_tokens is not None:  # (absent from later pipeline stages)
+        _tp_embedding(model.model.embed_tokens, mesh)
+    if model.model.norm is not None:
+        _sequence_parallel(model.model.norm, mesh)
+    if model.lm_head is not None and model.lm_head.weight is not None:
         _replicate_params(model.lm_head, mesh)
 
 
@@ -170,7 +172,7 @@ def tp_layout(model: nn.Module) -> dict[str, list[int]]:
 # --------------------------------------------------------------------------------- FSDP2, AC, compile
 
 
-def decoder_layers(model: Any) -> list[nn.Module]:
+def decoder_layers(model: Any) -> list[Any]:
     layers = model.model.layers
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
@@ -221,9 +223,12 @@ def stage_layers(num_layers: int, num_stages: int) -> list[range]:
 class PipelineStageModule(nn.Module):
     """One stage's share of a TrainingModel, under the same parameter names.
 
-    First stage: (input_ids, positions) -> embed -> its layers. Later stages: (hidden, residual,
-    positions) -> their layers. Every stage but the last sends (hidden, residual, positions) on; the
-    last applies the final norm and the LM head and returns the logits."""
+    First stage: input_ids -> embed -> its layers. Later stages: (hidden, residual) -> their layers.
+    Every stage but the last sends (hidden, residual) on, in fp32 whatever the compute dtype (one
+    wire format for the schedule's buffers); the last applies the final norm and the LM head and
+    returns fp32 logits. Positions (rotary and document boundaries) do not travel through the pipe:
+    every stage has the step's batch, so `feed_positions` hands each stage its microbatches'
+    positions, which its forwards consume in order (1F1B runs forwards in microbatch order)."""
 
     model: Any  # the family's decoder (LlamaModel), layers pruned to this stage's
     lm_head: Any
@@ -243,22 +248,37 @@ class PipelineStageModule(nn.Module):
         if not self.last:
             self.model.norm = None  # type: ignore[assignment]
         self.lm_head = full.lm_head if self.last else None
+        self._positions: list[torch.Tensor] = []
+        # With tensor parallel the stream between layers is token-sharded: stages exchange it whole
+        # (every tp rank sends its peer the full tensor) and re-shard it on arrival.
+        self.sequence_mesh: DeviceMesh | None = None
+
+    def feed_positions(self, microbatches: list[torch.Tensor]) -> None:
+        self._positions = list(microbatches)
 
     def forward(self, *args: torch.Tensor) -> Any:
+        positions = self._positions.pop(0)  # [b, S] of this microbatch
         if self.first:
-            input_ids, positions = args
-            hidden = self.model.embed_tokens(input_ids.reshape(-1))
-            residual = None
+            hidden = self.model.embed_tokens(args[0].reshape(-1))
+            residual: Any = None  # the first layer starts the residual stream
         else:
-            hidden, residual, positions = args
+            hidden, residual = args
+            if self.sequence_mesh is not None:
+                mesh = self.sequence_mesh
+                hidden, residual = (DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(
+                    mesh, [Shard(0)]) for t in (hidden, residual))
         rope = self.model.rope_tables(positions.reshape(-1), hidden.dtype)
         meta = packed_metadata(positions)
         for layer in self.model.layers.values():
             hidden, residual = layer(hidden, residual, rope, meta)
         if not self.last:
-            return hidden, residual, positions
+            return tuple(_whole(t).float() for t in (hidden, residual))
         hidden, _ = self.model.norm(hidden, residual)
-        return self.lm_head(hidden)
+        return _whole(self.lm_head(hidden)).float()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(stage_module: Any, stage: int, num_stages: int, mesh: DeviceMesh,
@@ -274,8 +294,8 @@ def build_pipeline(stage_module: Any, stage: int, num_stages: int, mesh: DeviceM
     num_tokens = micro_shape[0] * micro_shape[1]
     ids = torch.zeros(micro_shape, dtype=torch.long, device=device)
     hidden = torch.zeros(num_tokens, c.hidden_size, device=device, requires_grad=True)  # gradients flow back
-    carried = (hidden, hidden.detach().clone().requires_grad_(), ids)
-    inputs = (ids, ids) if stage_module.first else carried
+    carried = (hidden, hidden.detach().clone().requires_grad_())
+    inputs = (ids,) if stage_module.first else carried
     outputs = torch.zeros(num_tokens, c.vocab_size, device=device) if stage_module.last else carried
     pipe_stage = PipelineStage(stage_module, stage, num_stages, device, input_args=inputs, output_args=outputs,
                                group=mesh.get_group())
@@ -284,8 +304,8 @@ def build_pipeline(stage_module: Any, stage: int, num_stages: int, mesh: DeviceM
 
 
 def pipeline_loss(total_tokens: list[float]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Mean token loss over a whole step: each microbatch's sum divided by the step's token count
-    (total_tokens[0], set before each step)."""
+    """Mean token loss over a whole step: each microbatch's sum divided by total_tokens[0], set before
+    each step to the step's token count (over dp, for FSDP's gradient averaging to undo)."""
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss, _ = token_loss(logits, labels)
         return loss / total_tokens[0]

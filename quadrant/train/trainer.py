@@ -20,6 +20,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,9 @@ from quadrant.train.model import TrainingModel, build_model
 from quadrant.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from quadrant.train import parallelize as par
 
-# Dense bf16 peak of known accelerators (tensor cores, no sparsity), FLOP/s.
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
+# Dense peaks of known accelerators (no sparsity), FLOP/s: (bf16 tensor cores, fp32 without TF32).
+_PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "H800": (989e12, 67e12), "A100": (312e12, 19.5e12),
+          "L40S": (362e12, 91.6e12)}
 
 
 @dataclass
@@ -72,6 +74,13 @@ class _SpikeDetector:
 
 def flops_per_token(model_config: Any, seq_len: int, model: nn.Module) -> float:
     c = model_config
+    return 6 * active_params(c, model) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def active_params(model_config: Any, model: nn.Module) -> float:
+    """N of the MFU formula: parameters a token's matmuls read (embedding lookups excluded, the LM
+    head included, routed experts counted top_k / num_experts)."""
+    c = model_config
     dense = experts = 0
     for module in model.modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -81,17 +90,16 @@ def flops_per_token(model_config: Any, seq_len: int, model: nn.Module) -> float:
             dense += own
     if c.tie_word_embeddings:
         dense += c.vocab_size * c.hidden_size  # the LM head's matmul reads the embedding
-    active = dense + (experts * c.num_experts_per_tok / c.num_experts if c.num_experts else 0)
-    return 6 * active + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+    return dense + (experts * c.num_experts_per_tok / c.num_experts if c.num_experts else 0)
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
     """The device's peak FLOP/s for MFU: the datasheet for known GPUs, else a measured fp32 matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in _PEAK_BF16.items():
+        for key, (bf16, fp32) in _PEAKS.items():
             if key in name:
-                return value if dtype == "bfloat16" else value / 2  # TF32 runs at half the bf16 rate
+                return bf16 if dtype == "bfloat16" else fp32
     a = torch.randn(1024, 1024, device=device)
     (a @ a).sum().item()
     start = time.perf_counter()
@@ -123,6 +131,8 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.pp_rank = self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
+        if c.checkpoint.export and Path(c.checkpoint.export).exists():
+            raise TrainConfigError(f"{c.checkpoint.export} already exists; choose a new checkpoint.export folder")
         self.loader = PackedLoader(c.data.sources, c.data.seed, self.dp_rank, self.dp)
         if self.loader.vocab_size > c.model.vocab_size:
             raise TrainConfigError(f"the corpus uses token ids up to {self.loader.vocab_size - 1}, but the model's "
@@ -150,7 +160,7 @@ class Trainer:
                      + (f", {params / 1e6:.1f}M parameters" if params else "")
                      + f", norms {c.init.norm_placement}, {'TinyInit' if c.init.tiny_init else 'N(0, init_std)'}"
                      f" | world {self.world_size} = pp {p.pp} x dp {self.dp} x tp {p.tp}, {self.accum} micro-batch(es)"
-                     f" | MFU counts 6N + 12 L h q S = {self.flops_per_token / 1e6:.1f} MFLOP per token")
+                     f" | MFU counts 6 N + 12 L h q S FLOPs per token, N = {self.active_params / 1e6:.1f}M")
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> None:
@@ -166,7 +176,7 @@ class Trainer:
             init_weights(causal_lm, c.model, c.init)
         causal_lm.to(self.device)
         full = TrainingModel(causal_lm)
-        self.flops_per_token = flops_per_token(c.model, max(s.seq_len for s in c.stages), full)
+        self.active_params = active_params(c.model, full)  # before any sharding or pipeline split
         self.moe = par.has_moe(full)
         if self.moe and c.moe.bias_update_speed > 0:
             missing = [n for n, m in full.named_modules() if isinstance(m, Router) and m.e_score_correction_bias is None]
@@ -182,6 +192,8 @@ class Trainer:
         if p.tp > 1:
             assert self.mesh is not None
             par.apply_tp(full, self.mesh["tp"])
+            if p.pp > 1:
+                model.sequence_mesh = self.mesh["tp"]
         if p.activation_checkpointing:
             par.apply_activation_checkpointing(model)
         if p.compile:
@@ -203,6 +215,7 @@ class Trainer:
             self._seq_len = self.config.stages[0].seq_len  # the schedule is rebuilt per sequence length
             self._make_schedule()
         self._balance_terms: list[torch.Tensor] = []
+        self._collecting = False
         if self.moe and c.moe.balance_loss_weight:
             for module in model.modules():
                 if isinstance(module, Router):
@@ -221,7 +234,7 @@ class Trainer:
     def run(self) -> list[StepRecord]:
         c = self.config
         total = c.total_steps
-        loss_spikes, grad_spikes = _SpikeDetector(c.spike_factor), _SpikeDetector(c.spike_factor)
+        loss_spikes, grad_spikes = _SpikeDetector(c.loss_spike_factor), _SpikeDetector(c.grad_spike_factor)
         peak = peak_flops(self.device, c.dtype)
         current_stage = -1
         for step in range(self.start_step, total):
@@ -289,6 +302,8 @@ class Trainer:
         if rebuild:
             self._make_schedule()
         c = self.config.model
+        self.flops_per_token = (6 * self.active_params
+                                + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * stage.seq_len)
         if stage.rope_theta is not None and stage.rope_theta != c.rope_theta:
             c.rope_theta = float(stage.rope_theta)
             self.model.model.build_rotary(c)
@@ -303,19 +318,25 @@ class Trainer:
         total_tokens = max(1.0, float(count))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.schedule is not None:
-            self._step_tokens[0] = total_tokens
+            # FSDP averages gradients over dp ranks: divide by tokens / dp to get the global token mean.
+            self._step_tokens[0] = total_tokens / self.dp
             losses: list[torch.Tensor] = []
             first, last = self.pp_rank == 0, self.pp_rank == self.config.parallel.pp - 1
-            args = (batch.input_ids, batch.positions) if first else ()
-            self.schedule.step(*args, target=batch.labels if last else None, losses=losses)
+            self.model.feed_positions(list(batch.positions.chunk(self.microbatches)))
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                self.schedule.step(*((batch.input_ids,) if first else ()), target=batch.labels if last else None,
+                                   losses=losses)
             if last:
-                loss_sum += sum(float(x) for x in losses) * total_tokens
+                loss_sum += sum(float(x) for x in losses) * total_tokens / self.dp
         else:
             # FSDP averages gradients over dp ranks: scale by dp so the result is the global token mean.
             scale = self.dp / total_tokens
             for micro in batch.split(self.accum):
+                self._balance_terms.clear()
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    self._collecting = True  # not during activation-checkpoint recomputes in backward
                     part, _ = self.model(micro.input_ids, micro.positions, micro.labels)
+                    self._collecting = False
                     objective = part * scale
                     if self._balance_terms:  # summed over layers, averaged over micro-batches (and dp ranks)
                         weight = self.config.moe.balance_loss_weight / self.accum
@@ -332,8 +353,8 @@ class Trainer:
 
     def _balance_hook(self, router: Router, inputs: tuple, _out: Any) -> None:
         """DeepSeek-V3's sequence-wise balance loss: sum_i f_i P_i per sequence, averaged."""
-        if not torch.is_grad_enabled():
-            return  # evaluation or export forwards add no loss
+        if not (self._collecting and torch.is_grad_enabled()):
+            return  # evaluation, export and recompute forwards add no loss
         x = inputs[0]
         logits = F.linear(x.float(), router.weight.float())  # [T, E]
         scores = logits.sigmoid() if router.scoring == "sigmoid" else logits.softmax(-1)

@@ -19,7 +19,7 @@ def test_prepare_writes_documents_with_eos(tmp_path, default_tokenizer):
     corpus = TokenCorpus(out)
     eos = default_tokenizer.eos_token_id
     first = default_tokenizer.encode("One fish.")
-    assert list(corpus.tokens[: len(first) + 1]) == [*first, eos]
+    assert list(corpus.read(0, len(first) + 1)) == [*first, eos]
     assert corpus.doc_starts.tolist() == [0, len(first) + 1]
     assert corpus.manifest["num_documents"] == 2
 
@@ -34,7 +34,7 @@ def test_window_restarts_positions_and_drops_cross_document_labels(tmp_path, def
         assert pos[s] == 0 and pos[s - 1] > 0  # a document starts at position 0
         assert labels[s - 1] == IGNORE_INDEX  # the previous document's last token predicts nothing across
     inside = [j for j in range(seq) if j + 1 not in starts]
-    assert np.array_equal(labels[inside], np.asarray(corpus.tokens[1:], dtype=np.int64)[inside])
+    assert np.array_equal(labels[inside], corpus.read(1, len(corpus)).astype(np.int64)[inside])
 
 
 def test_loader_is_deterministic_rank_sharded_and_resumable(alice_corpus):
@@ -70,11 +70,11 @@ def test_chat_mask_covers_assistant_turns_only(tmp_path, default_tokenizer):
     (tmp_path / "chat.jsonl").write_text(json.dumps(conv) + "\n")
     corpus = TokenCorpus(prepare([tmp_path / "chat.jsonl"], tmp_path / "c", default_tokenizer, "t", "chat",
                                  progress=False))
-    ids = np.asarray(corpus.tokens)
-    trained = default_tokenizer.decode(ids[np.asarray(corpus.mask) == 1].tolist())
+    ids, mask = corpus.read(0, len(corpus)), corpus.read(0, len(corpus), mask=True)
+    trained = default_tokenizer.decode(ids[mask == 1].tolist())
     assert trained == "2 + 3 = 5.<|im_end|>\n2 * 5 = 10.<|im_end|>\n"
     _, labels, _ = corpus.window(0, len(ids) - 1)
-    assert (labels != IGNORE_INDEX).sum() == int(np.asarray(corpus.mask)[1:].sum())
+    assert (labels != IGNORE_INDEX).sum() == int(mask[1:].sum())
 
 
 @pytest.mark.parametrize("content, message", [
@@ -93,3 +93,17 @@ def test_bad_corpora_fail_before_writing(tmp_path, default_tokenizer, content, m
 def test_missing_input_is_one_error(tmp_path, default_tokenizer):
     with pytest.raises(DataError, match="no such file"):
         prepare([tmp_path / "nope.txt"], tmp_path / "out", default_tokenizer, "t", progress=False)
+
+
+def test_windows_across_shards_match_one_shard(tmp_path, default_tokenizer):
+    from tests.train.conftest import ALICE
+
+    paragraphs = [p for p in ALICE[1].read_text().split("\n\n") if p.strip()]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    one = TokenCorpus(prepare([tmp_path / "p.jsonl"], tmp_path / "one", default_tokenizer, "t", progress=False))
+    many = TokenCorpus(prepare([tmp_path / "p.jsonl"], tmp_path / "many", default_tokenizer, "t", shard_tokens=1000,
+                               progress=False))
+    assert len(many.manifest["shards"]) > 5 and len(many) == len(one)
+    for index in range(0, one.num_windows(100), 7):  # windows that straddle shard ends included
+        for a, b in zip(one.window(index, 100), many.window(index, 100)):
+            assert np.array_equal(a, b)

@@ -27,6 +27,9 @@ MODES = {
     # A MoE under FSDP: router biases stay whole on every rank and move by the all-reduced load.
     "fsdp_moe": ({"parallel": dict(dp_shard=2)}, dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2,
                                                        router_bias=True)),
+    # Four processes (two cores: slow but real): pipeline stages that are themselves sharded or split.
+    "pp_x_fsdp": ({"parallel": dict(pp=2, dp_shard=2, microbatches=2)}, dict(tie_word_embeddings=False)),
+    "pp_x_tp": ({"parallel": dict(pp=2, tp=2, microbatches=2)}, dict(tie_word_embeddings=False)),
 }
 
 
@@ -46,7 +49,8 @@ def _train(folder: Path, corpus: Path, model: dict, tables: dict, nproc: int) ->
 def test_two_processes_match_one(mode, tmp_path, alice_corpus):
     tables, model = MODES[mode]
     single = _train(tmp_path / "single", alice_corpus, model, {}, 1)
-    multi = _train(tmp_path / mode, alice_corpus, model, tables, 2)
+    nproc = tables["parallel"].get("pp", 1) * tables["parallel"].get("tp", 1) * tables["parallel"].get("dp_shard", 1)
+    multi = _train(tmp_path / mode, alice_corpus, model, tables, nproc)
     assert len(single) == len(multi) == 10
     for a, b in zip(single, multi):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
