@@ -53,10 +53,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, ffn_fields in models(d, ffn).items():
             raw = {
-                "model": dict(architecture="llama", vocab_size=49152, hidden_size=d, num_hidden_layers=layers,
+                "model": dict({"architecture": "llama"}, vocab_size=49152, hidden_size=d, num_hidden_layers=layers,
                               num_attention_heads=d // 32, num_key_value_heads=d // 32, tie_word_embeddings=True,
                               max_position_embeddings=args.seq_len, norm_placement="depth_scaled_sandwich",
-                              tiny_init=True, embed_std=0.5, **ffn_fields),
+                              tiny_init=True, embed_std=0.5) | ffn_fields,
                 "data": {"sources": {"books": str(train)}},
                 "stages": [dict(name="main", steps=steps, seq_len=args.seq_len, mixture={"books": 1.0})],
                 "optim": dict(lr=args.lr, warmup_steps=steps // 10, schedule="cosine"),

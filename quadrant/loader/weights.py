@@ -126,7 +126,8 @@ def checkpoint_name(target: str, shard: str | None, packed: dict[str, tuple[str,
     parts = target.split(".")
     expert = shard.split(".")[0] if shard is not None and "." in shard else ""
     for key, (module, key_shard) in reversed(list(packed.items())):
-        if (key_shard is None) != (shard is None) or (shard is not None and key_shard.replace("{e}", expert) != shard):
+        wanted = None if key_shard is None else key_shard.replace("{e}", expert)
+        if wanted != shard:
             continue
         mod_parts = module.split(".")
         for i in range(len(parts) - len(mod_parts) + 1):
