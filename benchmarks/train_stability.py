@@ -57,7 +57,7 @@ def run(variant: dict, lr: float, args: argparse.Namespace, train: Path, held: P
                 final=sum(losses[-5:]) / 5, held=held_loss, diverged=not all(map(lambda x: x == x, losses)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the GPU size (d=256, 48 layers, bf16)")
     ap.add_argument("--steps", type=int, default=None)
@@ -65,11 +65,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 4e-3, 1.6e-2])
     ap.add_argument("--plot", default=None, help="write the loss curves here (PNG, needs matplotlib)")
-    args = ap.parse_args()
+    ap.add_argument("--corpus", nargs=2, metavar=("TRAIN", "HELDOUT"), default=None,
+                    help="prepared corpora to use instead of fetching the books (machines without a registry)")
+    args = ap.parse_args(argv)
     args.steps = args.steps or (600 if args.full else 60)
     args.batch = args.batch or (32 if args.full else 4)
     torch.manual_seed(0)
-    train, held = canterbury()
+    train, held = (Path(args.corpus[0]), Path(args.corpus[1])) if args.corpus else canterbury()
     results: dict[tuple[str, float], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for lr in args.lrs:

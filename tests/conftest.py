@@ -45,3 +45,23 @@ def hf_gguf_tokenizer(default_gguf_path):
     """transformers' own tokenizer built from the same GGUF: the reference ids and decodes."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
+
+
+REPO = Path(__file__).resolve().parents[1]
+ALICE = [REPO / "quadrant" / "quant" / "data" / "calibration.txt", REPO / "benchmarks" / "data" / "alice_ch1-2.txt"]
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_gguf_path):
+    from quadrant.loader.source import open_model
+
+    return open_model(default_gguf_path).tokenizer()
+
+
+@pytest.fixture(scope="session")
+def alice_corpus(tmp_path_factory, default_tokenizer) -> Path:
+    """The Alice chapters shipped in the repository, prepared for training with the default tokenizer."""
+    from quadrant.train.data import prepare
+
+    return prepare(ALICE, tmp_path_factory.mktemp("corpus") / "alice", default_tokenizer, "smollm2:135m",
+                   progress=False)

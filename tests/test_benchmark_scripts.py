@@ -50,3 +50,15 @@ def test_train_mfu_smoke(capsys):
     assert [r["workload"] for r in rows] == ["quadrant train step", "transformers LlamaForCausalLM"]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
     assert "training MFU" in capsys.readouterr().out
+
+
+def test_train_stability_and_sparsity_smoke(capsys, alice_corpus, monkeypatch):
+    """Two steps of every variant on the repository's Alice corpus (the real runs fetch the books)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # their shared corpus module
+    corpus = ["--corpus", str(alice_corpus), str(alice_corpus)]
+    _load("train_stability").main(["--steps", "2", "--batch", "1", "--seq-len", "16", "--lrs", "1e-3", *corpus])
+    out = capsys.readouterr().out
+    assert "depth-scaled sandwich + TinyInit" in out and "held-out loss" in out
+    _load("train_sparsity").main(["--steps", "2", "--batch", "2", "--seq-len", "16", *corpus])
+    out = capsys.readouterr().out
+    assert "MoE 8x(F/2) top-2" in out and "dense-4x" in out

@@ -1,32 +1,11 @@
-"""Fixtures for training tests: a corpus prepared with the default model's tokenizer from the Alice
-chapters shipped in the repository, and tiny training configs written as TOML."""
+"""Helpers for training tests: tiny training configs written as TOML (the corpus fixture,
+`alice_corpus`, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-ALICE = [REPO / "quadrant" / "quant" / "data" / "calibration.txt", REPO / "benchmarks" / "data" / "alice_ch1-2.txt"]
-
-
-@pytest.fixture(scope="session")
-def default_tokenizer(default_gguf_path):
-    from quadrant.loader.source import open_model
-
-    return open_model(default_gguf_path).tokenizer()
-
-
-@pytest.fixture(scope="session")
-def alice_corpus(tmp_path_factory, default_tokenizer) -> Path:
-    from quadrant.train.data import prepare
-
-    return prepare(ALICE, tmp_path_factory.mktemp("corpus") / "alice", default_tokenizer, "smollm2:135m",
-                   progress=False)
-
 
 TINY_MODEL = dict(architecture="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -70,3 +70,19 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, alice_corpus):
                          stages=[dict(name="s", steps=2, seq_len=16, mixture={"alice": 1.0})])
     with pytest.raises(ckpt.CheckpointError, match="another model config .*hidden_size: 32 there, 64 here"):
         Trainer(load_config(other), log=lambda _: None)
+
+
+def test_long_context_stage_raises_the_rope_base_and_the_export_keeps_it(tmp_path, alice_corpus, default_tokenizer):
+    import json
+
+    from quadrant.layers.rotary import RotaryEmbedding
+
+    stages = [dict(name="short", steps=2, seq_len=16, mixture={"alice": 1.0}),
+              dict(name="long", steps=1, seq_len=64, mixture={"alice": 1.0}, rope_theta=100000.0)]
+    config = write_config(tmp_path, alice_corpus, stages=stages, checkpoint=dict(export=str(tmp_path / "export")))
+    trainer = Trainer(load_config(config), default_tokenizer, log=lambda _: None)
+    records = trainer.run()
+    assert [r.stage for r in records] == ["short", "short", "long"]
+    expected = RotaryEmbedding(8, 256, 100000.0)
+    torch.testing.assert_close(trainer.model.model.rotary["full_attention"].cos_cached, expected.cos_cached)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["rope_theta"] == 100000.0

@@ -96,7 +96,7 @@ def test_missing_input_is_one_error(tmp_path, default_tokenizer):
 
 
 def test_windows_across_shards_match_one_shard(tmp_path, default_tokenizer):
-    from tests.train.conftest import ALICE
+    from tests.conftest import ALICE
 
     paragraphs = [p for p in ALICE[1].read_text().split("\n\n") if p.strip()]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
