@@ -81,6 +81,10 @@ def torch_attention(
     num_seqs = meta.num_seqs
     if use_cache and meta.max_query_len == 1:
         return _paged_decode(layer, q, meta.block_tables, meta.seq_lens, meta.max_seq_len)  # type: ignore[arg-type]
+    if not use_cache and num_seqs > 1 and layer.sliding_window is None and layer.logit_softcap is None:
+        lengths = {b - a for a, b in zip(starts, starts[1:])}
+        if len(lengths) == 1:  # equal-length sequences (training rows): one batched causal call
+            return _attend_equal(layer, q, k, v, num_seqs)
     out = torch.empty_like(q)
     # Decodes first in a batch (the scheduler puts running requests first): attend them together.
     num_decodes = 0
@@ -103,6 +107,20 @@ def torch_attention(
             k_ctx, v_ctx = k[qs:qe].transpose(0, 1).to(q.dtype), v[qs:qe].transpose(0, 1).to(q.dtype)
         out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx)
     return out
+
+
+def _attend_equal(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Causal attention of num_seqs equal-length sequences packed back to back, in one SDPA call
+    (the flash kernel on the GPU). q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
+    num_tokens, num_heads, dim = q.shape
+    seq = num_tokens // num_seqs
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(num_seqs, seq, t.shape[1], dim).transpose(1, 2).to(q.dtype)  # [B, H, L, D]
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                         scale=layer.scale, enable_gqa=layer.num_heads != layer.num_kv_heads)
+    return out.transpose(1, 2).reshape(num_tokens, num_heads, dim)
 
 
 def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int,

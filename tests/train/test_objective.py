@@ -85,3 +85,17 @@ def test_tp_interleave_round_trip_and_stage_split():
     assert inter[:6, 0].tolist() == [0, 4, 8, 12, 32, 40]  # rank 0: q rows 0-3, k row 0, v row 0
     torch.testing.assert_close(canonical_merged(inter, [8, 2, 2], 2), weight)
     assert stage_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+
+
+def test_equal_length_rows_attend_in_one_call_like_the_per_sequence_loop():
+    from quadrant.layers import attn_backends
+    from quadrant.layers.attention import Attention
+
+    layer = Attention(num_heads=4, num_kv_heads=2, head_dim=8, scale=8**-0.5)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3 * 10, h, 8, generator=gen) for h in (4, 2, 2))
+    meta = AttentionMetadata.for_packed_sequences([10, 10, 10])
+    batched = attn_backends.torch_attention(layer, q, k, v, meta)
+    looped = torch.cat([attn_backends._attend(layer, q[i:i + 10], k[i:i + 10].transpose(0, 1), v[i:i + 10].transpose(0, 1))
+                        for i in (0, 10, 20)])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)  # fp32, same math, other kernel
