@@ -20,8 +20,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
             continue
         (decay if param.dim() >= 2 and "embed_tokens" not in name else keep).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    # On CUDA the fused kernel (one launch for all parameters, DTensor shards included, as torchtitan
+    # runs it); elsewhere the foreach implementation.
+    fused = all(p.is_cuda for p in decay + keep)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             foreach=True)
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
