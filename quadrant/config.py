@@ -259,13 +259,9 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
                          f"give the Hugging Face folder instead of the GGUF file")
     if c.rope_freq_factors is not None:
         raise ValueError("GGUF rope frequency factors have no config.json form; give the Hugging Face folder")
-    family = ModelConfig.from_hf_config({"model_type": model_type, "vocab_size": 1, "hidden_size": c.hidden_size,
-                                         "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
-                                         "num_experts": 2, "num_experts_per_tok": 1})
-    options = {k: getattr(c, k) for k in _QUADRANT_OPTIONS if getattr(c, k) != getattr(family, k)}
     cfg: dict[str, Any] = {
         "architectures": [_HF_CLASSES[model_type]],
-        "model_type": f"quadrant_{model_type}" if options else model_type,
+        "model_type": model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -287,7 +283,6 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
     }
     if c.sliding_window is not None:
         cfg["sliding_window"] = c.sliding_window
-    cfg.update(options)
     if c.num_experts:
         if c.router != "softmax" or c.n_group > 1 or c.shared_expert_intermediate_size or c.n_shared_experts \
                 or c.moe_layers != list(range(c.num_hidden_layers)):
@@ -295,6 +290,11 @@ def to_hf_config(c: ModelConfig) -> dict[str, Any]:
         cfg.update(num_local_experts=c.num_experts, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                    moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
                    router_aux_loss_coef=0.0, output_router_logits=False)
+    # What the family's model type would read back differently is spelled out, under quadrant_<family>.
+    back = ModelConfig.from_hf_config(cfg)
+    options = {k: getattr(c, k) for k in _QUADRANT_OPTIONS if getattr(c, k) != getattr(back, k)}
+    if options:
+        cfg.update(model_type=f"quadrant_{model_type}", **options)
     return cfg
 
 

@@ -39,7 +39,9 @@ def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, s
     if source.config.architecture != "llama" or source.config.num_experts:
         raise UpcycleError(f"upcycling takes a dense llama-family model, not {source.config.architecture!r}")
     config = source.hf_config()
-    config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=num_experts,
+    # A source trained here with options plain llama lacks keeps them, and the quadrant_ prefix.
+    prefix = "quadrant_" if str(config.get("model_type", "")).startswith("quadrant_") else ""
+    config.update(model_type=f"{prefix}mixtral", architectures=["MixtralForCausalLM"], num_local_experts=num_experts,
                   num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False)
     config.pop("mlp_bias", None)
     config.pop("quantization_config", None)  # the source's tensors arrive dequantised: the MoE is float

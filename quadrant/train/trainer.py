@@ -191,7 +191,7 @@ class Trainer:
             model = par.PipelineStageModule(full, self.pp_rank, p.pp)
         if p.tp > 1:
             assert self.mesh is not None
-            par.apply_tp(full, self.mesh["tp"])
+            par.apply_tp(model, self.mesh["tp"])  # a pipeline stage: only its own modules
             if p.pp > 1:
                 model.sequence_mesh = self.mesh["tp"]
         if p.activation_checkpointing:
@@ -326,6 +326,7 @@ class Trainer:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 self.schedule.step(*((batch.input_ids,) if first else ()), target=batch.labels if last else None,
                                    losses=losses)
+            assert not self.model._positions, "1F1B ran fewer forwards than microbatches"
             if last:
                 loss_sum += sum(float(x) for x in losses) * total_tokens / self.dp
         else:

@@ -99,3 +99,23 @@ def test_equal_length_rows_attend_in_one_call_like_the_per_sequence_loop():
     looped = torch.cat([attn_backends._attend(layer, q[i:i + 10], k[i:i + 10].transpose(0, 1), v[i:i + 10].transpose(0, 1))
                         for i in (0, 10, 20)])
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)  # fp32, same math, other kernel
+
+
+@pytest.mark.parametrize("fields, model_type", [
+    (dict(architecture="llama"), "llama"),
+    (dict(architecture="qwen3", qk_norm=True), "qwen3"),
+    (dict(architecture="qwen3moe", qk_norm=True, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True), "qwen3_moe"),
+    (dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2, norm_topk_prob=True), "mixtral"),
+    (dict(architecture="llama", qk_norm=True), "quadrant_llama"),  # options the family type fixes otherwise
+    (dict(architecture="llama", sandwich_norm=True), "quadrant_llama"),
+    (dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, router_bias=True),
+     "quadrant_mixtral"),
+])
+def test_exported_configs_read_back_and_keep_plain_types_when_they_can(fields, model_type):
+    import dataclasses
+
+    config = ModelConfig(**{**dataclasses.asdict(CONFIG), "moe_layers": None, **fields})
+    written = config.to_hf_config()
+    assert written["model_type"] == model_type
+    back = ModelConfig.from_hf_config(written)
+    assert {f.name for f in dataclasses.fields(config) if getattr(back, f.name) != getattr(config, f.name)} == set()
