@@ -22,15 +22,14 @@ BOOKS = ("alice29.txt", "plrabn12.txt", "asyoulik.txt", "lcet10.txt")
 def canterbury(tokenizer_ref: str = "smollm2:135m") -> tuple[Path, Path]:
     """(train corpus, held-out corpus) folders, prepared with `tokenizer_ref`'s tokenizer."""
     from quadrant import envs
-    from quadrant.loader import store
-    from quadrant.loader.source import open_model
+    from quadrant.loader.source import open_pulled
     from quadrant.train.data import prepare
 
     root = envs.quadrant_home() / "data" / f"canterbury-{tokenizer_ref.replace(':', '-').replace('/', '_')}"
     train, held = root / "train", root / "heldout"
     if train.is_dir() and held.is_dir():
         return train, held
-    tokenizer = open_model(store.resolve(tokenizer_ref, pull_missing=True)).tokenizer()
+    tokenizer = open_pulled(tokenizer_ref).tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                         BROTLI, "-d", tmp], check=True)

@@ -193,10 +193,9 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
 
 
 def _tokenizer(ref: str):  # type: ignore[no-untyped-def]
-    from quadrant.loader import store
-    from quadrant.loader.source import open_model
+    from quadrant.loader.source import open_pulled
 
-    return open_model(store.resolve(ref, pull_missing=True)).tokenizer()
+    return open_pulled(ref).tokenizer()
 
 
 def _set_arg(text: str) -> tuple[str, object]:

@@ -27,15 +27,14 @@ class UpcycleError(QuadrantError, ValueError):
 
 def upcycle(model: str, out: str | Path, num_experts: int = 4, top_k: int = 2, seed: int = 0,
             progress: bool = True) -> Path:
-    from quadrant.loader import store
-    from quadrant.loader.source import open_model
+    from quadrant.loader.source import open_pulled
 
     out = Path(out).expanduser()
     if out.exists():
         raise UpcycleError(f"{out} already exists; choose a new output folder (nothing was written)")
     if not 1 <= top_k <= num_experts:
         raise UpcycleError(f"top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
-    source = open_model(store.resolve(model, pull_missing=True))
+    source = open_pulled(model)
     if source.config.architecture != "llama" or source.config.num_experts:
         raise UpcycleError(f"upcycling takes a dense llama-family model, not {source.config.architecture!r}")
     config = source.hf_config()

@@ -29,7 +29,7 @@ from quadrant.engine.scheduler import Scheduler
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
-from quadrant.loader.source import open_config, open_model
+from quadrant.loader.source import open_config, open_pulled
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -73,7 +73,7 @@ class LLMEngine:
         if config.load_format == "dummy":
             self.source = open_config(config.model)
         else:
-            self.source = open_model(store.resolve(config.model, pull_missing=True))
+            self.source = open_pulled(config.model)
         self.model_config = self.source.config
         # A weights-only folder (tests, dummy loads) has no tokenizer; token ids still work.
         self.tokenizer: Tokenizer | None = self.source.tokenizer() if self.source.has_tokenizer() else None

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,18 +72,26 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
-def write_folder(out: Path, config: dict[str, Any], tokenizer: Tokenizer | None,
-                 write_weights: Callable[[Path], None]) -> None:
-    """A new model folder at `out` (which must not exist): `write_weights(folder)` writes the
-    safetensors, then config.json and the tokenizer files; on any failure nothing is left."""
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; moved to `out` when the block ends, removed if it raises,
+    so the new folder appears whole or not at all (model folders, training corpora)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
     try:
-        write_weights(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_folder(out: Path, config: dict[str, Any], tokenizer: Tokenizer | None,
+                 write_weights: Callable[[Path], None]) -> None:
+    """A new model folder at `out` (which must not exist): `write_weights(folder)` writes the
+    safetensors, then config.json and the tokenizer files; on any failure nothing is left."""
+    with staged_folder(out) as tmp:
+        write_weights(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -260,6 +260,13 @@ def _quantized_format(folder: Path) -> tuple[str | None, int | None]:
     return str(qc["format"]), qc.get("group_size")
 
 
+def open_pulled(ref: str) -> ModelSource:
+    """A model by store name (pulled if missing), .gguf file or folder."""
+    from quadrant.loader import store
+
+    return open_model(store.resolve(ref, pull_missing=True))
+
+
 def open_model(path: str | Path) -> ModelSource:
     p = Path(path).expanduser()
     if p.is_file():

@@ -127,18 +127,18 @@ class QuantizeReport:
 def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
                    progress: bool = True, group_size: int = 128,
                    smoothing: float | str | None = "auto") -> QuantizeReport:
-    """`smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
+    """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
+
+    `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
     calibration text, a number fixes it for all layers, None turns it off."""
-    """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`."""
-    from quadrant.loader import store
-    from quadrant.loader.source import open_model
+    from quadrant.loader.source import open_pulled
 
     if fmt not in QUANT_FORMATS:
         raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
     out = Path(out).expanduser()
     if out.exists():
         raise QuantizeError(f"{out} already exists; choose a new output folder (nothing was written)")
-    source = open_model(store.resolve(model, pull_missing=True))
+    source = open_pulled(model)
     already = source.quantization_label()
     if already is not None and not allow_requantize:
         raise QuantizeError(f"{model} is already quantised ({already}); quantise a float checkpoint, or pass "

@@ -193,6 +193,12 @@ class TrainConfig:
             raise TrainConfigError("train.log_every must be >= 1 and checkpoint.every >= 0")
         if self.moe.bias_update_speed < 0 or self.moe.balance_loss_weight < 0:
             raise TrainConfigError("moe.bias_update_speed and moe.balance_loss_weight must be >= 0")
+        m = self.model
+        if m.num_experts and self.moe.bias_update_speed > 0 and m.router != "sigmoid" and not m.router_bias:
+            raise TrainConfigError("aux-loss-free balancing needs a router bias: set router_bias = true in [model] "
+                                   "(or bias_update_speed = 0 in [moe])")
+        if m.num_experts and self.moe.balance_loss_weight and self.parallel.pp > 1:
+            raise TrainConfigError("the sequence balance loss is not supported with pipeline parallel")
         tp = self.parallel.tp
         if tp > 1 and (self.model.intermediate_size % tp or self.model.num_experts):
             raise TrainConfigError(f"tp {tp} must divide intermediate_size {self.model.intermediate_size} "
@@ -203,7 +209,8 @@ class TrainConfig:
         if self.parallel.pp > 1 and self.model.tie_word_embeddings:
             raise TrainConfigError("tied embeddings cannot be split across pipeline stages; "
                                    "set tie_word_embeddings = false in [model]")
-        if self.init.tiny_init and self.model.tie_word_embeddings and self.init.embed_std is None and not self.init_from:
+        tied_tiny = self.init.tiny_init and self.model.tie_word_embeddings and self.init.embed_std is None
+        if tied_tiny and not self.init_from:
             raise TrainConfigError("tiny_init draws the embedding from N(0, 1), which a tied LM head would turn into "
                                    "logits of scale sqrt(hidden_size): set embed_std or tie_word_embeddings = false")
         if self.checkpoint.export:
@@ -254,10 +261,9 @@ def _model_config(table: dict[str, Any], base: Path) -> ModelConfig:
     ref = table.pop("config", None)
     init_from = table.pop("init_from", None)
     if init_from is not None:
-        from quadrant.loader import store
-        from quadrant.loader.source import open_model
+        from quadrant.loader.source import open_pulled
 
-        c = open_model(store.resolve(init_from, pull_missing=True)).config
+        c = open_pulled(init_from).config
         values = {f.name: getattr(c, f.name) for f in fields(ModelConfig)}
         values.update(table)
         table = values

@@ -15,9 +15,6 @@ documents, and a label whose token opens a new document, or is masked, is ignore
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from quadrant.errors import QuadrantError
+from quadrant.loader.safetensors import staged_folder
 from quadrant.tokenizer import Tokenizer
 from quadrant.train.config import StageConfig
 
@@ -130,8 +128,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to end documents with")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_folder(out) as tmp:
         writer = _ShardWriter(tmp, shard_tokens, with_mask=fmt == "chat")
         bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, disable=not progress)
         for doc in iter_documents(paths, fmt, tokenizer, text_key):
@@ -140,21 +137,9 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer,
             writer.add(ids, doc.mask)
             bar.update(len(ids))
         bar.close()
-        shards = writer.close()
-        num_tokens = sum(s["num_tokens"] for s in shards)
-        if num_tokens == 0:
+        writer.close(fmt, tokenizer_ref, tokenizer.vocab_size, eos, [p.name for p in paths])
+        if writer.num_tokens == 0:
             raise DataError(f"the corpus is empty: no text in {len(paths)} input file(s)")
-        manifest = {
-            "version": 1, "format": fmt, "tokenizer": tokenizer_ref, "vocab_size": tokenizer.vocab_size,
-            "eos_token_id": eos, "num_tokens": num_tokens, "num_documents": sum(s["num_documents"] for s in shards),
-            "has_mask": fmt == "chat", "shards": shards, "inputs": [p.name for p in paths],
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -162,16 +147,13 @@ def write_corpus(out: str | Path, documents: Iterable[np.ndarray], vocab_size: i
                  source: str = "synthetic") -> Path:
     """A corpus folder from ready token arrays (generated data: benchmarks on random tokens)."""
     out = Path(out)
-    out.mkdir(parents=True)
-    writer = _ShardWriter(out, 1 << 24, with_mask=False)
-    for doc in documents:
-        writer.add(list(doc), None)
-    shards = writer.close()
-    manifest = {"version": 1, "format": "tokens", "tokenizer": source, "vocab_size": vocab_size,
-                "eos_token_id": eos_token_id, "num_tokens": sum(s["num_tokens"] for s in shards),
-                "num_documents": sum(s["num_documents"] for s in shards), "has_mask": False, "shards": shards,
-                "inputs": [source]}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        raise DataError(f"{out} already exists; choose a new output folder (nothing was written)")
+    with staged_folder(out) as tmp:
+        writer = _ShardWriter(tmp, 1 << 24, with_mask=False)
+        for doc in documents:
+            writer.add(list(doc), None)
+        writer.close("tokens", source, vocab_size, eos_token_id, [source])
     return out
 
 
@@ -204,9 +186,20 @@ class _ShardWriter:
         self.shards.append({"stem": stem, "num_tokens": int(len(tokens)), "num_documents": len(self._ids)})
         self._ids, self._masks, self._count = [], [], 0
 
-    def close(self) -> list[dict[str, Any]]:
+    @property
+    def num_tokens(self) -> int:
+        return sum(s["num_tokens"] for s in self.shards)
+
+    def close(self, fmt: str, tokenizer_ref: str, vocab_size: int, eos_token_id: int, inputs: list[str]) -> None:
+        """Write the last shard and the manifest."""
         self._flush()
-        return self.shards
+        manifest = {
+            "version": 1, "format": fmt, "tokenizer": tokenizer_ref, "vocab_size": vocab_size,
+            "eos_token_id": eos_token_id, "num_tokens": self.num_tokens,
+            "num_documents": sum(s["num_documents"] for s in self.shards), "has_mask": self.with_mask,
+            "shards": self.shards, "inputs": inputs,
+        }
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 # ---------------------------------------------------------------------------------------- read
@@ -295,6 +288,12 @@ class Batch:
     labels: torch.Tensor  # [B, S] int64, IGNORE_INDEX where no loss
     positions: torch.Tensor  # [B, S] int64, 0 at each document start
 
+    @classmethod
+    def from_windows(cls, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> "Batch":
+        """Stack TokenCorpus.window results (ids, labels, positions) into a batch."""
+        ids, labels, positions = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
+        return cls(ids, labels, positions)
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.labels.to(device), self.positions.to(device))
 
@@ -335,8 +334,7 @@ class PackedLoader:
             epoch, i = divmod(k, num)
             order = self._order(stage_index, int(choice[g]), epoch, num)
             rows.append(corpus.window(int(order[i]), seq_len))
-        ids, labels, pos = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
-        return Batch(ids, labels, pos)
+        return Batch.from_windows(rows)
 
     def _order(self, stage_index: int, source: int, epoch: int, num: int) -> np.ndarray:
         """The seeded order of a source's windows in one epoch (cached: consecutive samples share it)."""

@@ -46,10 +46,18 @@ def canonical_merged(weight: torch.Tensor, sizes: list[int], tp: int) -> torch.T
     return torch.cat([chunks[r * len(sizes) + i] for i in range(len(sizes)) for r in range(tp)])
 
 
-def _replicate_params(module: nn.Module, mesh: DeviceMesh) -> None:
+def _distribute_params(module: nn.Module, mesh: DeviceMesh, placement: Any = Replicate()) -> None:
+    """Turn the module's own parameters into DTensors with one placement."""
     for name, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Replicate()]),
+        module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
                                                      requires_grad=param.requires_grad))
+
+
+def _distribute(module: nn.Module, mesh: DeviceMesh, placement: Any, inputs: Callable[..., Any],
+                outputs: Callable[..., Any]) -> None:
+    """The module's parameters placed so, its inputs and outputs converted by the given hooks."""
+    distribute_module(module, mesh, lambda _n, m, _d: _distribute_params(m, mesh, placement),
+                      cast(Any, inputs), cast(Any, outputs))
 
 
 def _to_dtensor(x: Any, mesh: DeviceMesh, placement: Any) -> Any:
@@ -66,15 +74,11 @@ def _sequence_parallel(module: nn.Module, mesh: DeviceMesh, dim: int = 0, local_
     def outputs(_m: nn.Module, out: Any, _mesh: DeviceMesh) -> Any:
         return out.to_local() if local_output else out
 
-    distribute_module(module, mesh, lambda _n, m, _d: _replicate_params(m, mesh), cast(Any, inputs), cast(Any, outputs))
+    _distribute(module, mesh, Replicate(), inputs, outputs)
 
 
 def _column_parallel(module: nn.Module, mesh: DeviceMesh) -> None:
     """Weight rows sharded; the token-sharded input is all-gathered; each rank keeps its output columns."""
-    def partition(_n: str, m: nn.Module, _d: DeviceMesh) -> None:
-        for name, param in list(m.named_parameters(recurse=False)):
-            m.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
-
     def inputs(_m: nn.Module, args: tuple, _mesh: DeviceMesh) -> tuple:
         x = _to_dtensor(args[0], mesh, Shard(0))
         return (x.redistribute(mesh, [Replicate()]), *args[1:])
@@ -82,22 +86,18 @@ def _column_parallel(module: nn.Module, mesh: DeviceMesh) -> None:
     def outputs(_m: nn.Module, out: DTensor, _mesh: DeviceMesh) -> torch.Tensor:
         return out.to_local()
 
-    distribute_module(module, mesh, partition, cast(Any, inputs), cast(Any, outputs))
+    _distribute(module, mesh, Shard(0), inputs, outputs)
 
 
 def _row_parallel(module: nn.Module, mesh: DeviceMesh) -> None:
     """Weight columns sharded; partial sums reduce-scattered back to the token-sharded stream."""
-    def partition(_n: str, m: nn.Module, _d: DeviceMesh) -> None:
-        weight = cast(torch.Tensor, m.weight)
-        m.register_parameter("weight", nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(1)])))
-
     def inputs(_m: nn.Module, args: tuple, _mesh: DeviceMesh) -> tuple:
         return (_to_dtensor(args[0], mesh, Shard(args[0].dim() - 1)), *args[1:])
 
     def outputs(_m: nn.Module, out: DTensor, _mesh: DeviceMesh) -> DTensor:
         return out.redistribute(mesh, [Shard(0)])
 
-    distribute_module(module, mesh, partition, cast(Any, inputs), cast(Any, outputs))
+    _distribute(module, mesh, Shard(1), inputs, outputs)
 
 
 def _tp_embedding(module: nn.Module, mesh: DeviceMesh) -> None:
@@ -108,10 +108,10 @@ def _tp_embedding(module: nn.Module, mesh: DeviceMesh) -> None:
     def outputs(_m: nn.Module, out: DTensor, _mesh: DeviceMesh) -> DTensor:
         return out.redistribute(mesh, [Shard(0)])
 
-    distribute_module(module, mesh, lambda _n, m, _d: _replicate_params(m, mesh), cast(Any, inputs), cast(Any, outputs))
+    _distribute(module, mesh, Replicate(), inputs, outputs)
 
 
-def _localise_merged(linear: MergedLinear, tp: int) -> list[int]:
+def _localise_merged(linear: MergedLinear, tp: int) -> None:
     sizes = [size for _, size in linear.shard_offsets.values()]
     with torch.no_grad():
         linear.weight.data = interleave_merged(linear.weight.data, sizes, tp)
@@ -121,7 +121,6 @@ def _localise_merged(linear: MergedLinear, tp: int) -> list[int]:
     for name, (_, size) in list(linear.shard_offsets.items()):
         linear.shard_offsets[name] = (start, size // tp)
         start += size // tp
-    return sizes
 
 
 def apply_tp(model: Any, mesh: DeviceMesh) -> None:
@@ -157,7 +156,7 @@ def apply_tp(model: Any, mesh: DeviceMesh) -> None:
     if model.model.norm is not None:
         _sequence_parallel(model.model.norm, mesh)
     if model.lm_head is not None and model.lm_head.weight is not None:
-        _replicate_params(model.lm_head, mesh)
+        _distribute_params(model.lm_head, mesh)
 
 
 def tp_layout(model: nn.Module) -> dict[str, list[int]]:
@@ -235,9 +234,8 @@ class PipelineStageModule(nn.Module):
 
     def __init__(self, full: Any, stage: int, num_stages: int) -> None:
         super().__init__()
-        if full.config.tie_word_embeddings and num_stages > 1:
-            raise TrainConfigError("tied embeddings cannot be split across pipeline stages; "
-                                   "set tie_word_embeddings = false in [model]")
+        # TrainConfig refuses tied embeddings with pp > 1: the embedding and the head live on different stages.
+        assert not (full.config.tie_word_embeddings and num_stages > 1)
         keep = stage_layers(full.config.num_hidden_layers, num_stages)[stage]
         self.config = full.config
         self.first, self.last = stage == 0, stage == num_stages - 1

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -61,20 +60,20 @@ class StepRecord:
 @dataclass
 class _SpikeDetector:
     factor: float
-    window: int = 20
-    history: deque = field(default_factory=lambda: deque(maxlen=20))
+    history: deque = field(default_factory=lambda: deque(maxlen=20))  # the moving window
 
     def __call__(self, value: float) -> bool:
-        """True when `value` exceeds factor x the mean of the previous window (once it has 5 entries)."""
+        """True when `value` exceeds factor x the mean of the previous 20 values (once there are 5)."""
         spike = len(self.history) >= 5 and value > self.factor * (sum(self.history) / len(self.history))
         if math.isfinite(value):
             self.history.append(value)
         return spike or not math.isfinite(value)
 
 
-def flops_per_token(model_config: Any, seq_len: int, model: nn.Module) -> float:
+def flops_per_token(model_config: Any, seq_len: int, active: float) -> float:
+    """6 N + 12 L h q S, with N = active_params(...)."""
     c = model_config
-    return 6 * active_params(c, model) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+    return 6 * active + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
 def active_params(model_config: Any, model: nn.Module) -> float:
@@ -138,7 +137,8 @@ class Trainer:
             raise TrainConfigError(f"the corpus uses token ids up to {self.loader.vocab_size - 1}, but the model's "
                                    f"vocab_size is {c.model.vocab_size}; raise vocab_size in [model]")
         if c.global_batch % self.dp:
-            raise TrainConfigError(f"global_batch {c.global_batch} is not divisible by the data-parallel size {self.dp}")
+            raise TrainConfigError(f"global_batch {c.global_batch} is not divisible by the data-parallel size "
+                                   f"{self.dp}")
         self.local_batch = c.global_batch // self.dp
         micro = c.micro_batch or self.local_batch
         if self.local_batch % micro:
@@ -167,27 +167,19 @@ class Trainer:
         c, p = self.config, self.config.parallel
         causal_lm = build_model(c.model)
         if c.init_from:  # fine-tuning: the source's weights, dequantised to fp32
-            from quadrant.loader import store
-            from quadrant.loader.source import open_model
+            from quadrant.loader.source import open_pulled
             from quadrant.loader.weights import load_weights
 
-            load_weights(causal_lm, open_model(store.resolve(c.init_from, pull_missing=True)).weights())
+            load_weights(causal_lm, open_pulled(c.init_from).weights())
         else:
             init_weights(causal_lm, c.model, c.init)
         causal_lm.to(self.device)
         full = TrainingModel(causal_lm)
         self.active_params = active_params(c.model, full)  # before any sharding or pipeline split
         self.moe = par.has_moe(full)
-        if self.moe and c.moe.bias_update_speed > 0:
-            missing = [n for n, m in full.named_modules() if isinstance(m, Router) and m.e_score_correction_bias is None]
-            if missing:
-                raise TrainConfigError("aux-loss-free balancing needs a router bias: set router_bias = true in [model] "
-                                       "(or bias_update_speed = 0 in [moe])")
         model: Any = full
         self.schedule = None
         if p.pp > 1:
-            if c.moe.balance_loss_weight:
-                raise TrainConfigError("the sequence balance loss is not supported with pipeline parallel")
             model = par.PipelineStageModule(full, self.pp_rank, p.pp)
         if p.tp > 1:
             assert self.mesh is not None
@@ -268,8 +260,8 @@ class Trainer:
             every = c.checkpoint.every
             if (every and (step + 1) % every == 0) or (step + 1 == total and c.checkpoint.save_final):
                 ckpt.save(c.checkpoint.folder, step + 1, self.model, self.optimizer, c.model, c.parallel.tp)
-        if c.checkpoint.export and self.rank == 0 and ckpt.latest(c.checkpoint.folder) is not None:
-            found = ckpt.latest(c.checkpoint.folder)
+        found = ckpt.latest(c.checkpoint.folder) if c.checkpoint.export and self.rank == 0 else None
+        if found is not None:
             ckpt.export(found, c.checkpoint.export, self.tokenizer)  # type: ignore[arg-type]
             self.log(f"exported {found} to {c.checkpoint.export}")
         if dist.is_initialized():
@@ -287,10 +279,9 @@ class Trainer:
         windows = [corpus.window(i, seq_len) for i in range(min(num_windows, corpus.num_windows(seq_len)))]
         total = count = 0.0
         for start in range(0, len(windows), batch):
-            rows = windows[start : start + batch]
-            ids, labels, pos = (torch.from_numpy(np.stack(col)).to(self.device) for col in zip(*rows))
+            rows = Batch.from_windows(windows[start : start + batch]).to(self.device)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                loss, n = self.model(ids, pos, labels)
+                loss, n = self.model(rows.input_ids, rows.positions, rows.labels)
             total += float(loss)
             count += float(n)
         return total / max(count, 1.0)
@@ -302,8 +293,7 @@ class Trainer:
         if rebuild:
             self._make_schedule()
         c = self.config.model
-        self.flops_per_token = (6 * self.active_params
-                                + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * stage.seq_len)
+        self.flops_per_token = flops_per_token(c, stage.seq_len, self.active_params)
         if stage.rope_theta is not None and stage.rope_theta != c.rope_theta:
             c.rope_theta = float(stage.rope_theta)
             self.model.model.build_rotary(c)
@@ -346,10 +336,10 @@ class Trainer:
                 objective.backward()
                 loss_sum += part.detach().to(torch.float64)
         if self.mesh is not None and self.world_size > 1:
-            group = None  # all ranks: dp ranks hold different tokens, only the last pp stage holds losses
             if self.config.parallel.tp > 1:
                 loss_sum /= self.config.parallel.tp  # every tp rank computed the same loss
-            dist.all_reduce(loss_sum, group=group)
+            # Over all ranks: dp ranks hold different tokens, only the last pp stage holds losses.
+            dist.all_reduce(loss_sum)
         return float(loss_sum) / total_tokens, int(total_tokens)
 
     def _balance_hook(self, router: Router, inputs: tuple, _out: Any) -> None:

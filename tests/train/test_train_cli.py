@@ -24,6 +24,11 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     (dict(norm_placement="post"), {}, "norm_placement must be pre, sandwich or depth_scaled_sandwich"),
     (dict(hidden_sizes=32), {}, "unknown keys ['hidden_sizes']"),
     ({}, {"optim": dict(schedule="linear")}, "optim.schedule must be cosine, wsd or constant"),
+    (dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2), {},
+     "aux-loss-free balancing needs a router bias"),
+    (dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2, router_bias=True),
+     {"moe": dict(balance_loss_weight=0.01), "parallel": dict(pp=2)}, "balance loss is not supported with pipeline"),
+    (dict(tie_word_embeddings=True), {"parallel": dict(pp=2)}, "tied embeddings cannot be split across pipeline stages"),
 ])
 def test_impossible_configs(tmp_path, capsys, alice_corpus, model, tables, message):
     config = write_config(tmp_path, alice_corpus, model=model, **tables)
