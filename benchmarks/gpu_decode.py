@@ -281,14 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     ctx = Context(args.device, args.smoke, smoke_config=_smoke_config() if args.smoke else None)
     ctx.bandwidth = copy_bandwidth(ctx)
-    if "batch1" in args.only:
-        bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape")
-    if "small" in args.only:
-        bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape")
-    if "throughput" in args.only:
-        bench_throughput(ctx)
-    if "attention" in args.only:
-        bench_attention(ctx)
+    stages = {"batch1": lambda: bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape"),
+              "small": lambda: bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape"),
+              "throughput": lambda: bench_throughput(ctx), "attention": lambda: bench_attention(ctx)}
+    for name, stage in stages.items():
+        if name in args.only:
+            done = len(ctx.rows)
+            stage()
+            for r in ctx.rows[done:]:  # as they come: a run cut short still reports what it measured
+                print(f"{r.workload}: {r.ours:,.1f} {r.unit} vs {r.peer_name} {r.peer}", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     table = Table(title=f"quadrant GPU decode ({device}, torch {torch.__version__}, {date.today()}); "
                         f"copy bandwidth {ctx.bandwidth / 1e9:.0f} GB/s")

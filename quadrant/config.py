@@ -450,9 +450,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format not in ("auto", "dense", "int8", "w8a8", "w4a16", "w4a8"):
             raise ValueError(f"weight_format must be auto, dense, int8, w8a8, w4a16 or w4a8, got {self.weight_format!r}")
-        if self.weight_format not in ("auto", "dense") and not self.device.startswith("cpu"):
+        if self.weight_format in ("int8", "w4a16") and not self.device.startswith("cpu"):
             raise ValueError(f"weight format {self.weight_format} runs on the CPU only so far; on {self.device} "
-                             f"use dense (a quantised folder is then dequantised at load)")
+                             f"use w8a8, w4a8 or dense (a quantised folder is then dequantised at load)")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):

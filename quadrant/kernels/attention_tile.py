@@ -7,7 +7,7 @@ usual rescaling; rows with nothing allowed yet stay at zero instead of NaN.
 
 from __future__ import annotations
 
-from quadrant.kernels.kv_store import load_kv_tile
+from quadrant.kernels.kv_store import dot_as, load_kv_tile
 from quadrant.kernels.triton_import import tl, triton
 
 
@@ -21,7 +21,7 @@ def attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scal
     offset = pos % PAGE
     kt = load_kv_tile(k_cache, k_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
                       QUANT, QGROUP)
-    s = tl.dot(qt.to(DOT), tl.trans(kt.to(DOT))) * sm_scale  # [M, N]
+    s = dot_as(qt, tl.trans(kt), DOT) * sm_scale  # [M, N]
     if SOFTCAP:
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # tanh through exp: not in every tl
     s = tl.where(allowed, s, float("-inf"))
@@ -31,6 +31,6 @@ def attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scal
     p = tl.exp(s - m_safe[:, None])
     vt = load_kv_tile(v_cache, v_scale, page, kh, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
                       QUANT, QGROUP)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))
+    acc = acc * alpha[:, None] + dot_as(p, vt, DOT)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     return acc, m_new, l_i

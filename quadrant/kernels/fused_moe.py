@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quadrant.kernels.fused_norm_rope import act_and_mul
-from quadrant.kernels.kv_store import dot_dtype
+from quadrant.kernels.kv_store import dot_as, dot_dtype
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -252,7 +252,7 @@ def _moe_gemm_kernel(
         k_mask = kk < K
         a_tile = tl.load(a_ptrs + kk[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         b_tile = tl.load(b_ptrs + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
-        acc += tl.dot(a_tile.to(DOT), b_tile.to(DOT))  # int8 codes are exact in bf16/fp16
+        acc += dot_as(a_tile, b_tile, DOT)  # int8 codes are exact in bf16/fp16
     if W8:
         acc = acc * tl.load(b_scale + expert * s_se + n, mask=n_mask, other=0.0)[None, :]
     if MUL_ROUTED_WEIGHT:

@@ -28,6 +28,18 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
+@triton.jit
+def dot_as(a, b, DOT: tl.constexpr):
+    """a @ b with both operands cast to DOT, fp32 accumulation. fp32 operands multiply in full
+    fp32 ("ieee"): Triton's default for them is tf32 on the GPU (10-bit mantissas, ~1e-3
+    relative), which an fp32 model does not ask for (torch's own fp32 matmuls are not tf32)."""
+    if DOT == tl.float32:
+        out = tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+    else:
+        out = tl.dot(a.to(DOT), b.to(DOT))
+    return out
+
+
 def quant_mode(cache_dtype: torch.dtype) -> int:
     if cache_dtype == torch.int8:
         return QUANT_INT8
@@ -189,8 +201,9 @@ def _store_one(src, cache, scale, slots, t, h, num_tokens, s_st, s_sh, c_sb, c_s
                                other=0.0).to(tl.float32)
             vals = tl.where(old[:, None], old_vals, new_vals)  # [GROUP, BLOCK_D]; later rows 0
             amax = tl.max(tl.max(tl.abs(vals), axis=1), axis=0)
-            s = tl.maximum(amax, 1e-6) / QMAX
-            x = vals / s
+            # IEEE divisions, as the reference's: a GPU's fast `/` (div.full, 2 ulp) moved int8 codes at .5 ties.
+            s = tl.div_rn(tl.maximum(amax, 1e-6), QMAX)
+            x = tl.div_rn(vals, s)
             if QUANT == 1:
                 codes = tl.minimum(tl.maximum(tl.floor(tl.abs(x) + 0.5), 0.0), 127.0)
                 codes = tl.where(x < 0, -codes, codes)

@@ -19,7 +19,8 @@ from torch import nn
 from quadrant.config import ModelConfig
 from quadrant.kernels.fused_moe import fused_moe, fused_moe_cpu
 from quadrant.kernels.fused_norm_rope import use_fused
-from quadrant.quant.formats import WeightFormat, int8_per_channel
+from quadrant.kernels.quant_moe import QuantWeights, fused_moe_q8, pack_fp8, pack_w4a8
+from quadrant.quant.formats import WeightFormat, group_size_for, int8_per_channel
 
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config hidden_act -> fused_moe's name
 
@@ -115,19 +116,24 @@ class Experts(nn.Module):
         counted = (torch.ones_like(flat, dtype=torch.long) if self.count_mask is None
                    else self.count_mask[: topk_ids.shape[0]].repeat_interleave(topk_ids.shape[1]))
         self.tokens_per_expert.scatter_add_(0, flat, counted)
+        if self.quant13 is not None and self.quant2 is not None:
+            return fused_moe_q8(x, self.quant13, self.quant2, topk_weights, topk_ids, self.activation)
         if self.expert_kernels:
             return self._run_packed(x, topk_weights, topk_ids)
         run = fused_moe if use_fused(x) else fused_moe_cpu
         return run(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
                    w13_scale=self.w13_scale, w2_scale=self.w2_scale)
 
-    # Quantised experts. On the GPU int8 (weight-only) stays stacked: the Triton fused MoE takes int8
-    # weights with per-channel scales. On the CPU every format packs each expert's matrices with the
-    # dense linears' kernels and runs the experts that received tokens one after another.
+    # Quantised experts. On the GPU the experts stay stacked: int8 (weight-only) in the Triton fused
+    # MoE with per-channel scales, w4a8 and w8a8 (fp8) in its 8-bit-activation twin (quant_moe). On
+    # the CPU every format packs each expert's matrices with the dense linears' kernels and runs the
+    # experts that received tokens one after another.
     count_mask: torch.Tensor | None = None  # [>= T] 1 for real rows, set around CUDA-graph steps (padding)
     w13_scale: torch.Tensor | None = None  # [E, 2I] fp32, int8 experts only
     w2_scale: torch.Tensor | None = None  # [E, H]
     expert_kernels: list[tuple[WeightFormat, Any, Any]] = []
+    quant13: QuantWeights | None = None  # GPU w4a8 / w8a8 stacks
+    quant2: QuantWeights | None = None
 
     def repack(self, fmt: WeightFormat) -> None:
         """Convert the loaded float experts to `fmt`; the float stacks are dropped."""
@@ -140,6 +146,16 @@ class Experts(nn.Module):
             self.w13 = nn.Parameter(q13.view(w13.shape), requires_grad=False)
             self.w2 = nn.Parameter(q2.view(w2.shape), requires_grad=False)
             self.w13_scale, self.w2_scale = s13.view(w13.shape[:2]), s2.view(w2.shape[:2])
+            return
+        if fmt.name in ("w4a8", "w8a8") and w13.is_cuda:
+            group = getattr(fmt, "group_size", 128)
+            if fmt.name == "w8a8":
+                self.quant13, self.quant2 = pack_fp8(w13), pack_fp8(w2)
+            else:
+                self.quant13 = pack_w4a8(w13, group_size_for(w13.shape[-1], group))
+                self.quant2 = pack_w4a8(w2, group_size_for(w2.shape[-1], group))
+            del self.w13, self.w2
+            self.w13 = self.w2 = None  # type: ignore[assignment]
             return
         self.expert_kernels = [(fmt, fmt.pack(w13[e], None), fmt.pack(w2[e], None)) for e in range(self.num_experts)]
         del self.w13, self.w2

@@ -24,7 +24,7 @@ from quadrant.layers.linear import Linear
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
 from quadrant.layers.moe import Experts
-from quadrant.quant.formats import cpu_plan, get_format, single_plan
+from quadrant.quant.formats import GPU_FORMATS, cpu_plan, get_format, single_plan
 from quadrant.quant.quantize import tensor_format
 from quadrant.tokenizer import Tokenizer
 
@@ -93,7 +93,7 @@ class ModelSource:
         def repack(name: str) -> None:
             module = modules.get(name)
             if isinstance(module, Experts) and name not in done and weight_format not in ("auto", "dense"):
-                module.repack(get_format(weight_format, self.quantized_group))
+                module.repack(get_format(weight_format, self.quantized_group, device))
                 done.add(name)
             if isinstance(module, (Linear, LMHead)) and name not in done:
                 head = isinstance(module, LMHead)
@@ -102,7 +102,8 @@ class ModelSource:
                     module.repack(cpu_plan(source, sensitive=head))
                 else:  # an LM head keeps 8 bits under the 4-bit formats, as `quadrant quantize` stores it
                     group = self.quantized_group if weight_format == self.quantized_format else None
-                    module.repack(single_plan(tensor_format("lm_head." if head else name, weight_format), group))
+                    module.repack(single_plan(tensor_format("lm_head." if head else name, weight_format), group,
+                                              device))
                 done.add(name)
 
         load_weights(model, self.weights(), on_module_loaded=repack)
@@ -152,8 +153,9 @@ class ModelSource:
     def default_weight_format(self, device: str | torch.device) -> str:
         """'auto' (per-phase CPU plan) for quantised GGUF files on CPU; the checkpoint's own precision otherwise."""
         if self.quantized_format is not None:
-            # The quantised matmuls are CPU kernels so far: a GPU dequantises the stored grid at load.
-            return self.quantized_format if torch.device(device).type == "cpu" else "dense"
+            # A GPU runs the 8-bit-activation formats (Triton); it dequantises int8/w4a16 folders at load.
+            on_cpu = torch.device(device).type == "cpu"
+            return self.quantized_format if on_cpu or self.quantized_format in GPU_FORMATS else "dense"
         quantized = self.gguf is not None and self.gguf.quantization() not in ("F32", "F16", "BF16")
         return "auto" if quantized and torch.device(device).type == "cpu" else "dense"
 

@@ -228,6 +228,31 @@ class W4A8(Int8Dynamic):
         return super().pack((codes * scale + lo).reshape(weight.shape), bias)
 
 
+@dataclass(frozen=True)
+class GpuQ8(WeightFormat):
+    """The 8-bit-activation formats on the GPU, through the Triton kernel of kernels/quant_moe:
+    `w4a8` (4-bit groups unpacked in registers, int8 tensor cores) and `w8a8` (e4m3 weights per
+    channel x e4m3 activations per token: the GPU's 8-bit format, as the issue's plan has it)."""
+
+    name: FormatName = "w4a8"
+    group_size: int = 128
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        from quadrant.kernels.quant_moe import pack_fp8, pack_w4a8
+
+        if self.name == "w8a8":
+            return pack_fp8(weight), bias
+        return pack_w4a8(weight, group_size_for(weight.shape[1], self.group_size)), bias
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        from quadrant.kernels.quant_moe import quant_linear
+
+        weights, bias = packed
+        return quant_linear(x.reshape(-1, x.shape[-1]), weights, bias).view(*x.shape[:-1], -1)
+
+
+GPU_FORMATS = ("dense", "w8a8", "w4a8")  # int8 and w4a16 have CPU kernels only so far
+
 FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": Int8Dynamic(),
                                     "w4a16": W4A16(group_size=128), "w4a8": W4A8()}
 
@@ -237,10 +262,18 @@ Kernels = list[tuple[float, WeightFormat, Any]]
 SMALL_BATCH_TOKENS = 16  # up to here compact weights win (decode); beyond, bf16 GEMMs do (prefill)
 
 
-def get_format(name: str, group_size: int | None = None) -> WeightFormat:
-    """A format by name; `group_size` sets the 4-bit formats' groups (a quantised folder's own)."""
+def get_format(name: str, group_size: int | None = None, device: str | torch.device = "cpu") -> WeightFormat:
+    """A format by name for `device`; `group_size` sets the 4-bit formats' groups (a quantised folder's own).
+    On a GPU the 8-bit-activation formats take the Triton kernels; the LM head's int8 (weight-only)
+    stays in the model's dtype there."""
     if name not in FORMATS:
         raise ValueError(f"weight format must be one of {sorted(FORMATS)}, got {name!r}")
+    if torch.device(device).type == "cuda":
+        if name == "int8":
+            return Dense()
+        if name not in GPU_FORMATS:
+            raise ValueError(f"weight format {name} runs on the CPU only so far; on a GPU use one of {GPU_FORMATS}")
+        return Dense() if name == "dense" else GpuQ8(name=name, group_size=group_size or 128)  # type: ignore[arg-type]
     if group_size is not None and name == "w4a16":
         return W4A16(group_size=group_size)
     if group_size is not None and name == "w4a8":
@@ -248,8 +281,8 @@ def get_format(name: str, group_size: int | None = None) -> WeightFormat:
     return FORMATS[name]
 
 
-def single_plan(name: str, group_size: int | None = None) -> Plan:
-    return [(float("inf"), get_format(name, group_size))]
+def single_plan(name: str, group_size: int | None = None, device: str | torch.device = "cpu") -> Plan:
+    return [(float("inf"), get_format(name, group_size, device))]
 
 
 def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:

@@ -1,5 +1,5 @@
-"""The GPU path's engine pieces, run on CPU: the triton attention backend (kernels under the
-interpreter), decode steps through the static, padded CUDA-graph buffers, the 8-bit KV cache
+"""The GPU path's engine pieces, on the GPU when there is one, else on CPU (kernels under the
+interpreter): the triton attention backend, decode steps through the static, padded CUDA-graph buffers, the 8-bit KV cache
 and --load-format dummy. Greedy tokens are checked against transformers as in test_engine."""
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from quadrant import SamplingParams  # noqa: E402
 from quadrant.engine.engine import LLMEngine  # noqa: E402
 from quadrant.loader.source import shipped_configs  # noqa: E402
 
-from tests.engine.conftest import GREEDY, make_engine, run_all  # noqa: E402
+from tests.engine.conftest import GREEDY, run_all  # noqa: E402
+from tests.engine.conftest import make_engine as make_cpu_engine  # noqa: E402
+from tests.kernel_device import KERNEL_DEVICE  # noqa: E402
+
+
+def make_engine(path, **options):  # type: ignore[no-untyped-def]
+    """The engine on the device the Triton kernels run on (a GPU compiles them, a CPU interprets them)."""
+    return make_cpu_engine(path, device=KERNEL_DEVICE, **options)
 
 
 @pytest.mark.parametrize("regime", ["graphs", "eager", "small-budget"])

@@ -28,7 +28,16 @@ def slots_for(block_tables: torch.Tensor, b: int, start: int, end: int, block_si
 def make_paged_case(seq_lens: list[int], num_kv: int, dim: int, block_size: int, dtype: torch.dtype,
                     cache_dtype: torch.dtype | None = None, group: int = 0, seed: int = 0) -> PagedCase:
     """Blocks handed out in a shuffled order; every sequence's context filled with random K/V
-    through the reference store, a few tokens at a time as chunked prefill and decode would."""
+    through the reference store, a few tokens at a time as chunked prefill and decode would.
+    Built on the CPU (seeded generator), returned on the default device."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        case = _make_case(seq_lens, num_kv, dim, block_size, dtype, cache_dtype, group, seed)
+    return PagedCase(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in case.__dict__.values()))
+
+
+def _make_case(seq_lens: list[int], num_kv: int, dim: int, block_size: int, dtype: torch.dtype,
+               cache_dtype: torch.dtype | None, group: int, seed: int) -> PagedCase:
     gen = torch.Generator().manual_seed(seed)
     cache_dtype = cache_dtype or dtype
     widths = [-(-n // block_size) for n in seq_lens]

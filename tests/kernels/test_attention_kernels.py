@@ -14,6 +14,8 @@ from quadrant.kernels.paged_decode import paged_decode, paged_decode_ref, plan_s
 from quadrant.kernels.varlen_prefill import varlen_prefill, varlen_prefill_ref
 from tests.kernels.paged import make_paged_case
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 CASES = [

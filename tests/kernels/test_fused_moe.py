@@ -10,8 +10,6 @@ reference on the dequantised weights at the fp32 (or bf16) bound: codes times sc
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -25,8 +23,9 @@ from quadrant.kernels.fused_moe import (
     moe_align,
     pick_blocks,
 )
+from tests.kernel_device import KERNEL_DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = KERNEL_DEVICE
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 

@@ -19,8 +19,9 @@ import torch
 
 from quadrant.kernels import fused_norm_rope as fnr
 from quadrant.layers.rotary import RotaryEmbedding
+from tests.kernel_device import KERNEL_DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = KERNEL_DEVICE
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 
 

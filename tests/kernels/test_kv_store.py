@@ -8,6 +8,8 @@ import torch
 from quadrant.kernels.kv_store import dequantize_ref, store_kv, store_kv_ref
 from tests.kernels.paged import slots_for
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+
 
 def _valid_rows(cache_len: list[int], tables: torch.Tensor, block_size: int) -> list[tuple[int, int]]:
     rows = []

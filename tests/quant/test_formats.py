@@ -75,3 +75,19 @@ def test_linear_repack_drops_dense_weight(wx):
     lin.repack(single_plan("int8"))
     assert lin.weight is None and lin.bias is None and not list(lin.parameters())
     assert rel_err(lin(x), ref) < 1e-2
+
+
+def test_gpu_format_choice():
+    """On a GPU the 8-bit-activation formats take the Triton kernels, the LM head's int8 stays in the
+    model dtype, and the CPU-only formats are refused with a clear message (config and loader alike)."""
+    from quadrant.config import EngineConfig
+    from quadrant.quant.formats import Dense, GpuQ8, get_format
+
+    assert get_format("w4a8", 64, "cuda") == GpuQ8(name="w4a8", group_size=64)
+    assert get_format("w8a8", None, "cuda") == GpuQ8(name="w8a8")
+    assert isinstance(get_format("int8", None, "cuda"), Dense)
+    with pytest.raises(ValueError, match="w4a16 runs on the CPU only"):
+        get_format("w4a16", None, "cuda")
+    EngineConfig("m", device="cuda", weight_format="w4a8")  # accepted
+    with pytest.raises(ValueError, match="int8 runs on the CPU only so far; on cuda use w8a8, w4a8 or dense"):
+        EngineConfig("m", device="cuda", weight_format="int8")

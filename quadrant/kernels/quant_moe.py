@@ -1,0 +1,303 @@
+"""8-bit-activation grouped GEMMs on the GPU: W4A8 and fp8 W8A8, for MoE experts and plain linears.
+
+W4A8 (the seeds' expert format): weights as 4-bit codes c, two per byte (even k in the low
+nibble, `quadrant quantize`'s layout), with a scale s and a zero z per group of g inputs and
+output channel: w = (c - 8) s + z, which is the asymmetric grid c s + lo with z = lo + 8 s.
+Activations are int8 per token, x = xq * xs. Within one group the product runs on the int8
+tensor cores and the group's float terms are applied to its int32 partial sum:
+
+    x . w = xs * sum_groups (s * sum_k xq (c - 8)  +  z * sum_k xq)
+
+The second sum is one number per (token, group), computed with the activation quantisation.
+The K step is one group, so the 4-bit codes are unpacked in registers, one tile at a time.
+
+FP8 (w8a8 on the GPU): weights e4m3 per output channel, activations e4m3 per token, each K
+step's tensor-core sum promoted into an fp32 accumulator, both scales applied once at the end.
+
+The MoE layout is fused_moe's: (token, slot) pairs sorted by expert, each expert's run padded
+to block_m. A linear is the same kernel with one expert and every row in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quadrant.kernels.fused_moe import _align_padded, _assert_ids_in_range, pick_blocks
+from quadrant.kernels.fused_norm_rope import act_and_mul, act_and_mul_ref
+from quadrant.kernels.triton_import import require_triton, tl, triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@dataclass
+class W4A8Weights:
+    """4-bit grouped weights of [E, N, K] (or one [N, K] matrix as E = 1)."""
+
+    qweight: torch.Tensor  # uint8 [E, N, K/2], even k in the low nibble
+    scale: torch.Tensor  # fp32 [E, K/g, N]: per group, along N for coalesced loads
+    zero: torch.Tensor  # fp32 [E, K/g, N]: lo + 8 * scale
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        e, n, half = self.qweight.shape
+        return e, n, 2 * half
+
+    def dequantize(self) -> torch.Tensor:
+        """The float [E, N, K] weights the codes stand for (the reference's)."""
+        codes = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).flatten(-2).float() - 8  # [E, N, K]
+        e, n, k = codes.shape
+        grouped = codes.view(e, n, k // self.group, self.group)
+        s, z = self.scale.transpose(1, 2).unsqueeze(-1), self.zero.transpose(1, 2).unsqueeze(-1)  # [E, N, K/g, 1]
+        return (grouped * s + z).view(e, n, k)
+
+
+@dataclass
+class Fp8Weights:
+    """e4m3 weights of [E, N, K] with one fp32 scale per output channel."""
+
+    weight: torch.Tensor  # float8_e4m3fn [E, N, K]
+    scale: torch.Tensor  # fp32 [E, N]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        e, n, k = self.weight.shape
+        return e, n, k
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.unsqueeze(-1)
+
+
+QuantWeights = W4A8Weights | Fp8Weights
+
+
+def pack_w4a8(weight: torch.Tensor, group: int) -> W4A8Weights:
+    """[E, N, K] or [N, K] float weights -> W4A8Weights on the same device (asymmetric groups of `group`)."""
+    from quadrant.quant.formats import int4_groups
+
+    w = weight if weight.dim() == 3 else weight.unsqueeze(0)
+    if w.shape[-1] % group:
+        raise ValueError(f"in_features {w.shape[-1]} is not a multiple of the group size {group}")
+    codes, scale, lo = int4_groups(w, group)  # [E, N, K/g, g], [E, N, K/g, 1] x 2
+    c = codes.to(torch.uint8).flatten(-2)  # [E, N, K]
+    qweight = (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+    scale, lo = scale.squeeze(-1), lo.squeeze(-1)  # [E, N, K/g]
+    return W4A8Weights(qweight, scale.transpose(1, 2).contiguous(), (lo + 8 * scale).transpose(1, 2).contiguous(),
+                       group)
+
+
+def pack_fp8(weight: torch.Tensor) -> Fp8Weights:
+    """[E, N, K] or [N, K] float weights -> per-channel e4m3 weights."""
+    w = (weight if weight.dim() == 3 else weight.unsqueeze(0)).float()
+    scale = w.abs().amax(-1).clamp_min(1e-12) / FP8_MAX  # [E, N]
+    return Fp8Weights((w / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous())
+
+
+@dataclass
+class QuantActivations:
+    q: torch.Tensor  # int8 or e4m3 [M, K]
+    scale: torch.Tensor  # fp32 [M]
+    group_sums: torch.Tensor | None  # int32 [M, K/g]: sum of each group's int8 codes (W4A8's zero term)
+
+
+def quantize_activations(x: torch.Tensor, weights: QuantWeights) -> QuantActivations:
+    """Per-token 8-bit activations for `weights`' kernel: int8 (W4A8) or e4m3 (FP8), symmetric."""
+    xf = x.float()
+    amax = xf.abs().amax(-1).clamp_min(1e-12)  # [M]
+    if isinstance(weights, Fp8Weights):
+        scale = amax / FP8_MAX
+        return QuantActivations((xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale, None)
+    scale = amax / 127.0
+    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    sums = q.view(q.shape[0], -1, weights.group).sum(-1, dtype=torch.int32)
+    return QuantActivations(q, scale, sums)
+
+
+# -- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _q8_gemm_kernel(
+    a, a_scale, a_sums, b, b_scale, b_zero, c, topk_weights, sorted_ids, expert_of_block,
+    num_pairs, N, K,
+    a_sm, g_sm, b_se, b_sn, s_se, s_sg, c_sm,
+    TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, W4: tl.constexpr, FP8_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[pair] = dequant(A[pair // TOP_K] . B[expert]^T) for one block of sorted pairs x BLOCK_N columns.
+    W4: BLOCK_K is the group; s/z are [E, K/g, N]. Else (fp8): s is [E, N], z unused."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(expert_of_block + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    a_rows = (pairs // TOP_K).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    a_ptrs = a + a_rows[:, None] * a_sm
+    b_base = b + expert * b_se + n[None, :].to(tl.int64) * b_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        a_tile = tl.load(a_ptrs + kk[None, :], mask=valid[:, None] & k_mask[None, :], other=0)  # [BM, BK]
+        if W4:
+            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(b_base + half[:, None], mask=n_mask[None, :], other=0)  # [BK/2, BN] uint8
+            low = (packed & 0xF).to(tl.int8) - 8
+            high = (packed >> 4).to(tl.int8) - 8
+            codes = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # k = 2j + {0, 1}
+            part = tl.dot(a_tile, codes, out_dtype=tl.int32).to(tl.float32)
+            group = k0 // BLOCK_K
+            s = tl.load(b_scale + expert * s_se + group * s_sg + n, mask=n_mask, other=0.0)
+            z = tl.load(b_zero + expert * s_se + group * s_sg + n, mask=n_mask, other=0.0)
+            sums = tl.load(a_sums + a_rows * g_sm + group, mask=valid, other=0).to(tl.float32)
+            acc += part * s[None, :] + sums[:, None] * z[None, :]
+        else:
+            # e4m3 travels as its bytes (the interpreter has no fp8 constants); the GPU multiplies fp8
+            # on the tensor cores, the interpreter in fp32 (exact products, same sums).
+            w = tl.load(b_base + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
+            a8 = a_tile.to(tl.float8e4nv, bitcast=True)
+            w8 = w.to(tl.float8e4nv, bitcast=True)
+            if FP8_NATIVE:
+                # Hopper's fp8 MMA accumulates with ~14 mantissa bits: sum each K step on its own and
+                # add it to the fp32 accumulator (DeepGEMM's promotion, every 128 inputs).
+                acc += tl.dot(a8, w8)
+            else:
+                acc = tl.dot(a8.to(tl.float32), w8.to(tl.float32), acc, input_precision="ieee")
+    if not W4:
+        acc = acc * tl.load(b_scale + expert * s_se + n, mask=n_mask, other=0.0)[None, :]
+    acc = acc * tl.load(a_scale + a_rows, mask=valid, other=0.0)[:, None]
+    if MUL_ROUTED_WEIGHT:
+        acc = acc * tl.load(topk_weights + pairs, mask=valid, other=0.0)[:, None]
+    c_ptrs = c + pairs[:, None].to(tl.int64) * c_sm + n[None, :]
+    tl.store(c_ptrs, acc.to(c.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class Q8Blocks:
+    block_m: int
+    block_n: int
+    block_k: int  # W4A8: the group size
+    num_warps: int
+    num_stages: int
+
+
+def pick_q8_blocks(num_tokens: int, top_k: int, num_experts: int, weights: QuantWeights) -> Q8Blocks:
+    """Decode-sized batches: 16-row tiles (little padding); prefill: the tile that won the sweep of
+    benchmarks/gpu_moe.py on an H200 (BENCHMARKS.md), on the 8-bit tensor cores (wgmma), K step 128
+    (one W4A8 group)."""
+    w4 = isinstance(weights, W4A8Weights)
+    block_k = weights.group if isinstance(weights, W4A8Weights) else 128
+    if pick_blocks(num_tokens, top_k, num_experts).block_m == 16:
+        return Q8Blocks(16, 64, block_k, num_warps=4, num_stages=4)
+    tile = _PREFILL_BLOCKS["w4a8" if w4 else "fp8"]
+    return Q8Blocks(tile.block_m, tile.block_n, block_k, tile.num_warps, tile.num_stages)
+
+
+# OLMoE and Qwen3-MoE expert shapes at 16k tokens: w4a8 252/240 TFLOP/s with 128 x 128 (64 x 128:
+# 242/230); fp8 499/466 with 64 x 128 (128 x 128: 477/436).
+_PREFILL_BLOCKS = {"w4a8": Q8Blocks(128, 128, 128, num_warps=8, num_stages=3),
+                   "fp8": Q8Blocks(64, 128, 128, num_warps=4, num_stages=4)}
+
+
+def set_prefill_blocks(kind: str, blocks: Q8Blocks) -> None:
+    """Override the prefill tile of "w4a8" or "fp8" (benchmarks sweep candidates with it)."""
+    _PREFILL_BLOCKS[kind] = blocks
+
+
+def _q8_gemm(acts: QuantActivations, weights: QuantWeights, out: torch.Tensor, sorted_ids: torch.Tensor,
+             expert_of_block: torch.Tensor, num_pairs: int, top_k: int, topk_weights: torch.Tensor | None,
+             blocks: Q8Blocks) -> None:
+    _, num_n, num_k = weights.shape
+    w4 = isinstance(weights, W4A8Weights)
+    b = weights.qweight if isinstance(weights, W4A8Weights) else weights.weight.view(torch.uint8)
+    a = acts.q if w4 else acts.q.view(torch.uint8)
+    zero = weights.zero if isinstance(weights, W4A8Weights) else weights.scale  # unread for fp8
+    sums = acts.group_sums if acts.group_sums is not None else acts.scale  # unread for fp8
+    block_n = min(blocks.block_n, max(16, triton.next_power_of_2(num_n)))
+    grid = (expert_of_block.shape[0], triton.cdiv(num_n, block_n))
+    _q8_gemm_kernel[grid](
+        a, acts.scale, sums, b, weights.scale, zero, out, topk_weights if topk_weights is not None else out,
+        sorted_ids, expert_of_block,
+        num_pairs, num_n, num_k,
+        a.stride(0), sums.stride(0), b.stride(0), b.stride(1), weights.scale.stride(0),
+        weights.scale.stride(1) if w4 else 0, out.stride(0),
+        TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None, W4=w4, FP8_NATIVE=not triton.knobs.runtime.interpret,
+        BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=blocks.block_k,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )  # fmt: skip
+
+
+def _check(x: torch.Tensor, weights: QuantWeights, name: str) -> None:
+    _, _, k = weights.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{name}: input must be [M, {k}], got {tuple(x.shape)}")
+    if not x.is_cuda and isinstance(_q8_gemm_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"{name} needs CUDA tensors, got {x.device} (or TRITON_INTERPRET=1)")
+
+
+def quant_linear(x: torch.Tensor, weights: QuantWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (float) @ one quantised matrix [N, K]^T -> [M, N] in x's dtype, 8-bit activations."""
+    require_triton()
+    _check(x, weights, "quant_linear")
+    num_rows, (_, num_n, _) = x.shape[0], weights.shape
+    out = torch.empty(num_rows, num_n, dtype=x.dtype, device=x.device)
+    if num_rows:
+        blocks = pick_q8_blocks(num_rows, 1, 1, weights)
+        padded = triton.cdiv(num_rows, blocks.block_m) * blocks.block_m
+        rows = torch.arange(padded, dtype=torch.int32, device=x.device)  # rows >= M are padding
+        experts = torch.zeros(padded // blocks.block_m, dtype=torch.int32, device=x.device)
+        _q8_gemm(quantize_activations(x, weights), weights, out, rows, experts, num_rows, 1, None, blocks)
+    return out if bias is None else out + bias
+
+
+def fused_moe_q8(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """fused_moe with W4A8 or fp8 experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in x's dtype.
+    Activations are quantised per token twice: x before gate_up, act(gate) * up before down."""
+    require_triton()
+    _check(x, w13, "fused_moe_q8")
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    _assert_ids_in_range(topk_ids, num_experts)
+    blocks = pick_q8_blocks(num_tokens, top_k, num_experts, w13)
+    sorted_ids, expert_of_block, _ = _align_padded(topk_ids, num_experts, blocks.block_m)
+    gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)  # [T*k, 2I]
+    _q8_gemm(quantize_activations(x, w13), w13, gate_up, sorted_ids, expert_of_block, num_pairs, top_k, None, blocks)
+    inter = act_and_mul(gate_up, activation)  # [T*k, I]
+    down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
+    weights = topk_weights.reshape(-1).float().contiguous()
+    down_blocks = pick_q8_blocks(num_tokens, top_k, num_experts, w2)
+    _q8_gemm(quantize_activations(inter, w2), w2, down, sorted_ids, expert_of_block, num_pairs, 1, weights,
+             down_blocks)
+    return down.view(num_tokens, top_k, hidden).sum(1)
+
+
+# -- reference ---------------------------------------------------------------------------------
+def quant_linear_ref(x: torch.Tensor, weights: QuantWeights, expert: int = 0) -> torch.Tensor:
+    """What the kernel computes, in fp32 torch: the same 8-bit activations times the dequantised weights."""
+    acts = quantize_activations(x, weights)
+    return (acts.q.float() * acts.scale[:, None]) @ weights.dequantize()[expert].t()
+
+
+def fused_moe_q8_ref(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Per-expert loop over the same quantised activations and dequantised weights, fp32 throughout."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        gate_up = quant_linear_ref(x[tokens], w13, e)
+        inter = act_and_mul_ref(gate_up, activation).to(x.dtype)
+        down = quant_linear_ref(inter, w2, e)
+        out.index_add_(0, tokens, down * topk_weights[tokens, slots, None].float())
+    return out.to(x.dtype)
