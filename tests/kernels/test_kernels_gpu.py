@@ -93,6 +93,15 @@ def test_cuda_graph_engine_matches_eager_torch_backend(tmp_path):
 
 
 
+def _tiny_mixtral(transformers, path) -> None:  # type: ignore[no-untyped-def]
+    """A 2-layer, 4-expert Mixtral with transformers' random init (seed 0), saved as safetensors."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=1024)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+
+
 def test_cuda_graph_moe_with_fp8_cache_tracks_eager(tmp_path):
     """A tiny Mixtral through captured decode graphs with an fp8 cache, against the eager torch
     backend with a full cache: most greedy tokens agree (fp8 moves near-ties), and the router
@@ -101,11 +110,7 @@ def test_cuda_graph_moe_with_fp8_cache_tracks_eager(tmp_path):
     from quadrant import LLM, SamplingParams
     from quadrant.config import CacheConfig
 
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=1024)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_mixtral(transformers, tmp_path)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [[(5 * i + j) % 256 for j in range(7 + 11 * i)] for i in range(5)]  # 5 rows: graphs pad to 8
     graphs = LLM(str(tmp_path), device="cuda", dtype="bfloat16", attention_backend="triton",
@@ -132,11 +137,7 @@ def test_quantised_moe_model_on_gpu_tracks_dense(tmp_path, fmt):
     from quadrant.evaluate import kl_divergence, score_tokens
     from quadrant.layers.moe import Experts
 
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=1024)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_mixtral(transformers, tmp_path)
     tokens = [(7 * i + 3) % 256 for i in range(96)]
     dense = LLM(str(tmp_path), device="cuda", dtype="bfloat16", cache=CacheConfig(num_blocks=128))
     quant = LLM(str(tmp_path), device="cuda", dtype="bfloat16", weight_format=fmt, cache=CacheConfig(num_blocks=128))
