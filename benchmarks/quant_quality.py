@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of the text scored")
     ap.add_argument("--group-sizes", nargs="+", type=int, default=[128, 32], help="4-bit group sizes to measure")
     ap.add_argument("--smoothing", default="auto", help="SmoothQuant for w8a8/w4a8: auto, off or a strength")
+    ap.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"], help="4-bit rounding")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed runs")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -93,7 +94,8 @@ def main() -> None:
                 out = Path(tmp) / f"{label}-{fmt}-{group}"
                 quantize_model(str(path), fmt, out, allow_requantize=True, progress=False, group_size=group or 128,
                                smoothing=None if args.smoothing == "off" else
-                               args.smoothing if args.smoothing == "auto" else float(args.smoothing))
+                               args.smoothing if args.smoothing == "auto" else float(args.smoothing),
+                               method=args.method)
                 ppl = perplexity(str(out), fmt, args.tokens)
                 change = 100 * (ppl / base - 1)
                 speed = None if args.no_speed else decode_speed(str(out), fmt)

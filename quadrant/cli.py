@@ -180,7 +180,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from quadrant.quant.quantize import quantize_model
 
     r = quantize_model(args.model, args.format, args.output, allow_requantize=args.allow_requantize,
-                       group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing))
+                       group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing), method=args.method)
     print(f"{r.path}: {r.format}, {r.num_quantized} weights quantised, {_human_bytes(r.bytes_out)} written "
           f"({_human_bytes(r.bytes_in)} as float32)")
 
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoothing", default="auto",
                    help="SmoothQuant for w8a8/w4a8, calibrated on a shipped text: auto (each layer's best "
                         "strength), a strength in (0, 1), or off")
+    s.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
+                   help="rounding of the 4-bit formats: gptq (error-compensating, calibrated on a shipped "
+                        "text), rtn (nearest grid point); auto: gptq where the model has a tokenizer")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
     s.set_defaults(func=cmd_quantize)

@@ -21,7 +21,7 @@ from torch import nn
 
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.linear import Linear
-from quadrant.layers.moe import SparseMoeBlock
+from quadrant.layers.moe import Experts, SparseMoeBlock
 from quadrant.quant.formats import group_size_for, int4_groups
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -49,7 +49,7 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
                 samples[name] = x[:keep] if have is None else torch.cat([have, x[: keep - have.shape[0]]])
             if isinstance(module, SparseMoeBlock) and module.experts.w13 is not None:
                 for e in range(module.experts.num_experts):
-                    update(f"{name}.experts.{e}.down", expert_down_input(module, e, x).abs().amax(0))
+                    update(f"{name}.experts.{e}.down", expert_down_input(module.experts, e, x).abs().amax(0))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
@@ -64,9 +64,8 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
     return stats, samples
 
 
-def expert_down_input(block: SparseMoeBlock, e: int, x: torch.Tensor) -> torch.Tensor:
+def expert_down_input(experts: Experts, e: int, x: torch.Tensor) -> torch.Tensor:
     """act(x W_gate^T) * (x W_up^T) of expert e for block inputs x [M, H]: its down projection's input [M, I]."""
-    experts = block.experts
     gate_up = x @ experts.w13[e].float().t()  # [M, 2I]
     inter = experts.intermediate_size
     gate = F.silu(gate_up[:, :inter]) if experts.activation == "silu" else F.gelu(gate_up[:, :inter], approximate="tanh")
@@ -184,7 +183,7 @@ class Smoother:
         The activation range is the whole calibration text's, the candidates scored on the sampled
         tokens, as for a dense down_proj (the routed tokens are a subset with the same channels)."""
         for e in range(block.experts.num_experts):
-            h = expert_down_input(block, e, x)  # [M, I]
+            h = expert_down_input(block.experts, e, x)  # [M, I]
             amax, w2 = stats[f"{prefix}.mlp.experts.{e}.down"], block.experts.w2[e]
             s = smoothing_scales(amax, w2, alpha) if alpha is not None else best_scales(amax, h, w2, quantize_weight)
             self.expert_down[f"{prefix}.{e}"] = s
@@ -205,6 +204,21 @@ class Smoother:
             return None
         return next((s for prefix, s in self.ffn_readers.items()
                      if name.startswith(prefix) and tensor.shape[-1] == s.numel()), None)
+
+    def column_scale(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The factor `apply` multiplies this tensor's input columns by (its input is divided by it):
+        GPTQ needs it to rescale the input Hessian. None where the columns are left alone."""
+        down = self._expert_down_scale(name)
+        own = self.scales.get(name)
+        factors = [self._moe_reader_scale(name, tensor), down[1] if down is not None and down[0] == "col" else None,
+                   own[1] if own is not None and own[0] == "col" else None]
+        present = [f for f in factors if f is not None]
+        if not present:
+            return None
+        out = present[0]
+        for f in present[1:]:
+            out = out * f
+        return out
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor

@@ -126,11 +126,13 @@ class QuantizeReport:
 
 def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
                    progress: bool = True, group_size: int = 128,
-                   smoothing: float | str | None = "auto") -> QuantizeReport:
+                   smoothing: float | str | None = "auto", method: str = "auto") -> QuantizeReport:
     """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
 
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
-    calibration text, a number fixes it for all layers, None turns it off."""
+    calibration text, a number fixes it for all layers, None turns it off. `method` (w4a16, w4a8):
+    "gptq" rounds each projection with GPTQ on the same text, "rtn" to the nearest grid point;
+    "auto" is gptq where the model has a tokenizer."""
     from quadrant.loader.source import open_pulled
 
     if fmt not in QUANT_FORMATS:
@@ -146,17 +148,22 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     config = source.hf_config()
     if group_size not in (32, 64, 128, 256):
         raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
+    if method not in ("auto", "gptq", "rtn"):
+        raise QuantizeError(f"method must be auto, gptq or rtn, got {method!r}")
+    if method == "gptq" and fmt in ("w4a16", "w4a8") and not source.has_tokenizer():
+        raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
     tied = source.config.tie_word_embeddings
-    smoother = _smoother(source, fmt, smoothing, group_size)
+    calibration = _calibrate(source, fmt, smoothing, group_size, method)
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
     if fmt in ("w4a16", "w4a8"):
         config["quantization_config"]["group_size"] = group_size
-    if smoother is not None:
+        config["quantization_config"]["rounding"] = "gptq" if calibration.hessians is not None else "rtn"
+    if calibration.smoother is not None:
         config["quantization_config"]["smoothquant"] = smoothing
     report = QuantizeReport(out, fmt, 0, 0, 0)
     st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
-                    lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, smoother))
+                    lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, calibration))
     return report
 
 
@@ -173,34 +180,74 @@ def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
             raise QuantizeError(f"{fmt} cannot hold this architecture: {e}") from None
 
 
-def _smoother(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int) -> Smoother | None:
-    """SmoothQuant scales for the formats with 8-bit activations (None where they do not apply)."""
-    from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
+@dataclass
+class Calibration:
+    smoother: Smoother | None = None  # SmoothQuant scales (8-bit activations)
+    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's input Hessians (4-bit weights)
 
-    if smoothing is None or fmt not in ("w8a8", "w4a8") or not source.has_tokenizer():
-        return None
-    if smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
+
+def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int,
+               method: str) -> Calibration:
+    """Statistics of the float model on the shipped calibration text: SmoothQuant scales for the
+    formats with 8-bit activations, GPTQ's input Hessians for the 4-bit ones (each where it applies)."""
+    from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
+    from quadrant.quant.gptq import input_hessians
+
+    if smoothing is not None and smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
         raise QuantizeError(f"smoothing must be 'auto', a strength in (0, 1) or off, got {smoothing!r}")
+    smooth = smoothing is not None and fmt in ("w8a8", "w4a8")
+    use_gptq = method in ("auto", "gptq") and fmt in ("w4a16", "w4a8")
+    if not (smooth or use_gptq) or not source.has_tokenizer():
+        return Calibration()
     model = source.load_model(torch.float32, "cpu", "dense")
-    if not supports_smoothing(model):
-        return None
-    ids = source.tokenizer().encode(CALIBRATION_TEXT.read_text())[:1024]
-    smoother = Smoother(model, ids, None if smoothing == "auto" else float(smoothing), fmt, group_size)
+    ids = source.tokenizer().encode(CALIBRATION_TEXT.read_text())
+    smoother = None
+    if smooth and supports_smoothing(model):
+        alpha = float(smoothing) if isinstance(smoothing, float) else None  # None: "auto", each layer's own
+        smoother = Smoother(model, ids[:1024], alpha, fmt, group_size)
+    hessians = input_hessians(model, ids) if use_gptq else None
     del model
-    return smoother
+    return Calibration(smoother, hessians)
+
+
+def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, preferred_group: int) -> torch.Tensor:
+    """`tensor` (already smoothed, if it is) rounded by GPTQ to its 4-bit groups; unchanged where no
+    Hessian was collected (a projection the calibration text never reached)."""
+    from quadrant.quant.gptq import gptq, hessian_key
+
+    assert calibration.hessians is not None
+    group = group_size_for(tensor.shape[-1], preferred_group)
+    scale = calibration.smoother.column_scale(name, tensor) if calibration.smoother is not None else None
+
+    def one(matrix: torch.Tensor, key: str | None) -> torch.Tensor:
+        h = calibration.hessians.get(key) if key is not None else None  # type: ignore[union-attr]
+        if h is None:
+            return matrix
+        codes, grid_scale, lo = int4_groups(matrix, group)
+        if torch.allclose((codes * grid_scale + lo).view(matrix.shape), matrix.float(), rtol=0, atol=1e-6):
+            return matrix  # already on such a grid (a Q4_1 source at g32): rounding to nearest is exact
+        if scale is not None:  # smoothing divided this input by `scale`
+            h = h / torch.outer(scale, scale).to(h.dtype)
+        return gptq(matrix.float(), h, group).to(matrix.dtype)
+
+    if tensor.dim() == 3:
+        return torch.stack([one(tensor[e], hessian_key(name, e)) for e in range(tensor.shape[0])])
+    return one(tensor, hessian_key(name))
 
 
 def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bool, group_size: int,
-           report: QuantizeReport, smoother: Smoother | None = None) -> None:
+           report: QuantizeReport, calibration: Calibration) -> None:
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
     shards: list[dict[str, torch.Tensor]] = []
     bar = tqdm(desc=f"quantize {fmt}", unit=" tensors", disable=not progress)
     for name, tensor in source.weights():
         report.bytes_in += tensor.numel() * 4
-        if smoother is not None:
-            tensor = smoother.apply(name, tensor)
+        if calibration.smoother is not None:
+            tensor = calibration.smoother.apply(name, tensor)
         if is_quantizable(name, tensor) and not (tied and name == "lm_head.weight"):
+            if calibration.hessians is not None and tensor_format(name, fmt) in ("w4a16", "w4a8"):
+                tensor = _gptq_tensor(name, tensor, calibration, group_size)
             stem = name.removesuffix(".weight")
             parts = {f"{stem}.{k}": v.contiguous()
                      for k, v in quantize_tensor(tensor, tensor_format(name, fmt), group_size).items()}
