@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
     ap.add_argument("--moe", default=None, help="an upcycled MoE folder (quadrant upcycle) to measure too")
+    ap.add_argument("--moe-only", action="store_true", help="measure only the --moe folder")
     ap.add_argument("--formats", nargs="+", default=list(QUANT_FORMATS), choices=QUANT_FORMATS)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of the text scored")
     ap.add_argument("--group-sizes", nargs="+", type=int, default=[128, 32], help="4-bit group sizes to measure")
@@ -78,7 +79,7 @@ def main() -> None:
         peer = bench_llama_cpp(ensure_llama_cpp(args.find_links), str(gguf), torch.get_num_threads(), 16, 64, 3)["decode"]
         table.add_row(args.model, "llama.cpp (GGUF as shipped)", "-", "-", "-", f"{folder_bytes(gguf) / 2**20:.0f} MiB",
                       f"{peer:.1f}", "1.00x")
-    models = [(args.model, store.resolve(args.model, pull_missing=True))]
+    models = [] if args.moe_only else [(args.model, store.resolve(args.model, pull_missing=True))]
     if args.moe:
         models.append((Path(args.moe).name, Path(args.moe)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +101,7 @@ def main() -> None:
                 change = 100 * (ppl / base - 1)
                 speed = None if args.no_speed else decode_speed(str(out), fmt)
                 name = f"{fmt} (g{group})" if group else fmt
+                print(f"{label} {name}: perplexity {ppl:.3f} ({change:+.2f}% vs {base:.3f})", flush=True)  # as it comes
                 table.add_row(label, name, f"{ppl:.3f}", f"{change:+.2f}%",
                               ("ok" if change <= FLOORS[fmt] else "OVER") + f" (<= +{FLOORS[fmt]:.0f}%)",
                               f"{folder_bytes(out) / 2**20:.0f} MiB", "-" if speed is None else f"{speed:.1f}",

@@ -20,7 +20,7 @@ to block_m. A linear is the same kernel with one expert and every row in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -236,6 +236,8 @@ def _check(x: torch.Tensor, weights: QuantWeights, name: str) -> None:
     _, _, k = weights.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"{name}: input must be [M, {k}], got {tuple(x.shape)}")
+    if weights.scale.device != x.device:
+        raise ValueError(f"{name}: weights are on {weights.scale.device} but the input is on {x.device}")
     if not x.is_cuda and isinstance(_q8_gemm_kernel, triton.runtime.JITFunction):
         raise ValueError(f"{name} needs CUDA tensors, got {x.device} (or TRITON_INTERPRET=1)")
 
@@ -263,6 +265,12 @@ def fused_moe_q8(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weig
     _check(x, w13, "fused_moe_q8")
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
+    if w2.shape != (num_experts, hidden, two_inter // 2) or type(w2) is not type(w13):
+        raise ValueError(f"w2 must be {type(w13).__name__} [{num_experts}, {hidden}, {two_inter // 2}] to match w13, "
+                         f"got {type(w2).__name__} {list(w2.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_weights must both be [{num_tokens}, k], "
+                         f"got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
@@ -275,7 +283,8 @@ def fused_moe_q8(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weig
     inter = act_and_mul(gate_up, activation)  # [T*k, I]
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     weights = topk_weights.reshape(-1).float().contiguous()
-    down_blocks = pick_q8_blocks(num_tokens, top_k, num_experts, w2)
+    # Same row blocks as the sort (the pairs were padded to them); only the K step follows w2's group.
+    down_blocks = replace(blocks, block_k=pick_q8_blocks(num_tokens, top_k, num_experts, w2).block_k)
     _q8_gemm(quantize_activations(inter, w2), w2, down, sorted_ids, expert_of_block, num_pairs, 1, weights,
              down_blocks)
     return down.view(num_tokens, top_k, hidden).sum(1)

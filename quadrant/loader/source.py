@@ -24,7 +24,7 @@ from quadrant.layers.linear import Linear
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
 from quadrant.layers.moe import Experts
-from quadrant.quant.formats import GPU_FORMATS, cpu_plan, get_format, single_plan
+from quadrant.quant.formats import cpu_plan, get_format, runs_on, single_plan
 from quadrant.quant.quantize import tensor_format
 from quadrant.tokenizer import Tokenizer
 
@@ -153,9 +153,9 @@ class ModelSource:
     def default_weight_format(self, device: str | torch.device) -> str:
         """'auto' (per-phase CPU plan) for quantised GGUF files on CPU; the checkpoint's own precision otherwise."""
         if self.quantized_format is not None:
-            # A GPU runs the 8-bit-activation formats (Triton); it dequantises int8/w4a16 folders at load.
-            on_cpu = torch.device(device).type == "cpu"
-            return self.quantized_format if on_cpu or self.quantized_format in GPU_FORMATS else "dense"
+            # A GPU runs the 8-bit-activation formats its tensor cores can (Triton); it dequantises
+            # the others at load.
+            return self.quantized_format if runs_on(self.quantized_format, device) else "dense"
         quantized = self.gguf is not None and self.gguf.quantization() not in ("F32", "F16", "BF16")
         return "auto" if quantized and torch.device(device).type == "cpu" else "dense"
 

@@ -252,6 +252,18 @@ class GpuQ8(WeightFormat):
 
 
 GPU_FORMATS = ("dense", "w8a8", "w4a8")  # int8 and w4a16 have CPU kernels only so far
+_MIN_CAPABILITY = {"w8a8": (8, 9), "w4a8": (8, 0)}  # fp8 tensor cores: Ada/Hopper; int8 ones: Ampere on
+
+
+def runs_on(name: str, device: str | torch.device) -> bool:
+    """Whether `device` has kernels for format `name` (the CPU: all; a CUDA GPU: GPU_FORMATS its
+    tensor cores can run; any other accelerator: dense only)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type != "cuda" or name not in GPU_FORMATS:
+        return name == "dense"
+    return name == "dense" or torch.cuda.get_device_capability(dev) >= _MIN_CAPABILITY[name]
 
 FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": Int8Dynamic(),
                                     "w4a16": W4A16(group_size=128), "w4a8": W4A8()}
@@ -268,12 +280,15 @@ def get_format(name: str, group_size: int | None = None, device: str | torch.dev
     stays in the model's dtype there."""
     if name not in FORMATS:
         raise ValueError(f"weight format must be one of {sorted(FORMATS)}, got {name!r}")
-    if torch.device(device).type == "cuda":
-        if name == "int8":
+    if torch.device(device).type != "cpu":
+        if name in ("int8", "dense"):
             return Dense()
         if name not in GPU_FORMATS:
             raise ValueError(f"weight format {name} runs on the CPU only so far; on a GPU use one of {GPU_FORMATS}")
-        return Dense() if name == "dense" else GpuQ8(name=name, group_size=group_size or 128)  # type: ignore[arg-type]
+        if not runs_on(name, device):
+            raise ValueError(f"weight format {name} needs a CUDA GPU with compute capability "
+                             f"{'.'.join(map(str, _MIN_CAPABILITY[name]))}+ ({device} has none); use dense")
+        return GpuQ8(name=name, group_size=group_size or 128)  # type: ignore[arg-type]
     if group_size is not None and name == "w4a16":
         return W4A16(group_size=group_size)
     if group_size is not None and name == "w4a8":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,7 +132,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
     calibration text, a number fixes it for all layers, None turns it off. `method` (w4a16, w4a8):
     "gptq" rounds each projection with GPTQ on the same text, "rtn" to the nearest grid point;
-    "auto" is gptq where the model has a tokenizer."""
+    "auto" is gptq where the model has a tokenizer and its Hessians fit in 8 GiB (not a large MoE)."""
     from quadrant.loader.source import open_pulled
 
     if fmt not in QUANT_FORMATS:
@@ -184,6 +184,10 @@ def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
 class Calibration:
     smoother: Smoother | None = None  # SmoothQuant scales (8-bit activations)
     hessians: dict[str, torch.Tensor] | None = None  # GPTQ's input Hessians (4-bit weights)
+    tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens behind each Hessian
+
+
+_HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians would hold more (large MoEs)
 
 
 def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int,
@@ -191,12 +195,13 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     """Statistics of the float model on the shipped calibration text: SmoothQuant scales for the
     formats with 8-bit activations, GPTQ's input Hessians for the 4-bit ones (each where it applies)."""
     from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
-    from quadrant.quant.gptq import input_hessians
+    from quadrant.quant.gptq import hessian_bytes, input_hessians
 
     if smoothing is not None and smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
         raise QuantizeError(f"smoothing must be 'auto', a strength in (0, 1) or off, got {smoothing!r}")
     smooth = smoothing is not None and fmt in ("w8a8", "w4a8")
-    use_gptq = method in ("auto", "gptq") and fmt in ("w4a16", "w4a8")
+    use_gptq = fmt in ("w4a16", "w4a8") and (
+        method == "gptq" or (method == "auto" and hessian_bytes(source.config) <= _HESSIAN_BUDGET))
     if not (smooth or use_gptq) or not source.has_tokenizer():
         return Calibration()
     model = source.load_model(torch.float32, "cpu", "dense")
@@ -205,9 +210,9 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     if smooth and supports_smoothing(model):
         alpha = float(smoothing) if isinstance(smoothing, float) else None  # None: "auto", each layer's own
         smoother = Smoother(model, ids[:1024], alpha, fmt, group_size)
-    hessians = input_hessians(model, ids) if use_gptq else None
+    hessians, tokens = input_hessians(model, ids) if use_gptq else (None, {})
     del model
-    return Calibration(smoother, hessians)
+    return Calibration(smoother, hessians, tokens)
 
 
 def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, preferred_group: int) -> torch.Tensor:
@@ -221,7 +226,9 @@ def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, pref
 
     def one(matrix: torch.Tensor, key: str | None) -> torch.Tensor:
         h = calibration.hessians.get(key) if key is not None else None  # type: ignore[union-attr]
-        if h is None:
+        # Fewer tokens than twice the inputs (a rarely routed expert): GPTQ would fit the calibration
+        # text's few directions and round worse than nearest elsewhere.
+        if h is None or calibration.tokens.get(key or "", 0) < 2 * matrix.shape[-1]:
             return matrix
         codes, grid_scale, lo = int4_groups(matrix, group)
         if torch.allclose((codes * grid_scale + lo).view(matrix.shape), matrix.float(), rtol=0, atol=1e-6):

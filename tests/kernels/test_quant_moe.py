@@ -115,3 +115,9 @@ def test_bad_inputs_are_clear_errors():
         quant_linear(torch.randn(3, 64), weights)
     with pytest.raises(ValueError, match="not a multiple of the group size"):
         pack_w4a8(torch.randn(32, 96), 64)
+    w13, w2 = pack_w4a8(torch.randn(4, 64, 128), 64), pack_w4a8(torch.randn(4, 128, 64), 64)
+    ids, weights = torch.zeros(3, 2, dtype=torch.int32), torch.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"w2 must be W4A8Weights \[4, 128, 32\]"):
+        fused_moe_q8(torch.randn(3, 128), w13, w2, weights, ids)
+    with pytest.raises(ValueError, match="topk_ids and topk_weights must both be"):
+        fused_moe_q8(torch.randn(3, 128), w13, pack_w4a8(torch.randn(4, 128, 32), 32), weights[:2], ids)

@@ -77,12 +77,18 @@ def test_linear_repack_drops_dense_weight(wx):
     assert rel_err(lin(x), ref) < 1e-2
 
 
-def test_gpu_format_choice():
-    """On a GPU the 8-bit-activation formats take the Triton kernels, the LM head's int8 stays in the
-    model dtype, and the CPU-only formats are refused with a clear message (config and loader alike)."""
+def test_gpu_format_choice(monkeypatch):
+    """On a GPU the 8-bit-activation formats take the Triton kernels where its tensor cores can run
+    them (the capability is the one thing faked here), the LM head's int8 stays in the model dtype,
+    and the CPU-only formats are refused with a clear message (config and loader alike)."""
     from quadrant.config import EngineConfig
-    from quadrant.quant.formats import Dense, GpuQ8, get_format
+    from quadrant.quant.formats import Dense, GpuQ8, get_format, runs_on
 
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert runs_on("w4a8", "cuda") and not runs_on("w8a8", "cuda") and not runs_on("w4a8", "mps")
+    with pytest.raises(ValueError, match=r"w8a8 needs a CUDA GPU with compute capability 8\.9\+"):
+        get_format("w8a8", None, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert get_format("w4a8", 64, "cuda") == GpuQ8(name="w4a8", group_size=64)
     assert get_format("w8a8", None, "cuda") == GpuQ8(name="w8a8")
     assert isinstance(get_format("int8", None, "cuda"), Dense)

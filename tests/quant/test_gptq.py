@@ -65,3 +65,15 @@ def test_hessian_keys_name_the_modules_that_read_each_tensor():
     assert hessian_key("model.layers.1.mlp.shared_expert.gate_proj.weight") == (
         "model.layers.1.mlp.shared_expert.gate_up_proj")
     assert hessian_key("model.embed_tokens.weight") is None
+
+
+def test_hessian_memory_estimate_sends_large_moes_to_round_to_nearest():
+    from quadrant.config import ModelConfig
+    from quadrant.quant.gptq import hessian_bytes
+    from quadrant.quant.quantize import _HESSIAN_BUDGET
+
+    smol = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3)
+    assert hessian_bytes(smol) == 4 * 30 * (2 * 576**2 + 576**2 + 1536**2)  # about 0.4 GB: GPTQ
+    qwen3_moe = ModelConfig("qwen3moe", 151936, 2048, 6144, 48, 32, 4, head_dim=128, num_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=768)
+    assert hessian_bytes(qwen3_moe) > _HESSIAN_BUDGET  # ~120 GB of expert Hessians: "auto" rounds to nearest
