@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,14 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
                     update(f"{name}.experts.{e}.down", expert_down_input(module.experts, e, x).abs().amax(0))
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (Linear, SparseMoeBlock))]
+    run_calibration(model, token_ids, [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+                                       if isinstance(m, (Linear, SparseMoeBlock))], chunk)
+    return stats, samples
+
+
+def run_calibration(model: nn.Module, token_ids: list[int], handles: list[Any], chunk: int = 256) -> None:
+    """Run the calibration tokens through `model` in independent `chunk`-token sequences (no cache),
+    so the hooks behind `handles` see every layer's inputs; the hooks are removed after."""
     try:
         for start in range(0, len(token_ids), chunk):
             ids = torch.tensor(token_ids[start : start + chunk])
@@ -61,7 +68,6 @@ def linear_inputs(model: nn.Module, token_ids: list[int], chunk: int = 256,
     finally:
         for h in handles:
             h.remove()
-    return stats, samples
 
 
 def expert_down_input(experts: Experts, e: int, x: torch.Tensor) -> torch.Tensor:

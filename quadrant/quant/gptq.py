@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from quadrant.config import ModelConfig
-from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.linear import Linear
 from quadrant.layers.moe import Experts
-from quadrant.quant.calibrate import expert_down_input
+from quadrant.quant.calibrate import expert_down_input, run_calibration
 
 
 @torch.inference_mode()
@@ -63,13 +62,7 @@ def input_hessians(model: nn.Module, token_ids: list[int],
             handles.append(module.register_forward_pre_hook(linear_hook(name)))
         elif isinstance(module, Experts) and module.w13 is not None:
             handles.append(module.register_forward_pre_hook(experts_hook(name)))
-    try:
-        for start in range(0, len(token_ids), chunk):
-            ids = torch.tensor(token_ids[start : start + chunk])
-            model(ids, torch.arange(len(ids)), AttentionMetadata.for_packed_sequences([len(ids)]))
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, token_ids, handles, chunk)
     return sums, counts
 
 
