@@ -212,37 +212,32 @@ class Smoother:
                      if name.startswith(prefix) and tensor.shape[-1] == s.numel()), None)
 
     def column_scale(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The factor `apply` multiplies this tensor's input columns by (its input is divided by it):
-        GPTQ needs it to rescale the input Hessian. None where the columns are left alone."""
+        """The factor `apply` multiplies this tensor's input columns by (its input is divided by it;
+        GPTQ rescales the input Hessian with it). None where the columns are left alone."""
         down = self._expert_down_scale(name)
         own = self.scales.get(name)
-        factors = [self._moe_reader_scale(name, tensor), down[1] if down is not None and down[0] == "col" else None,
-                   own[1] if own is not None and own[0] == "col" else None]
-        present = [f for f in factors if f is not None]
-        if not present:
-            return None
-        out = present[0]
-        for f in present[1:]:
-            out = out * f
+        out = None
+        for s in (self._moe_reader_scale(name, tensor), down[1] if down is not None and down[0] == "col" else None,
+                  own[1] if own is not None and own[0] == "col" else None):
+            if s is not None:
+                out = s if out is None else out * s
         return out
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor
-        moe_s = self._moe_reader_scale(name, tensor)
-        if moe_s is not None:
-            out = out.float() * moe_s
+        cols = self.column_scale(name, tensor)
+        if cols is not None:
+            out = out.float() * cols  # weight columns (inputs)
         down = self._expert_down_scale(name)
-        if down is not None:
-            kind, s = down
-            out = out.float() / s[:, None] if kind == "row" else out.float() * s
-        if name in self.scales:
-            kind, s = self.scales[name]
-            out = out.float() / s if kind == "div" else out.float() * s  # "col": weight columns (inputs)
+        if down is not None and down[0] == "row":
+            out = out.float() / down[1][:, None]  # an expert's up rows write its down projection's input
+        own = self.scales.get(name)
+        if own is not None and own[0] == "div":
+            out = out.float() / own[1]  # a norm gain
         rows = self.scales.get(f"{name}#rows")
         if rows is not None:
             out = out.float() / rows[1][:, None]  # the up projection writes down_proj's input
         return out.to(tensor.dtype) if out is not tensor else out
-
 
 def supports_smoothing(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
