@@ -19,8 +19,8 @@ from torch import nn
 from quadrant.config import ModelConfig
 from quadrant.kernels.fused_moe import fused_moe, fused_moe_cpu
 from quadrant.kernels.fused_norm_rope import use_fused
-from quadrant.kernels.quant_moe import QuantWeights, fused_moe_q8, pack_fp8, pack_w4a8
-from quadrant.quant.formats import WeightFormat, group_size_for, int8_per_channel
+from quadrant.kernels.quant_moe import QuantWeights, fused_moe_q8
+from quadrant.quant.formats import GpuQ8, WeightFormat, int8_per_channel
 
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config hidden_act -> fused_moe's name
 
@@ -147,13 +147,8 @@ class Experts(nn.Module):
             self.w2 = nn.Parameter(q2.view(w2.shape), requires_grad=False)
             self.w13_scale, self.w2_scale = s13.view(w13.shape[:2]), s2.view(w2.shape[:2])
             return
-        if fmt.name in ("w4a8", "w8a8") and w13.is_cuda:
-            group = getattr(fmt, "group_size", 128)
-            if fmt.name == "w8a8":
-                self.quant13, self.quant2 = pack_fp8(w13), pack_fp8(w2)
-            else:
-                self.quant13 = pack_w4a8(w13, group_size_for(w13.shape[-1], group))
-                self.quant2 = pack_w4a8(w2, group_size_for(w2.shape[-1], group))
+        if isinstance(fmt, GpuQ8):  # the linears' GPU packing, on the stacks
+            (self.quant13, _), (self.quant2, _) = fmt.pack(w13, None), fmt.pack(w2, None)
             del self.w13, self.w2
             self.w13 = self.w2 = None  # type: ignore[assignment]
             return

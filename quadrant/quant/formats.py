@@ -242,7 +242,7 @@ class GpuQ8(WeightFormat):
 
         if self.name == "w8a8":
             return pack_fp8(weight), bias
-        return pack_w4a8(weight, group_size_for(weight.shape[1], self.group_size)), bias
+        return pack_w4a8(weight, group_size_for(weight.shape[-1], self.group_size)), bias  # [N, K] or [E, N, K]
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         from quadrant.kernels.quant_moe import quant_linear

@@ -121,3 +121,25 @@ def test_bad_inputs_are_clear_errors():
         fused_moe_q8(torch.randn(3, 128), w13, w2, weights, ids)
     with pytest.raises(ValueError, match="topk_ids and topk_weights must both be"):
         fused_moe_q8(torch.randn(3, 128), w13, pack_w4a8(torch.randn(4, 128, 32), 32), weights[:2], ids)
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8"])
+def test_experts_packed_for_the_gpu_run_the_8bit_kernel(fmt):
+    """Experts.repack with the GPU format (what the loader hands it on CUDA) keeps the stacks for
+    fused_moe_q8, with the linears' packing: the layer then computes the reference's product."""
+    from quadrant.layers.moe import Experts
+    from quadrant.quant.formats import GpuQ8
+
+    torch.manual_seed(5)
+    experts = Experts(4, 128, 64)
+    with torch.no_grad():
+        experts.w13.normal_(0, 0.05)
+        experts.w2.normal_(0, 0.05)
+    w13, w2 = experts.w13.detach().clone(), experts.w2.detach().clone()
+    experts.repack(GpuQ8(name=fmt, group_size=64))
+    assert experts.w13 is None and experts.quant13 is not None
+    x = torch.randn(9, 128)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(9)]).to(torch.int32)
+    weights = torch.softmax(torch.randn(9, 2), -1)
+    pack = (lambda w: pack_w4a8(w, 64)) if fmt == "w4a8" else pack_fp8
+    assert rel_err(experts(x, weights, ids), fused_moe_q8_ref(x, pack(w13), pack(w2), weights, ids)) < 1e-3
