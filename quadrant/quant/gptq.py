@@ -117,12 +117,16 @@ def group_grid(w: torch.Tensor, importance: torch.Tensor | None = None,
     for p in shrinks:
         lo_p, hi_p = lo * p, hi * p
         scale = ((hi_p - lo_p) / 15.0).clamp_min(1e-12)
-        q = torch.clamp(torch.round((w - lo_p) / scale), 0, 15) * scale + lo_p
-        err = ((q - w) ** 2 * weights).sum(1, keepdim=True)
+        err = ((round_to_grid(w, scale, lo_p) - w) ** 2 * weights).sum(1, keepdim=True)
         better = err < best_err
         best_scale, best_lo, best_err = (torch.where(better, scale, best_scale), torch.where(better, lo_p, best_lo),
                                          torch.where(better, err, best_err))
     return best_scale, best_lo
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """w rounded to the nearest of the 16 points lo + c * scale (clamped at both ends)."""
+    return torch.clamp(torch.round((w - lo) / scale), 0, 15) * scale + lo
 
 
 CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -134,7 +138,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
     """weight [N, K], hessian [K, K] -> the weight rounded to 4-bit groups of `group` inputs (as floats).
 
     `damp` adds that fraction of the mean diagonal to H (numerical safety for rarely-used inputs);
-    `block` is how many columns are updated lazily at a time. `act_order` rounds the columns in
+    `block` is how many columns are updated lazily at a time (rounded up to whole groups, so that
+    in column order a group's weights are all current when its grid is chosen). `act_order` rounds the columns in
     order of decreasing H diagonal (the inputs that carry most first, while the others can still
     absorb their error); the groups stay the stored, contiguous ones, so their grids are then fixed
     up front from the original weights. `shrinks`: the clipping candidates of `group_grid`."""
@@ -142,6 +147,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
     n, k = w.shape
     if k % group:
         raise ValueError(f"in_features {k} must be a multiple of the group {group}")
+    block = -(-block // group) * group
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -173,11 +179,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
                 g = col_index // group
                 scale, lo = scales[:, g : g + 1], mins[:, g : g + 1]
             elif col_index % group == 0:  # in order: the group's grid from its weights as updated so far
-                cols = slice(i, i + group) if i + group <= b1 - b0 else None
-                current = wb[:, cols] if cols is not None else torch.cat([wb[:, i:], w[:, b1 : b0 + i + group]], 1)
-                scale, lo = group_grid(current, diag[perm[b0 + i : b0 + i + group]], shrinks)
+                scale, lo = group_grid(wb[:, i : i + group], diag[perm[b0 + i : b0 + i + group]], shrinks)
             col = wb[:, i : i + 1]
-            q = torch.clamp(torch.round((col - lo) / scale), 0, 15) * scale + lo
+            q = round_to_grid(col, scale, lo)
             out[:, b0 + i : b0 + i + 1] = q
             err = (col - q) / hb[i, i]
             wb[:, i:] -= err @ hb[i : i + 1, i:]
