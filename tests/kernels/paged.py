@@ -19,6 +19,9 @@ class PagedCase:
     seq_lens: torch.Tensor  # [B] int32
     group: int
 
+    def to(self, device: torch.device | str) -> PagedCase:
+        return PagedCase(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in self.__dict__.values()))
+
 
 def slots_for(block_tables: torch.Tensor, b: int, start: int, end: int, block_size: int) -> torch.Tensor:
     pos = torch.arange(start, end)
@@ -33,7 +36,7 @@ def make_paged_case(seq_lens: list[int], num_kv: int, dim: int, block_size: int,
     device = torch.get_default_device()
     with torch.device("cpu"):
         case = _make_case(seq_lens, num_kv, dim, block_size, dtype, cache_dtype, group, seed)
-    return PagedCase(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in case.__dict__.values()))
+    return case.to(device)
 
 
 def _make_case(seq_lens: list[int], num_kv: int, dim: int, block_size: int, dtype: torch.dtype,

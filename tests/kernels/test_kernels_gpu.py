@@ -13,12 +13,6 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _to(case, device):
-    from tests.kernels.paged import PagedCase
-
-    return PagedCase(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in case.__dict__.values()))
-
-
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("groups", [1, 4, 8])
 def test_compiled_attention_kernels_match_reference(cache_dtype, groups):
@@ -29,7 +23,7 @@ def test_compiled_attention_kernels_match_reference(cache_dtype, groups):
     dev = torch.device("cuda")
     seq_lens, num_kv, dim = [1, 129, 1000, 4097], 2, 128
     group = 16 if cache_dtype else 0
-    pc = _to(make_paged_case(seq_lens, num_kv, dim, 16, torch.bfloat16, cache_dtype, group), dev)
+    pc = make_paged_case(seq_lens, num_kv, dim, 16, torch.bfloat16, cache_dtype, group).to(dev)
     q = torch.randn(len(seq_lens), num_kv * groups, dim, device=dev, dtype=torch.bfloat16)
     ref = paged_decode_ref(q, pc.k_cache, pc.v_cache, pc.block_tables, pc.seq_lens, dim**-0.5, pc.k_scale,
                            pc.v_scale, group)
