@@ -133,7 +133,10 @@ def _store_group_ref(src: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor
     earlier = torch.arange(group, device=slots.device)[None, None, :, None] < first_new
     vals = torch.where(earlier, old, 0.0)  # rows from this token on are rewritten (or not yet used)
     vals[member, :, slots % group] = src.float()
-    new_scale = vals.abs().amax(dim=(2, 3)).clamp_min(_MIN_SCALE_AMAX) / QMAX[cache.dtype]  # [G, Hk]
+    amax = vals.abs().amax(dim=(2, 3)).clamp_min(_MIN_SCALE_AMAX)  # [G, Hk]
+    # A true division, as the kernel's: CUDA torch turns `tensor / python_float` into a multiply by
+    # the reciprocal, one ulp off at times, which flipped a few codes at .5 ties on an H200.
+    new_scale = amax / torch.full_like(amax, QMAX[cache.dtype])
     codes = quantize_ref(vals / new_scale[:, :, None, None], cache.dtype)
     cache[blocks[:, None], :, rows] = codes.transpose(1, 2)
     scale[blocks, :, base // group] = new_scale

@@ -1,15 +1,19 @@
 """8-bit-activation grouped GEMMs on the GPU: W4A8 and fp8 W8A8, for MoE experts and plain linears.
 
-W4A8 (the seeds' expert format): weights as 4-bit codes c, two per byte (even k in the low
-nibble, `quadrant quantize`'s layout), with a scale s and a zero z per group of g inputs and
-output channel: w = (c - 8) s + z, which is the asymmetric grid c s + lo with z = lo + 8 s.
+W4A8 (the seeds' expert format): weights as 4-bit codes c in 0..15 with a scale s and a min lo
+per group of g inputs and output channel, w = c s + lo (`quadrant quantize`'s asymmetric grid).
 Activations are int8 per token, x = xq * xs. Within one group the product runs on the int8
 tensor cores and the group's float terms are applied to its int32 partial sum:
 
-    x . w = xs * sum_groups (s * sum_k xq (c - 8)  +  z * sum_k xq)
+    x . w = xs * sum_groups (s * sum_k xq c  +  lo * sum_k xq)
 
 The second sum is one number per (token, group), computed with the activation quantisation.
-The K step is one group, so the 4-bit codes are unpacked in registers, one tile at a time.
+The K step is a span of max(g, 64) inputs. Each byte holds the codes of inputs j and j + span/2 of
+its span (low and high nibble), so one AND and one shift on 32-bit words unpack eight codes into
+two int8 tiles, each multiplied by its own contiguous half of the activation tile: no interleaving,
+no sign fix-up (codes stay unsigned; their offset is in lo). Groups of 32 are the two halves of a
+span (the int8 tensor cores take K >= 32 per product). On the GPU the unpacking is inline PTX; the
+interpreter runs the same arithmetic per byte.
 
 FP8 (w8a8 on the GPU): weights e4m3 per output channel, activations e4m3 per token, each K
 step's tensor-core sum promoted into an fp32 accumulator, both scales applied once at the end.
@@ -36,9 +40,9 @@ FP8_MAX = 448.0
 class W4A8Weights:
     """4-bit grouped weights of [E, N, K] (or one [N, K] matrix as E = 1)."""
 
-    qweight: torch.Tensor  # uint8 [E, N, K/2], even k in the low nibble
+    qweight: torch.Tensor  # uint8 [E, N, K/2]: byte p/2 + j holds inputs p + j (low), p + span/2 + j (high)
     scale: torch.Tensor  # fp32 [E, K/g, N]: per group, along N for coalesced loads
-    zero: torch.Tensor  # fp32 [E, K/g, N]: lo + 8 * scale
+    lo: torch.Tensor  # fp32 [E, K/g, N]: the group's min (code 0)
     group: int
 
     @property
@@ -46,13 +50,24 @@ class W4A8Weights:
         e, n, half = self.qweight.shape
         return e, n, 2 * half
 
+    @property
+    def span(self) -> int:
+        """Inputs whose codes share bytes (the kernel's K step)."""
+        return w4_span(self.group)
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes [E, N, K] in input order."""
+        e, n, half = self.qweight.shape
+        halves = self.qweight.view(e, n, -1, 1, self.span // 2)  # [E, N, K/span, 1, span/2]
+        return torch.cat([halves & 0x0F, halves >> 4], dim=-2).view(e, n, 2 * half)
+
     def dequantize(self) -> torch.Tensor:
         """The float [E, N, K] weights the codes stand for (the reference's)."""
-        codes = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).flatten(-2).float() - 8  # [E, N, K]
+        codes = self.codes().float()
         e, n, k = codes.shape
         grouped = codes.view(e, n, k // self.group, self.group)
-        s, z = self.scale.transpose(1, 2).unsqueeze(-1), self.zero.transpose(1, 2).unsqueeze(-1)  # [E, N, K/g, 1]
-        return (grouped * s + z).view(e, n, k)
+        s, lo = self.scale.transpose(1, 2).unsqueeze(-1), self.lo.transpose(1, 2).unsqueeze(-1)  # [E, N, K/g, 1]
+        return (grouped * s + lo).view(e, n, k)
 
 
 @dataclass
@@ -74,19 +89,24 @@ class Fp8Weights:
 QuantWeights = W4A8Weights | Fp8Weights
 
 
+def w4_span(group: int) -> int:
+    return max(group, 64)
+
+
 def pack_w4a8(weight: torch.Tensor, group: int) -> W4A8Weights:
     """[E, N, K] or [N, K] float weights -> W4A8Weights on the same device (asymmetric groups of `group`)."""
     from quadrant.quant.formats import int4_groups
 
     w = weight if weight.dim() == 3 else weight.unsqueeze(0)
-    if w.shape[-1] % group:
-        raise ValueError(f"in_features {w.shape[-1]} is not a multiple of the group size {group}")
+    span = w4_span(group)
+    if w.shape[-1] % span:
+        raise ValueError(f"in_features {w.shape[-1]} is not a multiple of {span} (the group size {group}, "
+                         f"and at least 64 for the int8 tensor cores)")
     codes, scale, lo = int4_groups(w, group)  # [E, N, K/g, g], [E, N, K/g, 1] x 2
-    c = codes.to(torch.uint8).flatten(-2)  # [E, N, K]
-    qweight = (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+    c = codes.to(torch.uint8).view(*w.shape[:-1], -1, span)
+    qweight = (c[..., : span // 2] | (c[..., span // 2 :] << 4)).flatten(-2).contiguous()  # [E, N, K/2]
     scale, lo = scale.squeeze(-1), lo.squeeze(-1)  # [E, N, K/g]
-    return W4A8Weights(qweight, scale.transpose(1, 2).contiguous(), (lo + 8 * scale).transpose(1, 2).contiguous(),
-                       group)
+    return W4A8Weights(qweight, scale.transpose(1, 2).contiguous(), lo.transpose(1, 2).contiguous(), group)
 
 
 def pack_fp8(weight: torch.Tensor) -> Fp8Weights:
@@ -100,7 +120,7 @@ def pack_fp8(weight: torch.Tensor) -> Fp8Weights:
 class QuantActivations:
     q: torch.Tensor  # int8 or e4m3 [M, K]
     scale: torch.Tensor  # fp32 [M]
-    group_sums: torch.Tensor | None  # int32 [M, K/g]: sum of each group's int8 codes (W4A8's zero term)
+    group_sums: torch.Tensor | None  # int32 [M, K/g]: sum of each group's int8 codes (W4A8's lo term)
 
 
 def quantize_activations(x: torch.Tensor, weights: QuantWeights) -> QuantActivations:
@@ -118,15 +138,31 @@ def quantize_activations(x: torch.Tensor, weights: QuantWeights) -> QuantActivat
 
 # -- Triton ------------------------------------------------------------------------------------
 @triton.jit
+def _unpack_nibbles(packed, NATIVE: tl.constexpr):
+    """uint8 tile -> (low nibbles, high nibbles) as int8 tiles of the same shape."""
+    if NATIVE:
+        # Four bytes per 32-bit register: one AND gives four low codes, a shift and an AND four high.
+        low, high = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; and.b32 $0, $2, 0x0F0F0F0F; shr.u32 t, $2, 4; and.b32 $1, t, 0x0F0F0F0F; }",
+            "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        low = (packed & 0xF).to(tl.int8)
+        high = (packed >> 4).to(tl.int8)
+    return low, high
+
+
+@triton.jit
 def _q8_gemm_kernel(
-    a, a_scale, a_sums, b, b_scale, b_zero, c, topk_weights, sorted_ids, expert_of_block,
+    a, a_scale, a_sums, b, b_scale, b_lo, c, topk_weights, sorted_ids, expert_of_block,
     num_pairs, N, K,
     a_sm, g_sm, b_se, b_sn, s_se, s_sg, c_sm,
-    TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, W4: tl.constexpr, FP8_NATIVE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, W4: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
 ):
     """C[pair] = dequant(A[pair // TOP_K] . B[expert]^T) for one block of sorted pairs x BLOCK_N columns.
-    W4: BLOCK_K is the group; s/z are [E, K/g, N]. Else (fp8): s is [E, N], z unused."""
+    W4: BLOCK_K is the span, GROUP the group (the span or half of it), GROUPS >= K/GROUP a power of two
+    (>= 16); s/lo are [E, K/GROUP, N]. Else (fp8): s is [E, N], lo unused.
+    NATIVE: the GPU's own instructions (fp8 MMA, PTX); the interpreter's portable twins otherwise."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(expert_of_block + pid_m).to(tl.int64)
@@ -141,34 +177,49 @@ def _q8_gemm_kernel(
     b_base = b + expert * b_se + n[None, :].to(tl.int64) * b_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        a_tile = tl.load(a_ptrs + kk[None, :], mask=valid[:, None] & k_mask[None, :], other=0)  # [BM, BK]
-        if W4:
-            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(b_base + half[:, None], mask=n_mask[None, :], other=0)  # [BK/2, BN] uint8
-            low = (packed & 0xF).to(tl.int8) - 8
-            high = (packed >> 4).to(tl.int8) - 8
-            codes = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # k = 2j + {0, 1}
-            part = tl.dot(a_tile, codes, out_dtype=tl.int32).to(tl.float32)
-            group = k0 // BLOCK_K
-            s = tl.load(b_scale + expert * s_se + group * s_sg + n, mask=n_mask, other=0.0)
-            z = tl.load(b_zero + expert * s_se + group * s_sg + n, mask=n_mask, other=0.0)
-            sums = tl.load(a_sums + a_rows * g_sm + group, mask=valid, other=0).to(tl.float32)
-            acc += part * s[None, :] + sums[:, None] * z[None, :]
+        if W4:  # K is a whole number of groups (checked at packing)
+            half = tl.arange(0, BLOCK_K // 2)
+            a_low = tl.load(a_ptrs + (k0 + half)[None, :], mask=valid[:, None], other=0)  # [BM, BK/2]
+            a_high = tl.load(a_ptrs + (k0 + BLOCK_K // 2 + half)[None, :], mask=valid[:, None], other=0)
+            packed = tl.load(b_base + (k0 // 2 + half)[:, None], mask=n_mask[None, :], other=0)  # [BK/2, BN]
+            # The scales are loaded before the products, so they arrive while the MMAs run.
+            s = tl.load(b_scale + expert * s_se + (k0 // GROUP) * s_sg + n, mask=n_mask, other=0.0)
+            if GROUP < BLOCK_K:  # groups of 32: the halves are two groups
+                s_high = tl.load(b_scale + expert * s_se + (k0 // GROUP + 1) * s_sg + n, mask=n_mask, other=0.0)
+            low, high = _unpack_nibbles(packed, NATIVE)
+            part = tl.dot(a_low, low, out_dtype=tl.int32)
+            if GROUP < BLOCK_K:
+                acc = tl.fma(part.to(tl.float32), s[None, :], acc)
+                part = tl.dot(a_high, high, out_dtype=tl.int32)
+                acc = tl.fma(part.to(tl.float32), s_high[None, :], acc)
+            else:
+                part = tl.dot(a_high, high, part, out_dtype=tl.int32)
+                acc = tl.fma(part.to(tl.float32), s[None, :], acc)
         else:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = kk < K
+            a_tile = tl.load(a_ptrs + kk[None, :], mask=valid[:, None] & k_mask[None, :], other=0)  # [BM, BK]
             # e4m3 travels as its bytes (the interpreter has no fp8 constants); the GPU multiplies fp8
             # on the tensor cores, the interpreter in fp32 (exact products, same sums).
             w = tl.load(b_base + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
             a8 = a_tile.to(tl.float8e4nv, bitcast=True)
             w8 = w.to(tl.float8e4nv, bitcast=True)
-            if FP8_NATIVE:
+            if NATIVE:
                 # Hopper's fp8 MMA accumulates with ~14 mantissa bits: sum each K step on its own and
                 # add it to the fp32 accumulator (DeepGEMM's promotion, every 128 inputs).
                 acc += tl.dot(a8, w8)
             else:
                 acc = tl.dot(a8.to(tl.float32), w8.to(tl.float32), acc, input_precision="ieee")
-    if not W4:
+    if W4:
+        # The mins' term, sum over groups of (sum of the group's codes) x lo, is one more small product:
+        # [BM, groups] x [groups, BN] on the tensor cores in 3xTF32 (fp32-exact for these code sums).
+        g = tl.arange(0, GROUPS)
+        g_mask = g < K // GROUP
+        sums = tl.load(a_sums + a_rows[:, None] * g_sm + g[None, :], mask=valid[:, None] & g_mask[None, :], other=0)
+        lo = tl.load(b_lo + expert * s_se + g[:, None] * s_sg + n[None, :], mask=g_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        acc = tl.dot(sums.to(tl.float32), lo, acc, input_precision="tf32x3")
+    else:
         acc = acc * tl.load(b_scale + expert * s_se + n, mask=n_mask, other=0.0)[None, :]
     acc = acc * tl.load(a_scale + a_rows, mask=valid, other=0.0)[:, None]
     if MUL_ROUTED_WEIGHT:
@@ -181,7 +232,7 @@ def _q8_gemm_kernel(
 class Q8Blocks:
     block_m: int
     block_n: int
-    block_k: int  # W4A8: the group size
+    block_k: int  # W4A8: the span of inputs sharing bytes (W4A8Weights.span)
     num_warps: int
     num_stages: int
 
@@ -189,18 +240,18 @@ class Q8Blocks:
 def pick_q8_blocks(num_tokens: int, top_k: int, num_experts: int, weights: QuantWeights) -> Q8Blocks:
     """Decode-sized batches: 16-row tiles (little padding); prefill: the tile that won the sweep of
     benchmarks/gpu_moe.py on an H200 (BENCHMARKS.md), on the 8-bit tensor cores (wgmma), K step 128
-    (one W4A8 group)."""
+    (W4A8: its span, one group of 64 or more, or two of 32)."""
     w4 = isinstance(weights, W4A8Weights)
-    block_k = weights.group if isinstance(weights, W4A8Weights) else 128
+    block_k = weights.span if isinstance(weights, W4A8Weights) else 128
     if pick_blocks(num_tokens, top_k, num_experts).block_m == 16:
         return Q8Blocks(16, 64, block_k, num_warps=4, num_stages=4)
     tile = _PREFILL_BLOCKS["w4a8" if w4 else "fp8"]
     return Q8Blocks(tile.block_m, tile.block_n, block_k, tile.num_warps, tile.num_stages)
 
 
-# OLMoE and Qwen3-MoE expert shapes at 16k tokens: w4a8 252/240 TFLOP/s with 128 x 128 (64 x 128:
-# 242/230); fp8 499/466 with 64 x 128 (128 x 128: 477/436).
-_PREFILL_BLOCKS = {"w4a8": Q8Blocks(128, 128, 128, num_warps=8, num_stages=3),
+# OLMoE and Qwen3-MoE expert shapes at 16k tokens (H200): w4a8 360/329 TFLOP/s with 64 x 128 (128 x 128:
+# 352/324); fp8 499/469 with 64 x 128 (128 x 128: 477/444).
+_PREFILL_BLOCKS = {"w4a8": Q8Blocks(64, 128, 128, num_warps=4, num_stages=4),
                    "fp8": Q8Blocks(64, 128, 128, num_warps=4, num_stages=4)}
 
 
@@ -216,18 +267,20 @@ def _q8_gemm(acts: QuantActivations, weights: QuantWeights, out: torch.Tensor, s
     w4 = isinstance(weights, W4A8Weights)
     b = weights.qweight if isinstance(weights, W4A8Weights) else weights.weight.view(torch.uint8)
     a = acts.q if w4 else acts.q.view(torch.uint8)
-    zero = weights.zero if isinstance(weights, W4A8Weights) else weights.scale  # unread for fp8
+    lo = weights.lo if isinstance(weights, W4A8Weights) else weights.scale  # unread for fp8
     sums = acts.group_sums if acts.group_sums is not None else acts.scale  # unread for fp8
     block_n = min(blocks.block_n, max(16, triton.next_power_of_2(num_n)))
     grid = (expert_of_block.shape[0], triton.cdiv(num_n, block_n))
     _q8_gemm_kernel[grid](
-        a, acts.scale, sums, b, weights.scale, zero, out, topk_weights if topk_weights is not None else out,
+        a, acts.scale, sums, b, weights.scale, lo, out, topk_weights if topk_weights is not None else out,
         sorted_ids, expert_of_block,
         num_pairs, num_n, num_k,
         a.stride(0), sums.stride(0), b.stride(0), b.stride(1), weights.scale.stride(0),
         weights.scale.stride(1) if w4 else 0, out.stride(0),
-        TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None, W4=w4, FP8_NATIVE=not triton.knobs.runtime.interpret,
+        TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None, W4=w4, NATIVE=not triton.knobs.runtime.interpret,
         BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=blocks.block_k,
+        GROUP=weights.group if isinstance(weights, W4A8Weights) else 128,
+        GROUPS=max(16, triton.next_power_of_2(num_k // weights.group)) if isinstance(weights, W4A8Weights) else 16,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
 

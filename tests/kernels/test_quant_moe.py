@@ -40,11 +40,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_w4a8_packing_is_the_stored_grid():
-    """Codes and nibble order are `quadrant quantize`'s; scale and zero give back its grid exactly."""
+    """Codes are `quadrant quantize`'s (nibbles paired within each group as the kernel reads them:
+    input j with input j + g/2); scale and min give back its grid exactly."""
     torch.manual_seed(0)
     w = torch.randn(3, 48, 256)
     packed = pack_w4a8(w, 64)
-    assert torch.equal(packed.qweight, quantize_tensor(w, "w4a8", 64)["qweight"])
+    stored = quantize_tensor(w, "w4a8", 64)["qweight"]
+    assert torch.equal(packed.codes(), torch.stack([stored & 0x0F, stored >> 4], dim=-1).flatten(-2))
+    assert torch.equal(packed.qweight[..., :32] & 0x0F, packed.codes()[..., :32])  # group 0: inputs 0-31 low
+    assert torch.equal(packed.qweight[..., :32] >> 4, packed.codes()[..., 32:64])  # inputs 32-63 high
     codes, scale, lo = int4_groups(w, 64)
     torch.testing.assert_close(packed.dequantize(), (codes * scale + lo).view(w.shape), atol=1e-6, rtol=1e-6)
 
@@ -113,14 +117,15 @@ def test_bad_inputs_are_clear_errors():
     weights = pack_w4a8(torch.randn(32, 128), 64)
     with pytest.raises(ValueError, match=r"input must be \[M, 128\]"):
         quant_linear(torch.randn(3, 64), weights)
-    with pytest.raises(ValueError, match="not a multiple of the group size"):
+    with pytest.raises(ValueError, match="in_features 96 is not a multiple of 64"):
         pack_w4a8(torch.randn(32, 96), 64)
     w13, w2 = pack_w4a8(torch.randn(4, 64, 128), 64), pack_w4a8(torch.randn(4, 128, 64), 64)
     ids, weights = torch.zeros(3, 2, dtype=torch.int32), torch.full((3, 2), 0.5)
     with pytest.raises(ValueError, match=r"w2 must be W4A8Weights \[4, 128, 32\]"):
         fused_moe_q8(torch.randn(3, 128), w13, w2, weights, ids)
     with pytest.raises(ValueError, match="topk_ids and topk_weights must both be"):
-        fused_moe_q8(torch.randn(3, 128), w13, pack_w4a8(torch.randn(4, 128, 32), 32), weights[:2], ids)
+        fused_moe_q8(torch.randn(3, 128), pack_w4a8(torch.randn(4, 128, 128), 64), pack_w4a8(torch.randn(4, 128, 64), 64),
+                     weights[:2], ids)
 
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w8a8"])
