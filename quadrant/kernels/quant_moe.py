@@ -93,8 +93,9 @@ def w4_span(group: int) -> int:
     return max(group, 64)
 
 
-def pack_w4a8(weight: torch.Tensor, group: int) -> W4A8Weights:
-    """[E, N, K] or [N, K] float weights -> W4A8Weights on the same device (asymmetric groups of `group`)."""
+def pack_w4a8(weight: torch.Tensor, group: int, on_grid: bool = False) -> W4A8Weights:
+    """[E, N, K] or [N, K] float weights -> W4A8Weights on the same device (asymmetric groups of `group`;
+    `on_grid`: keep the 4-bit grids the weights already sit on, as `int4_groups`)."""
     from quadrant.quant.formats import int4_groups
 
     w = weight if weight.dim() == 3 else weight.unsqueeze(0)
@@ -102,7 +103,7 @@ def pack_w4a8(weight: torch.Tensor, group: int) -> W4A8Weights:
     if w.shape[-1] % span:
         raise ValueError(f"in_features {w.shape[-1]} is not a multiple of {span} (the group size {group}, "
                          f"and at least 64 for the int8 tensor cores)")
-    codes, scale, lo = int4_groups(w, group)  # [E, N, K/g, g], [E, N, K/g, 1] x 2
+    codes, scale, lo = int4_groups(w, group, on_grid)  # [E, N, K/g, g], [E, N, K/g, 1] x 2
     c = codes.to(torch.uint8).view(*w.shape[:-1], -1, span)
     qweight = (c[..., : span // 2] | (c[..., span // 2 :] << 4)).flatten(-2).contiguous()  # [E, N, K/2]
     scale, lo = scale.squeeze(-1), lo.squeeze(-1)  # [E, N, K/g]

@@ -153,11 +153,12 @@ class W4A16(WeightFormat):
 
     name: FormatName = "w4a16"
     group_size: int = 32
+    on_grid: bool = False  # the weights come from a 4-bit folder: keep its grids exactly (int4_groups)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         n, k = weight.shape
         group = group_size_for(k, self.group_size)
-        codes, scale, lo = int4_groups(weight, group)
+        codes, scale, lo = int4_groups(weight, group, self.on_grid)
         q = codes.to(torch.int32).reshape(n, k)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
@@ -192,14 +193,40 @@ class W8A16(WeightFormat):
         return out.view(*x.shape[:-1], -1)
 
 
-def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_groups(weight: torch.Tensor, group_size: int,
+                on_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit groups along the last dim: weight [.., K] -> (codes [.., K/g, g] in 0..15,
-    scale and min [.., K/g, 1]), weight ~= codes * scale + min. A weight already on such a grid
-    (GGUF Q4_1 with g = 32, or a `quadrant quantize` folder) gets the same codes back."""
+    scale and min [.., K/g, 1]), weight ~= codes * scale + min (the min/max grid). A weight on
+    such a grid (GGUF Q4_1 with g = 32) gets the same codes back.
+
+    `on_grid`: the weight is known to sit on 4-bit grids of this group size (GPTQ's output, a
+    `quadrant quantize` folder) whose codes may not reach both ends (clipped, or moved inwards by
+    GPTQ's updates), where the min/max grid would round them again. Such a group spans m < 15
+    steps of its grid: the largest m that reproduces it is taken (codes 0..m). Off by default:
+    the search costs ~15 roundings on float weights."""
     w = weight.float().reshape(*weight.shape[:-1], weight.shape[-1] // group_size, group_size)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-    return torch.round((w - lo) / scale).clamp_(0, 15), scale, lo
+    codes = torch.round((w - lo) / scale).clamp_(0, 15)
+    if not on_grid:
+        return codes, scale, lo
+    exact = _reproduces(codes, scale, lo, w)
+    for steps in range(14, 0, -1):
+        if bool(exact.all()):
+            break
+        step = ((hi - lo) / steps).clamp_min(1e-12)
+        fits = ~exact & _reproduces(torch.round((w - lo) / step), step, lo, w)
+        if bool(fits.any()):
+            scale = torch.where(fits, step, scale)
+            codes = torch.where(fits, torch.round((w - lo) / step), codes)
+            exact |= fits
+    return codes, scale, lo
+
+
+def _reproduces(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[.., 1]: whether every weight of the group sits on codes * scale + lo (to a thousandth of a step:
+    fp32 rounding of a stored grid is ~1e-5 of one; random weights are nowhere near all on one)."""
+    return ((codes * scale + lo - w).abs() <= 1e-3 * scale).all(-1, keepdim=True)
 
 
 def group_size_for(in_features: int, preferred: int = 128) -> int:
@@ -222,9 +249,10 @@ class W4A8(Int8Dynamic):
 
     name: FormatName = "w4a8"
     group_size: int = 128
+    on_grid: bool = False  # as W4A16's
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        codes, scale, lo = int4_groups(weight, group_size_for(weight.shape[1], self.group_size))
+        codes, scale, lo = int4_groups(weight, group_size_for(weight.shape[1], self.group_size), self.on_grid)
         return super().pack((codes * scale + lo).reshape(weight.shape), bias)
 
 
@@ -236,13 +264,15 @@ class GpuQ8(WeightFormat):
 
     name: FormatName = "w4a8"
     group_size: int = 128
+    on_grid: bool = False  # as W4A16's
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         from quadrant.kernels.quant_moe import pack_fp8, pack_w4a8
 
         if self.name == "w8a8":
             return pack_fp8(weight), bias
-        return pack_w4a8(weight, group_size_for(weight.shape[-1], self.group_size)), bias  # [N, K] or [E, N, K]
+        group = group_size_for(weight.shape[-1], self.group_size)
+        return pack_w4a8(weight, group, self.on_grid), bias  # [N, K] or [E, N, K]
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         from quadrant.kernels.quant_moe import quant_linear
@@ -275,7 +305,8 @@ SMALL_BATCH_TOKENS = 16  # up to here compact weights win (decode); beyond, bf16
 
 
 def get_format(name: str, group_size: int | None = None, device: str | torch.device = "cpu") -> WeightFormat:
-    """A format by name for `device`; `group_size` sets the 4-bit formats' groups (a quantised folder's own).
+    """A format by name for `device`; `group_size` sets the 4-bit formats' groups (a quantised folder's own,
+    whose grids they then keep exactly).
     On a GPU the 8-bit-activation formats take the Triton kernels; the LM head's int8 (weight-only)
     stays in the model's dtype there."""
     if name not in FORMATS:
@@ -288,11 +319,11 @@ def get_format(name: str, group_size: int | None = None, device: str | torch.dev
         if not runs_on(name, device):
             raise ValueError(f"weight format {name} needs a CUDA GPU with compute capability "
                              f"{'.'.join(map(str, _MIN_CAPABILITY[name]))}+ ({device} has none); use dense")
-        return GpuQ8(name=name, group_size=group_size or 128)  # type: ignore[arg-type]
+        return GpuQ8(name=name, group_size=group_size or 128, on_grid=group_size is not None)  # type: ignore[arg-type]
     if group_size is not None and name == "w4a16":
-        return W4A16(group_size=group_size)
+        return W4A16(group_size=group_size, on_grid=True)
     if group_size is not None and name == "w4a8":
-        return W4A8(group_size=group_size)
+        return W4A8(group_size=group_size, on_grid=True)
     return FORMATS[name]
 
 

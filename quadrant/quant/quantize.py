@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from quadrant.config import ModelConfig
     from quadrant.loader.source import ModelSource
     from quadrant.quant.calibrate import Smoother
+    from quadrant.quant.gptq import RoundWeights
 
 QUANT_FORMATS = ("int8", "w8a8", "w4a16", "w4a8")
 _PROJECTIONS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
@@ -59,15 +60,17 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).flatten(-2)
 
 
-def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128) -> dict[str, torch.Tensor]:
-    """weight [.., N, K] -> {"qweight", "scales"(, "mins")} in the layout of the module docstring."""
+def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128,
+                    on_grid: bool = False) -> dict[str, torch.Tensor]:
+    """weight [.., N, K] -> {"qweight", "scales"(, "mins")} in the layout of the module docstring
+    (`on_grid`: the weight already sits on 4-bit grids, GPTQ's, which are then stored exactly)."""
     w = weight.float()
     if fmt in ("int8", "w8a8"):
         flat = w.reshape(-1, w.shape[-1])
         q, scale = int8_per_channel(flat)
         return {"qweight": q.reshape(w.shape), "scales": scale.reshape(w.shape[:-1])}
     if fmt in ("w4a16", "w4a8"):
-        codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], preferred_group))
+        codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], preferred_group), on_grid)
         return {"qweight": _pack_nibbles(codes.reshape(w.shape)), "scales": scale.squeeze(-1), "mins": lo.squeeze(-1)}
     raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
 
@@ -154,7 +157,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
     tied = source.config.tie_word_embeddings
-    calibration = _calibrate(source, fmt, smoothing, group_size, method)
+    calibration = _calibrate(source, fmt, smoothing, group_size, method, progress)
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
     if fmt in ("w4a16", "w4a8"):
         config["quantization_config"]["group_size"] = group_size
@@ -191,7 +194,7 @@ _HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians woul
 
 
 def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int,
-               method: str) -> Calibration:
+               method: str, progress: bool = False) -> Calibration:
     """Statistics of the float model on the shipped calibration text: SmoothQuant scales for the
     formats with 8-bit activations, GPTQ's input Hessians for the 4-bit ones (each where it applies)."""
     from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
@@ -210,15 +213,38 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     if smooth and supports_smoothing(model):
         alpha = float(smoothing) if isinstance(smoothing, float) else None  # None: "auto", each layer's own
         smoother = Smoother(model, ids[:1024], alpha, fmt, group_size)
-    hessians, tokens = input_hessians(model, ids) if use_gptq else (None, {})
+    hessians: dict[str, torch.Tensor] | None = None
+    tokens: dict[str, int] = {}
+    if use_gptq:  # sequential: each Hessian sees the inputs of the model rounded so far
+        hessians, tokens = input_hessians(model, ids, round_weights=_rounding_in_model(smoother, group_size),
+                                          progress=progress)
     del model
     return Calibration(smoother, hessians, tokens)
 
 
+def _round_4bit(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, group: int,
+                scale: torch.Tensor | None) -> torch.Tensor:
+    """One [N, K] projection (already smoothed by the column factors `scale`, if it is) as the folder
+    stores it: floats on its 4-bit grids, from GPTQ where the calibration text reached it."""
+    from quadrant.quant.gptq import gptq
+
+    codes, grid_scale, lo = int4_groups(matrix, group)
+    nearest = (codes * grid_scale + lo).view(matrix.shape)
+    # Fewer tokens than twice the inputs (a rarely routed expert): GPTQ would fit the calibration
+    # text's few directions and round worse than nearest elsewhere.
+    if h is None or tokens < 2 * matrix.shape[-1]:
+        return nearest.to(matrix.dtype)
+    if torch.allclose(nearest, matrix.float(), rtol=0, atol=1e-6):
+        return matrix  # already on such a grid (a Q4_1 source at g32): rounding to nearest is exact
+    if scale is not None:  # smoothing divided this input by `scale`
+        h = h / torch.outer(scale, scale).to(h.dtype)
+    return gptq(matrix.float(), h, group).to(matrix.dtype)
+
+
 def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, preferred_group: int) -> torch.Tensor:
-    """`tensor` (already smoothed, if it is) rounded by GPTQ to its 4-bit groups; unchanged where no
-    Hessian was collected (a projection the calibration text never reached)."""
-    from quadrant.quant.gptq import gptq, hessian_key
+    """`tensor` (already smoothed, if it is) rounded to its 4-bit groups: by GPTQ with its Hessian,
+    to nearest where none was collected (a projection the calibration text never reached)."""
+    from quadrant.quant.gptq import hessian_key
 
     assert calibration.hessians is not None
     group = group_size_for(tensor.shape[-1], preferred_group)
@@ -226,20 +252,27 @@ def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, pref
 
     def one(matrix: torch.Tensor, key: str | None) -> torch.Tensor:
         h = calibration.hessians.get(key) if key is not None else None  # type: ignore[union-attr]
-        # Fewer tokens than twice the inputs (a rarely routed expert): GPTQ would fit the calibration
-        # text's few directions and round worse than nearest elsewhere.
-        if h is None or calibration.tokens.get(key or "", 0) < 2 * matrix.shape[-1]:
-            return matrix
-        codes, grid_scale, lo = int4_groups(matrix, group)
-        if torch.allclose((codes * grid_scale + lo).view(matrix.shape), matrix.float(), rtol=0, atol=1e-6):
-            return matrix  # already on such a grid (a Q4_1 source at g32): rounding to nearest is exact
-        if scale is not None:  # smoothing divided this input by `scale`
-            h = h / torch.outer(scale, scale).to(h.dtype)
-        return gptq(matrix.float(), h, group).to(matrix.dtype)
+        return _round_4bit(matrix, h, calibration.tokens.get(key or "", 0), group, scale)
 
     if tensor.dim() == 3:
         return torch.stack([one(tensor[e], hessian_key(name, e)) for e in range(tensor.shape[0])])
     return one(tensor, hessian_key(name))
+
+
+def _rounding_in_model(smoother: Smoother | None, preferred_group: int) -> RoundWeights:
+    """GPTQ's sequential pass rounds the calibration model's projections as `_write` will store them,
+    in the model's own (unsmoothed) space: smooth the columns, round, unsmooth. (Row factors, which
+    smoothing also applies, commute with rounding rows independently.)"""
+    from quadrant.quant.gptq import checkpoint_name
+
+    def round_weights(key: str, weight: torch.Tensor, h: torch.Tensor | None, tokens: int) -> torch.Tensor:
+        group = group_size_for(weight.shape[-1], preferred_group)
+        scale = smoother.column_scale(checkpoint_name(key), weight) if smoother is not None else None
+        if scale is None:
+            return _round_4bit(weight, h, tokens, group, None)
+        return _round_4bit(weight * scale, h, tokens, group, scale) / scale
+
+    return round_weights
 
 
 def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bool, group_size: int,
@@ -253,11 +286,13 @@ def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bo
         if calibration.smoother is not None:
             tensor = calibration.smoother.apply(name, tensor)
         if is_quantizable(name, tensor) and not (tied and name == "lm_head.weight"):
-            if calibration.hessians is not None and tensor_format(name, fmt) in ("w4a16", "w4a8"):
+            own = tensor_format(name, fmt)
+            rounded = calibration.hessians is not None and own in ("w4a16", "w4a8")
+            if rounded:  # floats on GPTQ's grids, stored as they are
                 tensor = _gptq_tensor(name, tensor, calibration, group_size)
             stem = name.removesuffix(".weight")
             parts = {f"{stem}.{k}": v.contiguous()
-                     for k, v in quantize_tensor(tensor, tensor_format(name, fmt), group_size).items()}
+                     for k, v in quantize_tensor(tensor, own, group_size, on_grid=rounded).items()}
             report.num_quantized += 1
         else:
             # Safetensors sources keep their own dtype (the folder then loads back bit-identical to

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quadrant.layers.linear import Linear
-from quadrant.quant.formats import (Dense, Int8Dynamic, W4A16, W8A16, cpu_plan, int8_per_channel, pack_plan,
+from quadrant.quant.formats import (Dense, Int8Dynamic, W4A16, W8A16, cpu_plan, int4_groups, int8_per_channel, pack_plan,
                                     run_kernels, single_plan)
 
 
@@ -77,6 +77,21 @@ def test_linear_repack_drops_dense_weight(wx):
     assert rel_err(lin(x), ref) < 1e-2
 
 
+def test_a_folders_group_keeps_its_grids():
+    """A 4-bit folder's weights load through on_grid packing: its groups keep their own grids, also
+    those whose codes stop short of 0 or 15 (GPTQ's), which the min/max grid would round again."""
+    from quadrant.quant.formats import W4A8, W4A16, get_format
+
+    assert get_format("w4a16", 64) == W4A16(group_size=64, on_grid=True)
+    assert get_format("w4a8", 128) == W4A8(group_size=128, on_grid=True)
+    assert get_format("w4a16") == W4A16(group_size=128)  # a float model: the plain min/max grid
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(3, 12, (16, 2, 64), generator=g).float()  # codes 3..11 only
+    w = (codes * 0.01 + torch.randn(16, 2, 1, generator=g) * 0.1).view(16, 128)
+    got, scale, lo = int4_groups(w, 64, on_grid=True)
+    assert torch.allclose((got * scale + lo).view(16, 128), w, rtol=0, atol=1e-6)
+
+
 def test_gpu_format_choice(monkeypatch):
     """On a GPU the 8-bit-activation formats take the Triton kernels where its tensor cores can run
     them (the capability is the one thing faked here), the LM head's int8 stays in the model dtype,
@@ -89,7 +104,8 @@ def test_gpu_format_choice(monkeypatch):
     with pytest.raises(ValueError, match=r"w8a8 needs a CUDA GPU with compute capability 8\.9\+"):
         get_format("w8a8", None, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
-    assert get_format("w4a8", 64, "cuda") == GpuQ8(name="w4a8", group_size=64)
+    assert get_format("w4a8", 64, "cuda") == GpuQ8(name="w4a8", group_size=64, on_grid=True)  # a folder's grid
+    assert get_format("w4a8", None, "cuda") == GpuQ8(name="w4a8", group_size=128)
     assert get_format("w8a8", None, "cuda") == GpuQ8(name="w8a8")
     assert isinstance(get_format("int8", None, "cuda"), Dense)
     with pytest.raises(ValueError, match="w4a16 runs on the CPU only"):
