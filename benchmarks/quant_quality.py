@@ -37,9 +37,9 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
 
 
-def perplexity(model: str, weight_format: str, tokens: int) -> float:
+def perplexity(model: str, weight_format: str, tokens: int, text: Path = TEXT) -> float:
     engine = LLMEngine.from_model(model, weight_format=weight_format)
-    ids = engine.require_tokenizer().encode(TEXT.read_text())[:tokens]
+    ids = engine.require_tokenizer().encode(text.read_text())[:tokens]
     ppl = score_tokens(engine, ids).perplexity
     del engine
     gc.collect()
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--moe-only", action="store_true", help="measure only the --moe folder")
     ap.add_argument("--formats", nargs="+", default=list(QUANT_FORMATS), choices=QUANT_FORMATS)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of the text scored")
+    ap.add_argument("--text", type=Path, default=TEXT, help="the text scored (benchmarks/data: alice_ch1-2.txt, "
+                                                            "or alice_ch5-6.txt, a second held-out sample)")
     ap.add_argument("--group-sizes", nargs="+", type=int, default=[128, 32], help="4-bit group sizes to measure")
     ap.add_argument("--smoothing", default="auto", help="SmoothQuant for w8a8/w4a8: auto, off or a strength")
     ap.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"], help="4-bit rounding")
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
 
-    table = Table(title=f"weight formats on {TEXT.name} ({args.tokens} tokens), {platform.machine()}, "
+    table = Table(title=f"weight formats on {args.text.name} ({args.tokens} tokens), {platform.machine()}, "
                         f"{torch.get_num_threads()} threads, {date.today()}")
     for col in ("model", "format", "perplexity", "vs unquantised", "floor", "weights on disk", "decode tok/s",
                 "vs llama.cpp"):
@@ -84,7 +86,7 @@ def main() -> None:
         models.append((Path(args.moe).name, Path(args.moe)))
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in models:
-            base = perplexity(str(path), "dense", args.tokens)
+            base = perplexity(str(path), "dense", args.tokens, args.text)
             size = folder_bytes(path)
             speed = None if args.no_speed else decode_speed(str(path), "dense")
             table.add_row(label, "unquantised (fp32)", f"{base:.3f}", "-", "-", f"{size / 2**20:.0f} MiB (source)",
@@ -97,7 +99,7 @@ def main() -> None:
                                smoothing=None if args.smoothing == "off" else
                                args.smoothing if args.smoothing == "auto" else float(args.smoothing),
                                method=args.method)
-                ppl = perplexity(str(out), fmt, args.tokens)
+                ppl = perplexity(str(out), fmt, args.tokens, args.text)
                 change = 100 * (ppl / base - 1)
                 speed = None if args.no_speed else decode_speed(str(out), fmt)
                 name = f"{fmt} (g{group})" if group else fmt
