@@ -78,9 +78,15 @@ def expert_down_input(experts: Experts, e: int, x: torch.Tensor) -> torch.Tensor
     return gate * gate_up[:, inter:]
 
 
-def smoothing_scales(act: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s [K] for activation absmax act [K] and weight [N, K]; 1 where a channel is silent."""
+Tie = Callable[[torch.Tensor], torch.Tensor]
+
+
+def smoothing_scales(act: torch.Tensor, weight: torch.Tensor, alpha: float, tie: Tie | None = None) -> torch.Tensor:
+    """s [K] for activation absmax act [K] and weight [N, K]; 1 where a channel is silent. `tie`
+    maps per-channel maxima to shared ones where several input channels must take one s."""
     w = weight.detach().abs().amax(0).float().clamp_min(1e-5)
+    if tie is not None:
+        act, w = tie(act), tie(w)
     s = act.clamp_min(1e-5).pow(alpha) / w.pow(1 - alpha)
     return torch.where(act > 0, s, torch.ones_like(s)).clamp(1e-2, 1e2)
 
@@ -103,7 +109,7 @@ def weight_quantizer(fmt: str, group: int = 128) -> Callable[[torch.Tensor], tor
 
 def best_scales(act: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 quantize_weight: Callable[[torch.Tensor], torch.Tensor] = _fake_int8_rows,
-                alphas: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> torch.Tensor:
+                alphas: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), tie: Tie | None = None) -> torch.Tensor:
     """The scales whose W8A8 product on the sampled inputs x [M, K] is closest to the float one.
 
     SmoothQuant's strength a trades activation range against weight range; the best a differs
@@ -115,7 +121,7 @@ def best_scales(act: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ref = x @ w.t()
     best, best_err = torch.ones_like(act), float("inf")
     for alpha in (0.0, *alphas):
-        s = smoothing_scales(act, w, alpha) if alpha else torch.ones_like(act)
+        s = smoothing_scales(act, w, alpha, tie) if alpha else torch.ones_like(act)
         err = float((_fake_int8_rows(x / s) @ quantize_weight(w * s).t() - ref).pow(2).mean())
         if err < best_err:
             best, best_err = s, err
@@ -133,8 +139,9 @@ class Smoother:
     """Per-tensor rewrites (by Hugging Face name) that migrate activation outliers into weights.
 
     Built from a llama-family model's calibration statistics; `apply(name, tensor)` returns
-    the tensor to store. Families with (1 + w) gains (gemma) are left as they are; MoE
-    layers smooth only their attention input (their FFN norm also feeds the router).
+    the tensor to store. Families with (1 + w) gains (gemma) are left as they are. The o
+    projection's input is the attention's mix of v rows, so its scales go into v_proj's rows:
+    one s per (kv head, dim), shared by the query heads that read that kv head.
     """
 
     @torch.no_grad()
@@ -160,6 +167,16 @@ class Smoother:
             s = scales(f"{prefix}.self_attn.qkv_proj", attn.qkv_proj.weight)
             self._fold(s, f"{prefix}.input_layernorm.weight",
                        [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"])
+            if config is not None and not config.attention_bias:  # a v bias would need the row scaling too
+                tie = _kv_tie(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+                name = f"{prefix}.self_attn.o_proj"
+                w_o = attn.o_proj.weight
+                s = (smoothing_scales(stats[name], w_o, alpha, tie) if alpha is not None
+                     else best_scales(stats[name], samples[name], w_o, quantize_weight, tie=tie))
+                self.scales[f"{name}.weight"] = ("col", s)
+                heads_per_kv = config.num_attention_heads // config.num_key_value_heads
+                per_kv = s.view(config.num_key_value_heads, heads_per_kv, config.head_dim)[:, 0].reshape(-1)
+                self.scales[f"{prefix}.self_attn.v_proj.weight#rows"] = ("row", per_kv)
             if isinstance(mlp, SparseMoeBlock):
                 # The FFN norm feeds the router, every expert's gate/up and any shared expert: one s
                 # for all of them, scored on the experts' stacked gate/up weights.
@@ -238,6 +255,15 @@ class Smoother:
         if rows is not None:
             out = out.float() / rows[1][:, None]  # the up projection writes down_proj's input
         return out.to(tensor.dtype) if out is not tensor else out
+
+def _kv_tie(heads: int, kv_heads: int, head_dim: int) -> Tie:
+    """Tie for o_proj's inputs (channel h * D + d, query head h reading kv head h // (heads / kv_heads)):
+    each channel gets the max over the query heads of its kv head, at the same d."""
+    def tie(v: torch.Tensor) -> torch.Tensor:
+        grouped = v.view(kv_heads, heads // kv_heads, head_dim)
+        return grouped.amax(1, keepdim=True).expand_as(grouped).reshape(-1)
+    return tie
+
 
 def supports_smoothing(model: nn.Module) -> bool:
     config = getattr(model, "config", None)

@@ -120,6 +120,9 @@ def test_smoothing_folds_leave_the_float_model_unchanged(dense, moe, which):
     model = source.load_model(torch.float32, "cpu", "dense")
     smoother = Smoother(model, list(range(1, 200)), alpha=0.8)
     assert smoother.scales and (which == "dense" or (smoother.ffn_readers and smoother.expert_down))
+    # o_proj's input scales go into v_proj's rows (2 query heads per kv head here: shared scales)
+    assert "model.layers.0.self_attn.o_proj.weight" in smoother.scales
+    assert "model.layers.0.self_attn.v_proj.weight#rows" in smoother.scales
     fresh = source._build(torch.float32, "cpu")
     load_weights(fresh, ((n, smoother.apply(n, t)) for n, t in source.weights()))
     ids = torch.arange(40) % 256
