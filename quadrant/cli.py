@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant for w8a8/w4a8, calibrated on a shipped text: auto (each layer's best "
                         "strength), a strength in (0, 1), or off")
     s.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
-                   help="rounding of the 4-bit formats: gptq (error-compensating, calibrated on a shipped "
+                   help="rounding of the weights: gptq (error-compensating, calibrated on a shipped "
                         "text), rtn (nearest grid point); auto: gptq where the model has a tokenizer")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")

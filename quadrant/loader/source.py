@@ -93,7 +93,8 @@ class ModelSource:
         def repack(name: str) -> None:
             module = modules.get(name)
             if isinstance(module, Experts) and name not in done and weight_format not in ("auto", "dense"):
-                module.repack(get_format(weight_format, self.quantized_group, device))
+                module.repack(get_format(weight_format, self.quantized_group, device,
+                                         from_folder=weight_format == self.quantized_format))
                 done.add(name)
             if isinstance(module, (Linear, LMHead)) and name not in done:
                 head = isinstance(module, LMHead)
@@ -101,9 +102,10 @@ class ModelSource:
                 if weight_format == "auto":
                     module.repack(cpu_plan(source, sensitive=head))
                 else:  # an LM head keeps 8 bits under the 4-bit formats, as `quadrant quantize` stores it
-                    group = self.quantized_group if weight_format == self.quantized_format else None
-                    module.repack(single_plan(tensor_format("lm_head." if head else name, weight_format), group,
-                                              device))
+                    own = weight_format == self.quantized_format  # the folder's own grids: kept exactly
+                    group = self.quantized_group if own else None
+                    fmt = tensor_format("lm_head." if head else name, weight_format)
+                    module.repack(single_plan(fmt, group, device, from_folder=own))
                 done.add(name)
 
         load_weights(model, self.weights(), on_module_loaded=repack)

@@ -52,12 +52,30 @@ class Dense(WeightFormat):
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
-def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight [N, K] -> (q int8 [N, K], scale fp32 [N]), weight ~= q * scale[:, None]."""
+def int8_per_channel(weight: torch.Tensor, on_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight [N, K] -> (q int8 [N, K], scale fp32 [N]), weight ~= q * scale[:, None].
+
+    `on_grid`: the rows are known to sit on int8 grids (GPTQ's, or an int8 folder's) whose largest
+    code may be under 127 (GPTQ's updates moved it), where amax / 127 would round them again: each
+    such row keeps the step amax / m of the largest m <= 127 that reproduces it."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scale = amax / 127.0
+    if on_grid:
+        exact = _int8_reproduces(w, scale)
+        for m in range(126, 95, -1):  # GPTQ moves the largest code by a few steps at most
+            if bool(exact.all()):
+                break
+            fits = ~exact & _int8_reproduces(w, amax / m)
+            scale = torch.where(fits, amax / m, scale)
+            exact |= fits
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _int8_reproduces(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    codes = w / scale[:, None]
+    return ((codes - torch.round(codes)).abs() <= 1e-3).all(1)
 
 
 @dataclass
@@ -80,9 +98,13 @@ class Int8Dynamic(WeightFormat):
     """
 
     name: FormatName = "w8a8"
+    on_grid: bool = False  # the weights come from an 8-bit folder: keep its grids exactly (int8_per_channel)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        q, scale = int8_per_channel(weight)
+        return self._prepack(*int8_per_channel(weight, self.on_grid), bias)
+
+    def _prepack(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Packed:
+        in_features = q.shape[1]
         q = torch.cat([q, torch.zeros(q.shape[0], 2, dtype=torch.int8)], dim=1)
         with warnings.catch_warnings():
             # Quantized-tensor constructors warn of deprecation in torch >= 2.13; the packed
@@ -90,7 +112,7 @@ class Int8Dynamic(WeightFormat):
             warnings.simplefilter("ignore")
             qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
             packed = torch.ops.quantized.linear_prepack(qweight, None)
-        return Int8Packed(packed, None if bias is None else bias.float(), weight.shape[1])
+        return Int8Packed(packed, None if bias is None else bias.float(), in_features)
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         k = packed.in_features
@@ -180,9 +202,10 @@ class W8A16(WeightFormat):
     """`int8`: per-channel int8 weights, bf16 activations (weight-only: no activation rounding)."""
 
     name: FormatName = "int8"
+    on_grid: bool = False  # as Int8Dynamic's
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        q, scale = int8_per_channel(weight)
+        q, scale = int8_per_channel(weight, self.on_grid)
         return q, scale.to(torch.bfloat16), None if bias is None else bias.float()
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
@@ -253,7 +276,7 @@ class W4A8(Int8Dynamic):
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         codes, scale, lo = int4_groups(weight, group_size_for(weight.shape[1], self.group_size), self.on_grid)
-        return super().pack((codes * scale + lo).reshape(weight.shape), bias)
+        return self._prepack(*int8_per_channel((codes * scale + lo).reshape(weight.shape)), bias)
 
 
 @dataclass(frozen=True)
@@ -304,9 +327,10 @@ Kernels = list[tuple[float, WeightFormat, Any]]
 SMALL_BATCH_TOKENS = 16  # up to here compact weights win (decode); beyond, bf16 GEMMs do (prefill)
 
 
-def get_format(name: str, group_size: int | None = None, device: str | torch.device = "cpu") -> WeightFormat:
+def get_format(name: str, group_size: int | None = None, device: str | torch.device = "cpu",
+               from_folder: bool = False) -> WeightFormat:
     """A format by name for `device`; `group_size` sets the 4-bit formats' groups (a quantised folder's own,
-    whose grids they then keep exactly).
+    whose grids they then keep exactly, as `from_folder` has the 8-bit ones keep theirs).
     On a GPU the 8-bit-activation formats take the Triton kernels; the LM head's int8 (weight-only)
     stays in the model's dtype there."""
     if name not in FORMATS:
@@ -324,11 +348,16 @@ def get_format(name: str, group_size: int | None = None, device: str | torch.dev
         return W4A16(group_size=group_size, on_grid=True)
     if group_size is not None and name == "w4a8":
         return W4A8(group_size=group_size, on_grid=True)
+    if from_folder and name == "int8":
+        return W8A16(on_grid=True)
+    if from_folder and name == "w8a8":
+        return Int8Dynamic(on_grid=True)
     return FORMATS[name]
 
 
-def single_plan(name: str, group_size: int | None = None, device: str | torch.device = "cpu") -> Plan:
-    return [(float("inf"), get_format(name, group_size, device))]
+def single_plan(name: str, group_size: int | None = None, device: str | torch.device = "cpu",
+                from_folder: bool = False) -> Plan:
+    return [(float("inf"), get_format(name, group_size, device, from_folder))]
 
 
 def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:

@@ -1,10 +1,11 @@
-"""GPTQ for the 4-bit formats: round a projection's input columns one at a time and push each
+"""GPTQ for the quantised formats: round a projection's input columns one at a time and push each
 column's rounding error onto the columns not yet rounded, weighted by the inverse Hessian of
 the layer's inputs (H = sum of x x^T over a calibration text), so the layer's outputs on such
 inputs move as little as possible (Frantar et al., 2022). Round-to-nearest on groups of 128
 costs SmolLM2-135M a third of its perplexity; this is what brings it back.
 
-Each group's (scale, min) grid is an asymmetric one, clipped where that rounds the group's
+The int8 formats round onto their per-channel grid, fixed up front (amax / 127). For the 4-bit
+ones, each group's (scale, min) grid is an asymmetric one, clipped where that rounds the group's
 important inputs better (`group_grid`). The result is a float weight on those grids, which
 `quadrant quantize` stores exactly (`int4_groups(on_grid=True)`: a group whose codes stop short
 of 0 or 15 keeps its own step rather than being rounded again onto its min/max grid).
@@ -209,9 +210,9 @@ def group_grid(w: torch.Tensor, importance: torch.Tensor | None = None,
     return best_scale, best_lo
 
 
-def round_to_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """w rounded to the nearest of the 16 points lo + c * scale (clamped at both ends)."""
-    return torch.clamp(torch.round((w - lo) / scale), 0, 15) * scale + lo
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, max_code: int = 15) -> torch.Tensor:
+    """w rounded to the nearest of the points lo + c * scale, c in 0..max_code (clamped at both ends)."""
+    return torch.clamp(torch.round((w - lo) / scale), 0, max_code) * scale + lo
 
 
 CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -219,8 +220,11 @@ CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01, block: int = 128,
-         act_order: bool = True, shrinks: tuple[float, ...] = CLIP_SHRINKS) -> torch.Tensor:
-    """weight [N, K], hessian [K, K] -> the weight rounded to 4-bit groups of `group` inputs (as floats).
+         act_order: bool = True, shrinks: tuple[float, ...] = CLIP_SHRINKS,
+         grid: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+    """weight [N, K], hessian [K, K] -> the weight rounded to 4-bit groups of `group` inputs (as floats);
+    or, with `grid` = (scale, lo [N, K/group], max_code), to that fixed grid of max_code + 1 points
+    (int8 per channel: group K, lo = -127 scale, max_code 254), in act-order.
 
     `damp` adds that fraction of the mean diagonal to H (numerical safety for rarely-used inputs);
     `block` is how many columns are updated lazily at a time (rounded up to whole groups, so that
@@ -240,7 +244,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
     diag = torch.diag(h)
     num_groups = k // group
-    if act_order:
+    max_code = 15
+    if grid is not None:
+        scales, mins, max_code = grid[0].double(), grid[1].double(), grid[2]
+        act_order = True
+        perm = torch.argsort(diag, descending=True)
+    elif act_order:
         grids = [group_grid(w[:, g * group : (g + 1) * group], diag[g * group : (g + 1) * group], shrinks)
                  for g in range(num_groups)]
         scales = torch.cat([s for s, _ in grids], 1)  # [N, K/g]
@@ -266,7 +275,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
             elif col_index % group == 0:  # in order: the group's grid from its weights as updated so far
                 scale, lo = group_grid(wb[:, i : i + group], diag[perm[b0 + i : b0 + i + group]], shrinks)
             col = wb[:, i : i + 1]
-            q = round_to_grid(col, scale, lo)
+            q = round_to_grid(col, scale, lo, max_code)
             out[:, b0 + i : b0 + i + 1] = q
             err = (col - q) / hb[i, i]
             wb[:, i:] -= err @ hb[i : i + 1, i:]

@@ -67,7 +67,7 @@ def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128,
     w = weight.float()
     if fmt in ("int8", "w8a8"):
         flat = w.reshape(-1, w.shape[-1])
-        q, scale = int8_per_channel(flat)
+        q, scale = int8_per_channel(flat, on_grid)
         return {"qweight": q.reshape(w.shape), "scales": scale.reshape(w.shape[:-1])}
     if fmt in ("w4a16", "w4a8"):
         codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], preferred_group), on_grid)
@@ -133,9 +133,10 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
 
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
-    calibration text, a number fixes it for all layers, None turns it off. `method` (w4a16, w4a8):
-    "gptq" rounds each projection with GPTQ on the same text, "rtn" to the nearest grid point;
-    "auto" is gptq where the model has a tokenizer and its Hessians fit in 8 GiB (not a large MoE)."""
+    calibration text, a number fixes it for all layers, None turns it off. `method`: "gptq" rounds
+    each projection with GPTQ on the same text (4-bit groups and int8 channels alike), "rtn" to the
+    nearest grid point; "auto" is gptq where the model has a tokenizer and its Hessians fit in 8 GiB
+    (not a large MoE)."""
     from quadrant.loader.source import open_pulled
 
     if fmt not in QUANT_FORMATS:
@@ -153,7 +154,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
     if method not in ("auto", "gptq", "rtn"):
         raise QuantizeError(f"method must be auto, gptq or rtn, got {method!r}")
-    if method == "gptq" and fmt in ("w4a16", "w4a8") and not source.has_tokenizer():
+    if method == "gptq" and not source.has_tokenizer():
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
     tied = source.config.tie_word_embeddings
@@ -161,7 +162,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
     if fmt in ("w4a16", "w4a8"):
         config["quantization_config"]["group_size"] = group_size
-        config["quantization_config"]["rounding"] = "gptq" if calibration.hessians is not None else "rtn"
+    config["quantization_config"]["rounding"] = "gptq" if calibration.hessians is not None else "rtn"
     if calibration.smoother is not None:
         config["quantization_config"]["smoothquant"] = smoothing
     report = QuantizeReport(out, fmt, 0, 0, 0)
@@ -186,7 +187,7 @@ def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
 @dataclass
 class Calibration:
     smoother: Smoother | None = None  # SmoothQuant scales (8-bit activations)
-    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's input Hessians (4-bit weights)
+    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's input Hessians
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens behind each Hessian
 
 
@@ -196,15 +197,14 @@ _HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians woul
 def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, group_size: int,
                method: str, progress: bool = False) -> Calibration:
     """Statistics of the float model on the shipped calibration text: SmoothQuant scales for the
-    formats with 8-bit activations, GPTQ's input Hessians for the 4-bit ones (each where it applies)."""
+    formats with 8-bit activations, GPTQ's input Hessians for all (each where it applies)."""
     from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
     from quadrant.quant.gptq import hessian_bytes, input_hessians
 
     if smoothing is not None and smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
         raise QuantizeError(f"smoothing must be 'auto', a strength in (0, 1) or off, got {smoothing!r}")
     smooth = smoothing is not None and fmt in ("w8a8", "w4a8")
-    use_gptq = fmt in ("w4a16", "w4a8") and (
-        method == "gptq" or (method == "auto" and hessian_bytes(source.config) <= _HESSIAN_BUDGET))
+    use_gptq = method == "gptq" or (method == "auto" and hessian_bytes(source.config) <= _HESSIAN_BUDGET)
     if not (smooth or use_gptq) or not source.has_tokenizer():
         return Calibration()
     model = source.load_model(torch.float32, "cpu", "dense")
@@ -216,20 +216,26 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     hessians: dict[str, torch.Tensor] | None = None
     tokens: dict[str, int] = {}
     if use_gptq:  # sequential: each Hessian sees the inputs of the model rounded so far
-        hessians, tokens = input_hessians(model, ids, round_weights=_rounding_in_model(smoother, group_size),
+        hessians, tokens = input_hessians(model, ids, round_weights=_rounding_in_model(smoother, fmt, group_size),
                                           progress=progress)
     del model
     return Calibration(smoother, hessians, tokens)
 
 
-def _round_4bit(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, group: int,
-                scale: torch.Tensor | None) -> torch.Tensor:
+def _round_projection(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, fmt: str, group: int,
+                      scale: torch.Tensor | None) -> torch.Tensor:
     """One [N, K] projection (already smoothed by the column factors `scale`, if it is) as the folder
-    stores it: floats on its 4-bit grids, from GPTQ where the calibration text reached it."""
+    stores it: floats on its grid (4-bit groups of `group`, or int8 per channel), from GPTQ where the
+    calibration text reached it."""
     from quadrant.quant.gptq import gptq
 
-    codes, grid_scale, lo = int4_groups(matrix, group)
-    nearest = (codes * grid_scale + lo).view(matrix.shape)
+    eight = fmt in ("int8", "w8a8")
+    if eight:
+        q, step = int8_per_channel(matrix)
+        nearest = q.float() * step[:, None]
+    else:
+        codes, grid_scale, lo = int4_groups(matrix, group)
+        nearest = (codes * grid_scale + lo).view(matrix.shape)
     # Fewer tokens than twice the inputs (a rarely routed expert): GPTQ would fit the calibration
     # text's few directions and round worse than nearest elsewhere.
     if h is None or tokens < 2 * matrix.shape[-1]:
@@ -238,39 +244,42 @@ def _round_4bit(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, group
         return matrix  # already on such a grid (a Q4_1 source at g32): rounding to nearest is exact
     if scale is not None:  # smoothing divided this input by `scale`
         h = h / torch.outer(scale, scale).to(h.dtype)
+    if eight:  # the per-channel grid fixed up front: 255 points, -127..127 steps
+        return gptq(matrix.float(), h, matrix.shape[-1], grid=(step[:, None], -127 * step[:, None], 254)).to(matrix.dtype)
     return gptq(matrix.float(), h, group).to(matrix.dtype)
 
 
-def _gptq_tensor(name: str, tensor: torch.Tensor, calibration: Calibration, preferred_group: int) -> torch.Tensor:
-    """`tensor` (already smoothed, if it is) rounded to its 4-bit groups: by GPTQ with its Hessian,
-    to nearest where none was collected (a projection the calibration text never reached)."""
+def _gptq_tensor(name: str, tensor: torch.Tensor, fmt: str, calibration: Calibration,
+                 preferred_group: int) -> torch.Tensor:
+    """`tensor` (already smoothed, if it is) rounded to its grid in format `fmt`: by GPTQ with its
+    Hessian, to nearest where none was collected (a projection the calibration text never reached)."""
     from quadrant.quant.gptq import hessian_key
 
     assert calibration.hessians is not None
-    group = group_size_for(tensor.shape[-1], preferred_group)
+    group = group_size_for(tensor.shape[-1], preferred_group) if fmt in ("w4a16", "w4a8") else 0
     scale = calibration.smoother.column_scale(name, tensor) if calibration.smoother is not None else None
 
     def one(matrix: torch.Tensor, key: str | None) -> torch.Tensor:
         h = calibration.hessians.get(key) if key is not None else None  # type: ignore[union-attr]
-        return _round_4bit(matrix, h, calibration.tokens.get(key or "", 0), group, scale)
+        return _round_projection(matrix, h, calibration.tokens.get(key or "", 0), fmt, group, scale)
 
     if tensor.dim() == 3:
         return torch.stack([one(tensor[e], hessian_key(name, e)) for e in range(tensor.shape[0])])
     return one(tensor, hessian_key(name))
 
 
-def _rounding_in_model(smoother: Smoother | None, preferred_group: int) -> RoundWeights:
+def _rounding_in_model(smoother: Smoother | None, fmt: str, preferred_group: int) -> RoundWeights:
     """GPTQ's sequential pass rounds the calibration model's projections as `_write` will store them,
     in the model's own (unsmoothed) space: smooth the columns, round, unsmooth. (Row factors, which
     smoothing also applies, commute with rounding rows independently.)"""
     from quadrant.quant.gptq import checkpoint_name
 
     def round_weights(key: str, weight: torch.Tensor, h: torch.Tensor | None, tokens: int) -> torch.Tensor:
-        group = group_size_for(weight.shape[-1], preferred_group)
+        group = group_size_for(weight.shape[-1], preferred_group) if fmt in ("w4a16", "w4a8") else 0
         scale = smoother.column_scale(checkpoint_name(key), weight) if smoother is not None else None
         if scale is None:
-            return _round_4bit(weight, h, tokens, group, None)
-        return _round_4bit(weight * scale, h, tokens, group, scale) / scale
+            return _round_projection(weight, h, tokens, fmt, group, None)
+        return _round_projection(weight * scale, h, tokens, fmt, group, scale) / scale
 
     return round_weights
 
@@ -287,9 +296,9 @@ def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bo
             tensor = calibration.smoother.apply(name, tensor)
         if is_quantizable(name, tensor) and not (tied and name == "lm_head.weight"):
             own = tensor_format(name, fmt)
-            rounded = calibration.hessians is not None and own in ("w4a16", "w4a8")
+            rounded = calibration.hessians is not None
             if rounded:  # floats on GPTQ's grids, stored as they are
-                tensor = _gptq_tensor(name, tensor, calibration, group_size)
+                tensor = _gptq_tensor(name, tensor, own, calibration, group_size)
             stem = name.removesuffix(".weight")
             parts = {f"{stem}.{k}": v.contiguous()
                      for k, v in quantize_tensor(tensor, own, group_size, on_grid=rounded).items()}

@@ -73,8 +73,8 @@ def test_quantized_folder_loads_back_close_to_dense(tiny_llama, tmp_path, fmt):
     report = quantize_model(str(tiny_llama), fmt, out, progress=False, group_size=64, smoothing=None)
     assert report.num_quantized == 2 * 7 + 1  # 7 projections per layer + the untied LM head
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"] == {"quant_method": "quadrant", "format": fmt,  # no tokenizer: no GPTQ
-                                          **({"group_size": 64, "rounding": "rtn"} if fmt.startswith("w4") else {})}
+    assert cfg["quantization_config"] == {"quant_method": "quadrant", "format": fmt, "rounding": "rtn",  # no tokenizer
+                                          **({"group_size": 64} if fmt.startswith("w4") else {})}
     source = open_model(out)
     assert source.quantization_label() == fmt and source.default_weight_format("cpu") == fmt
     info = source.describe()
