@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "strength), a strength in (0, 1), or off")
     s.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
                    help="rounding of the weights: gptq (error-compensating, calibrated on a shipped "
-                        "text), rtn (nearest grid point); auto: gptq where the model has a tokenizer")
+                        "text), rtn (nearest grid point); auto: gptq for the 4-bit formats where the model has a tokenizer")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
     s.set_defaults(func=cmd_quantize)

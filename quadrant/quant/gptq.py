@@ -236,7 +236,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
     n, k = w.shape
     if k % group:
         raise ValueError(f"in_features {k} must be a multiple of the group {group}")
-    block = -(-block // group) * group
+    if grid is None:  # grids chosen as the columns go: a block holds whole groups
+        block = -(-block // group) * group
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
