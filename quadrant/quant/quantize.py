@@ -63,7 +63,7 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128,
                     on_grid: bool = False) -> dict[str, torch.Tensor]:
     """weight [.., N, K] -> {"qweight", "scales"(, "mins")} in the layout of the module docstring
-    (`on_grid`: the weight already sits on 4-bit grids, GPTQ's, which are then stored exactly)."""
+    (`on_grid`: the weight already sits on the format's grids, GPTQ's, which are then stored exactly)."""
     w = weight.float()
     if fmt in ("int8", "w8a8"):
         flat = w.reshape(-1, w.shape[-1])
@@ -225,14 +225,15 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     return Calibration(smoother, hessians, tokens)
 
 
-def _round_projection(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, fmt: str, group: int,
+def _round_projection(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, fmt: str, preferred_group: int,
                       scale: torch.Tensor | None) -> torch.Tensor:
     """One [N, K] projection (already smoothed by the column factors `scale`, if it is) as the folder
-    stores it: floats on its grid (4-bit groups of `group`, or int8 per channel), from GPTQ where the
+    stores it: floats on its grid (4-bit groups, or int8 per channel), from GPTQ where the
     calibration text reached it."""
     from quadrant.quant.gptq import gptq
 
     eight = fmt in ("int8", "w8a8")
+    group = 0 if eight else group_size_for(matrix.shape[-1], preferred_group)
     if eight:
         q, step = int8_per_channel(matrix)
         nearest = q.float() * step[:, None]
@@ -259,12 +260,11 @@ def _gptq_tensor(name: str, tensor: torch.Tensor, fmt: str, calibration: Calibra
     from quadrant.quant.gptq import hessian_key
 
     assert calibration.hessians is not None
-    group = group_size_for(tensor.shape[-1], preferred_group) if fmt in ("w4a16", "w4a8") else 0
     scale = calibration.smoother.column_scale(name, tensor) if calibration.smoother is not None else None
 
     def one(matrix: torch.Tensor, key: str | None) -> torch.Tensor:
         h = calibration.hessians.get(key) if key is not None else None  # type: ignore[union-attr]
-        return _round_projection(matrix, h, calibration.tokens.get(key or "", 0), fmt, group, scale)
+        return _round_projection(matrix, h, calibration.tokens.get(key or "", 0), fmt, preferred_group, scale)
 
     if tensor.dim() == 3:
         return torch.stack([one(tensor[e], hessian_key(name, e)) for e in range(tensor.shape[0])])
@@ -278,11 +278,10 @@ def _rounding_in_model(smoother: Smoother | None, fmt: str, preferred_group: int
     from quadrant.quant.gptq import checkpoint_name
 
     def round_weights(key: str, weight: torch.Tensor, h: torch.Tensor | None, tokens: int) -> torch.Tensor:
-        group = group_size_for(weight.shape[-1], preferred_group) if fmt in ("w4a16", "w4a8") else 0
         scale = smoother.column_scale(checkpoint_name(key), weight) if smoother is not None else None
         if scale is None:
-            return _round_projection(weight, h, tokens, fmt, group, None)
-        return _round_projection(weight * scale, h, tokens, fmt, group, scale) / scale
+            return _round_projection(weight, h, tokens, fmt, preferred_group, None)
+        return _round_projection(weight * scale, h, tokens, fmt, preferred_group, scale) / scale
 
     return round_weights
 
