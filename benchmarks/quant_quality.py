@@ -39,7 +39,7 @@ def folder_bytes(path: Path) -> int:
 
 def perplexity(model: str, weight_format: str, tokens: int, text: Path = TEXT) -> float:
     engine = LLMEngine.from_model(model, weight_format=weight_format)
-    ids = engine.require_tokenizer().encode(text.read_text())[:tokens]
+    ids = engine.require_tokenizer().encode(text.read_text())[: tokens or None]  # 0: the whole text
     ppl = score_tokens(engine, ids).perplexity
     del engine
     gc.collect()
@@ -58,17 +58,18 @@ def main() -> None:
     ap.add_argument("--moe", default=None, help="an upcycled MoE folder (quadrant upcycle) to measure too")
     ap.add_argument("--moe-only", action="store_true", help="measure only the --moe folder")
     ap.add_argument("--formats", nargs="+", default=list(QUANT_FORMATS), choices=QUANT_FORMATS)
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens of the text scored")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens of the text scored (0: all of it)")
     ap.add_argument("--text", type=Path, default=TEXT, help="the text scored (benchmarks/data: alice_ch1-2.txt, "
                                                             "or alice_ch5-6.txt, a second held-out sample)")
     ap.add_argument("--group-sizes", nargs="+", type=int, default=[128, 32], help="4-bit group sizes to measure")
     ap.add_argument("--smoothing", default="auto", help="SmoothQuant for w8a8/w4a8: auto, off or a strength")
     ap.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"], help="4-bit rounding")
+    ap.add_argument("--rotate", default="auto", choices=["auto", "on", "off"], help="residual-stream rotation")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed runs")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
 
-    table = Table(title=f"weight formats on {args.text.name} ({args.tokens} tokens), {platform.machine()}, "
+    table = Table(title=f"weight formats on {args.text.name} ({args.tokens or 'all'} tokens), {platform.machine()}, "
                         f"{torch.get_num_threads()} threads, {date.today()}")
     for col in ("model", "format", "perplexity", "vs unquantised", "floor", "weights on disk", "decode tok/s",
                 "vs llama.cpp"):
@@ -98,7 +99,7 @@ def main() -> None:
                 quantize_model(str(path), fmt, out, allow_requantize=True, progress=False, group_size=group or 128,
                                smoothing=None if args.smoothing == "off" else
                                args.smoothing if args.smoothing == "auto" else float(args.smoothing),
-                               method=args.method)
+                               method=args.method, rotate=args.rotate)
                 ppl = perplexity(str(out), fmt, args.tokens, args.text)
                 change = 100 * (ppl / base - 1)
                 speed = None if args.no_speed else decode_speed(str(out), fmt)

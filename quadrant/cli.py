@@ -180,7 +180,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from quadrant.quant.quantize import quantize_model
 
     r = quantize_model(args.model, args.format, args.output, allow_requantize=args.allow_requantize,
-                       group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing), method=args.method)
+                       group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing), method=args.method,
+                       rotate=args.rotate)
     print(f"{r.path}: {r.format}, {r.num_quantized} weights quantised, {_human_bytes(r.bytes_out)} written "
           f"({_human_bytes(r.bytes_in)} as float32)")
 
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
                    help="rounding of the weights: gptq (error-compensating, calibrated on a shipped "
                         "text), rtn (nearest grid point); auto: gptq for the 4-bit formats where the model has a tokenizer")
+    s.add_argument("--rotate", default="auto", choices=["auto", "on", "off"],
+                   help="rotate the residual stream first (an exact change of basis that spreads activation "
+                        "outliers; the LM head is then stored apart from the embeddings); auto: for w8a8")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
     s.set_defaults(func=cmd_quantize)

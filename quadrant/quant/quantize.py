@@ -7,7 +7,9 @@ keeps its output matrix at 6-8 bits too). Per quantised weight `P.weight` [.., N
     int8, w8a8    P.qweight int8 [.., N, K]              P.scales fp32 [.., N]           (symmetric, per channel)
     w4a16, w4a8   P.qweight uint8 [.., N, K/2] (2 codes)  P.scales, P.mins [.., N, K/g]   (asymmetric, per group)
 
-The group g is --group-size (128 by default) where the input width allows (else 64 or 32);
+For w8a8 the residual stream is first rotated (`quant/rotate.py`): the
+folder then holds an ordinary checkpoint of the same architecture, norm gains 1 and the LM head
+untied. The group g is --group-size (128 by default) where the input width allows (else 64 or 32);
 K / scales' last dim gives it back. config.json gains `quantization_config` {quant_method: "quadrant", format}; an
 LM head's own format follows from the model's (`tensor_format`).
 """
@@ -129,15 +131,19 @@ class QuantizeReport:
 
 def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
                    progress: bool = True, group_size: int = 128,
-                   smoothing: float | str | None = "auto", method: str = "auto") -> QuantizeReport:
+                   smoothing: float | str | None = "auto", method: str = "auto",
+                   rotate: str = "auto") -> QuantizeReport:
     """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
 
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
     calibration text, a number fixes it for all layers, None turns it off. `method`: "gptq" rounds
     each projection with GPTQ on the same text (4-bit groups and int8 channels alike), "rtn" to the
     nearest grid point; "auto" is gptq for the 4-bit formats where the model has a tokenizer and its
-    Hessians fit in 8 GiB (not a large MoE), rtn otherwise."""
+    Hessians fit in 8 GiB (not a large MoE), rtn otherwise. `rotate` ("on", "off", "auto"): rotate
+    the residual stream first (`quant/rotate.py`); "auto" does for w8a8, where the model's norms
+    allow it."""
     from quadrant.loader.source import open_pulled
+    from quadrant.quant.rotate import RotatedSource, RotationError, rotation_refusal
 
     if fmt not in QUANT_FORMATS:
         raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
@@ -154,9 +160,17 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
     if method not in ("auto", "gptq", "rtn"):
         raise QuantizeError(f"method must be auto, gptq or rtn, got {method!r}")
+    if rotate not in ("auto", "on", "off"):
+        raise QuantizeError(f"rotate must be auto, on or off, got {rotate!r}")
     if method == "gptq" and not source.has_tokenizer():
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
+    if rotate == "on" or (rotate == "auto" and fmt in _ROTATED_FORMATS and rotation_refusal(source) is None):
+        try:
+            source = RotatedSource.of(source)
+        except RotationError as e:
+            raise QuantizeError(str(e)) from None
+        config = source.hf_config()
     tied = source.config.tie_word_embeddings
     calibration = _calibrate(source, fmt, smoothing, group_size, method, progress)
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
@@ -165,6 +179,8 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     config["quantization_config"]["rounding"] = "gptq" if calibration.hessians is not None else "rtn"
     if calibration.smoother is not None:
         config["quantization_config"]["smoothquant"] = smoothing
+    if isinstance(source, RotatedSource):  # a record only: the rotated weights load as any others
+        config["quantization_config"]["rotation"] = "random orthogonal, seed 0"
     report = QuantizeReport(out, fmt, 0, 0, 0)
     st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
                     lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, calibration))
@@ -191,6 +207,7 @@ class Calibration:
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens behind each Hessian
 
 
+_ROTATED_FORMATS = ("w8a8",)  # where "auto" rotates the residual stream (it made w4a8 worse: BENCHMARKS.md)
 _HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians would hold more (large MoEs)
 
 

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from quadrant.engine.engine import LLMEngine  # noqa: E402
 from quadrant.layers.attention import AttentionMetadata  # noqa: E402
 from quadrant.loader.source import open_model  # noqa: E402
-from tests.tiny_models import save_tiny_llama  # noqa: E402
+from tests.tiny_models import outlier_llama, save_tiny_llama  # noqa: E402
 from quadrant.quant.quantize import (QuantizeError, _pack_nibbles, _unpack_nibbles, dequantize_tensor,  # noqa: E402
                                      quantize_model, quantize_tensor)
 
@@ -70,7 +70,7 @@ def _logits(path, fmt: str, group_size: int | None = None) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["int8", "w8a8", "w4a16", "w4a8"])
 def test_quantized_folder_loads_back_close_to_dense(tiny_llama, tmp_path, fmt):
     out = tmp_path / fmt
-    report = quantize_model(str(tiny_llama), fmt, out, progress=False, group_size=64, smoothing=None)
+    report = quantize_model(str(tiny_llama), fmt, out, progress=False, group_size=64, smoothing=None, rotate="off")
     assert report.num_quantized == 2 * 7 + 1  # 7 projections per layer + the untied LM head
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "quadrant", "format": fmt, "rounding": "rtn",  # no tokenizer
@@ -109,16 +109,7 @@ def test_smoothing_lowers_w8a8_error_on_outlier_channels(default_gguf_path, tmp_
     activations lose them; SmoothQuant's migration into the weights must cut the error."""
     from quadrant.loader.source import open_model as open_source
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.05) if "norm" not in name else p.fill_(1.0)
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:4] = 30.0
-            layer.post_attention_layernorm.weight[:4] = 30.0
+    model = outlier_llama(49152, norm_gain=30.0)
     path = tmp_path / "outliers"
     model.save_pretrained(path, safe_serialization=True)
     open_source(default_gguf_path).tokenizer().save_pretrained(path)
@@ -126,7 +117,7 @@ def test_smoothing_lowers_w8a8_error_on_outlier_channels(default_gguf_path, tmp_
     errors = {}
     for smoothing in (None, "auto"):
         out = tmp_path / f"w8a8-{smoothing}"
-        quantize_model(str(path), "w8a8", out, progress=False, smoothing=smoothing)
+        quantize_model(str(path), "w8a8", out, progress=False, smoothing=smoothing, rotate="off")
         ours = _logits(out, "auto")
         errors[smoothing] = ((ours - dense).abs().max() / dense.abs().max()).item()
     assert errors["auto"] < 0.7 * errors[None], errors
