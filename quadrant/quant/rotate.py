@@ -11,8 +11,8 @@ orthogonal Q [D, D], the model whose residual stream is x Q computes exactly the
 RMSNorm commutes with Q once its gain is 1 (the root mean square of x Q is that of x), so the
 rotated checkpoint is an ordinary one of the same architecture and runs unchanged everywhere.
 Q mixes every channel into every other, which spreads the outliers: the 8-bit activations of the
-projections that read the stream lose far less (on SmolLM2 and its upcycled MoE, W8A8 loses half
-the perplexity it did). 4-bit weights gain little, and w4a8 lost, for a reason not yet pinned down
+projections that read the stream lose far less (on SmolLM2 and its upcycled MoE, W8A8 loses about
+half the perplexity it did). 4-bit weights gain little, and w4a8 lost, for a reason not yet pinned down
 (BENCHMARKS.md), so `quadrant quantize` rotates for w8a8 by default. Families whose norms are
 not plain RMSNorm gains (gemma's 1 + w, sandwich norms, LayerNorm biases) are refused.
 """
@@ -74,10 +74,12 @@ class RotatedSource(ModelSource):
         if reason is not None:
             raise RotationError(f"cannot rotate this model: {reason}")
         gains = {}
-        for name, tensor in base.weights():  # one pass for the gains, which readers need before their norm's turn
+        # One pass first: the readers need their norm's gain before its turn, and a tensor no rule
+        # covers is refused before anything is written.
+        for name, tensor in base.weights():
             if name.endswith("layernorm.bias"):
                 raise RotationError("cannot rotate this model: its norms have biases (LayerNorm)")
-            if name.endswith(_LAYER_NORMS) or name == "model.norm.weight":
+            if _role(name, tensor, base.config.hidden_size) == "norm":
                 gains[name] = tensor.double()
         config = dataclasses.replace(base.config, tie_word_embeddings=False)
         return cls(base.path, config, base.gguf, base.quantized_format, base.quantized_group,
@@ -94,35 +96,50 @@ class RotatedSource(ModelSource):
         q = self.rotation
         tied = self.base.config.tie_word_embeddings
         for name, tensor in self.base.weights():
-            if name == "model.embed_tokens.weight":
+            role = _role(name, tensor, q.shape[0])
+            if role == "embedding":
                 yield name, _cast(tensor.double() @ q, tensor)
                 if tied:
                     yield "lm_head.weight", self._head(tensor)
-            elif name == "lm_head.weight":
+            elif role == "head":
                 if not tied:
                     yield name, self._head(tensor)
-            elif name.endswith(_LAYER_NORMS) or name == "model.norm.weight":
+            elif role == "norm":
                 yield name, torch.ones_like(tensor)
+            elif role in ("input_layernorm", "post_attention_layernorm"):  # a reader: its norm's gain, then Q
+                layer = _LAYER.match(name)
+                assert layer is not None
+                gain = self.gains[f"model.layers.{layer.group(1)}.{role}.weight"]
+                yield name, _cast((tensor.double() * gain) @ q, tensor)
+            elif role == "writer":  # rows (or a bias) in the stream's basis
+                yield name, _cast(q.t() @ tensor.double() if name.endswith(".weight") else tensor.double() @ q, tensor)
             else:
-                yield name, self._rotate(name, tensor)
+                yield name, tensor  # q/k norms, biases of readers, router correction biases: not in the stream
 
     def _head(self, head: torch.Tensor) -> torch.Tensor:
         assert self.rotation is not None
         return _cast((head.double() * self.gains["model.norm.weight"]) @ self.rotation, head)
 
-    def _rotate(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        assert self.rotation is not None
-        q = self.rotation
-        layer = _LAYER.match(name)
-        for readers, norm in ((_ATTENTION_READERS, "input_layernorm"), (_FFN_READERS, "post_attention_layernorm")):
-            if layer is not None and readers.search(name):
-                gain = self.gains[f"model.layers.{layer.group(1)}.{norm}.weight"]
-                return _cast((tensor.double() * gain) @ q, tensor)
-        if _WRITERS.search(name):  # rows (or a bias) in the stream's basis
-            return _cast(q.t() @ tensor.double() if name.endswith(".weight") else tensor.double() @ q, tensor)
-        if layer is not None and tensor.dim() >= 2 and q.shape[0] in tensor.shape[-2:]:
-            raise RotationError(f"cannot rotate this model: no rule for {name}")
-        return tensor  # q/k norms, biases of readers, router correction biases: not in the stream's basis
+
+def _role(name: str, tensor: torch.Tensor, hidden: int) -> str:
+    """What a tensor is to the residual stream: "embedding", "head", "norm" (a gain set to 1), a
+    reader (named by the norm whose gain it takes), "writer", or "other" (not in the stream's basis)."""
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "head"
+    if name.endswith(_LAYER_NORMS) or name == "model.norm.weight":
+        return "norm"
+    layer = _LAYER.match(name)
+    if layer is not None and _ATTENTION_READERS.search(name):
+        return "input_layernorm"
+    if layer is not None and _FFN_READERS.search(name):
+        return "post_attention_layernorm"
+    if _WRITERS.search(name):
+        return "writer"
+    if layer is not None and tensor.dim() >= 2 and hidden in tensor.shape[-2:]:
+        raise RotationError(f"cannot rotate this model: no rule for {name}")
+    return "other"
 
 
 def _cast(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

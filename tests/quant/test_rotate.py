@@ -119,3 +119,14 @@ def test_rotation_lowers_w8a8_error_on_residual_outliers(tmp_path):
         quantize_model(str(tmp_path / "m"), "w8a8", tmp_path / rotate, progress=False, smoothing=None, rotate=rotate)
         errors[rotate] = _rel(_logits(open_model(tmp_path / rotate).load_model(torch.float32, "cpu", "w8a8")), dense)
     assert errors["on"] < 0.85 * errors["off"], errors
+
+
+def test_a_tensor_no_rule_covers_is_refused_up_front(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_llama(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.mlp.mystery_proj.weight"] = torch.zeros(128, 128)  # reads or writes the stream: unknown
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RotationError, match="no rule for model.layers.0.mlp.mystery_proj.weight"):
+        RotatedSource.of(open_model(tmp_path))
