@@ -155,7 +155,6 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     if already is not None and not allow_requantize:
         raise QuantizeError(f"{model} is already quantised ({already}); quantise a float checkpoint, or pass "
                             f"--allow-requantize to stack the errors")
-    config = source.hf_config()
     if group_size not in (32, 64, 128, 256):
         raise QuantizeError(f"group size must be 32, 64, 128 or 256, got {group_size}")
     if method not in ("auto", "gptq", "rtn"):
@@ -170,7 +169,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
             source = RotatedSource.of(source)
         except RotationError as e:
             raise QuantizeError(str(e)) from None
-        config = source.hf_config()
+    config = source.hf_config()  # a rotated source's: its LM head untied
     tied = source.config.tie_word_embeddings
     calibration = _calibrate(source, fmt, smoothing, group_size, method, progress)
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
@@ -180,7 +179,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     if calibration.smoother is not None:
         config["quantization_config"]["smoothquant"] = smoothing
     if isinstance(source, RotatedSource):  # a record only: the rotated weights load as any others
-        config["quantization_config"]["rotation"] = "random orthogonal, seed 0"
+        config["quantization_config"]["rotation"] = f"random orthogonal, seed {source.seed}"
     report = QuantizeReport(out, fmt, 0, 0, 0)
     st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
                     lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, calibration))

@@ -66,6 +66,7 @@ class RotatedSource(ModelSource):
 
     base: ModelSource | None = None
     rotation: torch.Tensor | None = None  # Q [D, D], fp64
+    seed: int = 0  # random_orthogonal's, which gave Q
     gains: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the norms' gains, by name
 
     @classmethod
@@ -83,7 +84,7 @@ class RotatedSource(ModelSource):
                 gains[name] = tensor.double()
         config = dataclasses.replace(base.config, tie_word_embeddings=False)
         return cls(base.path, config, base.gguf, base.quantized_format, base.quantized_group,
-                   base=base, rotation=random_orthogonal(base.config.hidden_size, seed), gains=gains)
+                   base=base, rotation=random_orthogonal(base.config.hidden_size, seed), seed=seed, gains=gains)
 
     def hf_config(self) -> dict[str, Any]:
         assert self.base is not None
