@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quadrant.config import ModelConfig
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.linear import Linear
 from quadrant.layers.moe import Experts, SparseMoeBlock
@@ -154,10 +155,10 @@ class Smoother:
         stats, samples = linear_inputs(model, token_ids)
         quantize_weight = weight_quantizer(fmt, group)
 
-        def scales(name: str, weight: torch.Tensor) -> torch.Tensor:
+        def scales(name: str, weight: torch.Tensor, tie: Tie | None = None) -> torch.Tensor:
             if alpha is not None:
-                return smoothing_scales(stats[name], weight, alpha)
-            return best_scales(stats[name], samples[name], weight, quantize_weight)
+                return smoothing_scales(stats[name], weight, alpha, tie)
+            return best_scales(stats[name], samples[name], weight, quantize_weight, tie=tie)
 
         config = getattr(model, "config", None)
         layers = getattr(getattr(model, "model", None), "layers", [])
@@ -169,11 +170,8 @@ class Smoother:
                        [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"])
             if config is not None and not config.attention_bias:  # a v bias would need the row scaling too
                 tie = _kv_tie(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-                name = f"{prefix}.self_attn.o_proj"
-                w_o = attn.o_proj.weight
-                s = (smoothing_scales(stats[name], w_o, alpha, tie) if alpha is not None
-                     else best_scales(stats[name], samples[name], w_o, quantize_weight, tie=tie))
-                self.scales[f"{name}.weight"] = ("col", s)
+                s = scales(f"{prefix}.self_attn.o_proj", attn.o_proj.weight, tie)
+                self.scales[f"{prefix}.self_attn.o_proj.weight"] = ("col", s)
                 heads_per_kv = config.num_attention_heads // config.num_key_value_heads
                 per_kv = s.view(config.num_key_value_heads, heads_per_kv, config.head_dim)[:, 0].reshape(-1)
                 self.scales[f"{prefix}.self_attn.v_proj.weight#rows"] = ("row", per_kv)
@@ -256,6 +254,7 @@ class Smoother:
             out = out.float() / rows[1][:, None]  # the up projection writes down_proj's input
         return out.to(tensor.dtype) if out is not tensor else out
 
+
 def _kv_tie(heads: int, kv_heads: int, head_dim: int) -> Tie:
     """Tie for o_proj's inputs (channel h * D + d, query head h reading kv head h // (heads / kv_heads)):
     each channel gets the max over the query heads of its kv head, at the same d."""
@@ -265,6 +264,12 @@ def _kv_tie(heads: int, kv_heads: int, head_dim: int) -> Tie:
     return tie
 
 
+def plain_norm_gains(config: ModelConfig) -> bool:
+    """Whether every norm multiplies by its stored gain alone, so a per-channel factor can be folded
+    into it or through it (not gemma's 1 + w, nor its sandwich norms): smoothing and rotation need it."""
+    return not config.norm_offset and not config.sandwich_norm
+
+
 def supports_smoothing(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
-    return config is not None and not config.norm_offset and not config.sandwich_norm
+    return config is not None and plain_norm_gains(config)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from quadrant.loader.source import ModelSource
+from quadrant.quant.calibrate import plain_norm_gains
 
 # Tensors (Hugging Face names within a decoder layer) that read the residual stream after the
 # layer's attention norm or its FFN norm, and those that write back into it.
@@ -54,9 +55,8 @@ def random_orthogonal(dim: int, seed: int = 0) -> torch.Tensor:
 
 def rotation_refusal(source: ModelSource) -> str | None:
     """Why `source` cannot be rotated exactly, or None if it can."""
-    c = source.config
-    if c.norm_offset or c.sandwich_norm:
-        return f"{c.architecture} norms are not plain RMSNorm gains"
+    if not plain_norm_gains(source.config):
+        return f"{source.config.architecture} norms are not plain RMSNorm gains"
     return None
 
 
