@@ -74,8 +74,9 @@ def int8_per_channel(weight: torch.Tensor, on_grid: bool = False) -> tuple[torch
 
 
 def _int8_reproduces(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    codes = w / scale[:, None]
-    return ((codes - torch.round(codes)).abs() <= 1e-3).all(1)
+    """[N]: whether each row sits on the symmetric grid of its step (`_reproduces` with min 0)."""
+    step = scale[:, None]
+    return _reproduces(torch.round(w / step), step, torch.zeros_like(step), w).squeeze(-1)
 
 
 @dataclass
