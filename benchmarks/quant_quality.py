@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--smoothing", default="auto", help="SmoothQuant for w8a8/w4a8: auto, off or a strength")
     ap.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"], help="4-bit rounding")
     ap.add_argument("--rotate", default="auto", choices=["auto", "on", "off"], help="residual-stream rotation")
+    ap.add_argument("--tune-steps", type=int, default=None, help="4-bit end-to-end tuning steps (0: off; default: auto)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed runs")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -99,7 +100,8 @@ def main() -> None:
                 quantize_model(str(path), fmt, out, allow_requantize=True, progress=False, group_size=group or 128,
                                smoothing=None if args.smoothing == "off" else
                                args.smoothing if args.smoothing == "auto" else float(args.smoothing),
-                               method=args.method, rotate=args.rotate)
+                               method=args.method, rotate=args.rotate,
+                               tune_steps=args.tune_steps if fmt.startswith("w4") else None)
                 ppl = perplexity(str(out), fmt, args.tokens, args.text)
                 change = 100 * (ppl / base - 1)
                 speed = None if args.no_speed else decode_speed(str(out), fmt)

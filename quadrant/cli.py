@@ -181,7 +181,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     r = quantize_model(args.model, args.format, args.output, allow_requantize=args.allow_requantize,
                        group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing), method=args.method,
-                       rotate=args.rotate)
+                       rotate=args.rotate, tune_steps=args.tune_steps)
     print(f"{r.path}: {r.format}, {r.num_quantized} weights quantised, {_human_bytes(r.bytes_out)} written "
           f"({_human_bytes(r.bytes_in)} as float32)")
 
@@ -362,13 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs per 4-bit scale (narrower where the width requires)")
     s.add_argument("--smoothing", default="auto",
                    help="SmoothQuant for w8a8/w4a8, calibrated on a shipped text: auto (each layer's best "
-                        "strength), a strength in (0, 1), or off")
+                        "strength; w4a8 only where the stream is not rotated), a strength in (0, 1), or off")
     s.add_argument("--method", default="auto", choices=["auto", "gptq", "rtn"],
                    help="rounding of the weights: gptq (error-compensating, calibrated on a shipped "
                         "text), rtn (nearest grid point); auto: gptq for the 4-bit formats where the model has a tokenizer")
     s.add_argument("--rotate", default="auto", choices=["auto", "on", "off"],
                    help="rotate the residual stream first (an exact change of basis that spreads activation "
-                        "outliers; the LM head is then stored apart from the embeddings); auto: for w8a8")
+                        "outliers; the LM head is then stored apart from the embeddings); auto: for w8a8 and w4a8")
+    s.add_argument("--tune-steps", type=int, default=None,
+                   help="after GPTQ, tune the 4-bit scales, mins and norm gains against the float model on the "
+                        "calibration texts for this many steps (0: off; default: 60 for 4-bit models up to 1B parameters)")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
     s.set_defaults(func=cmd_quantize)

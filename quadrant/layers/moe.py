@@ -186,9 +186,10 @@ class Experts(nn.Module):
                 "down": slice(None)}[part]
 
     def read_shard(self, param: torch.Tensor, shard: str) -> torch.Tensor:
-        """The inverse of the weight loader for one expert's part "{e}.gate|up|down" (for export)."""
+        """The inverse of the weight loader for one expert's part "{e}.gate|up|down", or all experts'
+        (".gate": a stacked GGUF tensor), for export."""
         expert_str, _, part = shard.rpartition(".")
-        return param[int(expert_str)][..., self._rows(part), :]
+        return (param[int(expert_str)] if expert_str else param)[..., self._rows(part), :]
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
         expert_str, _, part = shard.rpartition(".")

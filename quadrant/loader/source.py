@@ -130,6 +130,10 @@ class ModelSource:
                     param.zero_()
         return model.eval()
 
+    def parameter_count(self) -> int:
+        """The parameters of the model this source builds (counted on the meta device: nothing allocated)."""
+        return sum(p.numel() for p in self._build(torch.float32, "meta").parameters())
+
     def _build(self, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
         cls = model_class(self.config.architecture)
         with torch.device(device):

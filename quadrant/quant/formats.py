@@ -262,22 +262,29 @@ def group_size_for(in_features: int, preferred: int = 128) -> int:
 
 
 @dataclass(frozen=True)
-class W4A8(Int8Dynamic):
+class W4A8(W4A16):
     """4-bit weights (w4a16's asymmetric groups) x per-token int8 activations.
 
-    The 4-bit grid is what the format keeps (and what `quadrant quantize` stores, at half
-    int8's bytes). On the CPU the product runs as int8 x int8 in fbgemm: the grid is
-    re-expressed per output channel in int8 at load (one more rounding, a sixteenth of the
-    4-bit step at most), since x86 has no int4 x int8 kernel in torch.
+    On the CPU each token's activations are rounded to a symmetric int8 grid (amax / 127), the
+    GPU kernel's; their integer codes, exact in bf16, go through torch's int4 kernel, and the
+    token's step multiplies the result. The products are the GPU's, 4-bit grid and all (an int8
+    GEMM would need the grid re-expressed per channel in int8: one more rounding, as large as the
+    4-bit step's half on a row whose groups' ranges differ eightfold).
     """
 
     name: FormatName = "w4a8"
     group_size: int = 128
     on_grid: bool = False  # as W4A16's
 
-    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        codes, scale, lo = int4_groups(weight, group_size_for(weight.shape[1], self.group_size), self.on_grid)
-        return self._prepack(*int8_per_channel((codes * scale + lo).reshape(weight.shape)), bias)
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        step = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_min_(1e-30) / 127.0
+        codes = torch.round(x2 / step).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(codes, packed.packed, packed.group_size, packed.scales_and_zeros)
+        out = out.float().mul_(step)
+        if packed.bias is not None:
+            out += packed.bias
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ keeps its output matrix at 6-8 bits too). Per quantised weight `P.weight` [.., N
     int8, w8a8    P.qweight int8 [.., N, K]              P.scales fp32 [.., N]           (symmetric, per channel)
     w4a16, w4a8   P.qweight uint8 [.., N, K/2] (2 codes)  P.scales, P.mins [.., N, K/g]   (asymmetric, per group)
 
-For w8a8 the residual stream is first rotated (`quant/rotate.py`): the
+The 4-bit formats are rounded by GPTQ (`quant/gptq.py`), and their scales, mins and norm gains
+then tuned end to end with the codes fixed (`quant/tune.py`): the folder is written, tuned, and
+rewritten in place before it appears. For w8a8 the residual stream is first rotated (`quant/rotate.py`): the
 folder then holds an ordinary checkpoint of the same architecture, norm gains 1 and the LM head
 untied. The group g is --group-size (128 by default) where the input width allows (else 64 or 32);
 K / scales' last dim gives it back. config.json gains `quantization_config` {quant_method: "quadrant", format}; an
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from quadrant.loader.source import ModelSource
     from quadrant.quant.calibrate import Smoother
     from quadrant.quant.gptq import RoundWeights
+    from quadrant.quant.tune import TuneReport
 
 QUANT_FORMATS = ("int8", "w8a8", "w4a16", "w4a8")
 _PROJECTIONS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
@@ -127,21 +130,24 @@ class QuantizeReport:
     num_quantized: int
     bytes_in: int  # float32 bytes of the tensors read
     bytes_out: int  # bytes written (all tensors)
+    tuning: TuneReport | None = None  # the end-to-end tuning of a 4-bit folder, where it ran
 
 
 def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
                    progress: bool = True, group_size: int = 128,
                    smoothing: float | str | None = "auto", method: str = "auto",
-                   rotate: str = "auto") -> QuantizeReport:
+                   rotate: str = "auto", tune_steps: int | None = None) -> QuantizeReport:
     """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
 
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
-    calibration text, a number fixes it for all layers, None turns it off. `method`: "gptq" rounds
+    calibration text (for w4a8 only where the stream is not rotated), a number fixes it for all layers, None turns it off. `method`: "gptq" rounds
     each projection with GPTQ on the same text (4-bit groups and int8 channels alike), "rtn" to the
     nearest grid point; "auto" is gptq for the 4-bit formats where the model has a tokenizer and its
     Hessians fit in 8 GiB (not a large MoE), rtn otherwise. `rotate` ("on", "off", "auto"): rotate
-    the residual stream first (`quant/rotate.py`); "auto" does for w8a8, where the model's norms
-    allow it."""
+    the residual stream first (`quant/rotate.py`); "auto" does for w8a8 and w4a8, where the model's
+    norms allow it. `tune_steps`: after GPTQ, tune the 4-bit folder's scales, mins and norm gains end to end
+    for that many steps (`quant/tune.py`); None: TuneConfig's default where GPTQ ran on a 4-bit format
+    and the model is small enough to tune on a CPU in minutes, 0: never."""
     from quadrant.loader.source import open_pulled
     from quadrant.quant.rotate import RotatedSource, RotationError, rotation_refusal
 
@@ -161,6 +167,8 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"method must be auto, gptq or rtn, got {method!r}")
     if rotate not in ("auto", "on", "off"):
         raise QuantizeError(f"rotate must be auto, on or off, got {rotate!r}")
+    if tune_steps is not None and tune_steps < 0:
+        raise QuantizeError(f"tune steps must be 0 (off) or more, got {tune_steps}")
     if method == "gptq" and not source.has_tokenizer():
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
@@ -180,10 +188,55 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         config["quantization_config"]["smoothquant"] = smoothing
     if isinstance(source, RotatedSource):  # a record only: the rotated weights load as any others
         config["quantization_config"]["rotation"] = f"random orthogonal, seed {source.seed}"
+    steps = _tune_steps(source, fmt, calibration, tune_steps)
+    if steps:
+        config["quantization_config"]["tuned"] = f"scales, mins and norm gains, {steps} steps on the calibration texts"
     report = QuantizeReport(out, fmt, 0, 0, 0)
-    st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None,
-                    lambda folder: _write(source, fmt, folder, tied, progress, group_size, report, calibration))
+
+    def write(folder: Path) -> None:
+        _write(source, fmt, folder, tied, progress, group_size, report, calibration)
+        if steps:
+            report.tuning = _tune(source, fmt, folder, steps, progress)
+
+    st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None, write)
     return report
+
+
+_TUNE_MAX_PARAMS = 1_000_000_000  # "auto" tunes up to here: ~4 s a step for 135M on two CPU cores
+
+
+def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: int | None) -> int:
+    """How many tuning steps to run: `asked`, or for None the default where it applies (a 4-bit
+    format rounded by GPTQ, a model of at most _TUNE_MAX_PARAMS)."""
+    from quadrant.quant.tune import TuneConfig
+
+    four_bit = fmt in ("w4a16", "w4a8")
+    if asked is not None:
+        if asked and not four_bit:
+            raise QuantizeError(f"tuning applies to the 4-bit formats (w4a16, w4a8), not {fmt}")
+        if asked and not source.has_tokenizer():
+            raise QuantizeError("the model has no tokenizer to tune with; pass --tune-steps 0")
+        if asked and len(_tuning_ids(source)) < TuneConfig.seq_len:
+            raise QuantizeError(f"the calibration texts encode to {len(_tuning_ids(source))} tokens with this "
+                                f"model's tokenizer; tuning needs {TuneConfig.seq_len} (pass --tune-steps 0)")
+        return asked
+    if not four_bit or calibration.hessians is None or len(_tuning_ids(source)) < TuneConfig.seq_len:
+        return 0
+    return TuneConfig.steps if source.parameter_count() <= _TUNE_MAX_PARAMS else 0
+
+
+def _tuning_ids(source: ModelSource) -> list[int]:
+    from quadrant.quant.tune import TUNING_TEXTS
+
+    tokenizer = source.tokenizer()
+    return [i for path in TUNING_TEXTS for i in tokenizer.encode(path.read_text())]
+
+
+def _tune(source: ModelSource, fmt: str, folder: Path, steps: int, progress: bool) -> TuneReport:
+    from quadrant.quant.tune import TuneConfig, tune_folder
+
+    teacher = source.load_model(torch.float32, "cpu", "dense")
+    return tune_folder(folder, teacher, fmt, _tuning_ids(source), TuneConfig(steps=steps), progress)
 
 
 def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
@@ -206,7 +259,9 @@ class Calibration:
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens behind each Hessian
 
 
-_ROTATED_FORMATS = ("w8a8",)  # where "auto" rotates the residual stream (it made w4a8 worse: BENCHMARKS.md)
+# Where "auto" rotates the residual stream; w4a8 then skips SmoothQuant under "auto" (the rotation
+# has spread the outliers it would move, and moving them into 4-bit weights costs more: BENCHMARKS.md).
+_ROTATED_FORMATS = ("w8a8", "w4a8")
 _HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians would hold more (large MoEs)
 
 
@@ -215,11 +270,13 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     """Statistics of the float model on the shipped calibration text: SmoothQuant scales for the
     formats with 8-bit activations, GPTQ's input Hessians for all (each where it applies)."""
     from quadrant.quant.calibrate import CALIBRATION_TEXT, Smoother, supports_smoothing
+    from quadrant.quant.rotate import RotatedSource
     from quadrant.quant.gptq import hessian_bytes, input_hessians
 
     if smoothing is not None and smoothing != "auto" and not (isinstance(smoothing, float) and 0.0 < smoothing < 1.0):
         raise QuantizeError(f"smoothing must be 'auto', a strength in (0, 1) or off, got {smoothing!r}")
-    smooth = smoothing is not None and fmt in ("w8a8", "w4a8")
+    rotated = isinstance(source, RotatedSource)
+    smooth = smoothing is not None and (fmt == "w8a8" or (fmt == "w4a8" and not (smoothing == "auto" and rotated)))
     # "auto": GPTQ for the 4-bit formats, where it is worth its minutes (a third of the perplexity at
     # groups of 128); int8 loses ~0.3% to nearest rounding, which `--method gptq` trims by ~0.1.
     use_gptq = method == "gptq" or (method == "auto" and fmt in ("w4a16", "w4a8")
