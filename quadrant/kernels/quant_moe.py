@@ -126,15 +126,16 @@ class QuantActivations:
 
 def quantize_activations(x: torch.Tensor, weights: QuantWeights) -> QuantActivations:
     """Per-token 8-bit activations for `weights`' kernel: int8 (W4A8) or e4m3 (FP8), symmetric."""
+    from quadrant.quant.formats import int8_per_token
+
     xf = x.float()
-    amax = xf.abs().amax(-1).clamp_min(1e-12)  # [M]
     if isinstance(weights, Fp8Weights):
-        scale = amax / FP8_MAX
+        scale = xf.abs().amax(-1).clamp_min(1e-12) / FP8_MAX  # [M]
         return QuantActivations((xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale, None)
-    scale = amax / 127.0
-    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    codes, step = int8_per_token(xf)
+    q = codes.to(torch.int8)
     sums = q.view(q.shape[0], -1, weights.group).sum(-1, dtype=torch.int32)
-    return QuantActivations(q, scale, sums)
+    return QuantActivations(q, step.squeeze(-1), sums)
 
 
 # -- Triton ------------------------------------------------------------------------------------

@@ -261,6 +261,13 @@ def group_size_for(in_features: int, preferred: int = 128) -> int:
     raise ValueError(f"4-bit formats need in_features divisible by 32, got {in_features}")
 
 
+def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [.., K] float -> (codes [.., K] as floats in -127..127, step [.., 1]): each row rounded to the
+    symmetric int8 grid of its amax / 127, the 8-bit-activation kernels' grid (CPU and GPU w4a8)."""
+    step = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(x / step).clamp_(-127, 127), step
+
+
 @dataclass(frozen=True)
 class W4A8(W4A16):
     """4-bit weights (w4a16's asymmetric groups) x per-token int8 activations.
@@ -277,10 +284,9 @@ class W4A8(W4A16):
     on_grid: bool = False  # as W4A16's
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        step = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_min_(1e-30) / 127.0
-        codes = torch.round(x2 / step).to(torch.bfloat16)
-        out = torch._weight_int4pack_mm_for_cpu(codes, packed.packed, packed.group_size, packed.scales_and_zeros)
+        codes, step = int8_per_token(x.reshape(-1, x.shape[-1]).float())
+        out = torch._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), packed.packed, packed.group_size,
+                                                packed.scales_and_zeros)
         out = out.float().mul_(step)
         if packed.bias is not None:
             out += packed.bias

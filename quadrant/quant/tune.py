@@ -31,6 +31,7 @@ from quadrant.layers.norm import RMSNorm
 from quadrant.loader.safetensors import shard_files
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.quant.calibrate import CALIBRATION_TEXT
+from quadrant.quant.formats import int8_per_token
 
 
 TUNING_TEXTS = (CALIBRATION_TEXT, CALIBRATION_TEXT.with_name("calibration_more.txt"))
@@ -169,9 +170,8 @@ def _int8_tokens(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[tor
     a straight-through gradient. (An MoE's experts get their input rounded; the expert-internal
     input of their down projections is not reached, and stays float here.)"""
     x = args[0]
-    step = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-    rounded = torch.round(x.detach() / step) * step
-    return (x + (rounded - x.detach()), *args[1:])
+    codes, step = int8_per_token(x.detach())
+    return (x + (codes * step - x.detach()), *args[1:])
 
 
 def _parametrize(student: nn.Module, stored: dict[str, torch.Tensor],
