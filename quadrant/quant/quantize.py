@@ -188,7 +188,9 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         config["quantization_config"]["smoothquant"] = smoothing
     if isinstance(source, RotatedSource):  # a record only: the rotated weights load as any others
         config["quantization_config"]["rotation"] = f"random orthogonal, seed {source.seed}"
-    steps = _tune_steps(source, fmt, calibration, tune_steps)
+    four_bit = fmt in ("w4a16", "w4a8")
+    tuning_ids = _tuning_ids(source) if four_bit and source.has_tokenizer() else []
+    steps = _tune_steps(source, fmt, calibration, tune_steps, len(tuning_ids))
     if steps:
         config["quantization_config"]["tuned"] = f"scales, mins and norm gains, {steps} steps on the calibration texts"
     report = QuantizeReport(out, fmt, 0, 0, 0)
@@ -196,7 +198,7 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     def write(folder: Path) -> None:
         _write(source, fmt, folder, tied, progress, group_size, report, calibration)
         if steps:
-            report.tuning = _tune(source, fmt, folder, steps, progress)
+            report.tuning = _tune(source, fmt, folder, steps, tuning_ids, progress)
 
     st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None, write)
     return report
@@ -205,9 +207,10 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
 _TUNE_MAX_PARAMS = 1_000_000_000  # "auto" tunes up to here: ~4 s a step for 135M on two CPU cores
 
 
-def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: int | None) -> int:
+def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: int | None, tokens: int) -> int:
     """How many tuning steps to run: `asked`, or for None the default where it applies (a 4-bit
-    format rounded by GPTQ, a model of at most _TUNE_MAX_PARAMS)."""
+    format rounded by GPTQ, a model of at most _TUNE_MAX_PARAMS). `tokens`: what the tuning texts
+    encode to with the model's tokenizer."""
     from quadrant.quant.tune import TuneConfig
 
     four_bit = fmt in ("w4a16", "w4a8")
@@ -216,11 +219,11 @@ def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: 
             raise QuantizeError(f"tuning applies to the 4-bit formats (w4a16, w4a8), not {fmt}")
         if asked and not source.has_tokenizer():
             raise QuantizeError("the model has no tokenizer to tune with; pass --tune-steps 0")
-        if asked and len(_tuning_ids(source)) < TuneConfig.seq_len:
-            raise QuantizeError(f"the calibration texts encode to {len(_tuning_ids(source))} tokens with this "
+        if asked and tokens < TuneConfig.seq_len:
+            raise QuantizeError(f"the calibration texts encode to {tokens} tokens with this "
                                 f"model's tokenizer; tuning needs {TuneConfig.seq_len} (pass --tune-steps 0)")
         return asked
-    if not four_bit or calibration.hessians is None or len(_tuning_ids(source)) < TuneConfig.seq_len:
+    if not four_bit or calibration.hessians is None or tokens < TuneConfig.seq_len:
         return 0
     return TuneConfig.steps if source.parameter_count() <= _TUNE_MAX_PARAMS else 0
 
@@ -232,11 +235,12 @@ def _tuning_ids(source: ModelSource) -> list[int]:
     return [i for path in TUNING_TEXTS for i in tokenizer.encode(path.read_text())]
 
 
-def _tune(source: ModelSource, fmt: str, folder: Path, steps: int, progress: bool) -> TuneReport:
+def _tune(source: ModelSource, fmt: str, folder: Path, steps: int, token_ids: list[int],
+          progress: bool) -> TuneReport:
     from quadrant.quant.tune import TuneConfig, tune_folder
 
     teacher = source.load_model(torch.float32, "cpu", "dense")
-    return tune_folder(folder, teacher, fmt, _tuning_ids(source), TuneConfig(steps=steps), progress)
+    return tune_folder(folder, teacher, fmt, token_ids, TuneConfig(steps=steps), progress)
 
 
 def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
