@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from quadrant.config import ModelConfig
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.norm import RMSNorm
 from quadrant.loader.safetensors import shard_files
@@ -42,7 +43,7 @@ class TuneConfig:
     steps: int = 60  # about one pass over TUNING_TEXTS
     lr: float = 2e-4  # Adam, on each group's log-scale and on its min in units of its step
     norm_lr: float = 2e-5  # on the norm gains (absolute: they sit near 1)
-    seq_len: int = 512  # tokens per step, one calibration window
+    seq_len: int = 512  # tokens per step, one calibration window (fewer where the model's context is shorter)
 
 
 @dataclass
@@ -109,9 +110,11 @@ def tune_folder(folder: Path, teacher: nn.Module, fmt: str, token_ids: list[int]
     files = {path: load_file(str(path)) for path in shard_files(folder)}
     stored = {name: tensor for tensors in files.values() for name, tensor in tensors.items()}
     student, groups, norms = tunable_student(teacher, stored, fmt)
-    windows = [token_ids[i : i + config.seq_len] for i in range(0, len(token_ids) - config.seq_len + 1, config.seq_len)]
+    model_config: ModelConfig = teacher.config  # type: ignore[assignment]
+    seq_len = min(config.seq_len, model_config.max_position_embeddings)  # a window the model can hold
+    windows = [token_ids[i : i + seq_len] for i in range(0, len(token_ids) - seq_len + 1, seq_len)]
     if not windows:
-        raise ValueError(f"tuning needs at least {config.seq_len} tokens, got {len(token_ids)}")
+        raise ValueError(f"tuning needs at least {seq_len} tokens, got {len(token_ids)}")
     params = [p for g in groups.values() for p in (g.log_gain, g.shift)]
     optimizer = torch.optim.Adam([{"params": params, "lr": config.lr},
                                   {"params": list(norms.values()), "lr": config.norm_lr}])

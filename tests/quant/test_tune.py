@@ -92,7 +92,7 @@ def test_tuning_lowers_the_folders_kl_and_keeps_its_codes(tmp_path):
     teacher = open_model(src).load_model(torch.float32)
     before = dict(iter_tensors(out))
     ids = _ids(256, 1)
-    with pytest.raises(ValueError, match="at least 512 tokens"):
+    with pytest.raises(ValueError, match="at least 256 tokens"):  # the tiny model holds 256 positions
         tune_folder(out, teacher, "w4a16", ids[:100])
     assert all(torch.equal(t, before[n]) for n, t in iter_tensors(out))
     kl_before = _kl(open_model(out).load_model(torch.float32, "cpu", "w4a16"), teacher, ids)
@@ -124,3 +124,23 @@ def test_tuning_is_refused_where_it_cannot_apply(tmp_path):
     quantize_model(str(src), "w4a16", tmp_path / "d", progress=False)
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]
     assert cfg["rounding"] == "rtn" and "tuned" not in cfg
+
+
+def test_quantize_tunes_and_w4a8_defaults(default_gguf_path, tmp_path):
+    """With a tokenizer: `quantize_model` tunes after GPTQ and records it; "auto" rotates w4a8 and
+    then skips SmoothQuant, which still runs unrotated."""
+    from tests.tiny_models import outlier_llama
+
+    path = tmp_path / "m"
+    outlier_llama(49152).save_pretrained(path, safe_serialization=True)
+    open_model(default_gguf_path).tokenizer().save_pretrained(path)
+    report = quantize_model(str(path), "w4a16", tmp_path / "tuned", progress=False, tune_steps=2)
+    cfg = json.loads((tmp_path / "tuned" / "config.json").read_text())["quantization_config"]
+    assert cfg["rounding"] == "gptq" and cfg["tuned"].startswith("scales, mins and norm gains, 2 steps")
+    assert report.tuning is not None and report.tuning.steps == 2 and report.tuning.tokens >= 512
+    configs = {}
+    for rotate in ("auto", "off"):
+        quantize_model(str(path), "w4a8", tmp_path / rotate, progress=False, method="rtn", rotate=rotate, tune_steps=0)
+        configs[rotate] = json.loads((tmp_path / rotate / "config.json").read_text())["quantization_config"]
+    assert "rotation" in configs["auto"] and "smoothquant" not in configs["auto"]
+    assert "rotation" not in configs["off"] and configs["off"]["smoothquant"] == "auto"
