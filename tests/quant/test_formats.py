@@ -33,6 +33,30 @@ def test_w4a16_is_exact_on_a_4bit_grid(wx):
     assert rel_err(out, x @ grid.t()) < 1e-2
 
 
+def test_w4a8_computes_the_4bit_grid_with_int8_tokens():
+    """CPU w4a8 = the GPU kernel's products: per-token int8 activations times the 4-bit grid itself.
+    Rows whose groups' ranges differ 8x are where re-expressing that grid per channel in int8 (the
+    previous CPU path) added as much error as the 4-bit rounding."""
+    from quadrant.quant.formats import W4A8, int8_per_token
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    w[:, :128] *= 8.0  # the first group of each row spans 8x the second's range
+    x = torch.randn(9, 256, generator=g)
+    codes, scale, lo = int4_groups(w, 128)
+    grid = (codes * scale + lo).reshape(w.shape)
+    fmt = W4A8(group_size=128)
+    out = fmt.apply(x, fmt.pack(grid, None))
+    x_codes, step = int8_per_token(x)
+    reference = (x_codes * step) @ grid.t()
+    assert torch.equal(x_codes, x_codes.round()) and x_codes.abs().max() <= 127
+    # Only the int4 kernel's bf16 scales and zeros round (2^-9 relative each; 2.5e-3 here). The grid
+    # re-expressed per channel in int8 lands at 8.9e-3 on these rows.
+    assert rel_err(out, reference) < 5e-3
+    q, s8 = int8_per_channel(grid)
+    assert rel_err((x_codes * step) @ (q.float() * s8[:, None]).t(), reference) > 5e-3
+
+
 def test_w8a16_and_int8_close_to_dense(wx):
     w, x = wx
     ref = x @ w.t()
