@@ -12,8 +12,13 @@ import sys
 import time
 from datetime import datetime
 
+from typing import TYPE_CHECKING
+
 from quadrant import envs
 from quadrant.errors import QuadrantError
+
+if TYPE_CHECKING:
+    from quadrant.config import ParallelConfig
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -60,7 +65,25 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         cuda_graphs=not args.enforce_eager,
+        parallel=parallel_config(args),
     )
+
+
+def _run_worker_node(args: argparse.Namespace) -> int:
+    from quadrant.config import EngineConfig
+    from quadrant.engine.executor import run_headless_workers
+
+    config = EngineConfig(args.model, **engine_kwargs(args))
+    print(f"node {args.node_rank}: {config.parallel.nprocs_per_node} workers joining "
+          f"{args.master_addr}:{args.master_port}", file=sys.stderr)
+    return run_headless_workers(config)
+
+
+def parallel_config(args: argparse.Namespace) -> "ParallelConfig":
+    from quadrant.config import ParallelConfig
+
+    return ParallelConfig(args.tensor_parallel_size, args.expert_parallel_size, args.nnodes, args.node_rank,
+                          args.master_addr, args.master_port)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -298,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dummy: random weights of the model's shape; MODEL may name a shipped architecture "
                         "(llama-3-8b, smollm2-135m) or a config.json")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   help="worker processes that split attention and dense MLPs (must divide the heads)")
+    g.add_argument("--ep", "--expert-parallel-size", dest="expert_parallel_size", type=int, default=1,
+                   help="worker processes that split the MoE experts (must divide the experts); tp x ep in all")
+    g.add_argument("--nnodes", type=int, default=1, help="machines running the workers (torchrun-style)")
+    g.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's rank; 0 runs the driver, the others only their workers")
+    g.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (node 0)")
+    g.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: any free one, one node only)")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -414,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "node_rank", 0) > 0:  # a worker machine: its share of the processes, no driver
+            return _run_worker_node(args)
         args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ checks itself in __post_init__ and raises ValueError naming the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -152,6 +152,42 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         return to_hf_config(self)
+
+    def shard(self, tp: int) -> "ModelConfig":
+        """The part of the architecture one of `tp` tensor-parallel ranks builds: its query heads, its KV
+        heads (one, replicated, when there are fewer KV heads than ranks) and its slice of every MLP
+        width. Hidden size, vocabulary and experts stay whole (the embedding and the experts shard
+        themselves). Raises ValueError naming what `tp` fails to divide."""
+        if tp == 1:
+            return self
+        self.check_tensor_parallel(tp)
+        kv = self.num_key_value_heads
+        return replace(
+            self,
+            num_attention_heads=self.num_attention_heads // tp,
+            num_key_value_heads=kv // tp if kv >= tp else 1,
+            intermediate_size=self.intermediate_size // tp,
+            moe_intermediate_size=self.moe_intermediate_size // tp,
+            shared_expert_intermediate_size=self.shared_expert_intermediate_size // tp,
+        )
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        if tp == 1:
+            return
+        widths = {"attention heads": self.num_attention_heads, "intermediate size": self.intermediate_size}
+        if self.num_experts:
+            widths["expert intermediate size"] = self.moe_intermediate_size
+        if self.shared_expert_intermediate_size:
+            widths["shared expert intermediate size"] = self.shared_expert_intermediate_size
+        for what, n in widths.items():
+            if n % tp:
+                raise ValueError(f"--tp {tp} must divide the model's {what} ({n})")
+        kv = self.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise ValueError(f"--tp {tp} must divide the model's {kv} KV heads or be a multiple of them")
+        if self.qk_norm_full:
+            raise ValueError(f"{self.architecture}: its q/k norms span all heads, which tensor parallelism "
+                             f"does not shard yet; use --tp 1 (--ep works)")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in (self.moe_layers or ())
@@ -431,6 +467,55 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How many processes run one engine, and how they find each other.
+
+    tp x ep worker processes (torch.distributed; gloo on CPU, NCCL on CUDA): attention and dense
+    MLPs are split over `tensor_parallel_size` ranks, MoE experts over `expert_parallel_size`
+    ranks (each expert's width also split over the tensor-parallel ranks). With several machines,
+    each runs `nprocs // nnodes` workers and joins the rendezvous at master_addr:master_port.
+    """
+
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port (one machine only)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "expert_parallel_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"{self.world_size} workers (tp x ep) do not split evenly over {self.nnodes} nodes")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ValueError("several nodes need an agreed --master-port")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master port must be in [0, 65536), got {self.master_port}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.expert_parallel_size
+
+    @property
+    def nprocs_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def check_model(self, model: ModelConfig) -> None:
+        """One clear error, before any process starts, when the model cannot be split this way."""
+        model.check_tensor_parallel(self.tensor_parallel_size)
+        ep = self.expert_parallel_size
+        if ep > 1:
+            if not model.num_experts:
+                raise ValueError(f"--ep {ep}: {model.architecture} is a dense model; expert parallelism needs experts")
+            if model.num_experts % ep:
+                raise ValueError(f"--ep {ep} must divide the model's {model.num_experts} experts")
+
+
+@dataclass
 class EngineConfig:
     model: str  # catalogue name, .gguf file or Hugging Face folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -444,6 +529,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the config's shape (benchmarks)
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

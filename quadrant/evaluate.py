@@ -15,7 +15,7 @@ import torch
 
 from quadrant.engine.engine import LLMEngine
 from quadrant.engine.request import Request
-from quadrant.engine.scheduler import ScheduledRequest, SchedulerOutput
+from quadrant.engine.step import ScheduledRow, WorkerRequest
 from quadrant.sampling_params import SamplingParams
 
 
@@ -44,16 +44,17 @@ def score_tokens(engine: LLMEngine, token_ids: list[int], chunk: int = 128) -> S
     req = Request(request_id="score", prompt_ids=list(token_ids), params=SamplingParams(max_tokens=1))
     if not engine.kv.allocate(req, len(token_ids)):
         raise MemoryError("the KV cache cannot hold the text; raise --kv-cache-memory")
-    runner = engine.runner
+    runner, model = engine.runner, engine.model
+    mirror = WorkerRequest(req.request_id, req.prompt_ids, [], req.params, None, req.block_table)
     rows: list[torch.Tensor] = []
     try:
-        while req.num_computed_tokens < len(token_ids):
-            n = min(chunk, len(token_ids) - req.num_computed_tokens)
-            out = SchedulerOutput([ScheduledRequest(req, n)], n)
-            ids, pos, meta = runner.prepare(out)
-            hidden = engine.model(ids, pos, meta)  # [n, D]
-            rows.append(torch.log_softmax(engine.model.compute_logits(hidden).float(), -1).cpu())
-            req.num_computed_tokens += n
+        done = 0
+        while done < len(token_ids):
+            n = min(chunk, len(token_ids) - done)
+            ids, pos, meta = runner.prepare([(mirror, ScheduledRow(req.request_id, done, n))])
+            hidden = model(ids, pos, meta)  # [n, D]
+            rows.append(torch.log_softmax(model.compute_logits(hidden).float(), -1).cpu())
+            done += n
     finally:
         engine.kv.free(req)
     logprobs = torch.cat(rows)[:-1]

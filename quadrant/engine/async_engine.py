@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from quadrant.engine.engine import LLMEngine, Prompt
+from quadrant.engine.executor import WorkerDiedError
 from quadrant.engine.request import RequestOutput
 from quadrant.sampling_params import SamplingParams
 
@@ -39,8 +40,10 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_dead: Callable[[BaseException], None] | None = None) -> None:
+        """`on_dead(error)` runs on the engine thread if the engine stops for good (a worker process died)."""
         self.engine = engine
+        self.on_dead = on_dead
         self._commands: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
@@ -67,16 +70,20 @@ class AsyncLLM:
                     block = False
                 if self.engine.has_unfinished_requests():
                     self._step()
-        except BaseException as e:  # a bug in the loop itself: fail everyone, loudly
+        except BaseException as e:  # a dead worker, or a bug in the loop itself: fail everyone, loudly
             log.exception("engine loop died")
             self._dead = e
             for stream in self._streams.values():
-                stream.put(EngineDeadError(f"engine loop died: {e}"))
+                stream.put(EngineDeadError(f"the engine stopped: {e}"))
             self._streams.clear()
+            if self.on_dead is not None:
+                self.on_dead(e)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except WorkerDiedError:
+            raise  # no later step can run either: the loop ends and fails everyone
         except Exception as e:
             # A failed step fails every request in flight (their KV state is suspect);
             # the loop itself keeps serving new requests.
@@ -163,9 +170,11 @@ class AsyncLLM:
         return await asyncio.wrap_future(self._call(lambda: fn(self.engine)))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop, then the engine's worker processes."""
         if self._thread.is_alive():
             self._commands.put(None)
             self._thread.join(timeout)
+        self.engine.shutdown()
 
     @property
     def is_running(self) -> bool:

@@ -9,27 +9,26 @@ is never emitted.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import time
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from quadrant.chat import render_chat
-from quadrant.config import CacheConfig, EngineConfig, SchedulerConfig
-from quadrant.engine.cuda_graphs import default_batch_sizes
+from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from quadrant.engine.executor import Executor, InProcessExecutor, make_executor, open_source, resolve_weight_format
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import Scheduler
-from quadrant.layers.attention import AttentionMetadata
+from quadrant.engine.step import StepEncoder
+from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
-from quadrant.loader.source import open_config, open_pulled
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -70,66 +69,57 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
         self.config = config
-        if config.load_format == "dummy":
-            self.source = open_config(config.model)
-        else:
-            self.source = open_pulled(config.model)
+        self.source = open_source(config)
         self.model_config = self.source.config
         # A weights-only folder (tests, dummy loads) has no tokenizer; token ids still work.
         self.tokenizer: Tokenizer | None = self.source.tokenizer() if self.source.has_tokenizer() else None
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
-        dtype = getattr(torch, config.dtype)
-        self.weight_format = (
-            self.source.default_weight_format(config.device) if config.weight_format == "auto" else config.weight_format
-        )
-        if config.load_format == "dummy":
-            self.weight_format = "dense"
-            self.model: Any = self.source.load_dummy_model(dtype, config.device)
-        else:
-            self.model = self.source.load_model(dtype, config.device, self.weight_format)
-        self.source.release()  # unmap the checkpoint: the weights now live in the model
-        _return_freed_memory()
-        free = self._free_memory_after_warm_up() if config.cache.memory_fraction is not None else None
-        num_blocks = config.cache.blocks_for(self.model_config, dtype, free)
+        self.weight_format = resolve_weight_format(config, self.source)
+        self.executor: Executor = make_executor(config, self.source, self.weight_format)
+        # Worker processes stop with the engine: when it is collected, or at exit at the latest.
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        num_blocks = self.executor.available_kv_blocks()
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
+        self.executor.init_cache(num_blocks, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        backend = config.resolved_backend
-        graph_sizes = (default_batch_sizes(config.scheduler.max_num_seqs)
-                       if config.cuda_graphs and backend == "triton" else None)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device,
-                                  backend, graph_sizes, self.max_model_len)
-        self.runner.capture_graphs()
-        from quadrant.layers.moe import Experts
-
-        for m in self.model.modules():
-            if isinstance(m, Experts):
-                m.reset_stats()  # warm-up and capture passes routed nothing real
+        self.steps = StepEncoder()
         self.groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
         self.load_seconds = time.perf_counter() - start
 
-    @torch.inference_mode()
-    def _free_memory_after_warm_up(self) -> int:
-        """Free bytes on the device once a forward pass of a full token budget has run."""
-        n = min(self.config.scheduler.max_num_batched_tokens, self.model_config.max_position_embeddings)
-        ids = torch.zeros(n, dtype=torch.long, device=self.config.device)
-        meta = AttentionMetadata.for_packed_sequences([n], self.config.device)
-        self.model.compute_logits(self.model(ids, torch.arange(n, device=self.config.device), meta)[-1:])
-        if torch.device(self.config.device).type == "cuda":
-            return torch.cuda.mem_get_info()[0]
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+    @property
+    def _local_worker(self) -> Worker:
+        if not isinstance(self.executor, InProcessExecutor):
+            raise QuadrantError("the model lives in worker processes (--tp/--ep); this needs a one-process engine")
+        return self.executor.worker
+
+    @property
+    def model(self) -> Any:
+        """The model, for inspection and scoring (one-process engines only)."""
+        return self._local_worker.model
+
+    @property
+    def runner(self) -> ModelRunner:
+        runner = self._local_worker.runner
+        assert runner is not None
+        return runner
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (idempotent)."""
+        self._finalizer()
 
     @classmethod
     def from_model(cls, model: str, *, dtype: str = "float32", device: str = "cpu", weight_format: str = "auto",
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                   **options: Any) -> "LLMEngine":
-        """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs)."""
+                   tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
+                   parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
+        """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs).
+        `parallel` (nodes, rendezvous) wins over the two sizes."""
+        parallel = parallel or ParallelConfig(tensor_parallel_size, expert_parallel_size)
         return cls(EngineConfig(model, dtype, device, weight_format,  # type: ignore[arg-type]
-                                cache or CacheConfig(), scheduler or SchedulerConfig(), **options))
+                                cache or CacheConfig(), scheduler or SchedulerConfig(), parallel=parallel, **options))
 
     # -- prompts -------------------------------------------------------------------------------
     def require_tokenizer(self) -> Tokenizer:
@@ -178,7 +168,7 @@ class LLMEngine:
                 arrival=now,
             )
             if params.seed is not None:
-                req.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
+                req.seed = params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             samples.append(_Sample(req, detok))
             self.scheduler.add(req)
@@ -187,10 +177,7 @@ class LLMEngine:
 
     def expert_load(self) -> dict[str, list[int]]:
         """Router statistics: MoE layer name -> tokens routed to each of its experts so far."""
-        from quadrant.layers.moe import Experts
-
-        return {name: m.tokens_per_expert.tolist() for name, m in self.model.named_modules()
-                if isinstance(m, Experts)}
+        return self.executor.expert_load()
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request and free its KV blocks now; False if it is unknown or already done."""
@@ -224,7 +211,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        sampled = self.runner.execute(out)
+        sampled = self.executor.execute(self.steps.encode(out)).sampled
         self.num_computed_tokens += out.num_batched_tokens
         self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
         touched: dict[str, _Group] = {}
@@ -311,14 +298,6 @@ class LLMEngine:
             self.scheduler.finish(req, FinishReason.STOP)
             req.finish_reason = FinishReason.STOP  # also when it had just stopped for length
             req.stop_reason = best[1]
-
-
-def _return_freed_memory() -> None:
-    """Hand the loader's freed buffers back to the OS (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
 
 
 class LLM:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
+from quadrant.layers.sampler import TokenLogprob
 from quadrant.sampling_params import SamplingParams
+
+__all__ = ["FinishReason", "Request", "RequestOutput", "RequestStatus", "CompletionOutput", "TokenLogprob"]
 
 
 class RequestStatus(enum.Enum):
@@ -25,13 +26,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # cancelled by the caller (e.g. a client disconnect)
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the top_logprobs most likely (token id, logprob), best first
 
 
 @dataclass
@@ -52,20 +46,11 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    generator: torch.Generator | None = None
+    seed: int | None = None  # this sample's seed (params.seed + its index); the worker owns the generator
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """all_token_ids[start:end] without concatenating the whole sequence."""
-        n = len(self.prompt_ids)
-        if end <= n:
-            return self.prompt_ids[start:end]
-        if start >= n:
-            return self.output_ids[start - n : end - n]
-        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def num_tokens(self) -> int:

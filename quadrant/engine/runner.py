@@ -1,9 +1,10 @@
-"""ModelRunner: turns a SchedulerOutput into one flattened forward pass and sampled tokens.
+"""ModelRunner: turns a StepInput into one flattened forward pass and sampled tokens.
 
 It owns the KV tensors and binds them, with the attention backend, into every Attention
-layer; builds input ids, positions, slot mapping, block tables and AttentionMetadata; runs
-the model (decode-only steps from CUDA graphs when it has them); computes logits only at
-the rows that sample, and calls the sampler.
+layer; keeps the worker's mirror of the live requests (engine/step.py); builds input ids,
+positions, slot mapping, block tables and AttentionMetadata; runs the model (decode-only steps
+from CUDA graphs when it has them); computes logits only at the rows that sample, and (on the
+driver worker) calls the sampler.
 """
 
 from __future__ import annotations
@@ -16,24 +17,28 @@ from torch import nn
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
-from quadrant.engine.request import Request, TokenLogprob
-from quadrant.engine.scheduler import SchedulerOutput
+from quadrant.engine.step import ScheduledRow, StepInput, StepOutput, WorkerRequest, WorkerRequests
 from quadrant.layers.attention import Attention, AttentionMetadata
 from quadrant.layers.attn_backends import TORCH_BACKEND, TRITON_BACKEND
 from quadrant.layers.sampler import sample
+
+
+Batch = list[tuple[WorkerRequest, ScheduledRow]]  # one step's requests and their rows, in batch order
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  backend: str = "torch", graph_batch_sizes: list[int] | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, samples: bool = True) -> None:
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
         self.num_kv_heads = model_config.num_key_value_heads
         self.generator = torch.Generator(device=self.device)  # for unseeded requests
         self.generator.seed()
+        self.requests = WorkerRequests(self.device)
+        self.samples = samples  # False on workers other than rank 0: they run the model, rank 0 samples
         self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks, dtype, device)
         self.backend = TRITON_BACKEND if backend == "triton" else TORCH_BACKEND
         layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -48,16 +53,16 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, -(-max_len // self.block_size),
                                        self.num_kv_heads, self.device)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids, positions, slots, starts, seq_lens = self._flatten(out)
-        width = max(len(s.request.block_table) for s in out.scheduled)
-        tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
+        width = max(len(req.block_table) for req, _ in batch)
+        tables = [req.block_table + [0] * (width - len(req.block_table)) for req, _ in batch]
         dev = self.device
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_new_tokens for s in out.scheduled),
+            max_query_len=max(row.num_new_tokens for _, row in batch),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
@@ -75,53 +80,57 @@ class ModelRunner:
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
         return ids, positions_t, meta
 
-    def _flatten(self, out: SchedulerOutput) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    def _flatten(self, batch: Batch) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         """Host lists: input ids, positions and slots [T]; query starts [B + 1]; context lengths [B]."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts, seq_lens = [0], []
         bs = self.block_size
-        for s in out.scheduled:
-            req, start = s.request, s.request.num_computed_tokens
-            end = start + s.num_new_tokens
+        for req, row in batch:
+            start = row.num_computed_tokens
+            end = start + row.num_new_tokens
             input_ids.extend(req.token_slice(start, end))
             table = req.block_table
             for pos in range(start, end):
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
-            starts.append(starts[-1] + s.num_new_tokens)
+            starts.append(starts[-1] + row.num_new_tokens)
             seq_lens.append(end)
         return input_ids, positions, slots, starts, seq_lens
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int | None, TokenLogprob | None]]:
-        """Run one step; returns {request_id: (sampled token, logprob record)} for the rows that sample."""
-        rows = [i for i, s in enumerate(out.scheduled) if s.samples]
-        logits = self._graph_logits(out)
+    def execute(self, step: StepInput) -> StepOutput:
+        """Run one step; the output has (sampled token, logprob record) for the rows that sample."""
+        batch = self.requests.apply(step)
+        if not batch:
+            return StepOutput()
+        # A row samples when this step reaches its request's last token.
+        rows = [i for i, (req, row) in enumerate(batch) if row.num_computed_tokens + row.num_new_tokens == req.num_tokens]
+        logits = self._graph_logits(batch)
         if logits is None:
-            ids, pos, meta = self.prepare(out)
+            ids, pos, meta = self.prepare(batch)
             hidden = self.model(ids, pos, meta)  # [T, D]
             if not rows:
-                return {}
+                return StepOutput()
             last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in rows], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [N, V] fp32
-        elif len(rows) < len(out.scheduled):
+        elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
-        if not rows:
-            return {}
-        requests: list[Request] = [out.scheduled[i].request for i in rows]
+        if not rows or not self.samples:
+            return StepOutput()
+        requests: list[WorkerRequest] = [batch[i][0] for i in rows]
         tokens, records = sample(logits, requests, self.generator)
-        return {r.request_id: (t, lp) for r, t, lp in zip(requests, tokens, records)}
+        return StepOutput({r.request_id: (t, lp) for r, t, lp in zip(requests, tokens, records)})
 
-    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
         """Logits of every row of a decode-only step replayed from a captured graph; None if none fits."""
-        if self.graphs is None or any(s.num_new_tokens != 1 for s in out.scheduled):
+        if self.graphs is None or any(row.num_new_tokens != 1 for _, row in batch):
             return None
-        if not self.graphs.fits(len(out.scheduled), max(len(s.request.block_table) for s in out.scheduled)):
+        if not self.graphs.fits(len(batch), max(len(req.block_table) for req, _ in batch)):
             return None
-        input_ids, positions, slots, _, seq_lens = self._flatten(out)
-        tables = [s.request.block_table for s in out.scheduled]
+        input_ids, positions, slots, _, seq_lens = self._flatten(batch)
+        tables = [req.block_table for req, _ in batch]
         return self.graphs.run(input_ids, positions, slots, seq_lens, tables)
 
     def capture_graphs(self) -> None:

@@ -3,15 +3,19 @@
 QKV and gate/up are packed into one matrix so each layer runs fewer, larger
 matmuls; checkpoints store them separately, so each packed layer knows the
 slice every source tensor goes to (`weight_loader(param, tensor, shard)`).
+Under tensor parallelism (parallel/tensor_parallel.py) a layer holds its rank's
+rows (column-parallel) or columns (row-parallel, whose partial outputs are
+summed over `tp_group`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from quadrant.quant.formats import Kernels, Plan, pack_plan, run_kernels
+from quadrant.quant.formats import Kernels, Plan, pack_plan, run_kernels, share_token_scales
 
 
 class Linear(nn.Module):
@@ -24,15 +28,19 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernels: Kernels = []  # empty: the dense parameters, as loaded
+        self.tp_group: dist.ProcessGroup | None = None  # row-parallel: all-reduce the partial outputs here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.kernels:
-            return F.linear(x, self.weight, self.bias)
-        return run_kernels(self.kernels, x)
+        y = F.linear(x, self.weight, self.bias) if not self.kernels else run_kernels(self.kernels, x)
+        if self.tp_group is not None:
+            dist.all_reduce(y, group=self.tp_group)
+        return y
 
     def repack(self, plan: Plan) -> None:
         """Convert the loaded weight to the plan's formats; the dense parameter is dropped."""
         self.kernels = pack_plan(plan, self.weight.data, None if self.bias is None else self.bias.data)
+        if self.tp_group is not None:
+            share_token_scales(self.kernels, self.tp_group)
         del self.weight
         self.weight = None  # type: ignore[assignment]
         if self.bias is not None:
@@ -58,8 +66,8 @@ class MergedLinear(Linear):
         if self.bias is not None:
             self.bias.weight_loader = self._load_shard  # type: ignore[attr-defined]
 
-    def _load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
-        start, size = self.shard_offsets[shard]
+    def _load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | None) -> None:
+        start, size = (0, param.shape[0]) if shard is None else self.shard_offsets[shard]
         target = param.data.narrow(0, start, size)
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")

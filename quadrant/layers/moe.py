@@ -10,9 +10,10 @@ have. Parameter names follow Hugging Face; the model's name maps route checkpoin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,7 +21,10 @@ from quadrant.config import ModelConfig
 from quadrant.kernels.fused_moe import fused_moe, fused_moe_cpu
 from quadrant.kernels.fused_norm_rope import use_fused
 from quadrant.kernels.quant_moe import QuantWeights, fused_moe_q8
-from quadrant.quant.formats import GpuQ8, WeightFormat, int8_per_channel
+from quadrant.quant.formats import GpuQ8, WeightFormat, int8_per_channel, share_token_scales
+
+if TYPE_CHECKING:
+    from quadrant.parallel.expert_parallel import ExpertDispatch
 
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config hidden_act -> fused_moe's name
 
@@ -100,22 +104,69 @@ class Experts(nn.Module):
         self.activation = _ACTIVATIONS[hidden_act]
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        experts = range(num_experts)
-        for param, parts in ((self.w13, ("gate", "up")), (self.w2, ("down",))):
-            param.weight_loader = self._load  # type: ignore[attr-defined]
-            param.shard_names = [f"{e}.{p}" for e in experts for p in parts]  # type: ignore[attr-defined]
+        # Placement (parallel/): this module holds experts first_expert .. + num_local_experts, each
+        # cut to rows tp_rank of tp_size of its gate/up (columns of its down).
+        self.first_expert, self.num_local_experts = 0, num_experts
+        self.tp_rank, self.tp_size = 0, 1
+        self.dispatch: ExpertDispatch | None = None  # expert parallel: tokens go to their experts' ranks
+        self.reduce_group: dist.ProcessGroup | None = None  # where partial outputs are summed
+        self.tp_group: dist.ProcessGroup | None = None  # the ranks holding the other parts of these experts
+        # Tensor parallel, quantised: rounds a whole down projection onto its format's grid before
+        # this rank takes its columns (parallel/tensor_parallel.parallelize).
+        self.grid: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._name_shards()
         # Router statistics: (token, expert) pairs this layer has run per expert since the last reset,
         # warm-up and CUDA-graph padding rows included. Read it, then reset_stats().
         self.tokens_per_expert: torch.Tensor
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.count_mask: torch.Tensor | None = None  # [>= T] 1 for real rows, set around CUDA-graph steps (padding)
+        # Quantised experts. On the GPU the experts stay stacked: int8 (weight-only) in the Triton fused
+        # MoE with per-channel scales, w4a8 and w8a8 (fp8) in its 8-bit-activation twin (quant_moe). On
+        # the CPU every format packs each expert's matrices with the dense linears' kernels and runs the
+        # experts that received tokens one after another.
+        self.w13_scale: torch.Tensor | None = None  # [E, 2I] fp32, int8 experts only
+        self.w2_scale: torch.Tensor | None = None  # [E, H]
+        self.expert_kernels: list[tuple[WeightFormat, Any, Any]] = []
+        self.quant13: QuantWeights | None = None  # GPU w4a8 / w8a8 stacks
+        self.quant2: QuantWeights | None = None
+
+    def _name_shards(self) -> None:
+        experts = range(self.first_expert, self.first_expert + self.num_local_experts)
+        for param, parts in ((self.w13, ("gate", "up")), (self.w2, ("down",))):
+            param.weight_loader = self._load  # type: ignore[attr-defined]
+            param.shard_names = [f"{e}.{p}" for e in experts for p in parts]  # type: ignore[attr-defined]
+
+    def place(self, first_expert: int, num_local_experts: int, tp_rank: int, tp_size: int) -> None:
+        """Before loading: hold only experts first_expert .. + num_local_experts (expert parallel), each
+        already built tp_size times narrower (tensor parallel), rank tp_rank's part of it."""
+        self.first_expert, self.num_local_experts = first_expert, num_local_experts
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.w13 = nn.Parameter(self.w13.data[:num_local_experts].clone())
+        self.w2 = nn.Parameter(self.w2.data[:num_local_experts].clone())
+        self._name_shards()
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; topk_*: [T, k] -> [T, H]: sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x)."""
+        if self.dispatch is not None:
+            out = self.dispatch.run(self, x, topk_weights, topk_ids)
+        else:
+            self.count(topk_ids)
+            out = self.compute(x, topk_weights, topk_ids)
+        if self.reduce_group is not None:
+            dist.all_reduce(out, group=self.reduce_group)
+        return out
+
+    def count(self, topk_ids: torch.Tensor) -> None:
         flat = topk_ids.reshape(-1)
         # scatter_add_, not bincount: no host sync, so decode steps stay CUDA-graph capturable.
         counted = (torch.ones_like(flat, dtype=torch.long) if self.count_mask is None
                    else self.count_mask[: topk_ids.shape[0]].repeat_interleave(topk_ids.shape[1]))
         self.tokens_per_expert.scatter_add_(0, flat, counted)
+
+    def compute(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts this module holds, on ids local to it ([0, num_local_experts))."""
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
         if self.quant13 is not None and self.quant2 is not None:
             return fused_moe_q8(x, self.quant13, self.quant2, topk_weights, topk_ids, self.activation)
         if self.expert_kernels:
@@ -123,17 +174,6 @@ class Experts(nn.Module):
         run = fused_moe if use_fused(x) else fused_moe_cpu
         return run(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
                    w13_scale=self.w13_scale, w2_scale=self.w2_scale)
-
-    # Quantised experts. On the GPU the experts stay stacked: int8 (weight-only) in the Triton fused
-    # MoE with per-channel scales, w4a8 and w8a8 (fp8) in its 8-bit-activation twin (quant_moe). On
-    # the CPU every format packs each expert's matrices with the dense linears' kernels and runs the
-    # experts that received tokens one after another.
-    count_mask: torch.Tensor | None = None  # [>= T] 1 for real rows, set around CUDA-graph steps (padding)
-    w13_scale: torch.Tensor | None = None  # [E, 2I] fp32, int8 experts only
-    w2_scale: torch.Tensor | None = None  # [E, H]
-    expert_kernels: list[tuple[WeightFormat, Any, Any]] = []
-    quant13: QuantWeights | None = None  # GPU w4a8 / w8a8 stacks
-    quant2: QuantWeights | None = None
 
     def repack(self, fmt: WeightFormat) -> None:
         """Convert the loaded float experts to `fmt`; the float stacks are dropped."""
@@ -152,7 +192,9 @@ class Experts(nn.Module):
             del self.w13, self.w2
             self.w13 = self.w2 = None  # type: ignore[assignment]
             return
-        self.expert_kernels = [(fmt, fmt.pack(w13[e], None), fmt.pack(w2[e], None)) for e in range(self.num_experts)]
+        self.expert_kernels = [(fmt, fmt.pack(w13[e], None), fmt.pack(w2[e], None)) for e in range(len(w13))]
+        if self.tp_group is not None:  # the down projections read a slice of each row
+            share_token_scales([(float("inf"), fmt, k2) for fmt, _, k2 in self.expert_kernels], self.tp_group)
         del self.w13, self.w2
         self.w13 = self.w2 = None  # type: ignore[assignment]
 
@@ -160,7 +202,7 @@ class Experts(nn.Module):
         num_tokens, top_k = topk_ids.shape
         flat = topk_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=len(self.expert_kernels)).tolist()
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         start = 0
         for e, n in enumerate(counts):
@@ -187,22 +229,41 @@ class Experts(nn.Module):
 
     def read_shard(self, param: torch.Tensor, shard: str) -> torch.Tensor:
         """The inverse of the weight loader for one expert's part "{e}.gate|up|down", or all experts'
-        (".gate": a stacked GGUF tensor), for export."""
+        (".gate": a stacked GGUF tensor), for export (an unsharded model)."""
         expert_str, _, part = shard.rpartition(".")
         return (param[int(expert_str)] if expert_str else param)[..., self._rows(part), :]
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
         expert_str, _, part = shard.rpartition(".")
-        rows = self._rows(part)
-        experts = [int(expert_str)] if expert_str else list(range(self.num_experts))
-        if experts[-1] >= self.num_experts:
-            raise ValueError(f"expert shard {shard}: the model has {self.num_experts} experts")
-        target = (param.data[experts[0]] if expert_str else param.data)[..., rows, :]
+        if expert_str:
+            if int(expert_str) >= self.num_experts:
+                raise ValueError(f"expert shard {shard}: the model has {self.num_experts} experts")
+            local = int(expert_str) - self.first_expert
+            if not 0 <= local < self.num_local_experts:
+                return []  # another expert-parallel rank's expert
+            experts, loaded = [int(expert_str)], loaded[None]
+        else:  # all experts stacked: keep this rank's
+            experts = list(range(self.first_expert, self.first_expert + self.num_local_experts))
+            local, loaded = 0, loaded[self.first_expert : self.first_expert + self.num_local_experts]
+        loaded = self._tp_slice(loaded, part)
+        target = param.data[local : local + len(experts)][..., self._rows(part), :]
         if target.shape != loaded.shape:
             raise ValueError(f"expert shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
         target.copy_(loaded)
         parts = ("gate", "up") if part == "gate_up" else (part,)
         return [f"{e}.{p}" for e in experts for p in parts]
+
+    def _tp_slice(self, loaded: torch.Tensor, part: str) -> torch.Tensor:
+        """[n, rows, cols] whole experts -> this tensor-parallel rank's rows (gate/up) or columns (down)."""
+        if self.tp_size == 1:
+            return loaded
+        inter = self.intermediate_size
+        if part == "down":
+            if self.grid is not None:
+                loaded = self.grid(loaded.reshape(-1, loaded.shape[-1])).reshape(loaded.shape)
+            return loaded[..., self.tp_rank * inter : (self.tp_rank + 1) * inter]
+        halves = loaded.chunk(2, dim=-2) if part == "gate_up" else (loaded,)
+        return torch.cat([h[..., self.tp_rank * inter : (self.tp_rank + 1) * inter, :] for h in halves], dim=-2)
 
 
 class SparseMoeBlock(nn.Module):

@@ -8,10 +8,29 @@ are those of the model's raw distribution (before any of the above).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
-from quadrant.engine.request import Request, TokenLogprob
 from quadrant.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top_logprobs most likely (token id, logprob), best first
+
+
+class SamplingState(Protocol):
+    """What sampling reads of a sequence: its options, its tokens (for penalties) and its generator."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -51,7 +70,7 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request], default_generator: torch.Generator | None = None
+def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_generator: torch.Generator | None = None
            ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None).
 
@@ -85,7 +104,7 @@ def sample(logits: torch.Tensor, requests: list[Request], default_generator: tor
     return tokens, records
 
 
-def _sample_row(logits: torch.Tensor, req: Request, default_generator: torch.Generator | None) -> torch.Tensor:
+def _sample_row(logits: torch.Tensor, req: SamplingState, default_generator: torch.Generator | None) -> torch.Tensor:
     """The row's token as a 0-d device tensor; -1 if its distribution is not usable (no host sync)."""
     p = req.params
     row = apply_penalties(logits, p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits

@@ -7,7 +7,7 @@ store resolves catalogue names to such paths first.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from quadrant.layers.embedding import LMHead, VocabEmbedding
 from quadrant.layers.linear import Linear
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.models.registry import model_class
+from quadrant.parallel.groups import ParallelState
+from quadrant.parallel.tensor_parallel import parallelize
 from quadrant.layers.moe import Experts
 from quadrant.quant.formats import cpu_plan, get_format, runs_on, single_plan
 from quadrant.quant.quantize import tensor_format
@@ -77,10 +79,21 @@ class ModelSource:
             raise ModelLoadError(f"{self.path}: cannot build the tokenizer ({e})") from e
 
     def load_model(
-        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", weight_format: str = "dense"
+        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", weight_format: str = "dense",
+        parallel: ParallelState | None = None,
     ) -> nn.Module:
-        """Build the model on `device` in `dtype`, fill it one tensor at a time, then repack its linears."""
-        model = self._build(dtype, device)
+        """Build the model on `device` in `dtype` (this rank's shard of it under `parallel`), fill it one
+        tensor at a time, then repack its linears."""
+        # Under tensor parallelism, layers split along their inputs are rounded whole, then sliced,
+        # then packed on that grid: the shards hold exactly the one-process model's weights.
+        own = weight_format == self.quantized_format  # the folder's own grids: kept exactly
+        # The 4-bit group the one-process model would use: the folder's, or the format's default.
+        quantized = weight_format not in ("auto", "dense")
+        group_4bit = self.quantized_group if own or not quantized else getattr(get_format(weight_format),
+                                                                             "group_size", None)
+        sliced = parallel is not None and parallel.tp_size > 1 and quantized
+        grid = self._grid(weight_format, own, group_4bit) if sliced else None
+        model = self._build(dtype, device, parallel, grid)
         if weight_format == "dense":
             load_weights(model, self.weights())
             return model.eval()
@@ -93,8 +106,8 @@ class ModelSource:
         def repack(name: str) -> None:
             module = modules.get(name)
             if isinstance(module, Experts) and name not in done and weight_format not in ("auto", "dense"):
-                module.repack(get_format(weight_format, self.quantized_group, device,
-                                         from_folder=weight_format == self.quantized_format))
+                module.repack(get_format(weight_format, group_4bit if own or sliced else None, device,
+                                         from_folder=own or sliced))
                 done.add(name)
             if isinstance(module, (Linear, LMHead)) and name not in done:
                 head = isinstance(module, LMHead)
@@ -102,10 +115,10 @@ class ModelSource:
                 if weight_format == "auto":
                     module.repack(cpu_plan(source, sensitive=head))
                 else:  # an LM head keeps 8 bits under the 4-bit formats, as `quadrant quantize` stores it
-                    own = weight_format == self.quantized_format  # the folder's own grids: kept exactly
-                    group = self.quantized_group if own else None
                     fmt = tensor_format("lm_head." if head else name, weight_format)
-                    module.repack(single_plan(fmt, group, device, from_folder=own))
+                    rounded = sliced and isinstance(module, Linear) and module.tp_group is not None
+                    group = group_4bit if own or rounded else None
+                    module.repack(single_plan(fmt, group, device, from_folder=own or rounded))
                 done.add(name)
 
         load_weights(model, self.weights(), on_module_loaded=repack)
@@ -117,10 +130,10 @@ class ModelSource:
         return model.eval()
 
     def load_dummy_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                         seed: int = 0) -> nn.Module:
+                         seed: int = 0, parallel: ParallelState | None = None) -> nn.Module:
         """The architecture with random weights (N(0, 0.02) matrices, unit norms): speed runs on real
         shapes without the checkpoint (`--load-format dummy`)."""
-        model = self._build(dtype, device)
+        model = self._build(dtype, device, parallel)
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -134,13 +147,31 @@ class ModelSource:
         """The parameters of the model this source builds (counted on the meta device: nothing allocated)."""
         return sum(p.numel() for p in self._build(torch.float32, "meta").parameters())
 
-    def _build(self, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    @staticmethod
+    def _grid(weight_format: str, own: bool, group_4bit: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A weight [.., N, K] -> the same weight rounded onto `weight_format`'s grid (as floats)."""
+        from quadrant.quant.quantize import dequantize_tensor, quantize_tensor
+
+        group = group_4bit or 128
+
+        def round_whole(weight: torch.Tensor) -> torch.Tensor:
+            parts = quantize_tensor(weight, weight_format, group, on_grid=own)
+            return dequantize_tensor(parts, weight_format).to(weight.dtype)
+
+        return round_whole
+
+    def _build(self, dtype: torch.dtype, device: str | torch.device, parallel: ParallelState | None = None,
+               grid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
         cls = model_class(self.config.architecture)
         with torch.device(device):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(dtype)
             try:
-                return cls(self.config)
+                if parallel is None or parallel.world_size == 1:
+                    return cls(self.config)
+                model = cls(self.config.shard(parallel.tp_size))
+                parallelize(model, parallel, self.config.vocab_size, grid)
+                return model
             finally:
                 torch.set_default_dtype(prev)
 

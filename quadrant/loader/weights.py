@@ -33,19 +33,29 @@ def load_weights(
         module = target.rsplit(".", 1)[0]
         pending[module] = pending.get(module, 0) + 1
     loaded: set[tuple[str, str | None]] = set()
+    retired: dict[str, Callable[..., object]] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target, shard = resolve_name(name, packed)
         param = params.get(target)
+        if param is None and target in retired:
+            # A repacked module's tensor that another rank keeps (an expert-parallel rank's expert):
+            # its loader takes nothing. Anything else would be a tensor loaded twice.
+            if retired[target](None, tensor, shard):
+                raise ModelLoadError(f"checkpoint tensor {name!r} is loaded twice")
+            continue
         if param is None:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
         filled: list[str | None] = [shard]
+        loader = getattr(param, "weight_loader", None)
         with torch.no_grad():
-            if shard is not None:
-                # A loader may fill more than the shard named (a stacked GGUF tensor: every expert's).
-                filled = param.weight_loader(param, tensor, shard) or filled  # type: ignore[attr-defined]
+            if loader is not None:
+                # A loader may fill more than the shard named (a stacked GGUF tensor: every expert's), or
+                # nothing (another expert-parallel rank's expert); a tensor-parallel one takes its slice.
+                result = loader(param, tensor, shard)
+                filled = filled if result is None else result
             else:
                 if param.shape != tensor.shape:
                     raise ModelLoadError(
@@ -53,18 +63,23 @@ def load_weights(
                     )
                 param.copy_(tensor)
         for part in filled:
-            if (target, part) in loaded:
+            if (target, part) in loaded or (target, part) not in expected:
                 continue
             loaded.add((target, part))
             module = target.rsplit(".", 1)[0]
             pending[module] -= 1
             if pending[module] == 0 and on_module_loaded is not None:
                 for done in [n for n in params if n.rsplit(".", 1)[0] == module]:
-                    del params[done]  # let a repacked module's dense tensors go now, not after the load
+                    # Let a repacked module's dense tensors go now, not after the load; keep its loader.
+                    retired[done] = getattr(params.pop(done), "weight_loader", _takes_nothing)
                 on_module_loaded(module)
     missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+
+
+def _takes_nothing(param: object, tensor: torch.Tensor, shard: str | None) -> list[str]:
+    return ["loaded"]  # a plain parameter is never loaded twice
 
 
 def resolve_name(name: str, packed: dict[str, tuple[str, str | None]]) -> tuple[str, str | None]:

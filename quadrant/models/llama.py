@@ -166,6 +166,9 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"),
         "up_proj": ("gate_up_proj", "up"),
     }
+    # Tensor parallelism (parallel/tensor_parallel.py): module name suffix -> how it splits.
+    tp_plan = {"qkv_proj": "column", "gate_up_proj": "column", "o_proj": "row", "down_proj": "row",
+               "embed_tokens": "vocab", "lm_head": "vocab"}
     # GGUF tensor name (without ".weight"/".bias"; "{i}" is the layer) -> Hugging Face name.
     gguf_names = {
         "token_embd": "model.embed_tokens",

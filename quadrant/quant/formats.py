@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 FormatName = Literal["dense", "int8", "w8a8", "w4a16", "w4a8"]
@@ -55,15 +56,16 @@ class Dense(WeightFormat):
 def int8_per_channel(weight: torch.Tensor, on_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: weight [N, K] -> (q int8 [N, K], scale fp32 [N]), weight ~= q * scale[:, None].
 
-    `on_grid`: the rows are known to sit on int8 grids (GPTQ's, or an int8 folder's) whose largest
-    code may be under 127 (GPTQ's updates moved it), where amax / 127 would round them again: each
-    such row keeps the step amax / m of the largest m <= 127 that reproduces it."""
+    `on_grid`: the rows are known to sit on int8 grids (GPTQ's, an int8 folder's, or a slice of a
+    rounded row under tensor parallelism) whose largest code may be under 127, where amax / 127
+    would round them again: each such row keeps the step amax / m of the largest m <= 127 that
+    reproduces it."""
     w = weight.float()
     amax = w.abs().amax(dim=1).clamp(min=1e-12)
     scale = amax / 127.0
     if on_grid:
         exact = _int8_reproduces(w, scale)
-        for m in range(126, 95, -1):  # GPTQ moves the largest code by a few steps at most
+        for m in range(126, 0, -1):  # GPTQ moves the largest code by a few steps; a slice's may be anything
             if bool(exact.all()):
                 break
             fits = ~exact & _int8_reproduces(w, amax / m)
@@ -84,6 +86,8 @@ class Int8Packed:
     packed: Any  # fbgemm's prepacked [N, K + 2] int8 weight
     bias: torch.Tensor | None
     in_features: int
+    # Row-parallel shard: a token's 8-bit grid spans its whole input row, the max over this group.
+    amax_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class Int8Dynamic(WeightFormat):
         k = packed.in_features
         x2 = x if x.dim() == 2 and x.dtype == torch.float32 else x.reshape(-1, k).float()
         row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+        if packed.amax_group is not None:
+            dist.all_reduce(row_max, dist.ReduceOp.MAX, group=packed.amax_group)
         buf = _padded_buffer(x2.shape[0], k)
         torch.div(x2, row_max, out=buf[:, :k])
         out = torch.ops.quantized.linear_dynamic(buf, packed.packed, _REDUCE_RANGE).mul_(row_max)
@@ -163,6 +169,7 @@ class Int4Packed:
     scales_and_zeros: torch.Tensor  # [K / group, N, 2] bf16
     bias: torch.Tensor | None
     group_size: int
+    amax_group: dist.ProcessGroup | None = None  # w4a8 row-parallel shard: as Int8Packed's
 
 
 @dataclass(frozen=True)
@@ -261,10 +268,13 @@ def group_size_for(in_features: int, preferred: int = 128) -> int:
     raise ValueError(f"4-bit formats need in_features divisible by 32, got {in_features}")
 
 
-def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [.., K] float -> (codes [.., K] as floats in -127..127, step [.., 1]): each row rounded to the
-    symmetric int8 grid of its amax / 127, the 8-bit-activation kernels' grid (CPU and GPU w4a8)."""
-    step = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    symmetric int8 grid of its amax / 127, the 8-bit-activation kernels' grid (CPU and GPU w4a8).
+    `amax` [.., 1]: the row's absolute maximum when x is only part of it (a row-parallel shard)."""
+    if amax is None:
+        amax = x.abs().amax(-1, keepdim=True)
+    step = amax.clamp_min(1e-12) / 127.0
     return torch.round(x / step).clamp_(-127, 127), step
 
 
@@ -284,7 +294,12 @@ class W4A8(W4A16):
     on_grid: bool = False  # as W4A16's
 
     def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
-        codes, step = int8_per_token(x.reshape(-1, x.shape[-1]).float())
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        amax = None
+        if packed.amax_group is not None:
+            amax = x2.abs().amax(-1, keepdim=True)
+            dist.all_reduce(amax, dist.ReduceOp.MAX, group=packed.amax_group)
+        codes, step = int8_per_token(x2, amax)
         out = torch._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), packed.packed, packed.group_size,
                                                 packed.scales_and_zeros)
         out = out.float().mul_(step)
@@ -388,6 +403,14 @@ def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:
 
 def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:
     return [(max_tokens, fmt, fmt.pack(weight, bias)) for max_tokens, fmt in plan]
+
+
+def share_token_scales(kernels: Kernels, group: dist.ProcessGroup) -> None:
+    """A row-parallel shard's 8-bit activation formats scale each token by its whole row's amax
+    (the max over `group`), so every rank rounds the row as one process would."""
+    for _, _, packed in kernels:
+        if isinstance(packed, (Int8Packed, Int4Packed)):
+            packed.amax_group = group
 
 
 def run_kernels(kernels: Kernels, x: torch.Tensor) -> torch.Tensor:

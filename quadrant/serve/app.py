@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 
 from quadrant import __version__
 from quadrant.chat import ChatTemplateError
-from quadrant.engine.async_engine import AsyncLLM
+from quadrant.engine.async_engine import AsyncLLM, EngineDeadError
 from quadrant.engine.engine import LLMEngine, PromptTooLongError
 from quadrant.engine.request import CompletionOutput, RequestOutput
 from quadrant.errors import QuadrantError
@@ -158,13 +158,23 @@ class ServerState:
         self.max_model_len = 0
         self.max_inflight = 0
         self.active = 0  # admitted requests not yet finished (the event loop is its only writer)
-        self.on_load_failed: Any = None  # set by serve(): stops the server
+        self.engine_error: BaseException | None = None  # set when the engine died after loading
+        self.on_fatal: Any = None  # set by serve(): stops the server (failed load, dead engine)
 
     def ready(self) -> AsyncLLM:
+        if self.engine_error is not None:
+            raise OpenAIError(503, f"the engine stopped: {self.engine_error}", "service_unavailable",
+                              code="engine_dead")
         if self.llm is None:
             raise OpenAIError(503, "the model is still loading", "service_unavailable", code="model_loading",
                               headers={"Retry-After": "2"})
         return self.llm
+
+    def engine_died(self, error: BaseException) -> None:
+        """The engine can run no more steps (a worker process died): answer 503, then stop, exiting 1."""
+        self.engine_error = error
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def check_model(self, name: str) -> None:
         if name not in (self.config.model_name, self.config.model):
@@ -186,13 +196,13 @@ class ServerState:
             engine = LLMEngine.from_model(self.config.model, **self.config.engine_kwargs)
             self.max_model_len = engine.max_model_len
             self.max_inflight = engine.config.scheduler.max_num_seqs + self.config.max_queued_requests
-            self.llm = AsyncLLM(engine)
+            self.llm = AsyncLLM(engine, on_dead=self.engine_died)
             log.info("model %s loaded in %.1fs", self.config.model, engine.load_seconds)
         except BaseException as e:  # reported by /health and the CLI; the process then exits
             log.error("loading %s failed: %s", self.config.model, e)
             self.load_error = e
-            if self.on_load_failed is not None:
-                self.on_load_failed()
+            if self.on_fatal is not None:
+                self.on_fatal()
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -227,6 +237,10 @@ def build_app(config: ServerConfig) -> FastAPI:
         err = OpenAIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
         return await _openai_error(request, err)
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return await _openai_error(request, OpenAIError(503, str(exc), "service_unavailable", code="engine_dead"))
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
@@ -239,7 +253,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         if state.llm is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         if not state.llm.is_running:
-            return JSONResponse({"status": "error", "error": "engine stopped"}, status_code=503)
+            return JSONResponse({"status": "error", "error": f"engine stopped: {state.engine_error}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
@@ -368,6 +382,8 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
         return Response(status_code=499)
     except ValueError as e:
         raise OpenAIError(400, str(e), param="prompt") from None
+    except EngineDeadError as e:
+        raise OpenAIError(503, str(e), "service_unavailable", code="engine_dead") from None
     except RuntimeError as e:  # this request failed inside the engine; the others go on
         raise OpenAIError(500, str(e), "server_error") from None
     finally:
@@ -538,11 +554,11 @@ def serve(config: ServerConfig) -> int:
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            timeout_graceful_shutdown=max(1, round(config.shutdown_timeout))))
-    app.state.quadrant.on_load_failed = lambda: setattr(server, "should_exit", True)
+    app.state.quadrant.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn handles SIGINT/SIGTERM (drain, then stop) and afterwards re-raises the signal
     # into the handler that was there before it; make that a no-op so a drained exit is 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
     state: ServerState = app.state.quadrant
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine_error is not None else 0

@@ -103,13 +103,13 @@ def test_one_failing_request_fails_alone(allm, prompts, reference, monkeypatch):
 
 
 def test_non_finite_logits_fail_only_that_row(allm, prompts):
-    from quadrant.engine.request import Request
+    from quadrant.engine.step import WorkerRequest
     from quadrant.layers.sampler import sample
 
     logits = torch.randn(2, 16)
     logits[1] = float("nan")
     sampled = SamplingParams(temperature=1.0)
-    tokens, _ = sample(logits, [Request("a", [1], sampled), Request("b", [1], sampled)])
+    tokens, _ = sample(logits, [WorkerRequest(r, [1], [], sampled, None, []) for r in "ab"])
     assert tokens[0] is not None and tokens[1] is None
 
 

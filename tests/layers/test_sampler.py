@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from quadrant import SamplingParams
-from quadrant.engine.request import Request
+from quadrant.engine.step import WorkerRequest
 from quadrant.layers.sampler import apply_penalties, filter_logits, sample
 
 LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.3, -1.0, -2.0, -3.0])
@@ -49,7 +49,7 @@ def exact_probs(params: SamplingParams) -> torch.Tensor:
 ], ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
 def test_sampling_distribution_chi_square(params):
     draws = 20_000
-    req = Request("r", [0], params, generator=torch.Generator().manual_seed(0))
+    req = WorkerRequest("r", [0], [], params, torch.Generator().manual_seed(0), [])
     logits = LOGITS.expand(draws, -1).contiguous()
     tokens, _ = sample(logits, [req] * draws)
     expected = exact_probs(params)
@@ -78,7 +78,7 @@ def test_penalties_follow_their_formulas():
 
 
 def test_greedy_with_bias_takes_biased_argmax():
-    req = Request("r", [0], SamplingParams(temperature=0.0, logit_bias={9: 100.0}))
+    req = WorkerRequest("r", [0], [], SamplingParams(temperature=0.0, logit_bias={9: 100.0}), None, [])
     assert sample(LOGITS[None], [req])[0] == [9]
 
 

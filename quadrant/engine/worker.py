@@ -1,0 +1,101 @@
+"""Worker: one rank's share of the model, its KV cache and its runner.
+
+In one process the engine's InProcessExecutor holds the only Worker; with tensor or expert
+parallelism every worker process holds one (engine/executor.py). Start-up is in two steps
+because the KV pool must be the same size on every rank: `available_kv_blocks` measures what
+this rank could hold, the driver takes the smallest, then `init_cache` allocates it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from quadrant.config import EngineConfig
+from quadrant.engine.cuda_graphs import default_batch_sizes
+from quadrant.engine.runner import ModelRunner
+from quadrant.engine.step import StepInput, StepOutput
+from quadrant.layers.attention import AttentionMetadata
+from quadrant.layers.moe import Experts
+from quadrant.loader.source import ModelSource
+from quadrant.parallel.groups import ParallelState
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, source: ModelSource, weight_format: str,
+                 parallel: ParallelState | None = None) -> None:
+        self.config = config
+        self.parallel = parallel or ParallelState()
+        self.model_config = source.config.shard(self.parallel.tp_size)  # this rank's heads and widths
+        self.dtype = getattr(torch, config.dtype)
+        if config.load_format == "dummy":
+            self.model: Any = source.load_dummy_model(self.dtype, config.device, parallel=self.parallel)
+        else:
+            self.model = source.load_model(self.dtype, config.device, weight_format, self.parallel)
+        source.release()  # unmap the checkpoint: the weights now live in the model
+        _return_freed_memory()
+        self.runner: ModelRunner | None = None
+
+    def available_kv_blocks(self) -> int:
+        cache = self.config.cache
+        free = self._free_memory_after_warm_up() if cache.memory_fraction is not None else None
+        return cache.blocks_for(self.model_config, self.dtype, free)
+
+    @torch.inference_mode()
+    def _free_memory_after_warm_up(self) -> int:
+        """Free bytes on the device once a forward pass of a full token budget has run."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.model_config.max_position_embeddings)
+        device = self.config.device
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        meta = AttentionMetadata.for_packed_sequences([n], device)
+        self.model.compute_logits(self.model(ids, torch.arange(n, device=device), meta)[-1:])
+        if torch.device(device).type == "cuda":
+            return torch.cuda.mem_get_info()[0]
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        # Ranks on one machine share its memory.
+        return int(info["MemAvailable"].split()[0]) * 1024 // self.parallel.world_size
+
+    def init_cache(self, num_blocks: int, max_model_len: int) -> None:
+        config = self.config
+        backend = config.resolved_backend
+        # Expert-parallel dispatch sizes its messages on the host: no graphs for it yet.
+        graphs = config.cuda_graphs and backend == "triton" and self.parallel.ep_size == 1
+        graph_sizes = default_batch_sizes(config.scheduler.max_num_seqs) if graphs else None
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, self.dtype, config.device,
+                                  backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker)
+        self.runner.capture_graphs()
+        self.reset_expert_stats()  # warm-up and capture passes routed nothing real
+
+    def execute(self, step: StepInput) -> StepOutput:
+        assert self.runner is not None, "init_cache first"
+        return self.runner.execute(step)
+
+    def experts(self) -> dict[str, Experts]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, Experts)}
+
+    def expert_load(self) -> dict[str, list[int]]:
+        """MoE layer name -> tokens routed to each of its experts so far (summed over the ranks that
+        split the tokens: the expert-parallel group)."""
+        load = {}
+        for name, m in self.experts().items():
+            counts = m.tokens_per_expert.clone()
+            if self.parallel.ep_group is not None:
+                dist.all_reduce(counts, group=self.parallel.ep_group)
+            load[name] = counts.tolist()
+        return load
+
+    def reset_expert_stats(self) -> None:
+        for m in self.experts().values():
+            m.reset_stats()
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed buffers back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
