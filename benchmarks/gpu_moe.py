@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def gemms(x: torch.Tensor, q13: qm.QuantWeights, q2: qm.QuantWeights, ids: torch.Tensor, weights: torch.Tensor,
-          inter: int):  # type: ignore[no-untyped-def]
-    """The two grouped GEMMs of fused_moe_q8 on pre-quantised inputs (what the MFU counts)."""
+          inter: int, prefill: qm.Q8Blocks):  # type: ignore[no-untyped-def]
+    """The two grouped GEMMs of fused_moe_q8 on pre-quantised inputs (what the MFU counts), with
+    `prefill` as the prefill tile."""
     tokens, k = ids.shape
-    blocks = qm.pick_q8_blocks(tokens, k, q13.shape[0], q13)
+    blocks = qm.pick_q8_blocks(tokens, k, q13.shape[0], q13, prefill)
     sorted_ids, expert_of_block, _ = _align_padded(ids, q13.shape[0], blocks.block_m)
     a13 = qm.quantize_activations(x, q13)
     a2 = qm.quantize_activations(torch.randn(tokens * k, inter, device=x.device, dtype=x.dtype), q2)
@@ -129,14 +130,11 @@ def quantised_experts(args: argparse.Namespace, dev: torch.device, dtype: torch.
         ids = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(sweep_tokens)]).to(torch.int32)
         weights = torch.softmax(torch.randn(sweep_tokens, k, device=dev), -1)
         best: dict[str, qm.Q8Blocks] = {}
-        kind_of = {"w4a8 g128": "w4a8", "w8a8 fp8": "fp8"}
         for label, (q13, q2) in packed.items():  # the prefill tile: fastest candidate at the largest size
-            kind = kind_of[label]
             times = {}
             for cand in CANDIDATES if not args.smoke else CANDIDATES[:1]:
-                qm.set_prefill_blocks(kind, cand)
                 try:
-                    times[cand] = timed(gemms(x, q13, q2, ids, weights, i), dev, 1 if args.smoke else 10)
+                    times[cand] = timed(gemms(x, q13, q2, ids, weights, i, cand), dev, 1 if args.smoke else 10)
                 except Exception as err:  # a tile that does not fit (shared memory) is skipped
                     print(f"  {shape.name} {label} {cand}: {type(err).__name__}: {str(err)[:120]}")
             best[label] = min(times, key=times.__getitem__)
@@ -150,9 +148,8 @@ def quantised_experts(args: argparse.Namespace, dev: torch.device, dtype: torch.
             flops = 2 * tokens * k * 3 * h * i
             dense = timed(lambda: fused_moe(xt, w13, w2, wt, it), dev, reps)
             for label, (q13, q2) in packed.items():
-                qm.set_prefill_blocks(kind_of[label], best[label])
-                layer = timed(lambda: qm.fused_moe_q8(xt, q13, q2, wt, it), dev, reps)
-                gemm = timed(gemms(xt, q13, q2, it, wt, i), dev, reps)
+                layer = timed(lambda: qm.fused_moe_q8(xt, q13, q2, wt, it, prefill=best[label]), dev, reps)
+                gemm = timed(gemms(xt, q13, q2, it, wt, i, best[label]), dev, reps)
                 table.add_row(shape.name, label, str(tokens), f"{tokens / layer:,.0f}", f"{flops / layer / 1e12:.1f}",
                               f"{flops / gemm / 1e12:.1f}", f"{flops / gemm / PEAK_8BIT:.2f}", f"{dense / layer:.2f}x")
     Console(width=160).print(table)

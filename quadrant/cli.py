@@ -83,7 +83,7 @@ def parallel_config(args: argparse.Namespace) -> "ParallelConfig":
     from quadrant.config import ParallelConfig
 
     return ParallelConfig(args.tensor_parallel_size, args.expert_parallel_size, args.nnodes, args.node_rank,
-                          args.master_addr, args.master_port)
+                          args.master_addr, args.master_port, args.num_redundant_experts, args.eplb_interval)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this machine's rank; 0 runs the driver, the others only their workers")
     g.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (node 0)")
     g.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: any free one, one node only)")
+    g.add_argument("--num-redundant-experts", type=int, default=0,
+                   help="extra expert slots over the --ep ranks, for copies of the hottest experts")
+    g.add_argument("--eplb-interval", type=int, default=0,
+                   help="engine steps between expert rebalances by measured load (0: never)")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -482,6 +482,10 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port (one machine only)
+    # Expert-parallel load balancing: extra expert slots (copies of hot experts) over the group, and
+    # engine steps between rebalances that move experts by the measured load (0: never).
+    num_redundant_experts: int = 0
+    eplb_interval: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "expert_parallel_size", "nnodes"):
@@ -493,6 +497,10 @@ class ParallelConfig:
             raise ValueError(f"{self.world_size} workers (tp x ep) do not split evenly over {self.nnodes} nodes")
         if self.nnodes > 1 and self.master_port == 0:
             raise ValueError("several nodes need an agreed --master-port")
+        if self.num_redundant_experts < 0 or self.eplb_interval < 0:
+            raise ValueError("num_redundant_experts and eplb_interval must be >= 0")
+        if (self.num_redundant_experts or self.eplb_interval) and self.expert_parallel_size == 1:
+            raise ValueError("expert load balancing (redundant experts, --eplb-interval) needs --ep > 1")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"master port must be in [0, 65536), got {self.master_port}")
 
@@ -511,8 +519,13 @@ class ParallelConfig:
         if ep > 1:
             if not model.num_experts:
                 raise ValueError(f"--ep {ep}: {model.architecture} is a dense model; expert parallelism needs experts")
-            if model.num_experts % ep:
-                raise ValueError(f"--ep {ep} must divide the model's {model.num_experts} experts")
+            slots = model.num_experts + self.num_redundant_experts
+            if self.num_redundant_experts > model.num_experts * (ep - 1):
+                raise ValueError(f"at most {model.num_experts * (ep - 1)} redundant experts: one copy of each "
+                                 f"expert per rank")
+            if slots % ep:
+                raise ValueError(f"--ep {ep} must divide the model's {model.num_experts} experts "
+                                 f"(+ {self.num_redundant_experts} redundant)")
 
 
 @dataclass

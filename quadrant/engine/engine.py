@@ -1,10 +1,8 @@
 """LLMEngine.step(): schedule, run, update, emit; and LLM, the batch API on top of it.
 
-The engine owns the model, tokenizer, KV cache manager, scheduler and runner.
-Each step runs one flattened batch; new tokens then go through the per-request
-incremental detokenizer, where stop strings are matched across token
-boundaries and held back until they can no longer start one, so a stop string
-is never emitted.
+The engine is the driver: it owns the tokenizer, the KV block manager, the scheduler and output
+processing (engine/output.py), and reaches the model only through an executor (engine/executor.py:
+in this process, or tp x ep worker processes) with one plain StepInput per step.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import itertools
 import time
 import weakref
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -22,7 +19,8 @@ from quadrant.chat import render_chat
 from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from quadrant.engine.executor import Executor, InProcessExecutor, make_executor, open_source, resolve_weight_format
 from quadrant.engine.kv_cache import KVCacheManager
-from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
+from quadrant.engine.output import OutputProcessor, RequestGroup, SampleState
+from quadrant.engine.request import Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import Scheduler
 from quadrant.engine.step import StepEncoder
@@ -37,32 +35,6 @@ Prompt = str | list[int]
 
 class PromptTooLongError(QuadrantError, ValueError):
     """The prompt does not fit the model's context."""
-
-
-@dataclass
-class _Sample:
-    """Output-side state of one of a request's n samples."""
-
-    request: Request
-    detok: IncrementalDetokenizer | None
-    text: str = ""  # produced so far (stop strings cut off)
-    num_emitted_chars: int = 0
-    num_emitted_tokens: int = 0
-
-
-@dataclass
-class _Group:
-    """One caller request: its n samples and their timing."""
-
-    request_id: str
-    prompt_ids: list[int]
-    samples: list[_Sample]
-    stop: list[str]
-    arrival: float
-    first_token: float | None = None
-    num_cached_tokens: int = 0
-    done: bool = False
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -84,9 +56,11 @@ class LLMEngine:
         self.executor.init_cache(num_blocks, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.steps = StepEncoder()
-        self.groups: dict[str, _Group] = {}
+        self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
+        self.num_steps = 0
+        self.expert_placement: dict[str, list[int]] = {}  # MoE layer -> expert of each slot, as of the last rebalance
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -105,6 +79,11 @@ class LLMEngine:
         runner = self._local_worker.runner
         assert runner is not None
         return runner
+
+    @property
+    def groups(self) -> dict[str, RequestGroup]:
+        """Caller requests not yet finished, by id."""
+        return self.output.groups
 
     def shutdown(self) -> None:
         """Stop the worker processes, if any (idempotent)."""
@@ -170,9 +149,9 @@ class LLMEngine:
             if params.seed is not None:
                 req.seed = params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-            samples.append(_Sample(req, detok))
+            samples.append(SampleState(req, detok))
             self.scheduler.add(req)
-        self.groups[request_id] = _Group(request_id, prompt_ids, samples, params.stop, now)
+        self.groups[request_id] = RequestGroup(request_id, prompt_ids, samples, params.stop, now)
         return request_id
 
     def expert_load(self) -> dict[str, list[int]]:
@@ -181,12 +160,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request and free its KV blocks now; False if it is unknown or already done."""
-        group = self.groups.pop(request_id, None)
-        if group is None:
-            return False
-        for s in group.samples:
-            self.scheduler.finish(s.request, FinishReason.ABORT)
-        return True
+        return self.output.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -212,92 +186,13 @@ class LLMEngine:
         if out.is_empty:
             return []
         sampled = self.executor.execute(self.steps.encode(out)).sampled
+        self.num_steps += 1
+        interval = self.config.parallel.eplb_interval
+        if interval and self.num_steps % interval == 0:
+            self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it
         self.num_computed_tokens += out.num_batched_tokens
         self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
-        touched: dict[str, _Group] = {}
-        failed: dict[str, str] = {}
-        now = time.perf_counter()
-        for s in out.scheduled:
-            req = s.request
-            group_id = req.group_id or req.request_id
-            if req.request_id not in sampled or group_id not in self.groups:
-                continue
-            token, record = sampled[req.request_id]
-            if token is None:
-                failed[group_id] = "sampling failed (non-finite logits?)"
-            elif record is not None:
-                req.logprobs.append(record)
-            touched[group_id] = self.groups[group_id]
-        outputs = []
-        for group_id, group in touched.items():
-            if group.first_token is None:
-                group.first_token = now
-                group.num_cached_tokens = group.samples[0].request.num_cached_prompt_tokens
-            try:
-                if group_id in failed:
-                    raise RuntimeError(failed[group_id])
-                outputs.append(self._emit(group, now))
-            except Exception as e:  # one request's failure ends that request only
-                self.abort_request(group_id)
-                outputs.append(RequestOutput(group_id, group.prompt_ids, [], True, error=f"{type(e).__name__}: {e}"))
-        return outputs
-
-    def _emit(self, group: _Group, now: float) -> RequestOutput:
-        completions = []
-        for index, sample in enumerate(group.samples):
-            completions.append(self._advance_sample(index, sample, group.stop))
-        group.done = all(s.request.is_finished for s in group.samples)
-        if group.done:
-            del self.groups[group.request_id]
-        metrics = {"arrival": group.arrival, "first_token": group.first_token or now}
-        if group.done:
-            metrics["finished"] = now
-        return RequestOutput(group.request_id, group.prompt_ids, completions, group.done, group.num_cached_tokens, metrics)
-
-    def _advance_sample(self, index: int, sample: _Sample, stop: list[str]) -> CompletionOutput:
-        req = sample.request
-        new_ids = req.output_ids[sample.num_emitted_tokens :]
-        if sample.detok is not None and new_ids:
-            if req.finish_reason == FinishReason.STOP and req.stop_reason in req.output_ids[-1:]:
-                new_ids_for_text = new_ids[:-1]  # the stop token itself adds no text
-            else:
-                new_ids_for_text = new_ids
-            sample.text += sample.detok.step(new_ids_for_text) if new_ids_for_text else ""
-            if req.is_finished:
-                sample.text += sample.detok.flush()
-            if stop:
-                self._match_stop_strings(sample, stop)
-        hold = 0 if req.is_finished or not stop else max(len(s) for s in stop) - 1
-        end = max(sample.num_emitted_chars, len(sample.text) - hold)
-        text_delta = sample.text[sample.num_emitted_chars : end]
-        sample.num_emitted_chars = end
-        sample.num_emitted_tokens = len(req.output_ids)
-        return CompletionOutput(
-            index=index,
-            text=sample.text[:end],
-            token_ids=list(req.output_ids),
-            finish_reason=req.finish_reason.value if req.finish_reason else None,
-            stop_reason=req.stop_reason,
-            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-            text_delta=text_delta,
-            token_ids_delta=new_ids,
-            logprobs_delta=req.logprobs[len(req.logprobs) - len(new_ids):] if req.params.logprobs is not None else [],
-        )
-
-    def _match_stop_strings(self, sample: _Sample, stop: list[str]) -> None:
-        # Only text after what was already emitted can hold a new match (held-back chars included).
-        window_start = max(0, sample.num_emitted_chars - max(len(s) for s in stop) + 1)
-        best: tuple[int, str] | None = None
-        for s in stop:
-            pos = sample.text.find(s, window_start)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, s)
-        if best is not None:
-            sample.text = sample.text[: best[0]]
-            req = sample.request
-            self.scheduler.finish(req, FinishReason.STOP)
-            req.finish_reason = FinishReason.STOP  # also when it had just stopped for length
-            req.stop_reason = best[1]
+        return self.output.process(out, sampled)
 
 
 class LLM:

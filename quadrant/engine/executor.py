@@ -52,6 +52,8 @@ class Executor(Protocol):
 
     def reset_expert_stats(self) -> None: ...
 
+    def rebalance_experts(self) -> dict[str, list[int]]: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -73,6 +75,9 @@ class InProcessExecutor:
 
     def reset_expert_stats(self) -> None:
         self.worker.reset_expert_stats()
+
+    def rebalance_experts(self) -> dict[str, list[int]]:
+        return self.worker.rebalance_experts()
 
     def shutdown(self) -> None:
         pass
@@ -110,6 +115,9 @@ class MultiProcessExecutor:
 
     def reset_expert_stats(self) -> None:
         self._call("reset_expert_stats")
+
+    def rebalance_experts(self) -> dict[str, list[int]]:
+        return self._call("rebalance_experts")
 
     @property
     def pids(self) -> list[int]:
@@ -235,6 +243,13 @@ def _serve(config: EngineConfig, weight_format: str, rank: int, init_method: str
     else:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.nprocs_per_node))
     state = ParallelState.initialize(p, rank, device.type, init_method)
+    # Every rank runs the driver's engine config (block size, dtype, formats: they must agree), with
+    # the model at this machine's own path.
+    shared: list[Any] = [(config, weight_format)]
+    dist.broadcast_object_list(shared, src=0, group=state.control_group)
+    driver_config, weight_format = shared[0]
+    driver_config.model, driver_config.device = config.model, config.device
+    config = driver_config
     worker = Worker(config, open_source(config), weight_format, state)
     blocks = torch.tensor([worker.available_kv_blocks()])
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=state.control_group)

@@ -111,31 +111,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int | None]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish what must stop; returns the finished."""
-        finished = []
+    def update(self, out: SchedulerOutput, sampled: dict[str, int | None]) -> None:
+        """Advance computed counts, cache full blocks, append sampled tokens. Whether a request is done
+        is output processing's decision (engine/output.py), which then calls finish()."""
         for s in out.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(req)
             token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            req.output_ids.append(token)
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self.finish(req, reason)
-                finished.append(req)
-        return finished
-
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids):
-            req.stop_reason = token
-            return FinishReason.STOP
-        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+            if token is not None:
+                req.output_ids.append(token)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End a request (stopped, at length, or aborted) and release its blocks at once."""

@@ -21,6 +21,7 @@ from quadrant.engine.step import StepInput, StepOutput
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.moe import Experts
 from quadrant.loader.source import ModelSource
+from quadrant.parallel.eplb import move_experts, plan_placement
 from quadrant.parallel.groups import ParallelState
 
 
@@ -87,6 +88,30 @@ class Worker:
                 dist.all_reduce(counts, group=self.parallel.ep_group)
             load[name] = counts.tolist()
         return load
+
+    def rebalance_experts(self) -> dict[str, list[int]]:
+        """Expert parallel: re-place every MoE layer's experts by the load measured since the last
+        rebalance (hot experts get the redundant slots), moving weights between ranks. Returns each
+        layer's placement (the logical expert of every global slot)."""
+        placements = {}
+        for name, m in self.experts().items():
+            dispatch = m.dispatch
+            assert dispatch is not None, "rebalancing needs expert parallelism"
+            if m.w13 is None or m.w2 is None:
+                raise ValueError("an expert-parallel rebalance moves float expert weights; this model's "
+                                 "experts are repacked into a quantised format (use --weight-format dense)")
+            load = m.window_tokens.clone()
+            dist.all_reduce(load, group=dispatch.group)
+            new = plan_placement(load.tolist(), dispatch.size, dispatch.slots_per_rank)
+            if new != dispatch.placement:
+                w13, w2 = move_experts([m.w13.data, m.w2.data], dispatch.placement, new, dispatch.rank,
+                                       dispatch.slots_per_rank, dispatch.group_ranks)
+                spr = dispatch.slots_per_rank
+                m.swap_stacks(w13, w2, new[dispatch.rank * spr : (dispatch.rank + 1) * spr])
+                dispatch.set_placement(new)
+            m.window_tokens.zero_()
+            placements[name] = dispatch.placement
+        return placements
 
     def reset_expert_stats(self) -> None:
         for m in self.experts().values():

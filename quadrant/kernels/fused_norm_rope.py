@@ -138,12 +138,25 @@ def rms_norm_ref(
     residual: torch.Tensor | None = None,
     offset: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm.forward itself, on a module holding `weight`: the kernel is held to the layer."""
-    from quadrant.layers.norm import RMSNorm  # here, not at the top: the layers import this module
+    """RMSNorm in plain torch: out, or (out, x + residual). RMSNorm.forward's CPU path is this
+    function, so the kernel is held to the layer's own math.
 
-    norm = RMSNorm(weight.shape[-1], eps, offset)
-    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return norm(x, residual)
+    Computed in fp32 whatever the activation dtype, as Hugging Face does; `offset` 1.0 gives
+    Gemma's (1 + w) gain."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    if not offset and x.dtype == torch.float32:
+        out = F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
+        return out if residual is None else (out, residual)
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        out = (h * (offset + weight.float())).to(dtype)
+    else:
+        out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
 
 
 def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -226,10 +239,10 @@ def apply_rotary_inplace(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def apply_rotary_ref(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The layer's own apply_rotary (out of place), which apply_rotary_inplace must match."""
-    from quadrant.layers.rotary import apply_rotary  # here, not at the top: the layers import this module
-
-    return apply_rotary(qk, cos, sin)
+    """Rotate qk: [T, H, D] (rotate-half layout) out of place by RotaryEmbedding.cos_sin's tables:
+    the layer's apply_rotary (which calls this), and what apply_rotary_inplace must match."""
+    swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2 | x1]
+    return torch.addcmul(qk * cos, swapped, sin)
 
 
 def _rope_table(name: str, table: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ import torch
 from quadrant.kernels.fused_moe import _align_padded, _assert_ids_in_range, pick_blocks
 from quadrant.kernels.fused_norm_rope import act_and_mul, act_and_mul_ref
 from quadrant.kernels.triton_import import require_triton, tl, triton
+# The grids import torch alone: no formats, no other kernels, so no cycle at the top.
+from quadrant.quant.grids import int4_groups, int8_per_token
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -96,8 +98,6 @@ def w4_span(group: int) -> int:
 def pack_w4a8(weight: torch.Tensor, group: int, on_grid: bool = False) -> W4A8Weights:
     """[E, N, K] or [N, K] float weights -> W4A8Weights on the same device (asymmetric groups of `group`;
     `on_grid`: keep the 4-bit grids the weights already sit on, as `int4_groups`)."""
-    from quadrant.quant.formats import int4_groups
-
     w = weight if weight.dim() == 3 else weight.unsqueeze(0)
     span = w4_span(group)
     if w.shape[-1] % span:
@@ -126,8 +126,6 @@ class QuantActivations:
 
 def quantize_activations(x: torch.Tensor, weights: QuantWeights) -> QuantActivations:
     """Per-token 8-bit activations for `weights`' kernel: int8 (W4A8) or e4m3 (FP8), symmetric."""
-    from quadrant.quant.formats import int8_per_token
-
     xf = x.float()
     if isinstance(weights, Fp8Weights):
         scale = xf.abs().amax(-1).clamp_min(1e-12) / FP8_MAX  # [M]
@@ -239,27 +237,35 @@ class Q8Blocks:
     num_stages: int
 
 
-def pick_q8_blocks(num_tokens: int, top_k: int, num_experts: int, weights: QuantWeights) -> Q8Blocks:
-    """Decode-sized batches: 16-row tiles (little padding); prefill: the tile that won the sweep of
-    benchmarks/gpu_moe.py on an H200 (BENCHMARKS.md), on the 8-bit tensor cores (wgmma), K step 128
-    (W4A8: its span, one group of 64 or more, or two of 32)."""
-    w4 = isinstance(weights, W4A8Weights)
-    block_k = weights.span if isinstance(weights, W4A8Weights) else 128
-    if pick_blocks(num_tokens, top_k, num_experts).block_m == 16:
-        return Q8Blocks(16, 64, block_k, num_warps=4, num_stages=4)
-    tile = _PREFILL_BLOCKS["w4a8" if w4 else "fp8"]
-    return Q8Blocks(tile.block_m, tile.block_n, block_k, tile.num_warps, tile.num_stages)
+@dataclass(frozen=True)
+class PrefillTiles:
+    """The prefill tile of each 8-bit format (block_k is replaced by the weights' own K step).
+    Immutable: a benchmark sweeping candidates passes its tile per call (`prefill=`) instead."""
+
+    w4a8: Q8Blocks
+    fp8: Q8Blocks
+
+    def for_weights(self, weights: QuantWeights) -> Q8Blocks:
+        return self.w4a8 if isinstance(weights, W4A8Weights) else self.fp8
 
 
 # OLMoE and Qwen3-MoE expert shapes at 16k tokens (H200): w4a8 360/329 TFLOP/s with 64 x 128 (128 x 128:
 # 352/324); fp8 499/469 with 64 x 128 (128 x 128: 477/444).
-_PREFILL_BLOCKS = {"w4a8": Q8Blocks(64, 128, 128, num_warps=4, num_stages=4),
-                   "fp8": Q8Blocks(64, 128, 128, num_warps=4, num_stages=4)}
+PREFILL_TILES = PrefillTiles(w4a8=Q8Blocks(64, 128, 128, num_warps=4, num_stages=4),
+                             fp8=Q8Blocks(64, 128, 128, num_warps=4, num_stages=4))
 
 
-def set_prefill_blocks(kind: str, blocks: Q8Blocks) -> None:
-    """Override the prefill tile of "w4a8" or "fp8" (benchmarks sweep candidates with it)."""
-    _PREFILL_BLOCKS[kind] = blocks
+def pick_q8_blocks(num_tokens: int, top_k: int, num_experts: int, weights: QuantWeights,
+                   prefill: Q8Blocks | None = None) -> Q8Blocks:
+    """Decode-sized batches: 16-row tiles (little padding); prefill: the tile that won the sweep of
+    benchmarks/gpu_moe.py on an H200 (BENCHMARKS.md), on the 8-bit tensor cores (wgmma), K step 128
+    (W4A8: its span, one group of 64 or more, or two of 32). `prefill`: another prefill tile than
+    PREFILL_TILES' for the weights' format (its block_k is ignored)."""
+    block_k = weights.span if isinstance(weights, W4A8Weights) else 128
+    if pick_blocks(num_tokens, top_k, num_experts).block_m == 16:
+        return Q8Blocks(16, 64, block_k, num_warps=4, num_stages=4)
+    tile = prefill if prefill is not None else PREFILL_TILES.for_weights(weights)
+    return Q8Blocks(tile.block_m, tile.block_n, block_k, tile.num_warps, tile.num_stages)
 
 
 def _q8_gemm(acts: QuantActivations, weights: QuantWeights, out: torch.Tensor, sorted_ids: torch.Tensor,
@@ -297,14 +303,16 @@ def _check(x: torch.Tensor, weights: QuantWeights, name: str) -> None:
         raise ValueError(f"{name} needs CUDA tensors, got {x.device} (or TRITON_INTERPRET=1)")
 
 
-def quant_linear(x: torch.Tensor, weights: QuantWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (float) @ one quantised matrix [N, K]^T -> [M, N] in x's dtype, 8-bit activations."""
+def quant_linear(x: torch.Tensor, weights: QuantWeights, bias: torch.Tensor | None = None,
+                 prefill: Q8Blocks | None = None) -> torch.Tensor:
+    """x [M, K] (float) @ one quantised matrix [N, K]^T -> [M, N] in x's dtype, 8-bit activations.
+    `prefill`: the tile for large batches, as pick_q8_blocks'."""
     require_triton()
     _check(x, weights, "quant_linear")
     num_rows, (_, num_n, _) = x.shape[0], weights.shape
     out = torch.empty(num_rows, num_n, dtype=x.dtype, device=x.device)
     if num_rows:
-        blocks = pick_q8_blocks(num_rows, 1, 1, weights)
+        blocks = pick_q8_blocks(num_rows, 1, 1, weights, prefill)
         padded = triton.cdiv(num_rows, blocks.block_m) * blocks.block_m
         rows = torch.arange(padded, dtype=torch.int32, device=x.device)  # rows >= M are padding
         experts = torch.zeros(padded // blocks.block_m, dtype=torch.int32, device=x.device)
@@ -313,9 +321,11 @@ def quant_linear(x: torch.Tensor, weights: QuantWeights, bias: torch.Tensor | No
 
 
 def fused_moe_q8(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+                 topk_ids: torch.Tensor, activation: str = "silu",
+                 prefill: Q8Blocks | None = None) -> torch.Tensor:
     """fused_moe with W4A8 or fp8 experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in x's dtype.
-    Activations are quantised per token twice: x before gate_up, act(gate) * up before down."""
+    Activations are quantised per token twice: x before gate_up, act(gate) * up before down.
+    `prefill`: the tile for large batches, as pick_q8_blocks'."""
     require_triton()
     _check(x, w13, "fused_moe_q8")
     num_tokens, hidden = x.shape
@@ -331,7 +341,7 @@ def fused_moe_q8(x: torch.Tensor, w13: QuantWeights, w2: QuantWeights, topk_weig
     if num_pairs == 0:
         return torch.zeros_like(x)
     _assert_ids_in_range(topk_ids, num_experts)
-    blocks = pick_q8_blocks(num_tokens, top_k, num_experts, w13)
+    blocks = pick_q8_blocks(num_tokens, top_k, num_experts, w13, prefill)
     sorted_ids, expert_of_block, _ = _align_padded(topk_ids, num_experts, blocks.block_m)
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)  # [T*k, 2I]
     _q8_gemm(quantize_activations(x, w13), w13, gate_up, sorted_ids, expert_of_block, num_pairs, top_k, None, blocks)

@@ -21,7 +21,8 @@ from quadrant.config import ModelConfig
 from quadrant.kernels.fused_moe import fused_moe, fused_moe_cpu
 from quadrant.kernels.fused_norm_rope import use_fused
 from quadrant.kernels.quant_moe import QuantWeights, fused_moe_q8
-from quadrant.quant.formats import GpuQ8, WeightFormat, int8_per_channel, share_token_scales
+from quadrant.quant.formats import GpuQ8, WeightFormat, share_token_scales
+from quadrant.quant.grids import int8_per_channel
 
 if TYPE_CHECKING:
     from quadrant.parallel.expert_parallel import ExpertDispatch
@@ -104,9 +105,10 @@ class Experts(nn.Module):
         self.activation = _ACTIVATIONS[hidden_act]
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # Placement (parallel/): this module holds experts first_expert .. + num_local_experts, each
-        # cut to rows tp_rank of tp_size of its gate/up (columns of its down).
-        self.first_expert, self.num_local_experts = 0, num_experts
+        # Placement (parallel/): slot j of the stacks holds logical expert slot_experts[j] (expert
+        # parallel: a share of the experts, hot ones maybe twice over the ranks), each cut to rows
+        # tp_rank of tp_size of its gate/up (columns of its down).
+        self.slot_experts = list(range(num_experts))
         self.tp_rank, self.tp_size = 0, 1
         self.dispatch: ExpertDispatch | None = None  # expert parallel: tokens go to their experts' ranks
         self.reduce_group: dist.ProcessGroup | None = None  # where partial outputs are summed
@@ -119,6 +121,8 @@ class Experts(nn.Module):
         # warm-up and CUDA-graph padding rows included. Read it, then reset_stats().
         self.tokens_per_expert: torch.Tensor
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.window_tokens: torch.Tensor  # the same since the last expert-parallel rebalance
+        self.register_buffer("window_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.count_mask: torch.Tensor | None = None  # [>= T] 1 for real rows, set around CUDA-graph steps (padding)
         # Quantised experts. On the GPU the experts stay stacked: int8 (weight-only) in the Triton fused
         # MoE with per-channel scales, w4a8 and w8a8 (fp8) in its 8-bit-activation twin (quant_moe). On
@@ -130,20 +134,30 @@ class Experts(nn.Module):
         self.quant13: QuantWeights | None = None  # GPU w4a8 / w8a8 stacks
         self.quant2: QuantWeights | None = None
 
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.slot_experts)
+
     def _name_shards(self) -> None:
-        experts = range(self.first_expert, self.first_expert + self.num_local_experts)
+        experts = sorted(set(self.slot_experts))
         for param, parts in ((self.w13, ("gate", "up")), (self.w2, ("down",))):
             param.weight_loader = self._load  # type: ignore[attr-defined]
             param.shard_names = [f"{e}.{p}" for e in experts for p in parts]  # type: ignore[attr-defined]
 
-    def place(self, first_expert: int, num_local_experts: int, tp_rank: int, tp_size: int) -> None:
-        """Before loading: hold only experts first_expert .. + num_local_experts (expert parallel), each
+    def place(self, slot_experts: list[int], tp_rank: int, tp_size: int) -> None:
+        """Before loading: hold only the experts of `slot_experts`, one per slot (expert parallel), each
         already built tp_size times narrower (tensor parallel), rank tp_rank's part of it."""
-        self.first_expert, self.num_local_experts = first_expert, num_local_experts
+        self.slot_experts = list(slot_experts)
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.w13 = nn.Parameter(self.w13.data[:num_local_experts].clone())
-        self.w2 = nn.Parameter(self.w2.data[:num_local_experts].clone())
+        shape13, shape2 = self.w13.shape[1:], self.w2.shape[1:]
+        self.w13 = nn.Parameter(self.w13.new_empty(len(slot_experts), *shape13))
+        self.w2 = nn.Parameter(self.w2.new_empty(len(slot_experts), *shape2))
         self._name_shards()
+
+    def swap_stacks(self, w13: torch.Tensor, w2: torch.Tensor, slot_experts: list[int]) -> None:
+        """Hold new expert stacks (an expert-parallel rebalance moved weights between ranks)."""
+        self.w13.data, self.w2.data = w13, w2
+        self.slot_experts = list(slot_experts)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; topk_*: [T, k] -> [T, H]: sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x)."""
@@ -162,6 +176,7 @@ class Experts(nn.Module):
         counted = (torch.ones_like(flat, dtype=torch.long) if self.count_mask is None
                    else self.count_mask[: topk_ids.shape[0]].repeat_interleave(topk_ids.shape[1]))
         self.tokens_per_expert.scatter_add_(0, flat, counted)
+        self.window_tokens.scatter_add_(0, flat, counted)
 
     def compute(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts this module holds, on ids local to it ([0, num_local_experts))."""
@@ -221,6 +236,7 @@ class Experts(nn.Module):
 
     def reset_stats(self) -> None:
         self.tokens_per_expert.zero_()
+        self.window_tokens.zero_()
 
     def _rows(self, part: str) -> slice:
         inter = self.intermediate_size
@@ -236,20 +252,23 @@ class Experts(nn.Module):
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
         expert_str, _, part = shard.rpartition(".")
         if expert_str:
-            if int(expert_str) >= self.num_experts:
+            expert = int(expert_str)
+            if expert >= self.num_experts:
                 raise ValueError(f"expert shard {shard}: the model has {self.num_experts} experts")
-            local = int(expert_str) - self.first_expert
-            if not 0 <= local < self.num_local_experts:
+            slots = [j for j, e in enumerate(self.slot_experts) if e == expert]
+            if not slots:
                 return []  # another expert-parallel rank's expert
-            experts, loaded = [int(expert_str)], loaded[None]
-        else:  # all experts stacked: keep this rank's
-            experts = list(range(self.first_expert, self.first_expert + self.num_local_experts))
-            local, loaded = 0, loaded[self.first_expert : self.first_expert + self.num_local_experts]
+            experts, loaded = [expert], loaded[None].expand(len(slots), *loaded.shape)
+        else:  # all experts stacked: each slot takes its own
+            slots, experts = list(range(self.num_local_experts)), sorted(set(self.slot_experts))
+            loaded = loaded[self.slot_experts]
         loaded = self._tp_slice(loaded, part)
-        target = param.data[local : local + len(experts)][..., self._rows(part), :]
-        if target.shape != loaded.shape:
-            raise ValueError(f"expert shard {shard}: expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        rows = self._rows(part)
+        expected = (len(slots), *param.data[0, rows].shape)
+        if expected != tuple(loaded.shape):
+            raise ValueError(f"expert shard {shard}: expected shape {expected}, got {tuple(loaded.shape)}")
+        for j, slot in enumerate(slots):
+            param.data[slot, rows].copy_(loaded[j])
         parts = ("gate", "up") if part == "gate_up" else (part,)
         return [f"{e}.{p}" for e in experts for p in parts]
 

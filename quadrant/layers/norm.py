@@ -7,10 +7,9 @@ models match their reference. `offset` 1.0 gives Gemma's (1 + w) gain.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quadrant.kernels.fused_norm_rope import rms_norm, use_fused
+from quadrant.kernels.fused_norm_rope import rms_norm, rms_norm_ref, use_fused
 
 
 class RMSNorm(nn.Module):
@@ -26,17 +25,5 @@ class RMSNorm(nn.Module):
         """Normalise x; with `residual`, normalise x + residual and also return that sum."""
         if use_fused(x) and self.weight.dtype == x.dtype:
             return rms_norm(x, self.weight, self.eps, residual, self.offset)  # one kernel on the GPU
-        if residual is not None:
-            x = x + residual
-            residual = x
-        if not self.offset and x.dtype == torch.float32:
-            out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
-            return out if residual is None else (out, residual)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            out = (h * (self.offset + self.weight.float())).to(dtype)
-        else:
-            out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        # The torch math lives with the kernel, as its reference: kernels import no layers.
+        return rms_norm_ref(x, self.weight, self.eps, residual, self.offset)

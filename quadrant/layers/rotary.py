@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quadrant.kernels.fused_norm_rope import apply_rotary_inplace, apply_rotary_ref, use_fused
+
 
 def rope_inv_freq(
     head_dim: int, theta: float, scaling: dict[str, Any] | None, freq_factors: list[float] | None = None
@@ -70,14 +72,12 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x: [T, H, D] (rotate-half layout) by its tokens' tables from RotaryEmbedding.cos_sin."""
-    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2 | x1]
-    return torch.addcmul(x * cos, swapped, sin)
+    # The torch math lives with the kernel, as its reference: kernels import no layers.
+    return apply_rotary_ref(x, cos, sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rotary, in place in one kernel on the GPU (x is then overwritten)."""
-    from quadrant.kernels.fused_norm_rope import apply_rotary_inplace, use_fused
-
     if use_fused(x):
         return apply_rotary_inplace(x, cos, sin)
     return apply_rotary(x, cos, sin)

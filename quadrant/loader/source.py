@@ -27,7 +27,7 @@ from quadrant.parallel.groups import ParallelState
 from quadrant.parallel.tensor_parallel import parallelize
 from quadrant.layers.moe import Experts
 from quadrant.quant.formats import cpu_plan, get_format, runs_on, single_plan
-from quadrant.quant.quantize import tensor_format
+from quadrant.quant.folder import tensor_format
 from quadrant.tokenizer import Tokenizer
 
 
@@ -44,7 +44,7 @@ class ModelSource:
         if self.gguf is not None:
             return self.gguf.iter_tensors(self.config)
         if self.quantized_format is not None:
-            from quadrant.quant.quantize import iter_dequantized
+            from quadrant.quant.folder import iter_dequantized
 
             return iter_dequantized(st.iter_tensors(self.path), self.quantized_format)
         return st.iter_tensors(self.path)
@@ -150,7 +150,7 @@ class ModelSource:
     @staticmethod
     def _grid(weight_format: str, own: bool, group_4bit: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """A weight [.., N, K] -> the same weight rounded onto `weight_format`'s grid (as floats)."""
-        from quadrant.quant.quantize import dequantize_tensor, quantize_tensor
+        from quadrant.quant.folder import dequantize_tensor, quantize_tensor
 
         group = group_4bit or 128
 

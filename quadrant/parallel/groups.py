@@ -28,6 +28,7 @@ class ParallelState:
     ep_group: dist.ProcessGroup | None = None
     world_group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None  # gloo (host objects: the step messages), also under NCCL
+    num_redundant_experts: int = 0  # extra expert slots over the expert-parallel group (parallel/eplb.py)
 
     @property
     def is_driver_worker(self) -> bool:
@@ -44,7 +45,8 @@ class ParallelState:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=config.world_size,
                                 timeout=timeout)
         tp, ep = config.tensor_parallel_size, config.expert_parallel_size
-        state = cls(rank, config.world_size, rank % tp, tp, rank // tp, ep)
+        state = cls(rank, config.world_size, rank % tp, tp, rank // tp, ep,
+                    num_redundant_experts=config.num_redundant_experts)
         state.world_group = dist.group.WORLD if config.world_size > 1 else None
         for e in range(ep):
             group = dist.new_group([e * tp + t for t in range(tp)])

@@ -20,6 +20,7 @@ from torch import nn
 from quadrant.layers.embedding import LMHead, VocabEmbedding, VocabShard
 from quadrant.layers.linear import Linear, MergedLinear
 from quadrant.layers.moe import Experts
+from quadrant.parallel.eplb import plan_placement
 from quadrant.parallel.expert_parallel import ExpertDispatch
 from quadrant.parallel.groups import ParallelState
 
@@ -109,12 +110,17 @@ def _vocab(layer: VocabEmbedding | LMHead, state: ParallelState, vocab_size: int
 
 
 def _place_experts(experts: Experts, state: ParallelState) -> None:
-    num_local = experts.num_experts // state.ep_size
-    experts.place(state.ep_rank * num_local, num_local, state.tp_rank, state.tp_size)
+    ep, num_experts = state.ep_size, experts.num_experts
+    slots_per_rank = (num_experts + state.num_redundant_experts) // ep
+    placement = plan_placement([0] * num_experts, ep, slots_per_rank)  # no load measured yet: spread evenly
+    experts.place(placement[state.ep_rank * slots_per_rank : (state.ep_rank + 1) * slots_per_rank],
+                  state.tp_rank, state.tp_size)
     experts.tp_group = state.tp_group
-    if state.ep_size > 1:
+    if ep > 1:
         assert state.ep_group is not None
-        experts.dispatch = ExpertDispatch(state.ep_rank, state.ep_size, num_local, state.ep_group)
+        group_ranks = [e * state.tp_size + state.tp_rank for e in range(ep)]
+        experts.dispatch = ExpertDispatch(state.ep_rank, ep, slots_per_rank, state.ep_group, group_ranks,
+                                          placement, num_experts)
         # Each token's result lives on the rank that routed it, and (under tp too) as tp partial
         # sums: one all-reduce over every rank gathers and sums both.
         experts.reduce_group = state.world_group

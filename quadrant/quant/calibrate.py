@@ -24,7 +24,7 @@ from quadrant.config import ModelConfig
 from quadrant.layers.attention import AttentionMetadata
 from quadrant.layers.linear import Linear
 from quadrant.layers.moe import Experts, SparseMoeBlock
-from quadrant.quant.formats import group_size_for, int4_groups
+from quadrant.quant.grids import group_size_for, int4_groups
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 

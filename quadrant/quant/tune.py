@@ -32,7 +32,7 @@ from quadrant.layers.norm import RMSNorm
 from quadrant.loader.safetensors import shard_files
 from quadrant.loader.weights import load_weights, resolve_name
 from quadrant.quant.calibrate import CALIBRATION_TEXT
-from quadrant.quant.formats import int8_per_token
+from quadrant.quant.grids import int8_per_token
 
 
 TUNING_TEXTS = (CALIBRATION_TEXT, CALIBRATION_TEXT.with_name("calibration_more.txt"))
@@ -64,7 +64,7 @@ class StoredGroups(nn.Module):
 
     def __init__(self, shard: str | None, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
         super().__init__()
-        from quadrant.quant.quantize import _unpack_nibbles
+        from quadrant.quant.folder import _unpack_nibbles
 
         codes = _unpack_nibbles(qweight)  # [.., N, K] uint8
         self.shard = shard
@@ -154,7 +154,7 @@ def tunable_student(teacher: nn.Module, stored: dict[str, torch.Tensor], fmt: st
     """The folder's model (`stored`: its tensors) as a copy of `teacher` whose 4-bit weights are
     functions of their trainable StoredGroups ({folder weight name: groups}) and whose norm gains
     ({folder name: gain}) are trainable; everything else is frozen."""
-    from quadrant.quant.quantize import iter_dequantized
+    from quadrant.quant.folder import iter_dequantized
 
     packed = getattr(type(teacher), "packed_modules", {})
     student = type(teacher)(teacher.config)  # built anew: a deep copy drops the loaders' parameter hooks

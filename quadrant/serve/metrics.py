@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from quadrant.engine.request import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
@@ -38,6 +43,13 @@ class ServerMetrics:
         self.e2e.observe(end - arrival)
         if output_tokens > 1:
             self.tpot.observe((end - first) / (output_tokens - 1))
+
+    def observe_output(self, out: RequestOutput) -> None:
+        """Record a request's output once it has finished (earlier outputs carry no end time)."""
+        m = out.metrics
+        if "finished" in m:
+            self.observe_finished(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
+                                  m["arrival"], m["first_token"], m["finished"])
 
     def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float) -> None:
         self.running.set(running)

@@ -11,22 +11,27 @@ quantisation error itself is bounded loosely (random N(0, 1) weights; real weigh
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from quadrant.kernels.fused_moe import fused_moe_ref
 from quadrant.kernels.quant_moe import (
+    PREFILL_TILES,
+    Q8Blocks,
     W4A8Weights,
     fused_moe_q8,
     fused_moe_q8_ref,
     pack_fp8,
     pack_w4a8,
+    pick_q8_blocks,
     quant_linear,
     quant_linear_ref,
     quantize_activations,
 )
-from quadrant.quant.formats import int4_groups
-from quadrant.quant.quantize import quantize_tensor
+from quadrant.quant.folder import quantize_tensor
+from quadrant.quant.grids import int4_groups
 from tests.kernel_device import KERNEL_DEVICE
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")
@@ -111,6 +116,27 @@ def test_fused_moe_q8_bf16_on_gpu(fmt):
     # bf16 gate_up and act * up move some 8-bit codes of the second GEMM's input by one step; an e4m3
     # step is 2^-3 relative (measured 0.033 for fp8 on an H200), an int8 step far less.
     assert rel_err(out, fused_moe_q8_ref(x, q13, q2, weights, ids)) < (5e-2 if fmt == "fp8" else 2e-2)
+
+
+def test_prefill_tile_is_passed_not_module_state():
+    """The prefill tile is PREFILL_TILES' (frozen) or the caller's `prefill`, as a benchmark sweeping
+    candidates passes it; block_k always follows the weights, and decode sizes keep their own tile."""
+    w4, fp8 = pack_w4a8(torch.randn(8, 256), 64), pack_fp8(torch.randn(8, 256))
+    default = pick_q8_blocks(4096, 8, 64, w4)
+    tile = PREFILL_TILES.w4a8
+    assert default == Q8Blocks(tile.block_m, tile.block_n, w4.span, tile.num_warps, tile.num_stages)
+    candidate = Q8Blocks(128, 256, 999, num_warps=8, num_stages=3)
+    assert pick_q8_blocks(4096, 8, 64, fp8, candidate) == Q8Blocks(128, 256, 128, 8, 3)
+    assert pick_q8_blocks(4096, 8, 64, w4) == default  # the override left nothing behind
+    assert pick_q8_blocks(1, 8, 64, w4, candidate).block_m == 16
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PREFILL_TILES.fp8 = candidate  # type: ignore[misc]
+    torch.manual_seed(4)
+    w, x = torch.randn(96, 256) * 0.05, torch.randn(70, 256)  # 70 rows: a prefill-sized batch
+    for weights in (pack_w4a8(w, 64), pack_fp8(w)):
+        out = quant_linear(x, weights, prefill=Q8Blocks(32, 32, 0, num_warps=4, num_stages=2))
+        exact = 1e-3 if KERNEL_DEVICE == "cuda" and not isinstance(weights, W4A8Weights) else 1e-5
+        assert rel_err(out, quant_linear_ref(x, weights)) < exact
 
 
 def test_bad_inputs_are_clear_errors():

@@ -31,6 +31,7 @@ from quadrant import SamplingParams  # noqa: E402
 from quadrant.config import CacheConfig, ParallelConfig  # noqa: E402
 from quadrant.engine.engine import LLMEngine  # noqa: E402
 from quadrant.engine.executor import MultiProcessExecutor, WorkerDiedError  # noqa: E402
+from quadrant.parallel.eplb import plan_placement  # noqa: E402
 from tests.models.test_moe import _make as make_moe  # noqa: E402
 from tests.models.test_vs_transformers import _make_hf as make_dense  # noqa: E402
 
@@ -246,3 +247,65 @@ def test_workers_exit_when_the_driver_is_killed(dense_llama):
     finally:
         driver.kill()
         driver.wait()
+
+
+def test_eplb_rebalance_mid_generation_moves_experts_and_no_token(tmp_path):
+    """Mixtral (4 experts) over ep=2 with 2 redundant slots, rebalanced every 3 steps while the
+    requests run: the placement follows the load, the outputs stay those of one process."""
+    make_moe("mixtral", tmp_path)
+    ref, ref_load = _run(tmp_path)
+    parallel = ParallelConfig(1, 2, num_redundant_experts=2, eplb_interval=3)
+    engine = LLMEngine.from_model(str(tmp_path), cache=CacheConfig(block_size=4, num_blocks=96), parallel=parallel)
+    try:
+        initial = plan_placement([0] * 4, 2, 3)
+        outs = _generate(engine, GREEDY)
+        assert engine.num_steps >= 6  # several rebalances happened during generation
+        placements = engine.expert_placement
+        assert placements and any(p != initial for p in placements.values())
+        for placement in placements.values():
+            assert sorted(set(placement)) == [0, 1, 2, 3] and len(placement) == 6
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        assert _logprob_distance(outs, ref) < 1e-5
+        assert engine.expert_load() == ref_load
+    finally:
+        engine.shutdown()
+
+
+def test_plan_placement_gives_hot_experts_the_spare_slots():
+    load = [1000, 10, 10, 400, 10, 10]
+    placement = plan_placement(load, num_ranks=2, slots_per_rank=4)
+    assert len(placement) == 8 and sorted(set(placement)) == list(range(6))
+    assert placement.count(0) == 2 and placement.count(3) == 2  # the two hot experts are copied
+    for rank in range(2):
+        mine = placement[rank * 4 : (rank + 1) * 4]
+        assert len(set(mine)) == 4  # no rank holds two copies of one expert
+    share = {e: (load[e] + 1) / placement.count(e) for e in range(6)}
+    rank_load = [sum(share[e] for e in placement[r * 4 : (r + 1) * 4]) for r in range(2)]
+    assert max(rank_load) / min(rank_load) < 1.1
+
+
+def test_two_nodes_join_one_rendezvous(dense_llama):
+    """Node 1 (another `quadrant` process, as on a second machine) starts only its worker and joins
+    node 0's rendezvous; the engine on node 0 then runs as at tp=2 on one node."""
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    node1 = subprocess.Popen([sys.executable, "-m", "quadrant", "run", str(dense_llama), "unused", "--tp", "2",
+                              "--nnodes", "2", "--node-rank", "1", "--master-port", str(port), "--dtype", "float32"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        parallel = ParallelConfig(2, nnodes=2, master_port=port)
+        engine = LLMEngine.from_model(str(dense_llama), cache=CacheConfig(block_size=4, num_blocks=96),
+                                      parallel=parallel)
+        try:
+            assert isinstance(engine.executor, MultiProcessExecutor) and len(engine.executor.pids) == 1
+            outs = _generate(engine, GREEDY)
+        finally:
+            engine.shutdown()
+        assert node1.wait(timeout=30) == 0, node1.stdout.read() if node1.stdout else ""
+    finally:
+        node1.kill()
+        node1.wait()
+    ref, _ = _run(dense_llama)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert _logprob_distance(outs, ref) < 1e-5

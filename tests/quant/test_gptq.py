@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadrant.quant.formats import int4_groups
+from quadrant.quant.grids import int4_groups
 from quadrant.quant.gptq import checkpoint_name, group_grid, gptq, hessian_key, input_hessians
 
 
@@ -92,7 +92,7 @@ def test_gptq_onto_the_int8_channel_grid():
     """int8 per channel: GPTQ on the fixed grid (amax / 127) beats rounding to nearest on correlated
     inputs (measured 0.64 of its error), lands on the grid, and is stored exactly (not so through amax / 127:
     GPTQ's updates move the largest code)."""
-    from quadrant.quant.formats import int8_per_channel
+    from quadrant.quant.grids import int8_per_channel
 
     x = _correlated_inputs(2000, 256, seed=9)
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(10)) * 0.05

@@ -57,12 +57,13 @@ def test_two_processes_match_one(mode, tmp_path, alice_corpus):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     assert single[-1]["loss"] < single[0]["loss"] - 0.3  # it learns
     # Both final checkpoints export to the same weights (sharded, head-interleaved or staged layouts undone).
-    # atol 1e-4, a thirtieth of one AdamW step at lr 3e-3: where a gradient is near zero, Adam's m / sqrt(v)
-    # turns last-bit differences into visible steps (measured: one element in 1.5M off by 6e-5).
+    # atol 3e-4, a tenth of one AdamW step at lr 3e-3: where a gradient is near zero, Adam's m / sqrt(v)
+    # turns last-bit differences into visible steps (measured: one element in 1.5M off by 6e-5 on
+    # 2026-11-26; with transformers 5.25 and numpy 2.3 one LM-head element of a rare token, pp x tp, by 1.4e-4).
     exported = {}
     for run in ("single", mode):
         folder = export(latest(tmp_path / run / "ckpt"), tmp_path / run / "export")
         exported[run] = load_file(folder / "model.safetensors")
     assert exported["single"].keys() == exported[mode].keys()
     for name, tensor in exported["single"].items():
-        torch.testing.assert_close(exported[mode][name], tensor, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(exported[mode][name], tensor, rtol=1e-3, atol=3e-4, msg=lambda m: f"{name}: {m}")
