@@ -58,7 +58,7 @@ class Worker:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
         # Ranks on one machine share its memory.
-        return int(info["MemAvailable"].split()[0]) * 1024 // self.parallel.world_size
+        return int(info["MemAvailable"].split()[0]) * 1024 // self.config.parallel.nprocs_per_node
 
     def init_cache(self, num_blocks: int, max_model_len: int) -> None:
         config = self.config

@@ -81,15 +81,15 @@ def test_failed_step_fails_its_requests_only(allm, monkeypatch):
 
 
 def test_one_failing_request_fails_alone(allm, prompts, reference, monkeypatch):
-    engine = allm.engine
-    real = engine._emit
+    output = allm.engine.output
+    real = output._emit
 
     def emit(group, now):
         if group.request_id == "bad":
             raise ValueError("detokenizer exploded")
         return real(group, now)
 
-    monkeypatch.setattr(engine, "_emit", emit)
+    monkeypatch.setattr(output, "_emit", emit)
 
     async def main():
         good = asyncio.create_task(collect(allm, prompts[1], rid="good"))
