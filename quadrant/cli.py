@@ -299,6 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from quadrant import __version__
+    from quadrant.quant.registry import QUANT_FORMATS, WEIGHT_FORMATS
 
     p = argparse.ArgumentParser(prog="quadrant", description="Run, serve, quantise and train language models.")
     engine = argparse.ArgumentParser(add_help=False)
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when there is one)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="activation dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--weight-format", choices=["auto", "dense", "int8", "w8a8", "w4a16", "w4a8"], default="auto",
+    g.add_argument("--weight-format", choices=["auto", *WEIGHT_FORMATS], default="auto",
                    help="auto: compact weights for decode, bf16 for prefill on CPU (quantised GGUF)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 512MiB (default: one full context)")
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quantize", help="write a quantised copy of a model (safetensors folder)")
     s.add_argument("model", help="name, .gguf file or model folder")
-    s.add_argument("--format", required=True, choices=["int8", "w8a8", "w4a16", "w4a8"],
+    s.add_argument("--format", required=True, choices=QUANT_FORMATS,
                    help="int8: 8-bit weights; w8a8: + 8-bit activations; w4a16: 4-bit weights (groups of 128); "
                         "w4a8: 4-bit weights + 8-bit activations")
     s.add_argument("-o", "--output", required=True, help="new folder to write (must not exist)")

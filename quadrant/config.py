@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from quadrant.quant.registry import format_spec
+
 # Hugging Face `model_type` -> quadrant architecture family key (models/registry.py).
 HF_MODEL_TYPES = {
     "llama": "llama",
@@ -535,7 +537,7 @@ class EngineConfig:
     device: str = "cpu"
     # auto: for quantised GGUF on CPU, compact weights for decode-sized batches and bf16 for prefill
     # (quant/formats.cpu_plan); the checkpoint's own precision otherwise. Or one format for all.
-    weight_format: Literal["auto", "dense", "int8", "w8a8", "w4a16", "w4a8"] = "auto"
+    weight_format: str = "auto"  # auto, or a format of quant/registry.py
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # auto: triton on CUDA, torch elsewhere. triton on CPU runs the kernels under TRITON_INTERPRET=1 (tests).
@@ -547,9 +549,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "int8", "w8a8", "w4a16", "w4a8"):
-            raise ValueError(f"weight_format must be auto, dense, int8, w8a8, w4a16 or w4a8, got {self.weight_format!r}")
-        if self.weight_format in ("int8", "w4a16") and not self.device.startswith("cpu"):
+        if self.weight_format != "auto":
+            spec = format_spec(self.weight_format)  # ValueError naming the formats
+        if self.weight_format != "auto" and not spec.gpu and not self.device.startswith("cpu"):
             raise ValueError(f"weight format {self.weight_format} runs on the CPU only so far; on {self.device} "
                              f"use w8a8, w4a8 or dense (a quantised folder is then dequantised at load)")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -14,8 +14,7 @@ import torch
 
 from quadrant.errors import QuadrantError
 from quadrant.quant.grids import group_size_for, int4_groups, int8_per_channel
-
-QUANT_FORMATS = ("int8", "w8a8", "w4a16", "w4a8")
+from quadrant.quant.registry import QUANT_FORMATS, WEIGHT_FORMATS
 
 
 class QuantizeError(QuadrantError, ValueError):
@@ -39,11 +38,12 @@ def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128,
     """weight [.., N, K] -> {"qweight", "scales"(, "mins")} in the layout of quant/quantize.py's docstring
     (`on_grid`: the weight already sits on the format's grids, GPTQ's, which are then stored exactly)."""
     w = weight.float()
-    if fmt in ("int8", "w8a8"):
+    bits = WEIGHT_FORMATS[fmt].weight_bits if fmt in QUANT_FORMATS else None
+    if bits == 8:
         flat = w.reshape(-1, w.shape[-1])
         q, scale = int8_per_channel(flat, on_grid)
         return {"qweight": q.reshape(w.shape), "scales": scale.reshape(w.shape[:-1])}
-    if fmt in ("w4a16", "w4a8"):
+    if bits == 4:
         codes, scale, lo = int4_groups(w, group_size_for(w.shape[-1], preferred_group), on_grid)
         return {"qweight": _pack_nibbles(codes.reshape(w.shape)), "scales": scale.squeeze(-1), "mins": lo.squeeze(-1)}
     raise QuantizeError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {fmt!r}")
@@ -52,7 +52,7 @@ def quantize_tensor(weight: torch.Tensor, fmt: str, preferred_group: int = 128,
 def dequantize_tensor(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
     """The float weight a stored triple stands for (exactly the grid `quantize_tensor` chose)."""
     q, scale = parts["qweight"], parts["scales"].float()
-    if fmt in ("int8", "w8a8"):
+    if WEIGHT_FORMATS[fmt].weight_bits == 8:
         return q.float() * scale.unsqueeze(-1)
     codes = _unpack_nibbles(q).float()  # [.., N, K]
     grouped = codes.reshape(*codes.shape[:-1], scale.shape[-1], codes.shape[-1] // scale.shape[-1])
@@ -85,7 +85,7 @@ def iter_dequantized(tensors: Iterator[tuple[str, torch.Tensor]], fmt: str) -> I
         parts = pending.setdefault(stem, {})
         parts[part] = tensor
         own = tensor_format(stem, fmt)
-        if set(parts) == ({"qweight", "scales", "mins"} if own in ("w4a16", "w4a8") else {"qweight", "scales"}):
+        if set(parts) == ({"qweight", "scales", "mins"} if WEIGHT_FORMATS[own].four_bit else {"qweight", "scales"}):
             yield f"{stem}.weight", dequantize_tensor(pending.pop(stem), own)
     if pending:
         raise QuadrantError(f"quantised weights incomplete for {sorted(pending)[:3]}")

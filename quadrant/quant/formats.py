@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # The grids live in a torch-only leaf that kernels use too; callers importing them from here still can.
+from quadrant.quant.registry import GPU_FORMATS, WEIGHT_FORMATS, format_spec
 from quadrant.quant.grids import group_size_for, int4_groups, int8_per_channel, int8_per_token
 
 FormatName = Literal["dense", "int8", "w8a8", "w4a16", "w4a8"]
@@ -254,8 +255,6 @@ class GpuQ8(WeightFormat):
         return quant_linear(x.reshape(-1, x.shape[-1]), weights, bias).view(*x.shape[:-1], -1)
 
 
-GPU_FORMATS = ("dense", "w8a8", "w4a8")  # int8 and w4a16 have CPU kernels only so far
-_MIN_CAPABILITY = {"w8a8": (8, 9), "w4a8": (8, 0)}  # fp8 tensor cores: Ada/Hopper; int8 ones: Ampere on
 
 
 def runs_on(name: str, device: str | torch.device) -> bool:
@@ -264,12 +263,15 @@ def runs_on(name: str, device: str | torch.device) -> bool:
     dev = torch.device(device)
     if dev.type == "cpu":
         return True
-    if dev.type != "cuda" or name not in GPU_FORMATS:
+    spec = format_spec(name)
+    if dev.type != "cuda" or not spec.gpu:
         return name == "dense"
-    return name == "dense" or torch.cuda.get_device_capability(dev) >= _MIN_CAPABILITY[name]
+    return spec.min_capability is None or torch.cuda.get_device_capability(dev) >= spec.min_capability
 
+# The CPU kernels of each registered format (quant/registry.py), at its default group.
 FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": Int8Dynamic(),
-                                    "w4a16": W4A16(group_size=128), "w4a8": W4A8()}
+                                    "w4a16": W4A16(group_size=WEIGHT_FORMATS["w4a16"].default_group or 128),
+                                    "w4a8": W4A8(group_size=WEIGHT_FORMATS["w4a8"].default_group or 128)}
 
 # A plan: (max tokens in the batch, format) pairs, tried in order; the last must take any size.
 Plan = list[tuple[float, WeightFormat]]
@@ -283,16 +285,15 @@ def get_format(name: str, group_size: int | None = None, device: str | torch.dev
     whose grids they then keep exactly, as `from_folder` has the 8-bit ones keep theirs).
     On a GPU the 8-bit-activation formats take the Triton kernels; the LM head's int8 (weight-only)
     stays in the model's dtype there."""
-    if name not in FORMATS:
-        raise ValueError(f"weight format must be one of {sorted(FORMATS)}, got {name!r}")
+    spec = format_spec(name)
     if torch.device(device).type != "cpu":
         if name in ("int8", "dense"):
             return Dense()
-        if name not in GPU_FORMATS:
+        if not spec.gpu:
             raise ValueError(f"weight format {name} runs on the CPU only so far; on a GPU use one of {GPU_FORMATS}")
         if not runs_on(name, device):
             raise ValueError(f"weight format {name} needs a CUDA GPU with compute capability "
-                             f"{'.'.join(map(str, _MIN_CAPABILITY[name]))}+ ({device} has none); use dense")
+                             f"{'.'.join(map(str, spec.min_capability or ()))}+ ({device} has none); use dense")
         return GpuQ8(name=name, group_size=group_size or 128, on_grid=group_size is not None)  # type: ignore[arg-type]
     if group_size is not None and name == "w4a16":
         return W4A16(group_size=group_size, on_grid=True)

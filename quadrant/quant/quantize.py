@@ -30,6 +30,7 @@ from tqdm import tqdm
 from quadrant.loader import safetensors as st
 # The folder format lives in quant/folder.py (loader/source.py reads folders through it without
 # importing this module); its names stay importable from here.
+from quadrant.quant.registry import format_spec
 from quadrant.quant.folder import (QUANT_FORMATS, QuantizeError, _pack_nibbles, _unpack_nibbles,  # noqa: F401
                                    dequantize_tensor, iter_dequantized, quantize_tensor, stored_group_size,
                                    tensor_format)
@@ -110,14 +111,14 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     tied = source.config.tie_word_embeddings
     calibration = _calibrate(source, fmt, smoothing, group_size, method, progress)
     config["quantization_config"] = {"quant_method": "quadrant", "format": fmt}
-    if fmt in ("w4a16", "w4a8"):
+    if format_spec(fmt).four_bit:
         config["quantization_config"]["group_size"] = group_size
     config["quantization_config"]["rounding"] = "gptq" if calibration.hessians is not None else "rtn"
     if calibration.smoother is not None:
         config["quantization_config"]["smoothquant"] = smoothing
     if isinstance(source, RotatedSource):  # a record only: the rotated weights load as any others
         config["quantization_config"]["rotation"] = f"random orthogonal, seed {source.seed}"
-    four_bit = fmt in ("w4a16", "w4a8")
+    four_bit = format_spec(fmt).four_bit
     tuning_ids = _tuning_ids(source) if four_bit and source.has_tokenizer() else []
     steps = _tune_steps(source, fmt, calibration, tune_steps, len(tuning_ids))
     if steps:
@@ -142,7 +143,7 @@ def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: 
     encode to with the model's tokenizer."""
     from quadrant.quant.tune import TuneConfig
 
-    four_bit = fmt in ("w4a16", "w4a8")
+    four_bit = format_spec(fmt).four_bit
     if asked is not None:
         if asked and not four_bit:
             raise QuantizeError(f"tuning applies to the 4-bit formats (w4a16, w4a8), not {fmt}")
@@ -174,7 +175,7 @@ def _tune(source: ModelSource, fmt: str, folder: Path, steps: int, token_ids: li
 
 def _check_shapes(cfg: ModelConfig, fmt: str) -> None:
     """Refuse before writing anything when a projection's input width does not fit the format."""
-    if fmt not in ("w4a16", "w4a8"):
+    if not format_spec(fmt).four_bit:
         return
     widths = {cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size}
     widths |= {w for w in (getattr(cfg, "moe_intermediate_size", 0),) if w}
@@ -194,7 +195,7 @@ class Calibration:
 
 # Where "auto" rotates the residual stream; w4a8 then skips SmoothQuant under "auto" (the rotation
 # has spread the outliers it would move, and moving them into 4-bit weights costs more: BENCHMARKS.md).
-_ROTATED_FORMATS = ("w8a8", "w4a8")
+_ROTATED_FORMATS = tuple(n for n in QUANT_FORMATS if format_spec(n).activation_bits == 8)
 _HESSIAN_BUDGET = 8 << 30  # "auto" rounds to nearest where GPTQ's Hessians would hold more (large MoEs)
 
 
@@ -212,7 +213,7 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
     smooth = smoothing is not None and (fmt == "w8a8" or (fmt == "w4a8" and not (smoothing == "auto" and rotated)))
     # "auto": GPTQ for the 4-bit formats, where it is worth its minutes (a third of the perplexity at
     # groups of 128); int8 loses ~0.3% to nearest rounding, which `--method gptq` trims by ~0.1.
-    use_gptq = method == "gptq" or (method == "auto" and fmt in ("w4a16", "w4a8")
+    use_gptq = method == "gptq" or (method == "auto" and format_spec(fmt).four_bit
                                     and hessian_bytes(source.config) <= _HESSIAN_BUDGET)
     if not (smooth or use_gptq) or not source.has_tokenizer():
         return Calibration()
@@ -238,7 +239,7 @@ def _round_projection(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int,
     calibration text reached it."""
     from quadrant.quant.gptq import gptq
 
-    eight = fmt in ("int8", "w8a8")
+    eight = format_spec(fmt).weight_bits == 8
     group = 0 if eight else group_size_for(matrix.shape[-1], preferred_group)
     if eight:
         q, step = int8_per_channel(matrix)

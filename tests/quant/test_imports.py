@@ -37,3 +37,19 @@ def test_moved_names_stay_importable_from_their_old_homes():
 
     assert formats.int4_groups is grids.int4_groups and formats.int8_per_token is grids.int8_per_token
     assert quantize.quantize_tensor is folder.quantize_tensor and quantize.QuantizeError is folder.QuantizeError
+
+
+def test_format_registry_is_a_leaf_and_the_one_list():
+    from quadrant.quant.formats import FORMATS
+    from quadrant.quant.registry import GPU_FORMATS, QUANT_FORMATS, WEIGHT_FORMATS, format_spec
+
+    assert {n.split(".")[0] for n in _imports("quant/registry.py")} <= {"__future__", "dataclasses", "types"}
+    assert set(FORMATS) == set(WEIGHT_FORMATS)  # every registered format has its CPU kernels
+    assert QUANT_FORMATS == ("int8", "w8a8", "w4a16", "w4a8") and GPU_FORMATS == ("dense", "w8a8", "w4a8")
+    assert format_spec("w4a8").four_bit and format_spec("w4a8").activation_bits == 8
+    try:
+        format_spec("q3")
+    except ValueError as e:
+        assert "dense, int8, w8a8, w4a16, w4a8" in str(e)
+    else:
+        raise AssertionError("an unknown format must be refused")
