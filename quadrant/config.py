@@ -554,6 +554,11 @@ class EngineConfig:
         if self.weight_format != "auto" and not spec.gpu and not self.device.startswith("cpu"):
             raise ValueError(f"weight format {self.weight_format} runs on the CPU only so far; on {self.device} "
                              f"use w8a8, w4a8 or dense (a quantised folder is then dequantised at load)")
+        if self.parallel.world_size > 1 and ":" in self.device:
+            raise ValueError(f"with --tp/--ep the workers take cuda:0, cuda:1, ... by local rank, not {self.device}; "
+                             "choose the GPUs with CUDA_VISIBLE_DEVICES")
+        if self.parallel.eplb_interval and self.weight_format not in ("auto", "dense"):
+            raise ValueError("--eplb-interval moves float expert weights between ranks: use --weight-format dense")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):

@@ -54,7 +54,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
         self.executor.init_cache(num_blocks, self.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.steps = StepEncoder()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()
@@ -96,6 +96,8 @@ class LLMEngine:
                    parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
         """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs).
         `parallel` (nodes, rendezvous) wins over the two sizes."""
+        if parallel is not None and (tensor_parallel_size, expert_parallel_size) != (1, 1):
+            raise ValueError("give the parallel sizes once: in `parallel` or as tensor/expert_parallel_size")
         parallel = parallel or ParallelConfig(tensor_parallel_size, expert_parallel_size)
         return cls(EngineConfig(model, dtype, device, weight_format,  # type: ignore[arg-type]
                                 cache or CacheConfig(), scheduler or SchedulerConfig(), parallel=parallel, **options))
@@ -187,12 +189,13 @@ class LLMEngine:
             return []
         sampled = self.executor.execute(self.steps.encode(out)).sampled
         self.num_steps += 1
+        self.num_computed_tokens += out.num_batched_tokens
+        self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
+        outputs = self.output.process(out, sampled)
         interval = self.config.parallel.eplb_interval
         if interval and self.num_steps % interval == 0:
             self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it
-        self.num_computed_tokens += out.num_batched_tokens
-        self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
-        return self.output.process(out, sampled)
+        return outputs
 
 
 class LLM:

@@ -6,8 +6,9 @@ process. `MultiProcessExecutor` spawns tp x ep worker processes joined by torch.
 (gloo on CPU, NCCL on CUDA); the driver sends each step to rank 0 over a pipe, rank 0
 broadcasts it to the other ranks, every rank runs its shard of the model, and rank 0 sends the
 sampled tokens back. Several machines join one rendezvous (`run_headless_workers` on every node
-but the first). A worker that dies, for whatever reason, fails the step within about a second
-(`WorkerDiedError`), and every worker is torn down: none outlives the driver.
+but the first). A worker on the driver's machine that dies, for whatever reason, fails the step
+within about a second (`WorkerDiedError`; a rank on another machine shows when a collective with it
+fails), and every worker is torn down: none outlives the process that started it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
@@ -93,13 +95,15 @@ class MultiProcessExecutor:
         self._conn, child = ctx.Pipe()
         self._procs: list[BaseProcess] = []
         self._dead = False
+        self._num_calls = 0  # each call is numbered; a reply to an earlier, interrupted call is dropped
         for rank in range(self.parallel.nprocs_per_node):
             proc = ctx.Process(target=_worker_main, name=f"quadrant-worker-{rank}", daemon=True,
-                               args=(config, weight_format, rank, init_method, child if rank == 0 else None))
+                               args=(config, weight_format, rank, init_method, child if rank == 0 else None,
+                                     os.getpid()))
             proc.start()
             self._procs.append(proc)
         child.close()
-        self._num_blocks = self._receive()
+        self._num_blocks = self._receive(0)
 
     def available_kv_blocks(self) -> int:
         return int(self._num_blocks)
@@ -126,24 +130,28 @@ class MultiProcessExecutor:
     def _call(self, method: str, *args: Any) -> Any:
         if self._dead:
             raise WorkerDiedError("the engine's worker processes are gone")
+        self._num_calls += 1
         try:
-            self._conn.send((method, args))
+            self._conn.send((method, args, self._num_calls))
         except (BrokenPipeError, ConnectionResetError, OSError):
             self._fail("rank 0 stopped taking work")
-        return self._receive()
+        return self._receive(self._num_calls)
 
-    def _receive(self) -> Any:
-        """Rank 0's answer; raises WorkerDiedError as soon as any local worker is gone instead."""
+    def _receive(self, call: int) -> Any:
+        """Rank 0's answer to call number `call`; raises WorkerDiedError as soon as any local worker is
+        gone instead. (A caller interrupted mid-call, Ctrl-C, leaves its reply behind: skipped here.)"""
         sentinels = {p.sentinel: p for p in self._procs}
         while True:
             ready = wait([self._conn, *sentinels], timeout=1.0)
             if self._conn in ready:
                 try:
-                    status, value = self._conn.recv()
+                    status, answered, value = self._conn.recv()
                 except (EOFError, OSError):
                     self._fail("rank 0 closed its connection")
                 if status == "error":
                     self._fail(value)
+                if answered != call:
+                    continue
                 return value
             for s in ready:
                 proc = sentinels[s]  # type: ignore[index]
@@ -160,7 +168,7 @@ class MultiProcessExecutor:
             return
         if not self._dead:
             try:
-                self._conn.send(("shutdown", ()))
+                self._conn.send(("shutdown", (), 0))
             except OSError:
                 pass
         for p in self._procs:
@@ -177,6 +185,9 @@ def make_executor(config: EngineConfig, source: ModelSource, weight_format: str)
     if config.parallel.world_size == 1:
         return InProcessExecutor(config, source, weight_format)
     config.parallel.check_model(source.config)  # one clear error before any process starts
+    if config.parallel.eplb_interval and weight_format != "dense":
+        raise ValueError(f"--eplb-interval moves float expert weights between ranks; this model loads as "
+                         f"{weight_format}: use --weight-format dense")
     return MultiProcessExecutor(config, weight_format)
 
 
@@ -203,7 +214,8 @@ def run_headless_workers(config: EngineConfig) -> int:
     init_method = f"tcp://{p.master_addr}:{p.master_port}"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, name=f"quadrant-worker-{p.node_rank * p.nprocs_per_node + i}",
-                         args=(config, weight_format, p.node_rank * p.nprocs_per_node + i, init_method, None))
+                         args=(config, weight_format, p.node_rank * p.nprocs_per_node + i, init_method, None,
+                               os.getpid()))
              for i in range(p.nprocs_per_node)]
     for proc in procs:
         proc.start()
@@ -216,9 +228,12 @@ def run_headless_workers(config: EngineConfig) -> int:
 
 # -- the worker process ------------------------------------------------------------------------
 def _worker_main(config: EngineConfig, weight_format: str, rank: int, init_method: str,
-                 conn: Connection | None) -> None:
+                 conn: Connection | None, parent: int) -> None:
     """Join the group, load this rank's shard, then run the driver's calls until told to stop."""
-    _die_with_parent()
+    # Ctrl-C and SIGTERM reach the whole process group; the driver drains, then stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent)
     try:
         _serve(config, weight_format, rank, init_method, conn)
     except BaseException as e:  # noqa: BLE001 - any failure ends this worker, loudly, and the driver sees it
@@ -226,7 +241,7 @@ def _worker_main(config: EngineConfig, weight_format: str, rank: int, init_metho
         traceback.print_exc()
         if conn is not None:
             try:
-                conn.send(("error", text))
+                conn.send(("error", 0, text))
             except OSError:
                 pass
         os._exit(1)
@@ -243,46 +258,52 @@ def _serve(config: EngineConfig, weight_format: str, rank: int, init_method: str
     else:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.nprocs_per_node))
     state = ParallelState.initialize(p, rank, device.type, init_method)
-    # Every rank runs the driver's engine config (block size, dtype, formats: they must agree), with
-    # the model at this machine's own path.
+    # Every rank runs the driver's engine config (block size, dtype, formats, redundant experts: they
+    # must agree), with the model at this machine's own path.
     shared: list[Any] = [(config, weight_format)]
     dist.broadcast_object_list(shared, src=0, group=state.control_group)
     driver_config, weight_format = shared[0]
     driver_config.model, driver_config.device = config.model, config.device
     config = driver_config
+    state.num_redundant_experts = config.parallel.num_redundant_experts
     worker = Worker(config, open_source(config), weight_format, state)
     blocks = torch.tensor([worker.available_kv_blocks()])
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=state.control_group)
     if conn is not None:
-        conn.send(("ok", int(blocks)))
+        conn.send(("ok", 0, int(blocks)))
     while True:
-        method, args = _next_call(conn, state)
+        method, args, call = _next_call(conn, state)
         if method == "shutdown":
             break
+        if method == "idle":
+            continue
         result = getattr(worker, method)(*args)
         if conn is not None:
-            conn.send(("ok", result))
+            conn.send(("ok", call, result))
     dist.destroy_process_group()
 
 
-def _next_call(conn: Connection | None, state: ParallelState) -> tuple[str, tuple]:
-    """Rank 0 reads the driver's call and broadcasts it; the others receive it."""
+_IDLE_BROADCAST_S = 60.0  # well inside the group's timeout, which a rank waiting on a broadcast would hit
+
+
+def _next_call(conn: Connection | None, state: ParallelState) -> tuple[str, tuple, int]:
+    """Rank 0 reads the driver's call and broadcasts it; the others receive it. While the driver is
+    quiet, rank 0 broadcasts an idle call now and then, so no waiting rank times out."""
     box: list[Any] = [None]
     if conn is not None:
         try:
-            box[0] = conn.recv()
+            box[0] = conn.recv() if conn.poll(_IDLE_BROADCAST_S) else ("idle", (), 0)
         except EOFError:  # the driver is gone without a word: stop with the others
-            box[0] = ("shutdown", ())
+            box[0] = ("shutdown", (), 0)
     if state.world_size > 1:
         dist.broadcast_object_list(box, src=0, group=state.control_group)
     return box[0]
 
 
-def _die_with_parent() -> None:
-    """End this worker when the process that started it dies, however it dies (no orphans). A
-    watch thread, not prctl(PR_SET_PDEATHSIG): that fires when the spawning *thread* ends, and
-    servers load their engine on a thread that ends once loading is done."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process that started it (pid `parent`) dies, however it dies (no
+    orphans). A watch thread, not prctl(PR_SET_PDEATHSIG): that fires when the spawning *thread*
+    ends, and servers load their engine on a thread that ends once loading is done."""
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -22,12 +22,6 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens run this step, from request.num_computed_tokens on
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the request's last token, so a new token is sampled."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
-
 
 @dataclass
 class SchedulerOutput:
@@ -41,10 +35,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0

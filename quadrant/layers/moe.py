@@ -142,6 +142,7 @@ class Experts(nn.Module):
         experts = sorted(set(self.slot_experts))
         for param, parts in ((self.w13, ("gate", "up")), (self.w2, ("down",))):
             param.weight_loader = self._load  # type: ignore[attr-defined]
+            param.leaves_shard = self._leaves  # type: ignore[attr-defined]
             param.shard_names = [f"{e}.{p}" for e in experts for p in parts]  # type: ignore[attr-defined]
 
     def place(self, slot_experts: list[int], tp_rank: int, tp_size: int) -> None:
@@ -248,6 +249,11 @@ class Experts(nn.Module):
         (".gate": a stacked GGUF tensor), for export (an unsharded model)."""
         expert_str, _, part = shard.rpartition(".")
         return (param[int(expert_str)] if expert_str else param)[..., self._rows(part), :]
+
+    def _leaves(self, shard: str | None) -> bool:
+        """Whether `shard` ("{e}.part") is an expert this module does not hold (another rank's)."""
+        expert_str = (shard or "").rpartition(".")[0]
+        return bool(expert_str) and int(expert_str) not in self.slot_experts
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard: str) -> list[str]:
         expert_str, _, part = shard.rpartition(".")

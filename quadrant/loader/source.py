@@ -91,7 +91,8 @@ class ModelSource:
         quantized = weight_format not in ("auto", "dense")
         group_4bit = self.quantized_group if own or not quantized else getattr(get_format(weight_format),
                                                                              "group_size", None)
-        sliced = parallel is not None and parallel.tp_size > 1 and quantized
+        # (CPU formats: the GPU's fp8/w4a8 packing has its own grid, which shards per rank for now.)
+        sliced = parallel is not None and parallel.tp_size > 1 and quantized and torch.device(device).type == "cpu"
         grid = self._grid(weight_format, own, group_4bit) if sliced else None
         model = self._build(dtype, device, parallel, grid)
         if weight_format == "dense":

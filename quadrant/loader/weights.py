@@ -33,7 +33,7 @@ def load_weights(
         module = target.rsplit(".", 1)[0]
         pending[module] = pending.get(module, 0) + 1
     loaded: set[tuple[str, str | None]] = set()
-    retired: dict[str, Callable[..., object]] = {}
+    retired: dict[str, Callable[[str | None], bool]] = {}  # repacked param -> which shards it leaves to others
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -41,9 +41,9 @@ def load_weights(
         target, shard = resolve_name(name, packed)
         param = params.get(target)
         if param is None and target in retired:
-            # A repacked module's tensor that another rank keeps (an expert-parallel rank's expert):
-            # its loader takes nothing. Anything else would be a tensor loaded twice.
-            if retired[target](None, tensor, shard):
+            # A repacked module's tensor that another rank keeps (an expert-parallel rank's expert)
+            # is skipped; anything else would be a tensor loaded twice.
+            if not retired[target](shard):
                 raise ModelLoadError(f"checkpoint tensor {name!r} is loaded twice")
             continue
         if param is None:
@@ -71,15 +71,15 @@ def load_weights(
             if pending[module] == 0 and on_module_loaded is not None:
                 for done in [n for n in params if n.rsplit(".", 1)[0] == module]:
                     # Let a repacked module's dense tensors go now, not after the load; keep its loader.
-                    retired[done] = getattr(params.pop(done), "weight_loader", _takes_nothing)
+                    retired[done] = getattr(params.pop(done), "leaves_shard", _leaves_nothing)
                 on_module_loaded(module)
     missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
 
 
-def _takes_nothing(param: object, tensor: torch.Tensor, shard: str | None) -> list[str]:
-    return ["loaded"]  # a plain parameter is never loaded twice
+def _leaves_nothing(shard: str | None) -> bool:
+    return False  # a parameter that holds every shard it is sent
 
 
 def resolve_name(name: str, packed: dict[str, tuple[str, str | None]]) -> tuple[str, str | None]:

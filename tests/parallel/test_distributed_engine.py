@@ -309,3 +309,34 @@ def test_two_nodes_join_one_rendezvous(dense_llama):
     ref, _ = _run(dense_llama)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
     assert _logprob_distance(outs, ref) < 1e-5
+
+
+def test_quantised_experts_split_over_ranks_match_one_process(tmp_path):
+    """w8a8 experts packed per rank (the loader skips the other rank's experts after repacking):
+    ep=2 gives the one-process logits (exact int32 GEMMs, the same tokens per expert)."""
+    make_moe("mixtral", tmp_path)
+    one = _first_token_tops(tmp_path, 1, "w8a8")
+    outs, _ = _run(tmp_path, 1, 2, params=FIRST_TOKEN, weight_format="w8a8")
+    assert _top_distance(one, [dict(o.logprobs[0].top) for o in outs]) < 1e-5
+
+
+def test_a_reply_left_by_an_interrupted_call_is_skipped(dense_llama):
+    engine = _engine(dense_llama, tp=2)
+    try:
+        executor = engine.executor
+        assert isinstance(executor, MultiProcessExecutor)
+        executor._conn.send(("expert_load", (), -1))  # as if a caller had been interrupted before its reply
+        out = _generate(engine, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert [len(o.token_ids) for o in out] == [3, 3, 3, 3]
+    finally:
+        engine.shutdown()
+
+
+def test_options_the_workers_cannot_honour_are_refused_up_front(dense_llama):
+    with pytest.raises(ValueError, match="--eplb-interval moves float expert weights"):
+        LLMEngine.from_model(str(dense_llama), weight_format="w8a8",
+                             parallel=ParallelConfig(1, 2, eplb_interval=10))
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        LLMEngine.from_model(str(dense_llama), device="cuda:1", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="give the parallel sizes once"):
+        LLMEngine.from_model(str(dense_llama), tensor_parallel_size=2, parallel=ParallelConfig(2))
