@@ -82,10 +82,10 @@ def deepseek_v3_ep32(batch: int, context: int, redundant: int = 32) -> Step:
                 compute, comm)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=2048, help="tokens of context per sequence")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 

@@ -114,6 +114,11 @@ def _count_collectives(rank: int, config_path: str, port: int, batch: int, steps
 def collective_bytes(batch: int = 4, steps: int = 8) -> tuple[dict, dict]:
     import multiprocessing as mp
     import socket
+    import sys
+
+    # Spawned workers import this module by name (when it is loaded from its path, not run).
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
@@ -134,7 +139,7 @@ def collective_bytes(batch: int = 4, steps: int = 8) -> tuple[dict, dict]:
     return measured, analytic
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2:135m")
     p.add_argument("--tp", type=int, default=3, help="tensor-parallel size for --model")
@@ -142,7 +147,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 

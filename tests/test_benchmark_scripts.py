@@ -62,3 +62,13 @@ def test_train_stability_and_sparsity_smoke(capsys, alice_corpus, monkeypatch):
     _load("train_sparsity").main(["--steps", "2", "--batch", "2", "--seq-len", "16", *corpus])
     out = capsys.readouterr().out
     assert "MoE 8x(F/2) top-2" in out and "dense-4x" in out
+
+
+def test_parallel_benchmarks_smoke(capsys):
+    """Two real worker processes count their collectives' bytes: exactly the layer plan's; the cost
+    model prints every deployment and the published peers."""
+    measured, analytic = _load("parallel_cpu").collective_bytes(batch=2, steps=2)
+    assert measured == analytic and analytic["all_reduce"] > 0
+    _load("parallel_cost_model").main([])
+    out = capsys.readouterr().out
+    assert "Llama-3-70B tp=8" in out and "DeepSeek-V3 ep=32" in out and "SGLang" in out
