@@ -55,10 +55,6 @@ class StepInput:
     rows: list[ScheduledRow] = field(default_factory=list)  # in batch order
     finished_request_ids: list[str] = field(default_factory=list)  # finished or aborted: forget them
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.rows)
-
 
 @dataclass
 class StepOutput:

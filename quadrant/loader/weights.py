@@ -70,7 +70,8 @@ def load_weights(
             pending[module] -= 1
             if pending[module] == 0 and on_module_loaded is not None:
                 for done in [n for n in params if n.rsplit(".", 1)[0] == module]:
-                    # Let a repacked module's dense tensors go now, not after the load; keep its loader.
+                    # Let a repacked module's dense tensors go now, not after the load; keep only
+                    # which shards it leaves to other ranks (expert parallel).
                     retired[done] = getattr(params.pop(done), "leaves_shard", _leaves_nothing)
                 on_module_loaded(module)
     missing = sorted(f"{t}[{s}]" if s else t for t, s in expected - loaded)

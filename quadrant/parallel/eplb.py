@@ -4,9 +4,8 @@ rebalance that moves expert weights between ranks from the measured load.
 A placement lists the logical expert held by every physical slot, rank by rank (`slots_per_rank`
 slots each; num_experts + redundant slots in all). `plan_placement` gives the hottest experts
 the redundant slots (each new copy to the expert with the most load per copy, at most one copy
-per rank), then packs the
-copies onto ranks heaviest first, each to the least loaded rank with a free slot that holds no
-copy of it yet. `move_experts` makes a rank's slots match a new placement: slots it already holds
+per rank), then packs the copies onto ranks heaviest first, each to the least loaded rank with a
+free slot that holds no copy of it yet. `move_experts` makes a rank's slots match a new placement: slots it already holds
 are copied locally, the rest arrive from a rank that held them, point to point.
 """
 
@@ -57,17 +56,18 @@ def move_experts(stacks: Sequence[torch.Tensor], old: Sequence[int], new: Sequen
     """This rank's expert stacks ([slots_per_rank, ...] each) under placement `new`, given `old`.
     Every rank of the group calls it with the same placements; `group_ranks[i]` is the global rank
     of the group's i-th member."""
+    old = list(old)
     out = [torch.empty_like(s) for s in stacks]
     ops: list[dist.P2POp] = []
     for slot, expert in enumerate(new):
         dest = slot // slots_per_rank
-        if expert in old[dest * slots_per_rank : (dest + 1) * slots_per_rank]:
+        held = old[dest * slots_per_rank : (dest + 1) * slots_per_rank]  # the destination's old slots
+        if expert in held:
             if dest == rank:  # already here: a local copy
-                src_slot = list(old[dest * slots_per_rank : (dest + 1) * slots_per_rank]).index(expert)
                 for o, s in zip(out, stacks):
-                    o[slot % slots_per_rank].copy_(s[src_slot])
+                    o[slot % slots_per_rank].copy_(s[held.index(expert)])
             continue
-        src_slot = list(old).index(expert)
+        src_slot = old.index(expert)
         src = src_slot // slots_per_rank
         if dest == rank:
             ops += [dist.P2POp(dist.irecv, o[slot % slots_per_rank], group_ranks[src], tag=slot * len(out) + i)
