@@ -531,6 +531,34 @@ class ParallelConfig:
 
 
 @dataclass
+class KVTransferConfig:
+    """Prefill/decode disaggregation: which side of the KV transfer this engine is (quadrant/disagg/).
+
+    prefill: runs prompts for a remote decode engine, keeps each finished prompt's KV blocks under a
+    lease and serves them from a KV server on kv_host:kv_port. decode: pulls a request's prompt KV
+    from the prefill engine named in the request, then decodes. both: no transfer (colocated).
+    """
+
+    role: Literal["prefill", "decode", "both"] = "both"
+    kv_host: str = "127.0.0.1"  # prefill: address the KV server binds and advertises
+    kv_port: int = 0  # prefill: 0 picks a free port
+    lease_seconds: float = 60.0  # prefill: a finished prompt's blocks wait this long for the decode side
+    num_streams: int = 2  # decode: parallel connections per transfer (each pulls a share of the layers)
+    load_failure_policy: Literal["recompute", "fail"] = "recompute"  # decode: a failed pull recomputes or errors
+    transfer_timeout: float = 30.0  # decode: seconds a pull may take
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode", "both"):
+            raise ValueError(f"role must be prefill, decode or both, got {self.role!r}")
+        if self.load_failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"kv load failure policy must be recompute or fail, got {self.load_failure_policy!r}")
+        if not 0 <= self.kv_port < 65536:
+            raise ValueError(f"kv port must be in [0, 65536), got {self.kv_port}")
+        if self.num_streams < 1 or self.lease_seconds <= 0 or self.transfer_timeout <= 0:
+            raise ValueError("num_streams, lease_seconds and transfer_timeout must be positive")
+
+
+@dataclass
 class EngineConfig:
     model: str  # catalogue name, .gguf file or Hugging Face folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -545,8 +573,11 @@ class EngineConfig:
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the config's shape (benchmarks)
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def __post_init__(self) -> None:
+        if self.kv_transfer.role != "both" and self.parallel.world_size > 1:
+            raise ValueError("--role prefill/decode runs one-process engines so far (no --tp/--ep)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format != "auto":

@@ -26,6 +26,10 @@ from quadrant.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def _noop() -> None:
+    pass
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; no request can complete."""
 
@@ -47,6 +51,7 @@ class AsyncLLM:
         self._commands: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
+        engine.set_wakeup(lambda: self._commands.put(_noop))  # a transfer thread's news ends an idle wait
         self._thread = threading.Thread(target=self._loop, name="quadrant-engine", daemon=True)
         self._thread.start()
 
@@ -61,13 +66,15 @@ class AsyncLLM:
                 block = not self.engine.has_unfinished_requests()
                 while True:  # apply every pending command; wait for one only when idle
                     try:
-                        cmd = self._commands.get(block=block)
+                        # Idle, wake up anyway when housekeeping is due (a KV lease expiring).
+                        cmd = self._commands.get(block=block, timeout=self.engine.idle_timeout() if block else None)
                     except queue.Empty:
                         break
                     if cmd is None:
                         return
                     cmd()  # never raises: _call's wrapper hands exceptions to the caller
                     block = False
+                self.engine.housekeeping()
                 if self.engine.has_unfinished_requests():
                     self._step()
         except BaseException as e:  # a dead worker, or a bug in the loop itself: fail everyone, loudly
@@ -122,16 +129,18 @@ class AsyncLLM:
 
     # -- asyncio side --------------------------------------------------------------------------
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        kv_transfer: dict[str, Any] | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream a request's outputs; validation errors (bad params, prompt too long) raise here."""
+        """Stream a request's outputs; validation errors (bad params, prompt too long) raise here.
+        `kv_transfer`: see LLMEngine.add_request (prefill/decode disaggregation)."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         # The id is ours before the add runs, so a caller cancelled mid-add can still abort it.
         rid = request_id if request_id is not None else uuid.uuid4().hex
 
         def add() -> str:
-            self.engine.add_request(prompt, params, rid)
+            self.engine.add_request(prompt, params, rid, kv_transfer)
             self._streams[rid] = stream
             return rid
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from collections.abc import Generator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm import tqdm
 
 from quadrant.chat import render_chat
@@ -22,13 +23,17 @@ from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.output import OutputProcessor, RequestGroup, SampleState
 from quadrant.engine.request import Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
-from quadrant.engine.scheduler import Scheduler
+from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from quadrant.engine.step import StepEncoder
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from quadrant.disagg.connector import KVConnector
+    from quadrant.disagg.protocol import RemoteKV
 
 Prompt = str | list[int]
 
@@ -54,7 +59,9 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.scheduler.enable_prefix_caching)
         self.max_model_len = min(self.model_config.max_position_embeddings, num_blocks * config.cache.block_size)
         self.executor.init_cache(num_blocks, self.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.connector = self._make_connector()
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.connector,
+                                   config.kv_transfer.load_failure_policy == "recompute")
         self.steps = StepEncoder()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()
@@ -62,6 +69,33 @@ class LLMEngine:
         self.num_steps = 0
         self.expert_placement: dict[str, list[int]] = {}  # MoE layer -> expert of each slot, as of the last rebalance
         self.load_seconds = time.perf_counter() - start
+
+    def _make_connector(self) -> KVConnector | None:
+        """Prefill/decode disaggregation: the KV server (prefill) or puller (decode) beside the KV tensors."""
+        transfer = self.config.kv_transfer
+        if transfer.role == "both":
+            return None
+        from quadrant.disagg.connector import KVConnector
+        from quadrant.disagg.protocol import KVLayout
+
+        layout = KVLayout.of(self.model_config, self.config.cache, getattr(torch, self.config.dtype))
+        connector = KVConnector(transfer, layout, self.runner.kv_caches)
+        weakref.finalize(self, connector.shutdown)
+        return connector
+
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """`wakeup()` is called from transfer threads when an idle engine has work (a lease released,
+        a pull finished); AsyncLLM uses it to leave its wait."""
+        if self.connector is not None:
+            self.connector.wakeup = wakeup
+
+    def idle_timeout(self) -> float | None:
+        """Seconds an idle engine may sleep before housekeeping is due (the next lease expiry)."""
+        return self.connector.next_deadline() if self.connector is not None else None
+
+    def housekeeping(self) -> None:
+        """Free released and expired leases' blocks; cheap, and safe to call between any two steps."""
+        self.scheduler.drain_connector()
 
     @property
     def _local_worker(self) -> Worker:
@@ -124,7 +158,11 @@ class LLMEngine:
         return tok.encode(text, add_special_tokens=False)
 
     # -- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    kv_transfer: dict[str, Any] | None = None) -> str:
+        """`kv_transfer` (disaggregation): on a prefill engine `{"do_remote_decode": true}` keeps the prompt's
+        KV for a decode engine (the finished output says where); on a decode engine, that output's
+        `kv_transfer_params` pulls the prompt's KV instead of computing it. A colocated engine ignores it."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
@@ -132,6 +170,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
+        remote_kv, do_remote_decode = self.parse_kv_transfer(kv_transfer, prompt_ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if "#" in request_id:
             raise ValueError("request ids may not contain '#' (it marks the samples of n > 1)")
@@ -150,11 +189,40 @@ class LLMEngine:
             )
             if params.seed is not None:
                 req.seed = params.seed + i
+            if i == 0:  # siblings reuse the first sample's pulled blocks through the prefix cache
+                req.remote_kv, req.do_remote_decode = remote_kv, do_remote_decode
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             samples.append(SampleState(req, detok))
             self.scheduler.add(req)
         self.groups[request_id] = RequestGroup(request_id, prompt_ids, samples, params.stop, now)
         return request_id
+
+    def parse_kv_transfer(self, kv_transfer: dict[str, Any] | None, prompt_ids: list[int],
+                          params: SamplingParams) -> tuple[RemoteKV | None, bool]:
+        """(where to pull the prompt's KV from, whether to keep it for a decode engine); ValueError if malformed.
+        Reads only the configuration: callable from any thread."""
+        role = self.config.kv_transfer.role
+        if not kv_transfer or role == "both":
+            return None, False  # computed here, as a colocated engine does
+        if not isinstance(kv_transfer, dict):
+            raise ValueError("kv_transfer_params must be an object")
+        if role == "prefill":
+            if not kv_transfer.get("do_remote_decode"):
+                return None, False
+            if params.n != 1:
+                raise ValueError("kv_transfer_params: a prefill for remote decode takes n = 1")
+            return None, True
+        if "transfer_id" not in kv_transfer:
+            return None, False
+        from quadrant.disagg.protocol import RemoteKV, prompt_digest
+
+        remote = RemoteKV.from_dict(kv_transfer)
+        if remote.num_tokens != len(prompt_ids) or remote.prompt_digest != prompt_digest(prompt_ids):
+            raise ValueError("kv_transfer_params were made for another prompt (its tokens differ from this request's)")
+        if len(remote.block_ids) != -(-len(prompt_ids) // self.kv.block_size):
+            raise ValueError(f"kv_transfer_params: {len(remote.block_ids)} blocks cannot hold a prompt of "
+                             f"{len(prompt_ids)} tokens in blocks of {self.kv.block_size}")
+        return remote, False
 
     def expert_load(self) -> dict[str, list[int]]:
         """Router statistics: MoE layer name -> tokens routed to each of its experts so far."""
@@ -183,15 +251,29 @@ class LLMEngine:
                 self.abort_request(request_id)
 
     # -- the loop ------------------------------------------------------------------------------
+    def _remote_news(self) -> list[RequestOutput]:
+        """Disaggregation: emit the first tokens that came with pulled prompts; fail the failed pulls."""
+        self.scheduler.drain_connector()
+        arrived, failed = self.scheduler.take_remote_news()
+        outputs = [o for req, error in failed
+                   if (o := self.output.fail(req.group_id or req.request_id, f"KVTransferError: {error}")) is not None]
+        if arrived:
+            first = SchedulerOutput([ScheduledRequest(req, 0) for req, _ in arrived])
+            outputs += self.output.process(first, {req.request_id: (req.output_ids[0], lp) for req, lp in arrived})
+        return outputs
+
     def step(self) -> list[RequestOutput]:
+        early = self._remote_news() if self.connector is not None else []
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            if self.connector is not None and self.scheduler.loading:
+                self.connector.wait(0.01)  # nothing to run until a pull ends
+            return early
         sampled = self.executor.execute(self.steps.encode(out)).sampled
         self.num_steps += 1
         self.num_computed_tokens += out.num_batched_tokens
         self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
-        outputs = self.output.process(out, sampled)
+        outputs = early + self.output.process(out, sampled)
         interval = self.config.parallel.eplb_interval
         if interval and self.num_steps % interval == 0:
             self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it

@@ -98,7 +98,16 @@ class OutputProcessor:
         metrics = {"arrival": group.arrival, "first_token": group.first_token or now}
         if done:
             metrics["finished"] = now
-        return RequestOutput(group.request_id, group.prompt_ids, completions, done, group.num_cached_tokens, metrics)
+        return RequestOutput(group.request_id, group.prompt_ids, completions, done, group.num_cached_tokens, metrics,
+                             kv_transfer_params=group.samples[0].request.kv_transfer_params)
+
+    def fail(self, request_id: str, error: str) -> RequestOutput | None:
+        """End a caller request with an error (its other samples too); None if it is already gone."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        self.abort(request_id)
+        return RequestOutput(request_id, group.prompt_ids, [], True, error=error)
 
     def _advance(self, index: int, sample: SampleState, stop: list[str]) -> CompletionOutput:
         req = sample.request

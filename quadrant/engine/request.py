@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from quadrant.layers.sampler import TokenLogprob
 from quadrant.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from quadrant.disagg.protocol import RemoteKV
 
 __all__ = ["FinishReason", "Request", "RequestOutput", "RequestStatus", "CompletionOutput", "TokenLogprob"]
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not yet scheduled, or preempted and waiting to recompute
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks allocated, the prompt's KV being pulled
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -47,6 +52,11 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     seed: int | None = None  # this sample's seed (params.seed + its index); the worker owns the generator
+    # Disaggregation (quadrant/disagg/): a decode engine pulls the prompt's KV from `remote_kv`; a
+    # prefill engine keeps it for a decode engine (`do_remote_decode`) and says where in `kv_transfer_params`.
+    remote_kv: RemoteKV | None = None
+    do_remote_decode: bool = False
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -91,3 +101,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished (perf_counter seconds)
     error: str | None = None  # set when this request failed inside the engine (others go on)
+    kv_transfer_params: dict[str, Any] | None = None  # prefill engines: where a decode engine pulls the prompt's KV

@@ -5,16 +5,26 @@ prefills), then waiting ones, within a token budget; every request that fits
 goes into one flattened batch. When the KV pool runs dry the newest running
 request is preempted: its blocks are freed and it waits to recompute. Pure
 Python: the runner turns the SchedulerOutput into tensors.
+
+With a KV connector (quadrant/disagg/), a decode engine's request that names a remote prompt KV
+gets its blocks on admission and waits, outside the batch, while they are pulled; it then runs
+from its last prompt token (whose logits sample the first token). A prefill engine hands a
+finished prompt's blocks to the connector's lease instead of freeing them.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quadrant.config import SchedulerConfig
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.request import FinishReason, Request, RequestStatus
+from quadrant.layers.sampler import TokenLogprob
+
+if TYPE_CHECKING:
+    from quadrant.disagg.connector import KVConnector
 
 
 @dataclass
@@ -35,17 +45,25 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, connector: KVConnector | None = None,
+                 recompute_failed_loads: bool = True) -> None:
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.connector = connector
+        self.recompute_failed_loads = recompute_failed_loads  # else a failed pull fails its request
+        self.loading: dict[str, Request] = {}  # decode side: prompts whose KV is being pulled
+        self.failed_loads: list[tuple[Request, str]] = []  # for the engine to fail (taken by take_remote_news)
+        # Pulled requests that came with the prefill engine's first token: for the engine to emit.
+        self.arrived: list[tuple[Request, TokenLogprob | None]] = []
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
     def schedule(self) -> SchedulerOutput:
+        self.drain_connector()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
@@ -72,13 +90,20 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        prefilling_groups = {r.group_id for r in self.running if r.group_id is not None and r.is_prefilling}
+        prefilling_groups = {r.group_id for r in [*self.running, *self.loading.values()]
+                             if r.group_id is not None and r.is_prefilling}
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.group_id in prefilling_groups:
-                # A sibling is computing the shared prompt: wait one step and reuse its blocks.
+                # A sibling is computing (or pulling) the shared prompt: wait and reuse its blocks.
                 skipped.append(self.waiting.popleft())
+                continue
+            if req.remote_kv is not None:
+                if not self._start_load(req):
+                    break
+                if req.group_id is not None:
+                    prefilling_groups.add(req.group_id)
                 continue
             hits = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             num_new = min(req.num_tokens - req.num_computed_tokens - len(hits) * self.kv.block_size, budget)
@@ -94,6 +119,55 @@ class Scheduler:
             if req.group_id is not None and req.is_prefilling:
                 prefilling_groups.add(req.group_id)
         self.waiting.extendleft(reversed(skipped))
+
+    def _start_load(self, req: Request) -> bool:
+        """Blocks for the whole prompt (local prefix hits kept), then pull the rest; False if the pool is short."""
+        assert self.connector is not None and req.remote_kv is not None
+        hits = self.kv.find_cached_prefix(req)
+        if not self.kv.allocate(req, req.num_prompt_tokens - len(hits) * self.kv.block_size, hits):
+            return False
+        self.waiting.popleft()
+        remote, req.remote_kv = req.remote_kv, None  # pulled once; a later preemption recomputes
+        req.num_cached_prompt_tokens = len(hits) * self.kv.block_size
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.loading[req.request_id] = req
+        # Decoding goes on from the prefill engine's first token, unless logprobs are asked for and it came
+        # without its record (the last prompt token then runs here again).
+        if remote.first_token is not None and (req.params.logprobs is None or remote.first_logprob is not None):
+            req.output_ids.append(remote.first_token)
+            self.arrived.append((req, remote.first_logprob))
+        n = len(req.block_table)
+        self.connector.start_load(req, remote, req.block_table[len(hits):], list(remote.block_ids[len(hits):n]))
+        return True
+
+    def drain_connector(self) -> None:
+        """Free the blocks of released or expired leases (prefill); run the requests whose pull ended (decode)."""
+        if self.connector is None:
+            return
+        for req in self.connector.take_released():
+            self.kv.free(req)
+        for req, error in self.connector.take_finished_loads():
+            self.loading.pop(req.request_id, None)
+            if req.is_finished:  # aborted while the pull was writing into its blocks: free them only now
+                self.kv.free(req)
+                continue
+            if error is None:
+                # With the first token known, it runs next; without, the last prompt token runs for its logits.
+                req.num_computed_tokens = req.num_prompt_tokens - (0 if req.output_ids else 1)
+            elif self.recompute_failed_loads:
+                req.num_computed_tokens = req.num_cached_prompt_tokens  # keep local hits, recompute the rest
+            else:
+                self.failed_loads.append((req, error))
+                continue
+            self.kv.cache_full_blocks(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+
+    def take_remote_news(self) -> tuple[list[tuple[Request, TokenLogprob | None]], list[tuple[Request, str]]]:
+        """First tokens that came with pulled prompts (to emit), and failed pulls (to fail), since the last call."""
+        arrived, self.arrived = self.arrived, []
+        failed, self.failed_loads = self.failed_loads, []
+        return arrived, failed
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -119,10 +193,17 @@ class Scheduler:
         """End a request (stopped, at length, or aborted) and release its blocks at once."""
         if req.is_finished:
             return
-        if req.status == RequestStatus.RUNNING:
+        req.status, status = RequestStatus.FINISHED, req.status
+        req.finish_reason = reason
+        if status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            if self.loading.pop(req.request_id, None) is not None:
+                return  # a pull may be writing into its blocks: drain_connector frees them when it ends
+        elif status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
+        if req.do_remote_decode and reason != FinishReason.ABORT and self.connector is not None \
+                and self.connector.server is not None:
+            req.kv_transfer_params = self.connector.hold(req).to_dict()  # its blocks wait for the decode side
+        else:
+            self.kv.free(req)

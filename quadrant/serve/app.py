@@ -96,11 +96,13 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.llm is not None:
-            running, waiting, usage, hits, experts = await state.llm.call(
-                lambda e: (len(e.scheduler.running), len(e.scheduler.waiting), e.kv.usage, e.kv.hit_rate,
-                           e.expert_load()))
+            running, waiting, usage, hits, experts, transfer = await state.llm.call(
+                lambda e: (len(e.scheduler.running), len(e.scheduler.waiting) + len(e.scheduler.loading), e.kv.usage,
+                           e.kv.hit_rate, e.expert_load(), e.connector.snapshot() if e.connector else None))
             state.metrics.set_engine_state(running, waiting, usage, hits)
             state.metrics.set_expert_load(experts)
+            if transfer is not None:
+                state.metrics.set_kv_transfer(transfer)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -193,12 +195,20 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     vocab = llm.engine.model_config.vocab_size
     if any(t >= vocab for t in params.logit_bias):
         raise OpenAIError(400, f"logit_bias token ids must be below {vocab}", param="logit_bias")
+    kv_transfer = body.kv_transfer_params
+    if kv_transfer is not None:
+        if len(prompt_ids) > 1:
+            raise OpenAIError(400, "kv_transfer_params takes one prompt per request", param="kv_transfer_params")
+        try:  # checked here too so that a stream never starts for a request the engine refuses
+            llm.engine.parse_kv_transfer(kv_transfer, prompt_ids[0], params)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="kv_transfer_params") from None
     num_seqs = len(prompt_ids) * params.n
     state.admit(num_seqs)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
-    streams = [llm.generate(ids, params) for ids in prompt_ids]
+    streams = [llm.generate(ids, params, kv_transfer=kv_transfer) for ids in prompt_ids]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    formatter = Formatter(rid, state.config.model_name, chat, tokenizer, params.n)
+    formatter = Formatter(rid, state.config.model_name, chat, tokenizer, params.n, body.return_token_ids, prompt_ids)
     if body.stream:
         # Generation starts now, whether or not the client ever reads: the pumps hold the
         # reservation until they end (finished, failed, or cancelled on disconnect).
@@ -227,7 +237,10 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     for out in finals:
         state.metrics.observe_output(out)
     state.metrics.requests.labels(endpoint, "200").inc()
-    return JSONResponse(formatter.completion(finals, sum(len(p) for p in prompt_ids)))
+    response = formatter.completion(finals, sum(len(p) for p in prompt_ids))
+    if finals[0].kv_transfer_params is not None:  # a prefill engine: where the decode engine pulls the KV
+        response["kv_transfer_params"] = finals[0].kv_transfer_params
+    return JSONResponse(response)
 
 
 def serve(config: ServerConfig) -> int:

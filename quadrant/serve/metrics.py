@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from quadrant.disagg.connector import TransferStats
     from quadrant.engine.request import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -33,6 +34,12 @@ class ServerMetrics:
         self.expert_tokens = Gauge("quadrant_moe_expert_tokens",
                                    "Tokens routed to each expert of each MoE layer since the engine started",
                                    ["layer", "expert"], registry=r)
+        # Disaggregation (read from the KV connector at scrape time; totals since start).
+        self.kv_transfer = Gauge("quadrant_kv_transfer", "KV transfer totals since start: bytes pulled (decode) or "
+                                 "served (prefill), pulls, failed pulls, lease expiries, leases released, "
+                                 "leases held now", ["what"], registry=r)
+        self.kv_transfer_gbps = Gauge("quadrant_kv_transfer_gigabytes_per_second",
+                                      "Mean rate of finished KV pulls (decode side)", registry=r)
         self.e2e = Histogram("quadrant_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              registry=r, buckets=_LATENCY_BUCKETS)
 
@@ -61,6 +68,11 @@ class ServerMetrics:
         for layer, counts in load.items():
             for expert, n in enumerate(counts):
                 self.expert_tokens.labels(layer=layer, expert=str(expert)).set(n)
+
+    def set_kv_transfer(self, stats: TransferStats) -> None:
+        for what in ("bytes", "transfers", "failures", "lease_expiries", "leases_released", "active_leases"):
+            self.kv_transfer.labels(what=what).set(getattr(stats, what))
+        self.kv_transfer_gbps.set(stats.gbps)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

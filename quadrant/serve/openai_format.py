@@ -6,7 +6,7 @@ Pure data shaping: it neither reads streams nor sends anything (see streaming.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quadrant.engine.request import CompletionOutput, RequestOutput
@@ -22,6 +22,10 @@ class Formatter:
     chat: bool
     tokenizer: Any
     n: int
+    # The router's extension (quadrant/disagg/): each choice's token ids, and its prompt's on first sight.
+    return_token_ids: bool = False
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    _prompt_sent: set[int] = field(default_factory=set)
 
     @property
     def chunk_object(self) -> str:
@@ -55,6 +59,8 @@ class Formatter:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = c.text
+        if self.return_token_ids:
+            choice["token_ids"] = list(c.token_ids)
         return choice
 
     def chunk(self, index: int, output: CompletionOutput | None = None, role: bool = False) -> dict[str, Any]:
@@ -69,8 +75,14 @@ class Formatter:
             choice["finish_reason"] = output.finish_reason
             if output.logprobs_delta:
                 choice["logprobs"] = self.logprobs(output.logprobs_delta)
-        return {"id": self.rid, "object": self.chunk_object, "created": P.now(), "model": self.model,
-                "choices": [choice]}
+        chunk = {"id": self.rid, "object": self.chunk_object, "created": P.now(), "model": self.model,
+                 "choices": [choice]}
+        if self.return_token_ids:
+            choice["token_ids"] = list(output.token_ids_delta) if output is not None else []
+            if index not in self._prompt_sent and self.prompt_ids:
+                self._prompt_sent.add(index)
+                chunk["prompt_token_ids"] = self.prompt_ids[index // self.n]
+        return chunk
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The last chunk of a stream that asked for `stream_options.include_usage`: no choices, only usage."""
@@ -84,7 +96,8 @@ class Formatter:
         choices = [self.choice(i * self.n + c.index, c, final=True) for i, out in enumerate(finals)
                    for c in out.outputs]
         completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
-        return {
+        extra = {"prompt_token_ids": finals[0].prompt_token_ids} if self.return_token_ids else {}
+        return {**extra,
             "id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": P.now(),
             "model": self.model, "choices": choices,
             "usage": P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

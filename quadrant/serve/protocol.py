@@ -41,6 +41,10 @@ class _SamplingFields(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    # Disaggregation (quadrant/disagg/, vLLM's names): where the prompt's KV comes from or goes to,
+    # and token ids in the answer (the router resumes a broken stream from them).
+    kv_transfer_params: dict[str, Any] | None = None
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod

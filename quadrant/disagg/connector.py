@@ -1,0 +1,257 @@
+"""The engine's KV connector for prefill/decode disaggregation (vLLM's v1 connector, split the same way).
+
+Scheduler side (pure bookkeeping, called on the engine thread): a prefill engine `hold`s a finished
+prompt's blocks under a lease instead of freeing them, and gets back the `RemoteKV` that the
+response carries; `take_released` hands back the requests whose blocks may now be freed (the
+decode side said done, or the lease expired). A decode engine calls `start_load` once the
+scheduler has given a waiting request its blocks, and `take_finished_loads` to learn which pulls
+have ended (and how).
+
+Worker side (threads, next to the KV tensors): the prefill engine's `KVServer` reads leased blocks;
+the decode engine's pulls run on a pool of stream threads, each pulling a share of the layers.
+Nothing here frees a block itself: the engine thread does, when it drains these queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from quadrant.config import KVTransferConfig
+from quadrant.disagg.protocol import KVLayout, RemoteKV, prompt_digest
+from quadrant.disagg.transport import KVClient, KVServer
+from quadrant.engine.request import Request
+from quadrant.layers.attention import LayerKVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Lease:
+    request: Request
+    block_ids: frozenset[int]
+    deadline: float
+    readers: int = 0  # pulls reading the blocks right now: the lease cannot expire under them
+
+
+@dataclass
+class TransferStats:
+    """Counters for /metrics (both sides)."""
+
+    bytes: int = 0  # KV bytes pulled (decode) or served (prefill)
+    seconds: float = 0.0  # wall time of finished pulls
+    transfers: int = 0  # finished pulls
+    failures: int = 0  # failed pulls
+    lease_expiries: int = 0
+    leases_released: int = 0
+    active_leases: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class LeaseTable:
+    """Prefill side: blocks of finished prompts, waiting for the decode side (thread-safe)."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.lease_seconds = lease_seconds
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._to_free: list[Request] = []
+        self.expiries = 0
+        self.released = 0
+
+    def add(self, transfer_id: str, req: Request) -> None:
+        with self._lock:
+            self._leases[transfer_id] = _Lease(req, frozenset(req.block_table), time.monotonic() + self.lease_seconds)
+
+    def pin(self, transfer_id: str, block_ids: list[int]) -> bool:
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is None or not lease.block_ids.issuperset(block_ids):
+                return False
+            lease.readers += 1
+            return True
+
+    def unpin(self, transfer_id: str) -> None:
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is not None:
+                lease.readers -= 1
+
+    def release(self, transfer_id: str) -> bool:
+        """The decode side has the blocks: free them (on the engine thread's next drain)."""
+        with self._lock:
+            lease = self._leases.pop(transfer_id, None)
+            if lease is None:
+                return False
+            self._to_free.append(lease.request)
+            self.released += 1
+            return True
+
+    def take_freeable(self, now: float | None = None) -> list[Request]:
+        """Requests whose blocks may be freed now: released, or expired (and not being read)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for tid, lease in list(self._leases.items()):
+                if lease.deadline <= now and lease.readers == 0:
+                    del self._leases[tid]
+                    self._to_free.append(lease.request)
+                    self.expiries += 1
+                    log.warning("KV lease %s expired: no decode engine pulled its blocks in time", tid)
+            out, self._to_free = self._to_free, []
+            return out
+
+    def next_deadline(self) -> float | None:
+        with self._lock:
+            return min((lease.deadline for lease in self._leases.values()), default=None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+
+@dataclass
+class _Load:
+    request: Request
+    remote: RemoteKV
+    local_ids: list[int]
+    remote_ids: list[int]
+    error: str | None = None
+
+
+class KVConnector:
+    """One engine's side of the KV transfer; `role` decides which half runs."""
+
+    def __init__(self, config: KVTransferConfig, layout: KVLayout, caches: list[LayerKVCache],
+                 wakeup: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.layout = layout
+        self.caches = caches
+        self.wakeup = wakeup or (lambda: None)  # tells an idle engine loop that there is news
+        self.stats = TransferStats()
+        self.engine_id = uuid.uuid4().hex[:12]
+        self.leases = LeaseTable(config.lease_seconds)
+        self.server: KVServer | None = None
+        self.client: KVClient | None = None
+        if config.role == "prefill":
+            self.server = KVServer(layout, caches, self.leases.pin, self.leases.unpin, self._release,
+                                   config.kv_host, config.kv_port)
+            log.info("KV server listening on %s:%d", config.kv_host, self.server.port)
+        elif config.role == "decode":
+            self.client = KVClient(layout, caches, config.transfer_timeout)
+            self._coordinators = ThreadPoolExecutor(4, thread_name_prefix="quadrant-kv-load")
+            self._streams = ThreadPoolExecutor(config.num_streams, thread_name_prefix="quadrant-kv-stream")
+        self._loads: dict[str, _Load] = {}  # in flight
+        self._done: list[_Load] = []
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+
+    @property
+    def kv_port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    # -- prefill side ----------------------------------------------------------------------------
+    def hold(self, req: Request) -> RemoteKV:
+        """Keep a finished prompt's blocks for a decode engine; the caller must not free them."""
+        assert self.server is not None, "only a prefill engine holds KV for others"
+        transfer_id = f"{self.engine_id}-{uuid.uuid4().hex}"
+        self.leases.add(transfer_id, req)
+        prompt = req.prompt_ids[:req.num_computed_tokens]
+        first = req.output_ids[0] if req.output_ids else None
+        return RemoteKV(transfer_id, self.config.kv_host, self.server.port, tuple(req.block_table), len(prompt),
+                        prompt_digest(prompt), first, req.logprobs[0] if req.logprobs else None)
+
+    def _release(self, transfer_id: str) -> bool:
+        released = self.leases.release(transfer_id)
+        if released:
+            self.wakeup()
+        return released
+
+    def take_released(self) -> list[Request]:
+        """Requests whose leased blocks the engine thread must free now."""
+        return self.leases.take_freeable()
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the next lease expires (None: no lease)."""
+        deadline = self.leases.next_deadline()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    # -- decode side -----------------------------------------------------------------------------
+    def start_load(self, req: Request, remote: RemoteKV, local_ids: list[int], remote_ids: list[int]) -> None:
+        """Pull `remote_ids` from the prefill engine into our `local_ids` in the background."""
+        load = _Load(req, remote, local_ids, remote_ids)
+        with self._lock:
+            self._loads[req.request_id] = load
+        self._coordinators.submit(self._run_load, load)
+
+    def _run_load(self, load: _Load) -> None:
+        assert self.client is not None
+        start = time.perf_counter()
+        remote, client = load.remote, self.client
+        try:
+            moved = 0
+            if load.remote_ids:
+                n = len(self.caches)
+                k = min(self.config.num_streams, n)
+                bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+                futures = [self._streams.submit(client.pull, remote.host, remote.port, remote.transfer_id,
+                                                load.remote_ids, load.local_ids, b) for b in bounds]
+                wait(futures)
+                moved = sum(f.result() for f in futures)  # the first failure raises here
+            client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
+            with self._lock:
+                self.stats.bytes += moved
+                self.stats.seconds += time.perf_counter() - start
+                self.stats.transfers += 1
+        except Exception as e:  # noqa: BLE001 - reported to the scheduler, which applies the policy
+            load.error = f"{type(e).__name__}: {e}"
+            log.warning("KV pull of %s failed: %s", load.request.request_id, load.error)
+            with self._lock:
+                self.stats.failures += 1
+        with self._lock:
+            self._loads.pop(load.request.request_id, None)
+            self._done.append(load)
+        self._event.set()
+        self.wakeup()
+
+    def take_finished_loads(self) -> list[tuple[Request, str | None]]:
+        """Pulls that ended since the last call: (request, None) or (request, the error)."""
+        with self._lock:
+            done, self._done = self._done, []
+            self._event.clear()
+        return [(load.request, load.error) for load in done]
+
+    @property
+    def num_loads_in_flight(self) -> int:
+        with self._lock:
+            return len(self._loads)
+
+    def wait(self, timeout: float) -> None:
+        """Block until a pull ends or `timeout` seconds pass (an engine with nothing else to run)."""
+        self._event.wait(timeout)
+
+    # -- both ------------------------------------------------------------------------------------
+    def snapshot(self) -> TransferStats:
+        with self._lock:
+            s = TransferStats(**{k: getattr(self.stats, k) for k in ("bytes", "seconds", "transfers", "failures")})
+        if self.server is not None:
+            s.bytes = self.server.bytes_sent
+        s.lease_expiries, s.leases_released, s.active_leases = self.leases.expiries, self.leases.released, \
+            len(self.leases)
+        return s
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.client is not None:
+            self._coordinators.shutdown(wait=False, cancel_futures=True)
+            self._streams.shutdown(wait=False, cancel_futures=True)
+            self.client.close()

@@ -1,0 +1,126 @@
+"""What a prefill engine and a decode engine agree on before KV blocks move between them.
+
+`KVLayout` describes one engine's KV cache: the model it belongs to, block size, layer and head
+shape, element dtype and the 8-bit cache's scale group. The decode side sends its layout in a
+hello; the prefill side refuses any difference, naming each field, because blocks of another
+layout would be read as garbage without any error. `RemoteKV` is what a prefill engine hands back
+for one finished prompt (the response's `kv_transfer_params`), and the decode request carries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from quadrant.config import CacheConfig, ModelConfig
+from quadrant.errors import QuadrantError
+from quadrant.layers.sampler import TokenLogprob
+
+PROTOCOL_VERSION = 1
+
+
+class KVHandshakeError(QuadrantError, ValueError):
+    """The two engines' KV caches do not match: blocks cannot move between them."""
+
+
+class KVTransferError(QuadrantError, RuntimeError):
+    """A KV pull failed: the remote is gone, timed out, or no longer holds the blocks."""
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """Equal for two engines of the same architecture and shapes (the weights' precision may differ:
+    each quadrant picks its own)."""
+    blob = json.dumps(asdict(model), sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def prompt_digest(token_ids: list[int]) -> str:
+    """Names a prompt's tokens: a decode engine checks that the blocks it pulls were made for its prompt."""
+    return hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    protocol_version: int
+    model: str  # model_fingerprint
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    cache_dtype: str  # element dtype of K and V, e.g. "torch.bfloat16", "torch.int8"
+    quant_group: int  # tokens per scale of an 8-bit cache; 0: no scales
+
+    @classmethod
+    def of(cls, model: ModelConfig, cache: CacheConfig, activation_dtype: torch.dtype) -> "KVLayout":
+        return cls(PROTOCOL_VERSION, model_fingerprint(model), cache.block_size, model.num_hidden_layers,
+                   model.num_key_value_heads, model.head_dim, str(cache.torch_dtype(activation_dtype)),
+                   cache.quant_group if cache.quantized else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise KVHandshakeError(f"malformed KV layout: expected the fields {sorted(names)}")
+        return cls(**d)
+
+    def check_compatible(self, remote: "KVLayout") -> None:
+        """Raise KVHandshakeError naming every field where `remote` differs from this layout."""
+        diffs = [f"{f.name}: here {getattr(self, f.name)!r}, remote {getattr(remote, f.name)!r}"
+                 for f in fields(self) if getattr(self, f.name) != getattr(remote, f.name)]
+        if diffs:
+            raise KVHandshakeError("KV caches do not match (" + "; ".join(diffs) + ")")
+
+
+@dataclass(frozen=True)
+class RemoteKV:
+    """A finished prompt's KV blocks, held on a prefill engine for one decode engine to pull."""
+
+    transfer_id: str  # unguessable: it is the only key to the leased blocks
+    host: str
+    port: int
+    block_ids: tuple[int, ...]  # the prefill engine's blocks of the prompt, in order
+    num_tokens: int  # prompt tokens whose K/V they hold
+    prompt_digest: str  # prompt_digest() of those tokens
+    # The first token, sampled by the prefill engine from the prompt's last position, as a colocated
+    # engine would (with its logprob record if one was asked for); the decode engine goes on from it.
+    first_token: int | None = None
+    first_logprob: TokenLogprob | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        lp = self.first_logprob
+        return {"transfer_id": self.transfer_id, "remote_host": self.host, "remote_port": self.port,
+                "remote_block_ids": list(self.block_ids), "num_tokens": self.num_tokens,
+                "prompt_digest": self.prompt_digest, "first_token_id": self.first_token,
+                "first_token_logprob": None if lp is None else {"logprob": lp.logprob, "top": lp.top}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RemoteKV":
+        """From a request's kv_transfer_params; ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("kv_transfer_params must be an object")
+        try:
+            ids = d["remote_block_ids"]
+            first = d.get("first_token_id")
+            lp = d.get("first_token_logprob")
+            record = None
+            if first is not None and lp is not None:
+                record = TokenLogprob(int(first), float(lp["logprob"]), [(int(t), float(x)) for t, x in lp["top"]])
+            remote = cls(str(d["transfer_id"]), str(d["remote_host"]), int(d["remote_port"]),
+                         tuple(int(b) for b in ids), int(d["num_tokens"]), str(d["prompt_digest"]),
+                         None if first is None else int(first), record)
+        except KeyError as e:
+            raise ValueError(f"kv_transfer_params lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError):
+            raise ValueError("kv_transfer_params: remote_port, num_tokens, remote_block_ids and first_token_id "
+                             "must be integers (first_token_logprob: {logprob, top})") from None
+        if not 0 < remote.port < 65536 or remote.num_tokens < 1 or any(b < 0 for b in remote.block_ids):
+            raise ValueError("kv_transfer_params: port, num_tokens or block ids out of range")
+        return remote

@@ -1,0 +1,261 @@
+"""The reference KV transport: pyzmq over TCP, blocks read straight from the KV tensors.
+
+The prefill engine runs a `KVServer` (one ROUTER socket, one thread): a decode engine's `KVClient`
+(DEALER sockets, one per stream) sends a hello with its KV layout, then pulls a leased prompt's
+blocks a range of layers at a time; each reply is a multi-part message of one frame per tensor
+(K, V, and the 8-bit cache's scales), gathered from the cache and handed to zmq without a copy
+(zmq's I/O threads write them to the socket while the server gathers the next reply). Several
+streams pull disjoint layer ranges at once. A final `done` ends the prefill side's lease.
+
+Every request carries the layout (a stateless handshake: a pull of mismatched blocks is refused
+even after a restart on either side), and a pull names the transfer id, the only key to a lease;
+block ids outside that lease are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zmq
+
+from quadrant.disagg.protocol import KVHandshakeError, KVLayout, KVTransferError
+from quadrant.layers.attention import LayerKVCache
+
+log = logging.getLogger(__name__)
+
+# transfer id, requested block ids -> whether they may be read now (and a pin until `unpin`)
+PinBlocks = Callable[[str, list[int]], bool]
+
+
+def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
+    """The tensors one layer's blocks live in, in wire order (scales only for an 8-bit cache)."""
+    out = [cache.k, cache.v]
+    if cache.k_scale is not None and cache.v_scale is not None:
+        out += [cache.k_scale, cache.v_scale]
+    return out
+
+
+def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(position in ids, first block, count) of each run of consecutive block ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            pos, first, n = runs[-1]
+            runs[-1] = (pos, first, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
+
+
+def scatter_blocks(dest: torch.Tensor, runs: list[tuple[int, int, int]], src: torch.Tensor) -> None:
+    """dest[ids[i]] = src[i], one slice copy per run of consecutive ids (index_copy_ on int8 is 20x slower)."""
+    for pos, first, n in runs:
+        dest[first:first + n].copy_(src[pos:pos + n])
+
+
+class StagingBuffers:
+    """Reused host buffers for the gathered blocks of a reply, two replies deep.
+
+    Fresh buffers of a reply's size cost more in page faults than the gather itself (measured: 1 GB/s
+    against 9 GB/s into warm memory), so replies alternate between two sets; a set is reused only
+    once zmq has finished sending the reply that last used it.
+    """
+
+    def __init__(self) -> None:
+        self._sets: list[list[torch.Tensor]] = [[], []]
+        self._trackers: list[list[Any]] = [[], []]
+        self._turn = 0
+
+    def gather(self, tensors: list[torch.Tensor], index: torch.Tensor) -> list[Any]:
+        """Blocks `index` of each tensor, as host buffers zmq can send without copying."""
+        turn, self._turn = self._turn, 1 - self._turn
+        for tracker in self._trackers[turn]:
+            tracker.wait()  # the reply before last is out of zmq's hands
+        bufs = self._sets[turn]
+        out = []
+        for i, t in enumerate(tensors):
+            nbytes = len(index) * t[:1].numel() * t.element_size()
+            if i == len(bufs):
+                bufs.append(torch.empty(0, dtype=torch.uint8))
+            if bufs[i].numel() < nbytes:
+                bufs[i] = torch.empty(nbytes, dtype=torch.uint8)
+            dest = bufs[i][:nbytes].view(t.dtype).view(len(index), *t.shape[1:])
+            if t.device.type == "cpu":
+                torch.index_select(t, 0, index, out=dest)
+            else:
+                dest.copy_(t.index_select(0, index))
+            out.append(dest.view(torch.uint8).numpy())
+        return out
+
+    def track(self, trackers: list[Any]) -> None:
+        """The send trackers of the reply just gathered."""
+        self._trackers[1 - self._turn] = trackers
+
+
+class KVServer:
+    """Prefill side: serves leased blocks from `caches` on tcp://host:port (port 0: a free one)."""
+
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], pin: PinBlocks,
+                 unpin: Callable[[str], None], release: Callable[[str], bool], host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.layout = layout
+        self.caches = caches
+        self.pin, self.unpin, self.release = pin, unpin, release
+        self.bytes_sent = 0
+        self._staging = StagingBuffers()
+        self._ctx = zmq.Context(io_threads=2)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        addr = f"tcp://{host}"
+        try:
+            self.port = self._sock.bind_to_random_port(addr) if port == 0 else port
+            if port:
+                self._sock.bind(f"{addr}:{port}")
+        except zmq.ZMQError as e:
+            self._ctx.destroy(linger=0)
+            raise KVTransferError(f"the KV server cannot listen on {host}:{port}: {e}") from None
+        self.host = host
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="quadrant-kv-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            ident, raw = self._sock.recv_multipart()[:2]
+            try:
+                header, frames = self._handle(json.loads(raw))
+            except KVHandshakeError as e:
+                header, frames = {"ok": False, "error": str(e), "kind": "handshake"}, []
+            except Exception as e:  # noqa: BLE001 - a bad request must not stop the server
+                header, frames = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+            parts = [ident, json.dumps(header).encode(), *frames]
+            # Track every part: pyzmq copies small ones, whose trackers are done at once, so the last
+            # part's tracker alone would let a staging buffer be reused while a large part is still queued.
+            trackers = [self._sock.send(part, zmq.SNDMORE if i < len(parts) - 1 else 0, copy=False, track=True)
+                        for i, part in enumerate(parts)]
+            if frames:
+                self._staging.track(trackers)
+        self._sock.close(linger=0)
+
+    def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
+        op = req.get("op")
+        if op == "hello":
+            return {"ok": True}, []
+        if op == "done":
+            return {"ok": True, "released": self.release(str(req["transfer_id"]))}, []
+        if op != "pull":
+            raise ValueError(f"unknown op {op!r}")
+        tid, ids = str(req["transfer_id"]), [int(b) for b in req["block_ids"]]
+        first, last = int(req["layers"][0]), int(req["layers"][1])
+        if not 0 <= first < last <= len(self.caches):
+            raise ValueError(f"layers [{first}, {last}) out of range")
+        if not self.pin(tid, ids):
+            return {"ok": False, "error": f"transfer {tid} is not held here (expired, released or unknown)"}, []
+        try:  # the lease cannot expire while its blocks are read
+            index = torch.tensor(ids, dtype=torch.long, device=self.caches[0].k.device)
+            frames = self._staging.gather([t for cache in self.caches[first:last] for t in layer_tensors(cache)], index)
+        finally:
+            self.unpin(tid)
+        self.bytes_sent += sum(f.nbytes for f in frames)
+        return {"ok": True}, frames
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._ctx.destroy(linger=0)
+
+
+class KVClient:
+    """Decode side: pulls blocks from KV servers into `caches`. One zmq socket per (thread, remote):
+    each stream thread of the caller keeps its own."""
+
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], timeout: float = 30.0) -> None:
+        self.layout = layout
+        self.caches = caches
+        self.timeout_ms = int(timeout * 1000)
+        self._ctx = zmq.Context(io_threads=2)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sockets: list[zmq.Socket] = []
+
+    def _socket(self, host: str, port: int) -> zmq.Socket:
+        socks: dict[tuple[str, int], zmq.Socket] = self._local.__dict__.setdefault("socks", {})
+        sock = socks.get((host, port))
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{host}:{port}")
+            socks[(host, port)] = sock
+            with self._lock:
+                self._sockets.append(sock)
+            try:
+                self._call(sock, host, port, {"op": "hello"})
+            except BaseException:
+                self._drop(host, port)
+                raise
+        return sock
+
+    def _drop(self, host: str, port: int) -> None:
+        """Forget a socket whose reply never came: a late reply must not answer the next request."""
+        sock = self._local.socks.pop((host, port), None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def _call(self, sock: zmq.Socket, host: str, port: int, req: dict[str, Any]) -> list[Any]:
+        sock.send(json.dumps({**req, "layout": self.layout.to_dict()}).encode())
+        if not sock.poll(self.timeout_ms):
+            raise KVTransferError(f"the KV server at {host}:{port} did not answer in {self.timeout_ms / 1000:g} s")
+        frames = sock.recv_multipart(copy=False)
+        header = json.loads(frames[0].bytes)
+        if not header.get("ok"):
+            error = f"KV server {host}:{port}: {header.get('error')}"
+            raise KVHandshakeError(error) if header.get("kind") == "handshake" else KVTransferError(error)
+        return frames[1:]
+
+    def request(self, host: str, port: int, req: dict[str, Any]) -> list[Any]:
+        """One request on this thread's socket to host:port (handshaking first if it is new)."""
+        sock = self._socket(host, port)
+        try:
+            return self._call(sock, host, port, req)
+        except KVTransferError:
+            self._drop(host, port)
+            raise
+
+    def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
+             layers: tuple[int, int]) -> int:
+        """Copy blocks `remote_ids` of layers [first, last) into our blocks `local_ids`; returns bytes moved."""
+        frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
+                                           "layers": list(layers)})
+        dests = [t for cache in self.caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
+        if len(frames) != len(dests):
+            raise KVTransferError(f"KV server {host}:{port} sent {len(frames)} tensors, expected {len(dests)}")
+        runs = block_runs(local_ids)
+        moved = 0
+        with warnings.catch_warnings():  # zmq's receive buffers are read-only; we only copy out of them
+            warnings.simplefilter("ignore", UserWarning)
+            for frame, dest in zip(frames, dests):
+                shape = (len(local_ids), *dest.shape[1:])
+                src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
+                if src.numel() != dest[:1].numel() * dest.element_size() * len(local_ids):
+                    raise KVTransferError(f"KV server {host}:{port} sent a tensor of the wrong size")
+                scatter_blocks(dest, runs, src.view(dest.dtype).view(shape).to(dest.device))
+                moved += src.numel()
+        return moved
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                sock.close(linger=0)
+            self._sockets.clear()
+        self._ctx.destroy(linger=0)

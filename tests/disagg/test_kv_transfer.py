@@ -1,0 +1,187 @@
+"""KV transfer between a prefill engine and a decode engine, in one process over real zmq sockets on
+loopback: greedy output equal to transformers and to a colocated engine, 8-bit blocks with their
+scales, the handshake, leases (release and expiry, no block leaked on either side), failure policies."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from quadrant import SamplingParams
+from quadrant.config import CacheConfig, KVTransferConfig, SchedulerConfig
+from quadrant.disagg.protocol import KVHandshakeError, KVLayout, RemoteKV
+from quadrant.disagg.transport import layer_tensors
+from quadrant.engine.engine import LLMEngine
+from quadrant.engine.kv_cache import hash_block
+from tests.engine.conftest import GREEDY, hf_greedy, prompts, reference, tiny  # noqa: F401 - fixtures
+
+pytest.importorskip("zmq")
+
+
+def make(path: str, role: str = "both", cache: CacheConfig | None = None, **transfer) -> LLMEngine:
+    return LLMEngine.from_model(path, cache=cache or CacheConfig(num_blocks=64),
+                                scheduler=SchedulerConfig(max_num_batched_tokens=64),
+                                kv_transfer=KVTransferConfig(role=role, **transfer))  # type: ignore[arg-type]
+
+
+def finish(engine: LLMEngine, timeout: float = 30.0) -> dict[str, list]:
+    """Step until every request ends; request id -> its final RequestOutput."""
+    done = {}
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "requests did not finish"
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def prefill(engine: LLMEngine, prompts: list[list[int]]) -> list[dict]:
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0), f"p{i}", {"do_remote_decode": True})
+    outs = finish(engine)
+    return [outs[f"p{i}"].kv_transfer_params for i in range(len(prompts))]
+
+
+def free_blocks(engine: LLMEngine) -> int:
+    engine.housekeeping()
+    return engine.kv.pool.num_free
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
+    yield p, d
+    p.shutdown(), d.shutdown()
+
+
+def test_decode_from_pulled_kv_equals_transformers_and_colocated(tiny, pair, prompts, reference):
+    p, d = pair
+    total_p, total_d = free_blocks(p), free_blocks(d)
+    params = prefill(p, prompts)
+    assert all(kv is not None and kv["num_tokens"] == len(pr) for kv, pr in zip(params, prompts))
+    assert free_blocks(p) < total_p  # leased, not freed
+    for i, (pr, kv) in enumerate(zip(prompts, params)):
+        d.add_request(pr, GREEDY, f"d{i}", kv)
+    outs = finish(d)
+    got = [outs[f"d{i}"].outputs[0].token_ids for i in range(len(prompts))]
+    assert got == reference
+    colocated = make(tiny[0])
+    for i, pr in enumerate(prompts):
+        colocated.add_request(pr, GREEDY, str(i))
+    want = finish(colocated)
+    assert got == [want[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+    snap = d.connector.snapshot()
+    assert snap.transfers == len(prompts) and snap.failures == 0 and snap.bytes > 0
+    # Every pull said done: the prefill side freed every leased block; the decode side holds none.
+    wait_for(lambda: free_blocks(p) == total_p)
+    assert p.connector.snapshot().leases_released == len(prompts)
+    assert free_blocks(d) == total_d
+
+
+def test_decode_prefix_hits_pull_only_missing_blocks(pair, prompts, reference):
+    p, d = pair
+    params = prefill(p, [prompts[1]])
+    d.add_request(prompts[1], GREEDY, "warm", params[0])
+    finish(d)  # the decode side now caches prompt 1's blocks, incl. the 40-token prefix it shares with prompt 3
+    before = d.connector.snapshot().bytes
+    params = prefill(p, [prompts[1]])
+    d.add_request(prompts[1], GREEDY, "again", params[0])
+    assert finish(d)["again"].outputs[0].token_ids == reference[1]
+    moved = d.connector.snapshot().bytes - before
+    # Only the prompt's last block moved (57 tokens: 3 full blocks cached here, the 4th never a hit).
+    assert moved == CacheConfig().bytes_per_block(d.model_config, torch.float32)
+
+
+def test_int8_blocks_travel_with_their_scales(tiny, prompts):
+    cache = CacheConfig(num_blocks=64, cache_dtype="int8", quant_group=4)
+    p, d = make(tiny[0], "prefill", cache), make(tiny[0], "decode", cache)
+    colocated = make(tiny[0], cache=cache)
+    try:
+        params = prefill(p, prompts)
+        for i, (pr, kv) in enumerate(zip(prompts, params)):
+            d.add_request(pr, GREEDY, str(i), kv)
+            colocated.add_request(pr, GREEDY, str(i))
+        got, want = finish(d), finish(colocated)
+        assert [got[str(i)].outputs[0].token_ids for i in range(5)] == [want[str(i)].outputs[0].token_ids
+                                                                        for i in range(5)]
+        # A pulled block is the prefill side's byte for byte, scales included (prompt 1's first block:
+        # still in the decode side's prefix cache after the request ended).
+        src = params[1]["remote_block_ids"][0]
+        dst = d.kv.pool.cached[hash_block(None, prompts[1][:16])]
+        for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches):
+            assert layer_p.k.dtype == torch.int8 and layer_d.k_scale is not None
+            for a, b in zip(layer_tensors(layer_p), layer_tensors(layer_d)):
+                assert torch.equal(a[src], b[dst])
+        # Whole 8-bit blocks with their scales moved: under half the bytes of the same blocks in fp32.
+        int8_block = cache.bytes_per_block(p.model_config, torch.float32)
+        assert d.connector.snapshot().bytes % int8_block == 0
+        assert int8_block < 0.5 * CacheConfig().bytes_per_block(p.model_config, torch.float32)
+    finally:
+        for e in (p, d, colocated):
+            e.shutdown()
+
+
+def test_handshake_refuses_a_mismatched_cache(tiny, prompts):
+    p = make(tiny[0], "prefill")
+    d = make(tiny[0], "decode", CacheConfig(num_blocks=64, cache_dtype="int8", quant_group=4),
+             load_failure_policy="fail")
+    try:
+        kv = prefill(p, [prompts[0]])[0]
+        d.add_request(prompts[0], GREEDY, "x", kv)
+        out = finish(d)["x"]
+        assert out.error is not None and "cache_dtype" in out.error and "do not match" in out.error
+        assert free_blocks(d) == 64
+    finally:
+        p.shutdown(), d.shutdown()
+    mine = KVLayout.of(p.model_config, CacheConfig(), torch.float32)
+    with pytest.raises(KVHandshakeError, match="block_size"):
+        mine.check_compatible(KVLayout.of(p.model_config, CacheConfig(block_size=32), torch.float32))
+
+
+def test_failed_pull_recomputes_or_fails_by_policy(tiny, pair, prompts, reference):
+    p, _ = pair
+    kv = prefill(p, [prompts[2]])[0]
+    gone = {**kv, "transfer_id": "no-such-transfer"}
+    recompute = make(tiny[0], "decode")
+    fail = make(tiny[0], "decode", load_failure_policy="fail")
+    try:
+        recompute.add_request(prompts[2], GREEDY, "r", gone)
+        assert finish(recompute)["r"].outputs[0].token_ids == reference[2]
+        assert recompute.connector.snapshot().failures == 1
+        fail.add_request(prompts[2], GREEDY, "f", gone)
+        out = finish(fail)["f"]
+        assert out.error is not None and "not held here" in out.error
+        assert free_blocks(fail) == 64 and free_blocks(recompute) == 64
+    finally:
+        recompute.shutdown(), fail.shutdown()
+
+
+def test_lease_expiry_frees_the_blocks(tiny, prompts):
+    p = make(tiny[0], "prefill", lease_seconds=0.3)
+    try:
+        kv = prefill(p, [prompts[4]])[0]
+        assert free_blocks(p) == 64 - len(kv["remote_block_ids"])
+        wait_for(lambda: free_blocks(p) == 64)
+        assert p.connector.snapshot().lease_expiries == 1
+        assert p.idle_timeout() is None
+    finally:
+        p.shutdown()
+
+
+def test_kv_params_for_another_prompt_are_refused(pair, prompts):
+    p, d = pair
+    kv = prefill(p, [prompts[0]])[0]
+    with pytest.raises(ValueError, match="another prompt"):
+        d.add_request(prompts[0][:-1] + [prompts[0][-1] ^ 1], GREEDY, "bad", kv)
+    with pytest.raises(ValueError, match="lacks 'transfer_id'|lacks"):
+        RemoteKV.from_dict({"remote_host": "x"})
