@@ -18,7 +18,7 @@ from quadrant import envs
 from quadrant.errors import QuadrantError
 
 if TYPE_CHECKING:
-    from quadrant.config import ParallelConfig
+    from quadrant.config import KVTransferConfig, ParallelConfig
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -272,12 +272,55 @@ def cmd_chat(args: argparse.Namespace) -> None:
               engine_kwargs=engine_kwargs(args))
 
 
+def _kv_transfer_config(args: argparse.Namespace) -> "KVTransferConfig":
+    from quadrant.config import KVTransferConfig
+
+    kv_host = args.kv_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
+    return KVTransferConfig(role=args.role, kv_host=kv_host, kv_port=args.kv_port, lease_seconds=args.kv_lease_seconds,
+                            num_streams=args.kv_streams, load_failure_policy=args.kv_load_failure_policy)
+
+
+def _changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The flags of `parser` whose values in `args` differ from their defaults, as command-line words."""
+    words: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or value == action.default:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(action.option_strings[0])
+        else:
+            words += [action.option_strings[-1], str(value)]
+    return words
+
+
+def cmd_router(args: argparse.Namespace) -> None:
+    import logging
+
+    from quadrant.disagg.router import router_config_from_args, run_router
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if run_router(router_config_from_args(args)):
+        raise QuadrantError("the router stopped with an error; see the log above")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
     from quadrant.loader import store
     from quadrant.loader.source import open_model
     from quadrant.serve.app import ServerConfig, serve
+
+    if args.disagg:
+        from quadrant.disagg.launch import launch_disagg
+
+        if args.role != "both":
+            raise QuadrantError("--disagg starts its own prefill and decode workers; leave out --role")
+        open_model(store.resolve(args.model, pull_missing=True))  # pull once, before the workers start
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if launch_disagg(args.model, args.disagg, args.host, args.port, _changed_flags(args.engine_parser, args)):
+            raise QuadrantError("the disaggregated deployment stopped with an error; see the log above")
+        return
 
     config = ServerConfig(
         model=args.model,
@@ -288,7 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
-        engine_kwargs=engine_kwargs(args),
+        engine_kwargs={**engine_kwargs(args), "kv_transfer": _kv_transfer_config(args)},
     )
     open_model(store.resolve(args.model, pull_missing=True))  # a bad model fails here, in one line
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -380,7 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-requests", type=int, default=256, help="beyond this backlog, answer 429")
     s.add_argument("--max-body-bytes", type=parse_size, default=4 * 2**20)
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    s.set_defaults(func=cmd_serve)
+    d = s.add_argument_group("prefill/decode disaggregation")
+    d.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
+                   help="prefill: run prompts and serve their KV to decode workers; decode: pull the KV, then "
+                        "decode; both (default): a colocated server")
+    d.add_argument("--kv-host", default=None, help="prefill: address of its KV server (default: --host, or "
+                                                   "127.0.0.1 when --host is 0.0.0.0)")
+    d.add_argument("--kv-port", type=int, default=0, help="prefill: port of its KV server (0: any free one)")
+    d.add_argument("--kv-lease-seconds", type=float, default=60.0,
+                   help="prefill: how long a finished prompt's KV waits for a decode worker")
+    d.add_argument("--kv-streams", type=int, default=2, help="decode: parallel connections per KV pull")
+    d.add_argument("--kv-load-failure-policy", choices=["recompute", "fail"], default="recompute",
+                   help="decode: when a KV pull fails, recompute the prompt here or fail the request")
+    d.add_argument("--disagg", metavar="xPyD", default=None,
+                   help="start x prefill and y decode workers and a router on --port, on this machine (e.g. 1P1D)")
+    s.set_defaults(func=cmd_serve, engine_parser=engine)
+
+    s = sub.add_parser("router", help="the OpenAI front door of prefill and decode workers")
+    from quadrant.disagg.router_config import add_router_arguments
+
+    add_router_arguments(s)
+    s.set_defaults(func=cmd_router)
 
     s = sub.add_parser("bench", help="measure load time, prompt and decode speed, memory", parents=[engine])
     s.add_argument("model", help="name, .gguf file or model folder")

@@ -72,3 +72,12 @@ def test_parallel_benchmarks_smoke(capsys):
     _load("parallel_cost_model").main([])
     out = capsys.readouterr().out
     assert "Llama-3-70B tp=8" in out and "DeepSeek-V3 ep=32" in out and "SGLang" in out
+
+
+def test_kv_transfer_benchmark_smoke():
+    """The KV transfer benchmark moves an int8 prompt's blocks (checked byte for byte inside) and
+    times its peers."""
+    rows = _load("kv_transfer").run("smollm2-135m", 64, "int8", [2], repeats=1)
+    assert [r["what"] for r in rows] == ["quadrant pyzmq, 2 streams", "raw TCP socket, 1 stream",
+                                         "memcpy (torch copy_)"]
+    assert all(r["gbps"] > 0 and r["bytes"] == rows[0]["bytes"] for r in rows)

@@ -185,3 +185,40 @@ def test_kv_params_for_another_prompt_are_refused(pair, prompts):
         d.add_request(prompts[0][:-1] + [prompts[0][-1] ^ 1], GREEDY, "bad", kv)
     with pytest.raises(ValueError, match="lacks 'transfer_id'|lacks"):
         RemoteKV.from_dict({"remote_host": "x"})
+
+
+def test_logprobs_n_and_one_token_answers_match_colocated(tiny, pair, prompts):
+    p, d = pair
+    colocated = make(tiny[0])
+    cases = [SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True),
+             SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+             SamplingParams(n=2, max_tokens=5, temperature=0.0, ignore_eos=True)]
+    free_before = free_blocks(p)
+    try:
+        for k, params in enumerate(cases):
+            first = SamplingParams(max_tokens=1, temperature=0.0, logprobs=params.logprobs)
+            p.add_request(prompts[1], first, f"p{k}", {"do_remote_decode": True})
+            kv = finish(p)[f"p{k}"].kv_transfer_params
+            d.add_request(prompts[1], params, f"d{k}", kv)
+            colocated.add_request(prompts[1], params, f"c{k}")
+            got, want = finish(d)[f"d{k}"], finish(colocated)[f"c{k}"]
+            assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+            if params.logprobs:
+                for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+                    assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                    assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        # Every pull released its lease (earlier tests' unpulled leases still wait for expiry).
+        wait_for(lambda: free_blocks(d) == 64 and free_blocks(p) == free_before)
+    finally:
+        colocated.shutdown()
+
+
+def test_abort_while_pulling_frees_the_blocks_once_the_pull_ends(pair, prompts):
+    p, d = pair
+    kv = prefill(p, [prompts[4]])[0]
+    d.add_request(prompts[4], GREEDY, "gone", kv)
+    d.step()  # admitted: blocks allocated, the pull started
+    assert "gone" in d.scheduler.loading or d.connector.snapshot().transfers
+    d.abort_request("gone")
+    wait_for(lambda: free_blocks(d) == 64 and d.connector.num_loads_in_flight == 0)
+    assert not d.scheduler.loading and not d.has_unfinished_requests()

@@ -1,0 +1,144 @@
+"""Prefill and decode workers as real `quadrant serve --role ...` processes on loopback, with the
+default model, and the router in front of one prefill and two decode workers: the KV of a prompt
+moves between them over the KV transport, the answers equal a colocated server's, and a decode
+worker killed during 16 concurrent streams loses none of them.
+
+Workers run dense fp32 weights (`--weight-format dense`): a stream resumed after a kill recomputes
+its tokens so far as a prompt, and only with one precision for prompts and decode steps is the
+greedy continuation of a recomputed prompt the same as of a decoded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.disagg.test_router import metric, start_router, stop_router
+from tests.serve.conftest import free_port, start_server
+
+pytest.importorskip("zmq")
+
+DENSE = ("--weight-format", "dense")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a quiet village by the sea,"]
+
+
+@pytest.fixture(scope="module")
+def workers(default_gguf_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("disagg")
+    roles = [("--role", "prefill", "--kv-port", str(free_port())), ("--role", "decode"), ("--role", "decode"), ()]
+    with ThreadPoolExecutor(4) as pool:  # four processes on two cores: one thread each
+        servers = list(pool.map(lambda r: start_server(tmp, *DENSE, *r, env={"OMP_NUM_THREADS": "1"}), roles))
+    prefill, decode, decode2, colocated = servers
+    router = start_router(tmp, [prefill], [decode, decode2], "--health-interval", "0.5", "--request-timeout", "5")
+    yield prefill, decode, colocated, decode2, router
+    stop_router(router)
+    for s in servers:
+        s.stop()
+
+
+def completion(url: str, body: dict) -> dict:
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_prefill_then_decode_equals_colocated(workers):
+    prefill, decode, colocated = workers[:3]
+    for prompt in PROMPTS:
+        body = {"model": "smollm2:135m", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        first = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        kv = first["kv_transfer_params"]
+        assert kv["num_tokens"] == first["usage"]["prompt_tokens"] and kv["remote_block_ids"]
+        got = completion(decode.url, {**body, "kv_transfer_params": kv})
+        want = completion(colocated.url, body)
+        assert got["choices"][0]["text"] == want["choices"][0]["text"] and got["usage"] == want["usage"]
+    metrics = httpx.get(decode.url + "/metrics").text
+    assert 'quadrant_kv_transfer{what="transfers"} 3.0' in metrics
+    # Every lease was released by the decode side's done.
+    assert 'quadrant_kv_transfer{what="active_leases"} 0.0' in httpx.get(prefill.url + "/metrics").text
+
+
+def test_streamed_decode_with_token_ids(workers):
+    prefill, decode, colocated = workers[:3]
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 20, "temperature": 0}
+    r = httpx.post(prefill.url + "/v1/chat/completions",
+                   json={**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}, timeout=120)
+    kv = r.json()["kv_transfer_params"]
+    chunks = []
+    with httpx.stream("POST", decode.url + "/v1/chat/completions", timeout=120,
+                      json={**body, "stream": True, "kv_transfer_params": kv, "return_token_ids": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert chunks[0]["prompt_token_ids"] and len(chunks[0]["prompt_token_ids"]) == kv["num_tokens"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+    want = httpx.post(colocated.url + "/v1/chat/completions", json={**body, "return_token_ids": True},
+                      timeout=120).json()
+    assert text == want["choices"][0]["message"]["content"]
+    assert ids == want["choices"][0]["token_ids"]
+
+
+def test_bad_kv_transfer_params_are_a_400(workers):
+    prefill, decode, _ = workers[:3]
+    body = {"model": "smollm2:135m", "prompt": PROMPTS[0], "max_tokens": 4}
+    r = httpx.post(decode.url + "/v1/completions", json={**body, "kv_transfer_params": {"transfer_id": "x"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
+    kv = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+    r = httpx.post(decode.url + "/v1/completions",
+                   json={**body, "prompt": PROMPTS[1], "kv_transfer_params": kv["kv_transfer_params"]})
+    assert r.status_code == 400 and "another prompt" in r.json()["error"]["message"]
+    r = httpx.post(prefill.url + "/v1/completions",
+                   json={**body, "n": 2, "kv_transfer_params": {"do_remote_decode": True}})
+    assert r.status_code == 400
+    assert httpx.get(decode.url + "/health").status_code == 200
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: list[int], i: int) -> dict:
+    text, finish, usage = "", None, None
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk["choices"]:
+                text += c["text"]
+                finish = c["finish_reason"] or finish
+                progress[i] += 1
+    return {"text": text, "finish_reason": finish, "usage": usage}
+
+
+def test_router_streams_survive_a_decode_worker_killed(workers):
+    """16 concurrent streams through the router over two decode workers; one worker is killed once every
+    stream has relayed a few tokens; every stream completes with exactly the colocated server's text."""
+    prefill, decode, colocated, decode2, router = workers
+    prompts = [f"Write item {i} of a numbered list of fruits and their colours:" for i in range(16)]
+    bodies = [{"model": "smollm2:135m", "prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
+    want = [completion(colocated.url, {**b, "stream": False, "stream_options": None}) for b in bodies]
+
+    async def run() -> list[dict]:
+        progress = [0] * len(bodies)
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
+            tasks = [asyncio.create_task(_stream(client, router.url, b, progress, i)) for i, b in enumerate(bodies)]
+            while min(progress) < 3 and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.02)
+            decode2.proc.send_signal(signal.SIGKILL)
+            return list(await asyncio.gather(*tasks))
+
+    got = asyncio.run(run())
+    for g, w in zip(got, want):
+        assert g["text"] == w["choices"][0]["text"]
+        assert g["finish_reason"] == "length" and g["usage"]["completion_tokens"] == 32
+    assert metric(router.url, "quadrant_router_resumed_streams_total") > 0
