@@ -87,7 +87,7 @@ def main() -> None:
         proc = start(args.model, port, disagg)
         try:
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(run_rate(url, args.model, items[:2], 10.0, 0))  # warm-up
+            asyncio.run(run_rate(url, args.model, items[:8], 4.0, 0))  # warm-up: first shapes, thread pools
             for rate in args.rates:
                 t0 = time.perf_counter()
                 results = asyncio.run(run_rate(url, args.model, items, rate, 1))

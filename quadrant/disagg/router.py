@@ -48,6 +48,7 @@ log = logging.getLogger("quadrant.router")
 T = TypeVar("T")
 _CONNECT_TIMEOUT = 5.0  # a worker that does not accept a connection in this long is down
 _DISCONNECT_POLL = 0.5  # seconds between checks that a waiting client is still there
+_SLOW_CHECKS = 3  # health checks in a row without an answer before a connected worker counts as down
 
 
 class RouterMetrics:
@@ -136,6 +137,7 @@ class RouterState:
                                               "decode": WorkerPool("decode", config.decode_urls)}
         self.cache = PrefixCache(config.prefix_cache_blocks)
         self.metrics = RouterMetrics()
+        self.slow_checks: dict[str, int] = {}  # worker url -> health checks in a row that timed out
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._client: httpx.AsyncClient | None = None
 
@@ -164,17 +166,28 @@ class RouterState:
 
     # -- health --------------------------------------------------------------------------------
     async def check(self, worker: Worker) -> None:
-        """/health, then the load gauges from /metrics; any failure marks the worker unhealthy."""
+        """/health, then the load gauges from /metrics. A refused or broken connection or a non-200
+        /health marks the worker unhealthy at once; a slow answer only after _SLOW_CHECKS rounds in a row
+        (a worker busy on its only core is not a dead one). /metrics is load information only."""
         timeout = min(max(self.config.health_interval, 1.0), 5.0)
         try:
             r = await self.client.get(worker.url + "/health", timeout=timeout)
-            if r.status_code != 200:
-                return self.fail(worker, f"/health answered {r.status_code}")
-            m = await self.client.get(worker.url + "/metrics", timeout=timeout)
+        except httpx.TimeoutException as e:
+            slow = self.slow_checks[worker.url] = self.slow_checks.get(worker.url, 0) + 1
+            if slow >= _SLOW_CHECKS:
+                self.fail(worker, f"/health did not answer in {timeout:g} s, {slow} times in a row: {_describe(e)}")
+            return
         except httpx.HTTPError as e:
             return self.fail(worker, _describe(e))
-        if m.status_code == 200:
-            _read_gauges(worker, m.text)
+        self.slow_checks.pop(worker.url, None)
+        if r.status_code != 200:
+            return self.fail(worker, f"/health answered {r.status_code}")
+        try:
+            m = await self.client.get(worker.url + "/metrics", timeout=timeout)
+            if m.status_code == 200:
+                _read_gauges(worker, m.text)
+        except httpx.HTTPError:
+            pass  # the load stays as last seen
         if not worker.healthy:
             log.info("%s worker %s is healthy", worker.role, worker.url)
         worker.healthy, worker.last_error = True, None
