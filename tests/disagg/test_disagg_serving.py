@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -31,7 +32,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 @pytest.fixture(scope="module")
 def workers(default_gguf_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg")
-    roles = [("--role", "prefill", "--kv-port", str(free_port())), ("--role", "decode"), ("--role", "decode"), ()]
+    roles = [("--role", "prefill", "--kv-port", str(free_port()), "--kv-lease-seconds", "6"), ("--role", "decode"),
+             ("--role", "decode"), ()]
     with ThreadPoolExecutor(4) as pool:  # four processes on two cores: one thread each
         servers = list(pool.map(lambda r: start_server(tmp, *DENSE, *r, env={"OMP_NUM_THREADS": "1"}), roles))
     prefill, decode, decode2, colocated = servers
@@ -40,6 +42,13 @@ def workers(default_gguf_path, tmp_path_factory):
     stop_router(router)
     for s in servers:
         s.stop()
+
+
+def wait_until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.25)
 
 
 def completion(url: str, body: dict) -> dict:
@@ -142,3 +151,34 @@ def test_router_streams_survive_a_decode_worker_killed(workers):
         assert g["text"] == w["choices"][0]["text"]
         assert g["finish_reason"] == "length" and g["usage"]["completion_tokens"] == 32
     assert metric(router.url, "quadrant_router_resumed_streams_total") > 0
+
+
+def test_router_crash_and_restart_leak_nothing(workers, tmp_path):
+    """The router is killed with streams in flight: the decode worker aborts them, unpulled leases expire on
+    the prefill worker, no block stays in use; a new router on the same workers serves at once."""
+    prefill, decode, colocated = workers[:3]
+    router = start_router(tmp_path, [prefill], [decode], "--health-interval", "0.5")
+    body = {"model": "smollm2:135m", "prompt": "List the planets of the solar system:", "max_tokens": 64,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def crash() -> None:
+        async with httpx.AsyncClient() as client:
+            tasks = [asyncio.create_task(_stream(client, router.url, {**body, "prompt": f"{i}. " + body["prompt"]},
+                                                 [0] * 8, i)) for i in range(8)]
+            await asyncio.sleep(1.5)
+            router.proc.send_signal(signal.SIGKILL)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert any(isinstance(r, BaseException) for r in results)
+
+    asyncio.run(crash())
+    for worker in (prefill, decode):  # leases expire (6 s), aborted requests free their blocks
+        wait_until(lambda: metric(worker.url, "quadrant_kv_cache_usage_ratio") == 0.0
+                   and metric(worker.url, "quadrant_num_requests_running") == 0.0, timeout=30)
+    assert metric(prefill.url, "quadrant_kv_transfer", what="active_leases") == 0.0
+    again = start_router(tmp_path, [prefill], [decode])
+    try:
+        got = completion(again.url, {**body, "stream": False, "max_tokens": 16})
+        want = completion(colocated.url, {**body, "stream": False, "max_tokens": 16})
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    finally:
+        stop_router(again)
