@@ -74,6 +74,11 @@ class RouterMetrics:
                                        "Workers marked unhealthy (a failed step or health check)", ["pool"], registry=r)
         self.resumed_streams = Counter("quadrant_router_resumed_streams",
                                        "Decode streams resumed on another worker after breaking mid-way", registry=r)
+        # Goodput (DistServe): streams whose TTFT and TPOT were both within the SLOs (--ttft-slo, --tpot-slo).
+        self.streams_finished = Counter("quadrant_router_streams_finished", "Streams relayed to their end",
+                                        registry=r)
+        self.slo_attained = Counter("quadrant_router_slo_attained", "Streams within both the TTFT and TPOT SLOs",
+                                    registry=r)
 
 
 class WorkerFailed(Exception):
@@ -359,9 +364,15 @@ class StreamRelay:
             state.metrics.in_flight.dec()
             state.metrics.requests.labels(self.path, self.status).inc()
             if self.first is not None:
-                state.metrics.ttft.observe(self.first - self.arrival)
+                ttft = self.first - self.arrival
+                tpot = (self.last - self.first) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
+                state.metrics.ttft.observe(ttft)
                 if self.num_tokens > 1:
-                    state.metrics.tpot.observe((self.last - self.first) / (self.num_tokens - 1))
+                    state.metrics.tpot.observe(tpot)
+                if self.status == "200":
+                    state.metrics.streams_finished.inc()
+                    if ttft <= state.config.ttft_slo and tpot <= state.config.tpot_slo:
+                        state.metrics.slo_attained.inc()
 
     async def _resume(self) -> AsyncIterator[bytes]:
         state, tracker = self.state, self.tracker

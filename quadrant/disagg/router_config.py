@@ -25,6 +25,8 @@ class RouterConfig:
     balance_threshold: int = 4  # the prefix holder may carry this many more requests than the least loaded
     prefix_cache_blocks: int = 65536  # 64-character prompt blocks remembered (about 4 MiB of text)
     max_body_bytes: int = 4 * 2**20
+    ttft_slo: float = 2.0  # seconds: streams within both SLOs count towards goodput in /metrics
+    tpot_slo: float = 0.1  # seconds per output token
 
     def __post_init__(self) -> None:
         self.prefill_urls = [normalize_url(u) for u in self.prefill_urls]
@@ -36,6 +38,8 @@ class RouterConfig:
             raise ValueError("port must be in 1..65535")
         if self.health_interval <= 0 or self.request_timeout <= 0:
             raise ValueError("health_interval and request_timeout must be positive (seconds)")
+        if self.ttft_slo <= 0 or self.tpot_slo <= 0:
+            raise ValueError("ttft_slo and tpot_slo must be positive (seconds)")
         if self.max_retries < 0 or self.balance_threshold < 0:
             raise ValueError("max_retries and balance_threshold must be >= 0")
 
@@ -53,6 +57,9 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds a worker may stay silent during a request before it counts as failed")
     parser.add_argument("--max-retries", type=int, default=2, help="other workers a failed step is tried on")
+    parser.add_argument("--ttft-slo", type=float, default=2.0,
+                        help="seconds; streams within this TTFT and --tpot-slo count as goodput in /metrics")
+    parser.add_argument("--tpot-slo", type=float, default=0.1, help="seconds per output token (see --ttft-slo)")
     parser.add_argument("--balance-threshold", type=int, default=4,
                         help="requests by which the worker holding a prompt's prefix may exceed the least loaded")
 
@@ -61,4 +68,4 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(prefill_urls=args.prefill, decode_urls=args.decode, host=args.host, port=args.port,
                         health_interval=args.health_interval, request_timeout=args.request_timeout,
                         max_retries=args.max_retries, api_key=args.api_key or envs.api_key(),
-                        balance_threshold=args.balance_threshold)
+                        balance_threshold=args.balance_threshold, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)

@@ -54,13 +54,14 @@ def normalize_url(url: object) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"worker url {url!r} must look like http://HOST:PORT")
-    if parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"worker url {url!r} must be a base URL, without a path (the router adds /v1/...)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"worker url {url!r} must be a base URL, without a query (the router adds /v1/...)")
     try:
         parts.port  # noqa: B018 - raises on a port out of range
     except ValueError:
         raise ValueError(f"worker url {url!r} has an invalid port") from None
-    return f"{parts.scheme}://{parts.netloc}"
+    # A path stays: a pool behind a proxy's route prefix (Ray Serve's http://proxy/prefill) is one worker.
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 def parse_role(role: object) -> Role:

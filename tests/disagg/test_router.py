@@ -151,6 +151,9 @@ def test_streams_equal_a_worker(workers, router):
     assert chunks[0]["prompt_token_ids"] and sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 4
     assert metric(router.url, "quadrant_router_time_to_first_token_seconds_count") == 3
     assert metric(router.url, "quadrant_router_time_per_output_token_seconds_count") == 3
+    # Goodput: every finished stream counted; those within the (default 2 s / 0.1 s) SLOs among them.
+    assert metric(router.url, "quadrant_router_streams_finished_total") == 3
+    assert 0 <= metric(router.url, "quadrant_router_slo_attained_total") <= 3
 
 
 def test_worker_4xx_is_relayed(router):

@@ -106,10 +106,15 @@ def test_pool_membership():
     assert pool.healthy() == [] and w.as_dict()["last_error"] == "connection refused"
 
 
-@pytest.mark.parametrize("bad", ["127.0.0.1:8000", "ftp://x:1", "http://x:1/v1", "http://x:99999", "", None, 5])
+@pytest.mark.parametrize("bad", ["127.0.0.1:8000", "ftp://x:1", "http://x:1/v1?a=1", "http://x:99999", "", None, 5])
 def test_bad_urls_and_roles(bad):
     with pytest.raises(ValueError):
         normalize_url(bad)
     with pytest.raises(ValueError, match="prefill"):
         parse_role(bad)
     assert parse_role("prefill") == "prefill"
+
+
+def test_a_pool_behind_a_route_prefix_keeps_its_path():
+    assert normalize_url("http://127.0.0.1:8000/prefill/") == "http://127.0.0.1:8000/prefill"
+    assert normalize_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
