@@ -37,7 +37,7 @@ from quadrant.disagg.routing import (
     ROLES, PrefixCache, Role, Worker, WorkerPool, choose_decode, choose_prefill, normalize_url, parse_role,
     prompt_text,
 )
-from quadrant.serve.errors import OpenAIError
+from quadrant.serve.errors import OpenAIError, install_error_handlers
 from quadrant.serve.guard import GuardMiddleware
 from quadrant.serve.metrics import _LATENCY_BUCKETS, _TPOT_BUCKETS
 
@@ -459,10 +459,7 @@ def build_router_app(config: RouterConfig) -> FastAPI:
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        loopback_only=config.host in ("127.0.0.1", "localhost", "::1"))
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> Response:
-        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return exc.response()
+    install_error_handlers(app, lambda path, status: state.metrics.requests.labels(path, status).inc(), log)
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, exc: Rejected) -> Response:
@@ -473,11 +470,6 @@ def build_router_app(config: RouterConfig) -> FastAPI:
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
         state.metrics.requests.labels(request.url.path, "499").inc()
         return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("request failed")
-        return await _openai_error(request, OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
     @app.get("/health")
     async def health() -> Response:

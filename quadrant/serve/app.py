@@ -28,7 +28,7 @@ from quadrant.errors import QuadrantError
 from quadrant.serve import protocol as P
 from quadrant.serve.admission import ServerState
 from quadrant.serve.config import ServerConfig
-from quadrant.serve.errors import OpenAIError
+from quadrant.serve.errors import OpenAIError, install_error_handlers
 from quadrant.serve.guard import GuardMiddleware
 from quadrant.serve.openai_format import Formatter
 from quadrant.serve.streaming import Disconnected, cancel, collect, pump, sse_events
@@ -54,10 +54,8 @@ def build_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        loopback_only=config.host in ("127.0.0.1", "localhost", "::1"))
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return exc.response()
+    _openai_error = install_error_handlers(
+        app, lambda path, status: state.metrics.requests.labels(path, status).inc(), log)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,11 +71,6 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return await _openai_error(request, OpenAIError(503, str(exc), "service_unavailable", code="engine_dead"))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return await _openai_error(request, OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
     @app.get("/health")
     async def health() -> Response:

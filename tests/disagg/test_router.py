@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from quadrant.disagg.launch import launch_disagg, parse_disagg
 from quadrant.disagg.resume import StreamTracker, decode_body, prefill_body
 from quadrant.errors import QuadrantError
-from tests.serve.conftest import Server, free_port, start_server
+from tests.serve.conftest import Server, free_port, start_server, wait_healthy
 
 MODEL = "smollm2:135m"
 PROMPT = "The capital of France is"
@@ -37,18 +37,7 @@ def start_router(tmp_path, prefill: list[Server], decode: list[Server], *args: s
     urls = [w for s in prefill for w in ("--prefill", s.url)] + [w for s in decode for w in ("--decode", s.url)]
     proc = subprocess.Popen([sys.executable, "-m", "quadrant.disagg.router", *urls, "--port", str(port), *args],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    router = Server(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, router.log()
-        try:
-            if httpx.get(router.url + "/health", timeout=2).status_code == 200:
-                return router
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"the router did not become healthy:\n{router.log()}")
+    return wait_healthy(Server(proc, f"http://127.0.0.1:{port}", log_path), 60)
 
 
 def stop_router(router: Server) -> None:

@@ -49,10 +49,14 @@ def start_server(tmp_path, *args: str, env: dict | None = None) -> Server:
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 180
+    return wait_healthy(Server(proc, f"http://127.0.0.1:{port}", log_path), 180)
+
+
+def wait_healthy(server: Server, timeout: float) -> Server:
+    """The server, once its /health answers 200; RuntimeError with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if server.proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
             if httpx.get(server.url + "/health", timeout=2).status_code == 200:
