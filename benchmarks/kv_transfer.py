@@ -95,7 +95,7 @@ def run(shape: str, tokens: int, cache_dtype: str, streams: list[int], repeats: 
             t.view(torch.uint8).random_()
     ids = list(range(1, blocks + 1))
     layout = KVLayout.of(model, cache, dtype)
-    server = KVServer(layout, src, pin=lambda tid, b: True, unpin=lambda tid: None, release=lambda tid: True)
+    server = KVServer(layout, src, pin=lambda tid, blocks, first, digest: True, unpin=lambda tid: None, release=lambda tid: True)
     client = KVClient(layout, dst)
     nbytes = blocks * cache.bytes_per_block(model, dtype)
     rows = []

@@ -545,7 +545,7 @@ class KVTransferConfig:
     lease_seconds: float = 60.0  # prefill: a finished prompt's blocks wait this long for the decode side
     num_streams: int = 2  # decode: parallel connections per transfer (each pulls a share of the layers)
     load_failure_policy: Literal["recompute", "fail"] = "recompute"  # decode: a failed pull recomputes or errors
-    transfer_timeout: float = 30.0  # decode: seconds a pull may take
+    transfer_timeout: float = 30.0  # decode: seconds each request to a KV server (hello, pull, done) may take
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from quadrant.config import KVTransferConfig
-from quadrant.disagg.protocol import KVLayout, RemoteKV, prompt_digest
+from quadrant.disagg.protocol import KVLayout, KVTransferError, RemoteKV, prompt_digest
 from quadrant.disagg.transport import KVClient, KVServer
 from quadrant.engine.request import Request
 from quadrant.layers.attention import LayerKVCache
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Lease:
     request: Request
-    block_ids: frozenset[int]
+    block_ids: tuple[int, ...]  # the prompt's blocks, in order
+    prompt_digest: str  # of the prompt they hold: a pull must name it
     deadline: float
     readers: int = 0  # pulls reading the blocks right now: the lease cannot expire under them
 
@@ -67,14 +68,17 @@ class LeaseTable:
         self.expiries = 0
         self.released = 0
 
-    def add(self, transfer_id: str, req: Request) -> None:
+    def add(self, transfer_id: str, req: Request, remote: RemoteKV) -> None:
         with self._lock:
-            self._leases[transfer_id] = _Lease(req, frozenset(req.block_table), time.monotonic() + self.lease_seconds)
+            self._leases[transfer_id] = _Lease(req, remote.block_ids, remote.prompt_digest,
+                                               time.monotonic() + self.lease_seconds)
 
-    def pin(self, transfer_id: str, block_ids: list[int]) -> bool:
+    def pin(self, transfer_id: str, block_ids: list[int], first_block: int, digest: str) -> bool:
+        """Only the lease's own blocks, in their order, for the prompt they hold may be read."""
         with self._lock:
             lease = self._leases.get(transfer_id)
-            if lease is None or not lease.block_ids.issuperset(block_ids):
+            if lease is None or digest != lease.prompt_digest or first_block < 0 \
+                    or list(lease.block_ids[first_block:first_block + len(block_ids)]) != block_ids:
                 return False
             lease.readers += 1
             return True
@@ -109,8 +113,9 @@ class LeaseTable:
             return out
 
     def next_deadline(self) -> float | None:
+        """The next expiry that housekeeping can act on (a lease being read waits for its reader)."""
         with self._lock:
-            return min((lease.deadline for lease in self._leases.values()), default=None)
+            return min((lease.deadline for lease in self._leases.values() if not lease.readers), default=None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -148,7 +153,7 @@ class KVConnector:
             self.client = KVClient(layout, caches, config.transfer_timeout)
             self._coordinators = ThreadPoolExecutor(4, thread_name_prefix="quadrant-kv-load")
             self._streams = ThreadPoolExecutor(config.num_streams, thread_name_prefix="quadrant-kv-stream")
-        self._loads: dict[str, _Load] = {}  # in flight
+        self._loads: set[int] = set()  # id() of the loads in flight (request ids may be reused)
         self._done: list[_Load] = []
         self._lock = threading.Lock()
         self._event = threading.Event()
@@ -163,11 +168,13 @@ class KVConnector:
         """Keep a finished prompt's blocks for a decode engine; the caller must not free them."""
         assert self.server is not None, "only a prefill engine holds KV for others"
         transfer_id = f"{self.engine_id}-{uuid.uuid4().hex}"
-        self.leases.add(transfer_id, req)
-        prompt = req.prompt_ids[:req.num_computed_tokens]
+        prompt = req.prompt_ids
+        blocks = tuple(req.block_table[:-(-len(prompt) // self.layout.block_size)])  # the prompt's, not the output's
         first = req.output_ids[0] if req.output_ids else None
-        return RemoteKV(transfer_id, self.config.kv_host, self.server.port, tuple(req.block_table), len(prompt),
-                        prompt_digest(prompt), first, req.logprobs[0] if req.logprobs else None)
+        remote = RemoteKV(transfer_id, self.config.kv_host, self.server.port, blocks, len(prompt),
+                          prompt_digest(prompt), first, req.logprobs[0] if req.logprobs else None)
+        self.leases.add(transfer_id, req, remote)
+        return remote
 
     def _release(self, transfer_id: str) -> bool:
         released = self.leases.release(transfer_id)
@@ -189,7 +196,7 @@ class KVConnector:
         """Pull `remote_ids` from the prefill engine into our `local_ids` in the background."""
         load = _Load(req, remote, local_ids, remote_ids)
         with self._lock:
-            self._loads[req.request_id] = load
+            self._loads.add(id(load))
         self._coordinators.submit(self._run_load, load)
 
     def _run_load(self, load: _Load) -> None:
@@ -197,16 +204,18 @@ class KVConnector:
         start = time.perf_counter()
         remote, client = load.remote, self.client
         try:
+            if load.request.is_finished:
+                raise KVTransferError("the request ended before its pull started")  # aborted: skip the work
             moved = 0
-            if load.remote_ids:
-                n = len(self.caches)
-                k = min(self.config.num_streams, n)
-                bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-                futures = [self._streams.submit(client.pull, remote.host, remote.port, remote.transfer_id,
-                                                load.remote_ids, load.local_ids, b) for b in bounds]
-                wait(futures)
-                moved = sum(f.result() for f in futures)  # the first failure raises here
-            client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
+            first_block = len(remote.block_ids) - len(load.remote_ids)  # the leading blocks were local hits
+            n = len(self.caches)
+            k = min(self.config.num_streams, n)
+            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+            futures = [self._streams.submit(client.pull, remote.host, remote.port, remote.transfer_id,
+                                            load.remote_ids, load.local_ids, b, first_block, remote.prompt_digest)
+                       for b in bounds]
+            wait(futures)
+            moved = sum(f.result() for f in futures)  # the first failure raises here
             with self._lock:
                 self.stats.bytes += moved
                 self.stats.seconds += time.perf_counter() - start
@@ -216,8 +225,13 @@ class KVConnector:
             log.warning("KV pull of %s failed: %s", load.request.request_id, load.error)
             with self._lock:
                 self.stats.failures += 1
+        else:
+            try:  # best effort: the blocks are here; a lost `done` only lets the lease run out
+                client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
+            except Exception as e:  # noqa: BLE001
+                log.info("KV done for %s not delivered (%s); its lease will expire", remote.transfer_id, e)
         with self._lock:
-            self._loads.pop(load.request.request_id, None)
+            self._loads.discard(id(load))
             self._done.append(load)
         self._event.set()
         self.wakeup()

@@ -127,7 +127,8 @@ def _describe(e: BaseException) -> str:
 
 
 def _check_status(r: httpx.Response) -> None:
-    if 400 <= r.status_code < 500:
+    # A decode worker whose KV pull failed (its policy: fail) is healthy: relay the error, keep the worker.
+    if 400 <= r.status_code < 500 or (r.status_code == 502 and b"kv_transfer_failed" in r.content):
         raise Rejected(r)
     if not 200 <= r.status_code < 300:
         raise WorkerFailed(f"answered {r.status_code}: {r.text[:200]}")

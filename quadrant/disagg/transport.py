@@ -29,8 +29,10 @@ from quadrant.layers.attention import LayerKVCache
 
 log = logging.getLogger(__name__)
 
-# transfer id, requested block ids -> whether they may be read now (and a pin until `unpin`)
-PinBlocks = Callable[[str, list[int]], bool]
+# transfer id, requested block ids, their position in the lease's block table, the prompt digest the
+# puller expects -> whether they may be read now (and a pin until `unpin`)
+PinBlocks = Callable[[str, list[int], int, str], bool]
+_SEND_WAIT_MS = 5000  # a reply zmq has not sent in this long (a stalled peer) gives up its staging buffers
 
 
 def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
@@ -75,8 +77,14 @@ class StagingBuffers:
     def gather(self, tensors: list[torch.Tensor], index: torch.Tensor) -> list[Any]:
         """Blocks `index` of each tensor, as host buffers zmq can send without copying."""
         turn, self._turn = self._turn, 1 - self._turn
-        for tracker in self._trackers[turn]:
-            tracker.wait()  # the reply before last is out of zmq's hands
+        try:
+            for tracker in self._trackers[turn]:
+                tracker.wait(_SEND_WAIT_MS / 1000)  # the reply before last is out of zmq's hands
+        except zmq.NotDone:
+            # A peer that stopped reading: leave that set to zmq (freed when it lets go) and take new
+            # buffers, so one stalled decode engine does not stop the server for the others.
+            self._sets[turn] = []
+        self._trackers[turn] = []
         bufs = self._sets[turn]
         out = []
         for i, t in enumerate(tensors):
@@ -112,6 +120,9 @@ class KVServer:
         self._ctx = zmq.Context(io_threads=2)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # Heartbeats drop a peer that vanished without closing its connection (and its queued replies).
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         addr = f"tcp://{host}"
         try:
             self.port = self._sock.bind_to_random_port(addr) if port == 0 else port
@@ -151,7 +162,7 @@ class KVServer:
         self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
         op = req.get("op")
         if op == "hello":
-            return {"ok": True}, []
+            return {"ok": True, "layout": self.layout.to_dict()}, []
         if op == "done":
             return {"ok": True, "released": self.release(str(req["transfer_id"]))}, []
         if op != "pull":
@@ -160,8 +171,9 @@ class KVServer:
         first, last = int(req["layers"][0]), int(req["layers"][1])
         if not 0 <= first < last <= len(self.caches):
             raise ValueError(f"layers [{first}, {last}) out of range")
-        if not self.pin(tid, ids):
-            return {"ok": False, "error": f"transfer {tid} is not held here (expired, released or unknown)"}, []
+        if not self.pin(tid, ids, int(req["first_block"]), str(req["prompt_digest"])):
+            return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
+                                          f"(expired, released or unknown)"}, []
         try:  # the lease cannot expire while its blocks are read
             index = torch.tensor(ids, dtype=torch.long, device=self.caches[0].k.device)
             frames = self._staging.gather([t for cache in self.caches[first:last] for t in layer_tensors(cache)], index)
@@ -221,6 +233,8 @@ class KVClient:
         if not header.get("ok"):
             error = f"KV server {host}:{port}: {header.get('error')}"
             raise KVHandshakeError(error) if header.get("kind") == "handshake" else KVTransferError(error)
+        if "layout" in header:  # the hello's answer: the server's own layout, checked here too
+            self.layout.check_compatible(KVLayout.from_dict(header["layout"]))
         return frames[1:]
 
     def request(self, host: str, port: int, req: dict[str, Any]) -> list[Any]:
@@ -233,10 +247,12 @@ class KVClient:
             raise
 
     def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
-             layers: tuple[int, int]) -> int:
-        """Copy blocks `remote_ids` of layers [first, last) into our blocks `local_ids`; returns bytes moved."""
+             layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "") -> int:
+        """Copy blocks `remote_ids` (from position `first_block` of the lease's block table, of the prompt
+        named by `prompt_digest`) of layers [first, last) into our blocks `local_ids`; returns bytes moved."""
         frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
-                                           "layers": list(layers)})
+                                           "layers": list(layers), "first_block": first_block,
+                                           "prompt_digest": prompt_digest})
         dests = [t for cache in self.caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
         if len(frames) != len(dests):
             raise KVTransferError(f"KV server {host}:{port} sent {len(frames)} tensors, expected {len(dests)}")

@@ -80,7 +80,7 @@ class LLMEngine:
 
         layout = KVLayout.of(self.model_config, self.config.cache, getattr(torch, self.config.dtype))
         connector = KVConnector(transfer, layout, self.runner.kv_caches)
-        weakref.finalize(self, connector.shutdown)
+        self._connector_finalizer = weakref.finalize(self, connector.shutdown)
         return connector
 
     def set_wakeup(self, wakeup: Callable[[], None]) -> None:
@@ -120,7 +120,9 @@ class LLMEngine:
         return self.output.groups
 
     def shutdown(self) -> None:
-        """Stop the worker processes, if any (idempotent)."""
+        """Stop the worker processes, if any, and the KV transfer threads (idempotent)."""
+        if self.connector is not None:
+            self._connector_finalizer()
         self._finalizer()
 
     @classmethod
@@ -217,6 +219,11 @@ class LLMEngine:
         from quadrant.disagg.protocol import RemoteKV, prompt_digest
 
         remote = RemoteKV.from_dict(kv_transfer)
+        vocab = self.model_config.vocab_size
+        record = remote.first_logprob
+        if remote.first_token is not None and (not 0 <= remote.first_token < vocab or (record is not None and any(
+                not 0 <= t < vocab for t, _ in record.top))):
+            raise ValueError(f"kv_transfer_params: token ids must be in [0, {vocab})")
         if remote.num_tokens != len(prompt_ids) or remote.prompt_digest != prompt_digest(prompt_ids):
             raise ValueError("kv_transfer_params were made for another prompt (its tokens differ from this request's)")
         if len(remote.block_ids) != -(-len(prompt_ids) // self.kv.block_size):

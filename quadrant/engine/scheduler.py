@@ -147,7 +147,8 @@ class Scheduler:
         for req in self.connector.take_released():
             self.kv.free(req)
         for req, error in self.connector.take_finished_loads():
-            self.loading.pop(req.request_id, None)
+            if self.loading.get(req.request_id) is req:  # (the id may have been reused since an abort)
+                del self.loading[req.request_id]
             if req.is_finished:  # aborted while the pull was writing into its blocks: free them only now
                 self.kv.free(req)
                 continue
@@ -196,7 +197,8 @@ class Scheduler:
         req.status, status = RequestStatus.FINISHED, req.status
         req.finish_reason = reason
         if status == RequestStatus.WAITING_FOR_REMOTE_KV:
-            if self.loading.pop(req.request_id, None) is not None:
+            if self.loading.get(req.request_id) is req:
+                del self.loading[req.request_id]
                 return  # a pull may be writing into its blocks: drain_connector frees them when it ends
         elif status == RequestStatus.RUNNING:
             self.running.remove(req)

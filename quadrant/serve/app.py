@@ -192,6 +192,9 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     if kv_transfer is not None:
         if len(prompt_ids) > 1:
             raise OpenAIError(400, "kv_transfer_params takes one prompt per request", param="kv_transfer_params")
+        if body.stream and isinstance(kv_transfer, dict) and kv_transfer.get("do_remote_decode"):
+            raise OpenAIError(400, "a prefill for remote decode is not streamed: its answer carries the "
+                                   "kv_transfer_params", param="stream")
         try:  # checked here too so that a stream never starts for a request the engine refuses
             llm.engine.parse_kv_transfer(kv_transfer, prompt_ids[0], params)
         except ValueError as e:
@@ -221,6 +224,8 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     except EngineDeadError as e:
         raise OpenAIError(503, str(e), "service_unavailable", code="engine_dead") from None
     except RuntimeError as e:  # this request failed inside the engine; the others go on
+        if "KVTransferError" in str(e):  # --kv-load-failure-policy fail: the prefill side's KV is gone, not us
+            raise OpenAIError(502, str(e), "server_error", code="kv_transfer_failed") from None
         raise OpenAIError(500, str(e), "server_error") from None
     finally:
         for task in collectors:  # one prompt failing ends its siblings too, before the release

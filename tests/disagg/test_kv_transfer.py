@@ -222,3 +222,32 @@ def test_abort_while_pulling_frees_the_blocks_once_the_pull_ends(pair, prompts):
     d.abort_request("gone")
     wait_for(lambda: free_blocks(d) == 64 and d.connector.num_loads_in_flight == 0)
     assert not d.scheduler.loading and not d.has_unfinished_requests()
+
+
+def test_a_lease_serves_only_its_own_prompt_and_blocks(pair, prompts, reference):
+    """kv_transfer_params naming prompt A's digest but prompt B's lease: the prefill side refuses the
+    pull (its lease holds B), so the decode side recomputes A, exactly."""
+    p, d = pair
+    kv_a, kv_b = prefill(p, [prompts[0], prompts[2]])
+    forged = {**kv_a, "transfer_id": kv_b["transfer_id"], "remote_block_ids": kv_b["remote_block_ids"][:1]}
+    failures = d.connector.snapshot().failures
+    d.add_request(prompts[0], GREEDY, "forged", forged)
+    assert finish(d)["forged"].outputs[0].token_ids == reference[0]
+    assert d.connector.snapshot().failures == failures + 1
+    assert p.connector.leases.pin(kv_b["transfer_id"], kv_b["remote_block_ids"][::-1], 0,
+                                  kv_b["prompt_digest"]) is False  # reordered blocks
+    bad = {**kv_a, "first_token_id": 10**6}
+    with pytest.raises(ValueError, match="token ids must be in"):
+        d.add_request(prompts[0], GREEDY, "bad-token", bad)
+
+
+def test_a_reused_request_id_does_not_free_the_new_pull(pair, prompts, reference):
+    p, d = pair
+    free_before = free_blocks(d)
+    kv1, kv2 = prefill(p, [prompts[1], prompts[1]])
+    d.add_request(prompts[1], GREEDY, "x", kv1)
+    d.step()
+    d.abort_request("x")  # its pull may still be running
+    d.add_request(prompts[1], GREEDY, "x", kv2)
+    assert finish(d)["x"].outputs[0].token_ids == reference[1]
+    wait_for(lambda: d.connector.num_loads_in_flight == 0 and free_blocks(d) == free_before)
