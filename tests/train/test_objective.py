@@ -55,7 +55,8 @@ def test_masked_positions_contribute_exactly_zero_loss_and_gradient():
 
 def test_documents_in_a_row_do_not_attend_to_each_other():
     model = _model()
-    a, b = torch.randint(0, 128, (10,)), torch.randint(0, 128, (6,))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 128, (10,), generator=g), torch.randint(0, 128, (6,), generator=g)
     packed = torch.cat([a, b])[None]
     positions = torch.cat([torch.arange(10), torch.arange(6)])[None]
     meta = packed_metadata(positions)
@@ -63,7 +64,9 @@ def test_documents_in_a_row_do_not_attend_to_each_other():
     with torch.no_grad():
         together = model.model(packed[0], positions[0], meta)
         alone = model.model(b, torch.arange(6), AttentionMetadata.for_packed_sequences([6]))
-    torch.testing.assert_close(together[10:], alone, rtol=1e-5, atol=1e-6)
+    # A leak across documents moves the hidden states by ~1e-1; 16 rows against 6 only change the
+    # matmuls' blocking (fp32 rounding, up to ~2e-6 seen).
+    torch.testing.assert_close(together[10:], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_schedules():
