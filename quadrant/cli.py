@@ -252,6 +252,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, dict(args.set or []))
     tokenizer = _tokenizer(config.tokenizer) if config.checkpoint.export else None
     Trainer(config, tokenizer).run()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Stop gloo's threads before the interpreter tears down (left running, a process can abort at
+        # exit with "terminate called without an active exception" after a successful run).
+        dist.destroy_process_group()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
