@@ -81,3 +81,39 @@ def test_kv_transfer_benchmark_smoke():
     assert [r["what"] for r in rows] == ["quadrant pyzmq, 2 streams", "raw TCP socket, 1 stream",
                                          "memcpy (torch copy_)"]
     assert all(r["gbps"] > 0 and r["bytes"] == rows[0]["bytes"] for r in rows)
+
+
+def test_disagg_simulator_smoke(capsys):
+    """Made-up step costs: one request alone gets the hand-computed TTFT and TPOT, colocated and 1P1D; with
+    long prompts and a tight TPOT, disaggregation beats colocation per GPU, and loses when the KV transfer
+    alone breaks the TTFT SLO. The script prints both tables with its stored costs."""
+    sim = _load("disagg_simulator")
+    cost = sim.StepCost(fixed_s=0.01, per_prefill_token_s=1e-4, per_decode_row_s=1e-4, per_context_token_s=1e-6)
+    engine = sim.Engine(cost, max_num_batched_tokens=2048, max_num_seqs=64)
+    link = sim.Link(bytes_per_token=1e3, bytes_per_s=1e6, latency_s=0.005)  # 1,000 tokens: 1.005 s
+    (alone,) = sim.simulate(sim.Colocated(engine), [sim.Request(0.5, 1000, 11)])
+    assert alone.ttft == pytest.approx(0.01 + 1000 * 1e-4)
+    # each decode step: fixed + one row + its context (prompt + tokens so far: 1001, 1002, ... 1010)
+    assert alone.tpot == pytest.approx(0.01 + 1e-4 + 1e-6 * (1001 + 1010) / 2)
+    (split,) = sim.simulate(sim.Disaggregated(engine, engine, link), [sim.Request(0.5, 1000, 11)])
+    assert split.ttft == pytest.approx(0.01 + 1000 * 1e-4 + 0.005 + 1.0)  # prompt, then the transfer
+    assert split.tpot == pytest.approx(alone.tpot)
+
+    engine = sim.Engine(sim.StepCost(fixed_s=0.01, per_prefill_token_s=1e-4, per_decode_row_s=1e-4,
+                                     per_context_token_s=0.0), max_num_batched_tokens=2048, max_num_seqs=64)
+    lengths = [(1000, 100)] * 200
+    slo = sim.SLO(ttft_s=0.5, tpot_s=0.013)
+    colocated = sim.goodput(sim.Colocated(engine, 2), lengths, slo) / 2
+    fast = sim.Link(bytes_per_token=1e3, bytes_per_s=1e9, latency_s=1e-3)
+    disaggregated = sim.goodput(sim.Disaggregated(engine, engine, fast), lengths, slo) / 2
+    # 0.25 s a prompt: alone within the TTFT SLO, but the link carries only 4 prompts a second
+    slow = sim.goodput(sim.Disaggregated(engine, engine, sim.Link(1e3, 4e6, 0.0)), lengths, slo) / 2
+    too_slow = sim.goodput(sim.Disaggregated(engine, engine, link), lengths, slo)  # 1 s a prompt: past the SLO
+    # colocated: each prompt that joins a step stretches it by 0.1 s, which its decode rows feel in their TPOT
+    assert disaggregated > 1.5 * colocated > 0
+    assert 0 < slow < colocated and too_slow == 0
+
+    sim.main(["--num-requests", "300"])
+    out = capsys.readouterr().out
+    assert "CPU check" in out and "1P1D (1 core each)" in out and "3P1D" in out and "TCP 25 Gb/s" in out
+    assert "DistServe" in out and "Splitwise" in out
