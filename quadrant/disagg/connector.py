@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from quadrant.config import KVTransferConfig
-from quadrant.disagg.protocol import KVLayout, KVTransferError, RemoteKV, prompt_digest
+from quadrant.disagg.protocol import KVLayout, RemoteKV, prompt_digest
 from quadrant.disagg.transport import KVClient, KVServer
 from quadrant.engine.request import Request
 from quadrant.layers.attention import LayerKVCache
@@ -201,31 +201,12 @@ class KVConnector:
 
     def _run_load(self, load: _Load) -> None:
         assert self.client is not None
-        start = time.perf_counter()
         remote, client = load.remote, self.client
-        try:
-            if load.request.is_finished:
-                raise KVTransferError("the request ended before its pull started")  # aborted: skip the work
-            moved = 0
-            first_block = len(remote.block_ids) - len(load.remote_ids)  # the leading blocks were local hits
-            n = len(self.caches)
-            k = min(self.config.num_streams, n)
-            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-            futures = [self._streams.submit(client.pull, remote.host, remote.port, remote.transfer_id,
-                                            load.remote_ids, load.local_ids, b, first_block, remote.prompt_digest)
-                       for b in bounds]
-            wait(futures)
-            moved = sum(f.result() for f in futures)  # the first failure raises here
-            with self._lock:
-                self.stats.bytes += moved
-                self.stats.seconds += time.perf_counter() - start
-                self.stats.transfers += 1
-        except Exception as e:  # noqa: BLE001 - reported to the scheduler, which applies the policy
-            load.error = f"{type(e).__name__}: {e}"
-            log.warning("KV pull of %s failed: %s", load.request.request_id, load.error)
-            with self._lock:
-                self.stats.failures += 1
-        else:
+        # A request that ended already (aborted, or done on its first token) needs no blocks, but the
+        # prefill side's lease is still released.
+        if not load.request.is_finished:
+            self._pull(load)
+        if load.error is None:
             try:  # best effort: the blocks are here; a lost `done` only lets the lease run out
                 client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
             except Exception as e:  # noqa: BLE001
@@ -235,6 +216,32 @@ class KVConnector:
             self._done.append(load)
         self._event.set()
         self.wakeup()
+
+    def _pull(self, load: _Load) -> None:
+        """The blocks over the streams, a share of the layers each; a failure is left in load.error."""
+        assert self.client is not None
+        start = time.perf_counter()
+        remote = load.remote
+        try:
+            first_block = len(remote.block_ids) - len(load.remote_ids)  # the leading blocks were local hits
+            n = len(self.caches)
+            k = min(self.config.num_streams, n)
+            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+            futures = [self._streams.submit(self.client.pull, remote.host, remote.port, remote.transfer_id,
+                                            load.remote_ids, load.local_ids, b, first_block, remote.prompt_digest)
+                       for b in bounds]
+            wait(futures)
+            moved = sum(f.result() for f in futures)  # the first failure raises here
+        except Exception as e:  # noqa: BLE001 - reported to the scheduler, which applies the policy
+            load.error = f"{type(e).__name__}: {e}"
+            log.warning("KV pull of %s failed: %s", load.request.request_id, load.error)
+            with self._lock:
+                self.stats.failures += 1
+            return
+        with self._lock:
+            self.stats.bytes += moved
+            self.stats.seconds += time.perf_counter() - start
+            self.stats.transfers += 1
 
     def take_finished_loads(self) -> list[tuple[Request, str | None]]:
         """Pulls that ended since the last call: (request, None) or (request, the error)."""

@@ -259,8 +259,8 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------
     def _remote_news(self) -> list[RequestOutput]:
-        """Disaggregation: emit the first tokens that came with pulled prompts; fail the failed pulls."""
-        self.scheduler.drain_connector()
+        """Disaggregation: emit the first tokens that came with pulled prompts; fail the failed pulls
+        (what the last schedule(), which drains the connector, learned)."""
         arrived, failed = self.scheduler.take_remote_news()
         outputs = [o for req, error in failed
                    if (o := self.output.fail(req.group_id or req.request_id, f"KVTransferError: {error}")) is not None]
@@ -270,8 +270,8 @@ class LLMEngine:
         return outputs
 
     def step(self) -> list[RequestOutput]:
-        early = self._remote_news() if self.connector is not None else []
         out = self.scheduler.schedule()
+        early = self._remote_news() if self.connector is not None else []
         if out.is_empty:
             if self.connector is not None and self.scheduler.loading:
                 self.connector.wait(0.01)  # nothing to run until a pull ends

@@ -8,8 +8,8 @@ Python: the runner turns the SchedulerOutput into tensors.
 
 With a KV connector (quadrant/disagg/), a decode engine's request that names a remote prompt KV
 gets its blocks on admission and waits, outside the batch, while they are pulled; it then runs
-from its last prompt token (whose logits sample the first token). A prefill engine hands a
-finished prompt's blocks to the connector's lease instead of freeing them.
+from the prefill engine's first token (or, without one, from its last prompt token). A prefill
+engine hands a finished prompt's blocks to the connector's lease instead of freeing them.
 """
 
 from __future__ import annotations
