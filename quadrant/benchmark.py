@@ -30,6 +30,7 @@ class BenchResult:
     concurrent_tokens_per_s: float  # aggregate over `concurrency` requests
     concurrency: int
     peak_rss_gib: float
+    speculation: dict[str, float] | None = None  # acceptance counters, with --speculative-method
 
 
 def synthetic_prompt(num_tokens: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -101,4 +102,5 @@ def run_benchmark(
         concurrent_tokens_per_s=concurrent_tps,
         concurrency=concurrency,
         peak_rss_gib=peak_rss_gib(),
+        speculation=engine.spec_stats.as_dict() if engine.proposer is not None else None,
     )

@@ -47,7 +47,7 @@ def parse_size(text: str) -> int:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    from quadrant.config import CacheConfig, SchedulerConfig
+    from quadrant.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 
     device = args.device
     if device == "auto":
@@ -66,6 +66,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         load_format=args.load_format,
         cuda_graphs=not args.enforce_eager,
         parallel=parallel_config(args),
+        speculative=SpeculativeConfig(args.speculative_method or "none", args.num_speculative_tokens,
+                                      args.speculative_model, args.speculative_draft_layers),
     )
 
 
@@ -187,6 +189,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     table.add_row("decode, batch 1", f"{r.decode_tokens_per_s:.1f} tok/s")
     table.add_row(f"decode, {r.concurrency} concurrent (aggregate)", f"{r.concurrent_tokens_per_s:.1f} tok/s")
     table.add_row("peak resident memory", f"{r.peak_rss_gib:.2f} GiB")
+    if r.speculation is not None:
+        s = r.speculation
+        table.add_row("speculation: acceptance rate", f"{s['acceptance_rate']:.2f}")
+        table.add_row("speculation: tokens per verifying step", f"{s['acceptance_length']:.2f}")
+        table.add_row("speculation: verifications / back-offs", f"{s['verifications']:.0f} / {s['backoffs']:.0f}")
     Console().print(table)
 
 
@@ -384,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra expert slots over the --ep ranks, for copies of the hottest experts")
     g.add_argument("--eplb-interval", type=int, default=0,
                    help="engine steps between expert rebalances by measured load (0: never)")
+    g.add_argument("--speculative-method", choices=["ngram", "draft"], default=None,
+                   help="speculative decoding: ngram (prompt lookup) or draft (a draft model)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per step")
+    g.add_argument("--speculative-model", default=None,
+                   help="the draft model (default: the target itself, usually with --speculative-draft-layers)")
+    g.add_argument("--speculative-draft-layers", type=int, default=None,
+                   help="keep only the draft model's first N layers")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -559,6 +559,56 @@ class KVTransferConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec/): a cheap proposer drafts up to `num_speculative_tokens`
+    tokens per decoding request; one target forward verifies them all (lossless: greedy exact,
+    rejection sampling otherwise).
+
+    ngram: prompt lookup (the longest n-gram of `prompt_lookup_min..max` tokens ending the sequence,
+    found earlier in it, proposes what followed). draft: a smaller model sharing the target's tokenizer
+    (`model`; default the target itself), optionally cut to its first `draft_layers` layers.
+    Each request drafts as many tokens as pay for themselves given its measured acceptance and
+    `draft_cost`, the cost of one more token in a verifying row relative to a one-token step (None:
+    0.25 on CPU, 0.05 on GPU), and backs off while none do (engine/spec/policy.py); no step
+    speculates when more than `max_batch_size` requests decode together.
+    """
+
+    method: Literal["none", "ngram", "draft"] = "none"
+    num_speculative_tokens: int = 4
+    model: str | None = None  # draft: the draft model (catalogue name, .gguf or folder); None: the target
+    draft_layers: int | None = None  # draft: keep only the first N layers of the draft model
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    draft_cost: float | None = None
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method == "eagle":
+            raise ValueError("--speculative-method eagle is not built yet; use ngram or draft")
+        if self.method not in ("none", "ngram", "draft"):
+            raise ValueError(f"speculative method must be ngram or draft, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 15:
+            raise ValueError(f"num_speculative_tokens must be in [1, 15], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
+        if self.draft_layers is not None and self.draft_layers < 1:
+            raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
+        if (self.model is not None or self.draft_layers is not None) and self.method != "draft":
+            raise ValueError("a speculative model or draft layers need --speculative-method draft")
+        if (self.draft_cost is not None and not 0.0 <= self.draft_cost <= 1.0) or self.max_batch_size < 1:
+            raise ValueError("draft_cost must be in [0, 1] and max_batch_size >= 1")
+
+    def resolved_draft_cost(self, device: str) -> float:
+        if self.draft_cost is not None:
+            return self.draft_cost
+        return 0.05 if device.startswith("cuda") else 0.25
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
 class EngineConfig:
     model: str  # catalogue name, .gguf file or Hugging Face folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -574,6 +624,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.kv_transfer.role != "both" and self.parallel.world_size > 1:

@@ -17,13 +17,15 @@ import torch
 from tqdm import tqdm
 
 from quadrant.chat import render_chat
-from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from quadrant.engine.executor import Executor, InProcessExecutor, make_executor, open_source, resolve_weight_format
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.output import OutputProcessor, RequestGroup, SampleState
 from quadrant.engine.request import Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from quadrant.engine.spec.policy import SpeculationPolicy
+from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
 from quadrant.engine.step import StepEncoder
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
     from quadrant.disagg.protocol import RemoteKV
 
 Prompt = str | list[int]
+
+
+_SPECULATIVE_OPTIONS = {"speculative_method": "method", "num_speculative_tokens": "num_speculative_tokens",
+                        "speculative_model": "model", "speculative_draft_layers": "draft_layers"}
 
 
 class PromptTooLongError(QuadrantError, ValueError):
@@ -63,6 +69,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.connector,
                                    config.kv_transfer.load_failure_policy == "recompute")
         self.steps = StepEncoder()
+        spec = config.speculative
+        self.proposer: Proposer | None = make_proposer(spec, self) if spec.enabled else None
+        self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device))
+        self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
@@ -130,10 +140,17 @@ class LLMEngine:
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                    tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
                    parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
-        """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs).
+        """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs,
+        speculative), or speculation as vLLM names it: speculative_method (ngram, draft),
+        num_speculative_tokens, speculative_model, speculative_draft_layers.
         `parallel` (nodes, rendezvous) wins over the two sizes."""
         if parallel is not None and (tensor_parallel_size, expert_parallel_size) != (1, 1):
             raise ValueError("give the parallel sizes once: in `parallel` or as tensor/expert_parallel_size")
+        spec = {field: options.pop(name) for name, field in _SPECULATIVE_OPTIONS.items() if name in options}
+        if spec:
+            if "speculative" in options:
+                raise ValueError("give speculation once: as `speculative` or as speculative_* options")
+            options["speculative"] = SpeculativeConfig(**spec)
         parallel = parallel or ParallelConfig(tensor_parallel_size, expert_parallel_size)
         return cls(EngineConfig(model, dtype, device, weight_format,  # type: ignore[arg-type]
                                 cache or CacheConfig(), scheduler or SchedulerConfig(), parallel=parallel, **options))
@@ -266,10 +283,43 @@ class LLMEngine:
                    if (o := self.output.fail(req.group_id or req.request_id, f"KVTransferError: {error}")) is not None]
         if arrived:
             first = SchedulerOutput([ScheduledRequest(req, 0) for req, _ in arrived])
-            outputs += self.output.process(first, {req.request_id: (req.output_ids[0], lp) for req, lp in arrived})
+            outputs += self.output.process(first, {req.request_id: ([req.output_ids[0]], [lp] if lp else [])
+                                                   for req, lp in arrived})
         return outputs
 
+    def _propose(self) -> None:
+        """Speculative decoding: drafts for the decoding requests that the policy lets speculate."""
+        assert self.proposer is not None
+        running = self.scheduler.running
+        live = {r.request_id for r in running}
+        self.proposer.retain(live)
+        self.spec_policy.retain(live)
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        if len(decoding) > self.config.speculative.max_batch_size:
+            self.spec_stats.num_large_batch_steps += 1
+            return
+        asks = [(r, k) for r in decoding if (k := self.spec_policy.num_drafts(r)) > 0]
+        if not asks:
+            return
+        by_id = {r.request_id: r for r, _ in asks}
+        for rid, (tokens, probs) in self.proposer.propose(asks).items():
+            by_id[rid].draft_token_ids, by_id[rid].draft_probs = tokens, probs
+
+    def _count_verifications(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        stats = self.spec_stats
+        for s in out.scheduled:
+            tokens = sampled.get(s.request.request_id)
+            if not s.draft_token_ids or not tokens:
+                continue
+            drafted, accepted = len(s.draft_token_ids), len(tokens) - 1
+            stats.num_verifications += 1
+            stats.num_draft_tokens += drafted
+            stats.num_accepted_tokens += accepted
+            stats.num_backoffs += self.spec_policy.record(s.request.request_id, drafted, accepted)
+
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         out = self.scheduler.schedule()
         early = self._remote_news() if self.connector is not None else []
         if out.is_empty:
@@ -279,7 +329,10 @@ class LLMEngine:
         sampled = self.executor.execute(self.steps.encode(out)).sampled
         self.num_steps += 1
         self.num_computed_tokens += out.num_batched_tokens
-        self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()})
+        new_tokens = {rid: tokens for rid, (tokens, _) in sampled.items()}
+        self.scheduler.update(out, new_tokens)
+        if self.proposer is not None:
+            self._count_verifications(out, new_tokens)
         outputs = early + self.output.process(out, sampled)
         interval = self.config.parallel.eplb_interval
         if interval and self.num_steps % interval == 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from quadrant.engine.request import CompletionOutput, FinishReason, Request, RequestOutput, TokenLogprob
 from quadrant.engine.scheduler import SchedulerOutput
+from quadrant.engine.step import Sampled
 from quadrant.tokenizer import IncrementalDetokenizer
 
 
@@ -42,7 +43,6 @@ class RequestGroup:
     num_cached_tokens: int = 0
 
 
-Sampled = dict[str, tuple[int | None, TokenLogprob | None]]  # StepOutput.sampled
 Finish = Callable[[Request, FinishReason], None]  # Scheduler.finish: frees the request's blocks
 
 
@@ -61,11 +61,11 @@ class OutputProcessor:
             group_id = req.group_id or req.request_id
             if req.request_id not in sampled or group_id not in self.groups:
                 continue
-            token, record = sampled[req.request_id]
-            if token is None:
+            tokens, records = sampled[req.request_id]
+            if not tokens:
                 failed.add(group_id)
-            elif record is not None:
-                req.logprobs.append(record)
+            else:
+                req.logprobs.extend(records)
             touched[group_id] = self.groups[group_id]
         now = time.perf_counter()
         outputs = []
@@ -114,6 +114,7 @@ class OutputProcessor:
         new_ids = req.output_ids[sample.num_emitted_tokens :]
         if new_ids and not req.is_finished:
             self._decide(sample, new_ids, stop)
+            new_ids = req.output_ids[sample.num_emitted_tokens :]  # a finish may have cut accepted drafts off
         hold = 0 if req.is_finished or not stop else max(len(s) for s in stop) - 1
         end = max(sample.num_emitted_chars, len(sample.text) - hold)
         text_delta = sample.text[sample.num_emitted_chars : end]
@@ -132,23 +133,30 @@ class OutputProcessor:
         )
 
     def _decide(self, sample: SampleState, new_ids: list[int], stop: list[str]) -> None:
-        """Text for the new tokens, then the finish reason: a stop token, else a stop string, else length."""
+        """Text for the new tokens, one at a time, then the finish reason: a stop token, else a stop
+        string, else length. Token by token, so several tokens of one step (accepted speculative
+        drafts) end a request exactly where one-token steps would; the tokens after that are dropped."""
         req, p = sample.request, sample.request.params
-        token = new_ids[-1]
-        reason: FinishReason | None = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids):
-            reason, req.stop_reason = FinishReason.STOP, token
-            new_ids = new_ids[:-1]  # the stop token itself adds no text
-        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        if sample.detok is not None:
-            sample.text += sample.detok.step(new_ids) if new_ids else ""
+        before = len(req.output_ids) - len(new_ids)
+        for n, token in enumerate(new_ids, start=1):
+            reason: FinishReason | None = None
+            text_ids = [token]
+            if token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids):
+                reason, req.stop_reason = FinishReason.STOP, token
+                text_ids = []  # the stop token itself adds no text
+            elif before + n >= p.max_tokens or req.num_prompt_tokens + before + n >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if sample.detok is not None:
+                sample.text += sample.detok.step(text_ids) if text_ids else ""
+                if reason is not None:
+                    sample.text += sample.detok.flush()
+                if stop and (matched := self._match_stop_string(sample, stop)) is not None:
+                    reason, req.stop_reason = FinishReason.STOP, matched  # also when it had just reached its length
             if reason is not None:
-                sample.text += sample.detok.flush()
-            if stop and (matched := self._match_stop_string(sample, stop)) is not None:
-                reason, req.stop_reason = FinishReason.STOP, matched  # also when it had just reached its length
-        if reason is not None:
-            self.finish(req, reason)
+                del req.output_ids[before + n :]
+                del req.logprobs[before + n :]
+                self.finish(req, reason)
+                return
 
     @staticmethod
     def _match_stop_string(sample: SampleState, stop: list[str]) -> str | None:

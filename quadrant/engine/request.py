@@ -52,6 +52,11 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     seed: int | None = None  # this sample's seed (params.seed + its index); the worker owns the generator
+    # Speculative decoding (engine/spec/): tokens proposed to follow output_ids, verified by the next step
+    # (never part of output_ids, block hashes or the prefix cache until accepted); with a draft model,
+    # the draft's distribution [k, V] each was drawn from, for lossless rejection sampling.
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: Any = None
     # Disaggregation (quadrant/disagg/): a decode engine pulls the prompt's KV from `remote_kv`; a
     # prefill engine keeps it for a decode engine (`do_remote_decode`) and says where in `kv_transfer_params`.
     remote_kv: RemoteKV | None = None

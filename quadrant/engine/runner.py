@@ -17,10 +17,11 @@ from torch import nn
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
-from quadrant.engine.step import ScheduledRow, StepInput, StepOutput, WorkerRequest, WorkerRequests
+from quadrant.engine.spec.verify import verify
+from quadrant.engine.step import Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest, WorkerRequests
 from quadrant.layers.attention import Attention, AttentionMetadata
 from quadrant.layers.attn_backends import TORCH_BACKEND, TRITON_BACKEND
-from quadrant.layers.sampler import sample
+from quadrant.layers.sampler import logprob_records, sample
 
 
 Batch = list[tuple[WorkerRequest, ScheduledRow]]  # one step's requests and their rows, in batch order
@@ -90,7 +91,9 @@ class ModelRunner:
         for req, row in batch:
             start = row.num_computed_tokens
             end = start + row.num_new_tokens
-            input_ids.extend(req.token_slice(start, end))
+            drafts = row.draft_token_ids  # speculative: they follow the request's last token
+            input_ids.extend(req.token_slice(start, end - len(drafts)))
+            input_ids.extend(drafts)
             table = req.block_table
             for pos in range(start, end):
                 positions.append(pos)
@@ -105,23 +108,56 @@ class ModelRunner:
         batch = self.requests.apply(step)
         if not batch:
             return StepOutput()
-        # A row samples when this step reaches its request's last token.
-        rows = [i for i, (req, row) in enumerate(batch) if row.num_computed_tokens + row.num_new_tokens == req.num_tokens]
+        # A row samples when this step reaches its request's last token (and its drafts, if any).
+        rows = [i for i, (req, row) in enumerate(batch)
+                if row.num_computed_tokens + row.num_new_tokens == req.num_tokens + len(row.draft_token_ids)]
         logits = self._graph_logits(batch)
         if logits is None:
             ids, pos, meta = self.prepare(batch)
             hidden = self.model(ids, pos, meta)  # [T, D]
             if not rows:
                 return StepOutput()
-            last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in rows], device=self.device)
-            logits = self.model.compute_logits(hidden[last])  # [N, V] fp32
+            # Logits at each sampling row's last token and at each of its drafts.
+            ends = [meta.query_start_loc_cpu[i + 1] for i in rows]
+            picks = [t for i, end in zip(rows, ends) for t in range(end - 1 - len(batch[i][1].draft_token_ids), end)]
+            logits = self.model.compute_logits(hidden[torch.tensor(picks, device=self.device)])  # [N, V] fp32
         elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
         if not rows or not self.samples:
             return StepOutput()
-        requests: list[WorkerRequest] = [batch[i][0] for i in rows]
-        tokens, records = sample(logits, requests, self.generator)
-        return StepOutput({r.request_id: (t, lp) for r, t, lp in zip(requests, tokens, records)})
+        if all(not batch[i][1].draft_token_ids for i in rows):
+            requests: list[WorkerRequest] = [batch[i][0] for i in rows]
+            tokens, records = sample(logits, requests, self.generator)
+            return StepOutput({r.request_id: ([t] if t is not None else [], [lp] if lp is not None else [])
+                               for r, t, lp in zip(requests, tokens, records)})
+        return StepOutput(self._sample_speculative(logits, [batch[i] for i in rows]))
+
+    def _sample_speculative(self, logits: torch.Tensor, rows: Batch) -> Sampled:
+        """Rows that verify drafts take their tokens from verification, the others one sampled token
+        each; logits hold one row per plain request and k + 1 per verifying one, in batch order."""
+        sampled: Sampled = {}
+        offsets, at = [], 0
+        for _, row in rows:
+            offsets.append(at)
+            at += 1 + len(row.draft_token_ids)
+        plain = [i for i, (_, row) in enumerate(rows) if not row.draft_token_ids]
+        if plain:
+            requests = [rows[i][0] for i in plain]
+            tokens, records = sample(logits[torch.tensor([offsets[i] for i in plain], device=self.device)],
+                                     requests, self.generator)
+            for req, t, lp in zip(requests, tokens, records):
+                sampled[req.request_id] = ([t] if t is not None else [], [lp] if lp is not None else [])
+        for i, (req, row) in enumerate(rows):
+            if not row.draft_token_ids:
+                continue
+            k = len(row.draft_token_ids)
+            span = logits[offsets[i] : offsets[i] + k + 1]
+            accepted = verify(span, row.draft_token_ids, row.draft_probs, req, self.generator)
+            want = req.params.logprobs
+            records = logprob_records(span[: len(accepted)], accepted, [want] * len(accepted)) \
+                if want is not None and accepted else []
+            sampled[req.request_id] = (accepted, records)
+        return sampled
 
     def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
         """Logits of every row of a decode-only step replayed from a captured graph; None if none fits."""

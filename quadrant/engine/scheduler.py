@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quadrant.config import SchedulerConfig
 from quadrant.engine.kv_cache import KVCacheManager
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # tokens run this step, from request.num_computed_tokens on
+    num_new_tokens: int  # tokens run this step, from request.num_computed_tokens on (drafts included)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens verified this step
+    draft_probs: Any = None  # their draft distributions [k, V] (draft model, sampled requests)
 
 
 @dataclass
@@ -70,15 +72,23 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            base = req.num_tokens - req.num_computed_tokens
+            drafts, req.draft_token_ids = req.draft_token_ids, []  # proposed for this step only
+            probs, req.draft_probs = req.draft_probs, None
+            num_new = min(base + len(drafts), budget)
             while not self.kv.allocate(req, num_new):
+                if num_new > base:  # short of blocks: verify no drafts rather than preempt anyone
+                    num_new = min(base, budget)
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new))
+                kept = max(0, num_new - base)  # a tight budget verifies fewer drafts
+                out.scheduled.append(ScheduledRequest(req, num_new, drafts[:kept],
+                                                      probs[:kept] if kept and probs is not None else None))
                 budget -= num_new
                 i += 1
                 continue
@@ -172,6 +182,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.draft_token_ids, req.draft_probs = [], None
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
@@ -179,16 +190,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int | None]) -> None:
-        """Advance computed counts, cache full blocks, append sampled tokens. Whether a request is done
-        is output processing's decision (engine/output.py), which then calls finish()."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        """Append the step's tokens, advance computed counts, cache full blocks. Whether a request is done
+        is output processing's decision (engine/output.py), which then calls finish().
+
+        A verified row computed its drafts' K/V too; the rejected ones' stay in slots past
+        num_computed_tokens, unhashed, and the next step overwrites them (that is the rollback)."""
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
+            tokens = sampled.get(req.request_id, [])
+            # k drafts verified: all but the last of the returned tokens were drafts accepted.
+            rejected = len(s.draft_token_ids) - max(len(tokens) - 1, 0) if s.draft_token_ids else 0
+            req.num_computed_tokens += s.num_new_tokens - rejected
+            req.output_ids.extend(tokens)
             self.kv.cache_full_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.output_ids.append(token)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End a request (stopped, at length, or aborted) and release its blocks at once."""

@@ -45,7 +45,11 @@ class CachedRequest:
 class ScheduledRow:
     request_id: str
     num_computed_tokens: int  # tokens already in the KV cache; this step runs the next num_new_tokens
-    num_new_tokens: int
+    num_new_tokens: int  # speculative drafts included: they run after the request's last token
+    # Speculative decoding: tokens to verify after the last one, and (draft model) the [k, V]
+    # distributions they were drawn from; None: each draft was certain (n-gram), or greedy.
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,11 +60,15 @@ class StepInput:
     finished_request_ids: list[str] = field(default_factory=list)  # finished or aborted: forget them
 
 
+# request id -> (the tokens this step added, in order: one, or with speculation the accepted drafts and
+# one more; empty when sampling failed), (their logprob records when asked for, else empty)).
+Sampled = dict[str, tuple[list[int], list[TokenLogprob]]]
+
+
 @dataclass
 class StepOutput:
-    # request id -> (sampled token, or None when sampling failed; logprob record when asked for),
-    # for the rows that reached their last token. Only the driver worker (rank 0) fills it.
-    sampled: dict[str, tuple[int | None, TokenLogprob | None]] = field(default_factory=dict)
+    # The rows that reached their last token (drafts included). Only the driver worker (rank 0) fills it.
+    sampled: Sampled = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +99,8 @@ class StepEncoder:
                     req.request_id, req.output_ids[known.num_output_ids:],
                     req.block_table[0 if reset else known.num_block_ids:], reset))
             self._sent[req.request_id] = _Sent(req, len(req.output_ids), len(req.block_table), req.num_preemptions)
-            step.rows.append(ScheduledRow(req.request_id, req.num_computed_tokens, s.num_new_tokens))
+            step.rows.append(ScheduledRow(req.request_id, req.num_computed_tokens, s.num_new_tokens,
+                                          s.draft_token_ids, s.draft_probs))
         return step
 
     def _forget_finished(self) -> list[str]:

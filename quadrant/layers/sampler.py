@@ -90,18 +90,25 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_gene
     records: list[TokenLogprob | None] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] is not None]
     if wanted:
-        logp = torch.log_softmax(logits[wanted], dim=-1)
-        for row, i in enumerate(wanted):
-            k = requests[i].params.logprobs or 0
-            top = torch.topk(logp[row], k) if k else None
-            token = tokens[i]
-            assert token is not None
-            records[i] = TokenLogprob(
-                token_id=token,
-                logprob=float(logp[row, token]),
-                top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
-            )
+        found = logprob_records(logits[wanted], [tokens[i] for i in wanted],  # type: ignore[misc]
+                                [requests[i].params.logprobs or 0 for i in wanted])
+        for i, record in zip(wanted, found):
+            records[i] = record
     return tokens, records
+
+
+def logprob_records(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprob]:
+    """logits: [N, V] fp32 raw -> each row's record of its token and its num_top best alternatives."""
+    logp = torch.log_softmax(logits, dim=-1)
+    records = []
+    for row, (token, k) in enumerate(zip(tokens, num_top)):
+        top = torch.topk(logp[row], k) if k else None
+        records.append(TokenLogprob(
+            token_id=token,
+            logprob=float(logp[row, token]),
+            top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+        ))
+    return records
 
 
 def _sample_row(logits: torch.Tensor, req: SamplingState, default_generator: torch.Generator | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ dequantised one at a time with quant/gguf_blocks.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,9 @@ class GGUFModelFile:
             n_shared_experts=shared_count if has_shexp else 0,
         )
 
-    def iter_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, float32 tensor) for every weight the model uses."""
+    def iter_tensors(self, config: ModelConfig, keep: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, float32 tensor) for every weight the model uses (those `keep` accepts)."""
         cls = model_class(config.architecture)
         names = _compile_name_map(cls.gguf_names)  # type: ignore[attr-defined]
         for t in self.reader.tensors:
@@ -191,6 +192,8 @@ class GGUFModelFile:
             hf_name = _hf_name(t.name, names)
             if hf_name is None:
                 raise UnsupportedError(f"{self.path}: unknown tensor {t.name!r} for architecture {config.architecture}")
+            if keep is not None and not keep(hf_name):
+                continue  # skipped before it is dequantised
             tensor = self._dense(t.name)
             yield hf_name, cls.adapt_gguf_tensor(hf_name, tensor, config)  # type: ignore[attr-defined]
 

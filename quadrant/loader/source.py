@@ -7,8 +7,9 @@ store resolves catalogue names to such paths first.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from quadrant.quant.formats import cpu_plan, get_format, runs_on, single_plan
 from quadrant.quant.folder import tensor_format
 from quadrant.tokenizer import Tokenizer
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
 
 @dataclass
 class ModelSource:
@@ -38,16 +41,37 @@ class ModelSource:
     gguf: GGUFModelFile | None = None  # None for a Hugging Face folder
     quantized_format: str | None = None  # a folder written by `quadrant quantize`: its format
     quantized_group: int | None = None  # and, for the 4-bit formats, its preferred group size
+    num_kept_layers: int | None = None  # truncated(): only the first N decoder layers are loaded
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float tensor) pairs; quantised folders come back on their stored grid."""
+        keep = self._keeps if self.num_kept_layers is not None else None
         if self.gguf is not None:
-            return self.gguf.iter_tensors(self.config)
+            return self.gguf.iter_tensors(self.config, keep)
+        tensors = st.iter_tensors(self.path)
+        if keep is not None:
+            tensors = ((name, t) for name, t in tensors if keep(name))
         if self.quantized_format is not None:
             from quadrant.quant.folder import iter_dequantized
 
-            return iter_dequantized(st.iter_tensors(self.path), self.quantized_format)
-        return st.iter_tensors(self.path)
+            return iter_dequantized(tensors, self.quantized_format)
+        return tensors
+
+    def truncated(self, num_layers: int) -> "ModelSource":
+        """This model cut to its first `num_layers` decoder layers (embeddings, final norm and LM head
+        kept): a draft model for speculative decoding that needs no checkpoint of its own."""
+        c = self.config
+        if not 1 <= num_layers <= c.num_hidden_layers:
+            raise ValueError(f"cannot keep {num_layers} layers of a {c.num_hidden_layers}-layer model")
+        config = replace(c, num_hidden_layers=num_layers,
+                         layer_types=c.layer_types[:num_layers] if c.layer_types else None,
+                         moe_layers=[i for i in c.moe_layers if i < num_layers] if c.moe_layers is not None else None)
+        return replace(self, config=config, num_kept_layers=num_layers)
+
+    def _keeps(self, name: str) -> bool:
+        """Whether a checkpoint tensor (Hugging Face name) belongs to the kept layers."""
+        match = _LAYER_INDEX.search(name)
+        return match is None or int(match.group(1)) < (self.num_kept_layers or 0)
 
     def quantization_label(self) -> str | None:
         """How the checkpoint is already quantised (a GGUF type like 'Q4_1', or a quantize format); None if float."""

@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -89,11 +90,14 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.llm is not None:
-            running, waiting, usage, hits, experts, transfer = await state.llm.call(
+            running, waiting, usage, hits, experts, transfer, spec = await state.llm.call(
                 lambda e: (len(e.scheduler.running), len(e.scheduler.waiting) + len(e.scheduler.loading), e.kv.usage,
-                           e.kv.hit_rate, e.expert_load(), e.connector.snapshot() if e.connector else None))
+                           e.kv.hit_rate, e.expert_load(), e.connector.snapshot() if e.connector else None,
+                           replace(e.spec_stats) if e.proposer is not None else None))
             state.metrics.set_engine_state(running, waiting, usage, hits)
             state.metrics.set_expert_load(experts)
+            if spec is not None:
+                state.metrics.set_speculation(spec)
             if transfer is not None:
                 state.metrics.set_kv_transfer(transfer)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 if TYPE_CHECKING:
     from quadrant.disagg.connector import TransferStats
     from quadrant.engine.request import RequestOutput
+    from quadrant.engine.spec.proposer import SpecStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
@@ -40,6 +41,15 @@ class ServerMetrics:
                                  "leases held now", ["what"], registry=r)
         self.kv_transfer_gbps = Gauge("quadrant_kv_transfer_gigabytes_per_second",
                                       "Mean rate of finished KV pulls (decode side)", registry=r)
+        # Speculative decoding (engine/spec/; totals since start, read at scrape time).
+        self.spec_tokens = Gauge("quadrant_spec_decode_tokens", "Speculative decoding totals since start: "
+                                 "verifications, draft tokens, accepted tokens, back-offs, large-batch steps",
+                                 ["what"], registry=r)
+        self.spec_acceptance_rate = Gauge("quadrant_spec_decode_acceptance_rate",
+                                          "Accepted draft tokens per drafted token", registry=r)
+        self.spec_acceptance_length = Gauge("quadrant_spec_decode_acceptance_length",
+                                            "Tokens a verifying request gains per step (accepted drafts + 1)",
+                                            registry=r)
         self.e2e = Histogram("quadrant_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              registry=r, buckets=_LATENCY_BUCKETS)
 
@@ -73,6 +83,12 @@ class ServerMetrics:
         for what in ("bytes", "transfers", "failures", "lease_expiries", "leases_released", "active_leases"):
             self.kv_transfer.labels(what=what).set(getattr(stats, what))
         self.kv_transfer_gbps.set(stats.gbps)
+
+    def set_speculation(self, stats: SpecStats) -> None:
+        for what in ("verifications", "draft_tokens", "accepted_tokens", "backoffs", "large_batch_steps"):
+            self.spec_tokens.labels(what=what).set(getattr(stats, f"num_{what}"))
+        self.spec_acceptance_rate.set(stats.acceptance_rate)
+        self.spec_acceptance_length.set(stats.acceptance_length)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,178 @@
+"""Speculative decoding at batch 1 on the CPU: quadrant plain and with each proposer, against
+llama.cpp plain and with its own prompt-lookup decoding, same GGUF, same threads, one run.
+
+    python benchmarks/spec_decode.py [--model smollm2:135m] [--max-tokens 128] [--repeats 3]
+                                     [--draft-layers 10] [--find-links DIR]
+
+Three chat workloads: copy/edit (rewrite a passage with one name changed), code (rename a
+variable in a function and explain it) and open chat (a question with no text to copy). Each
+engine answers greedily; decode tokens/s is (tokens - 1) / (total time - time to the first token),
+the time to the first token measured by the same call with one token (so prompt speed, where
+quadrant already leads, does not flatter the figure). llama.cpp runs through llama-cpp-python
+(installed on demand, never a dependency; `--find-links` points pip at a prebuilt wheel), with
+`LlamaPromptLookupDecoding` at num_pred_tokens 2 (its documented CPU setting) and 10 (its default).
+Prints tokens/s, acceptance length and the ratios to plain quadrant and to llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_vs_llamacpp import LLAMA_CPP_VERSION, ensure_llama_cpp  # noqa: E402
+
+from quadrant import SamplingParams  # noqa: E402
+from quadrant.engine.engine import LLM  # noqa: E402
+from quadrant.loader import store  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+
+CODE = '''def merge_sorted(left: list[int], right: list[int]) -> list[int]:
+    """Merge two sorted lists into one sorted list."""
+    result: list[int] = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            result.append(left[i])
+            i += 1
+        else:
+            result.append(right[j])
+            j += 1
+    result.extend(left[i:])
+    result.extend(right[j:])
+    return result
+'''
+
+
+def workloads() -> dict[str, list[dict[str, str]]]:
+    alice = (DATA / "alice_ch1-2.txt").read_text()
+    passage = alice[alice.index("Alice was beginning"):][:700]
+    return {
+        "copy/edit": [{"role": "user", "content": "Rewrite this passage with 'Alice' replaced by 'Ada', changing "
+                                                  f"nothing else:\n\n{passage}"}],
+        "code": [{"role": "user", "content": f"Here is a Python function:\n\n```python\n{CODE}```\n\nRewrite it with "
+                                             "the variable `result` renamed to `merged`, and explain it."}],
+        "open chat": [{"role": "user", "content": "What are three good habits for staying healthy? Answer in a few "
+                                                  "sentences."}],
+    }
+
+
+@dataclass
+class Result:
+    tokens: int
+    decode_tps: float
+    acceptance_length: float | None = None  # quadrant with speculation
+
+
+def decode_rate(generate: Callable[[int], int], max_tokens: int, repeats: int) -> tuple[int, float]:
+    """(tokens, median decode tokens/s): generate(n) answers with at most n tokens, returning how many."""
+    generate(1)  # warm-up
+    rates, count = [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        generate(1)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        count = generate(max_tokens)
+        total = time.perf_counter() - t
+        rates.append((count - 1) / max(total - first, 1e-9))
+    return count, statistics.median(rates)
+
+
+def bench_quadrant(model: str, messages: dict, max_tokens: int, repeats: int, **options) -> dict[str, Result]:
+    llm = LLM(model, **options)
+    out = {}
+    for name, conversation in messages.items():
+        def generate(n: int) -> int:
+            return len(llm.chat(conversation, SamplingParams(max_tokens=n, temperature=0.0),
+                                use_tqdm=False)[0].outputs[0].token_ids)
+
+        if llm.engine.proposer is not None:
+            generate(1)
+            llm.engine.spec_stats.__init__()  # type: ignore[misc]  # count this workload's steps only
+        tokens, rate = decode_rate(generate, max_tokens, repeats)
+        length = llm.engine.spec_stats.acceptance_length if llm.engine.proposer is not None else None
+        out[name] = Result(tokens, rate, length)
+    llm.engine.shutdown()
+    return out
+
+
+def bench_llama_cpp(llama_cpp, path: str, messages: dict, max_tokens: int, repeats: int,
+                    lookup: int | None) -> dict[str, Result]:
+    threads = torch.get_num_threads()
+    draft = None
+    if lookup is not None:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          draft_model=draft, verbose=False)
+    out = {}
+    for name, conversation in messages.items():
+        def generate(n: int) -> int:
+            llm.reset()  # no prompt cache between calls: each one prefills, as quadrant's does
+            answer = llm.create_chat_completion(conversation, max_tokens=n, temperature=0.0, top_k=1)
+            return int(answer["usage"]["completion_tokens"])
+
+        out[name] = Result(*decode_rate(generate, max_tokens, repeats))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=store.DEFAULT_MODEL)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per workload; the median counts")
+    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--draft-layers", type=int, default=10, help="the draft: the target's first N layers")
+    ap.add_argument("--skip-peer", action="store_true", help="quadrant only (no llama-cpp-python)")
+    ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
+    args = ap.parse_args()
+
+    path = str(store.resolve(args.model, pull_missing=True))
+    messages = workloads()
+    k = args.num_speculative_tokens
+    ours = {
+        "quadrant plain": bench_quadrant(path, messages, args.max_tokens, args.repeats),
+        f"quadrant ngram k={k}": bench_quadrant(path, messages, args.max_tokens, args.repeats,
+                                                speculative_method="ngram", num_speculative_tokens=k),
+        f"quadrant draft ({args.draft_layers} layers) k={k}": bench_quadrant(
+            path, messages, args.max_tokens, args.repeats, speculative_method="draft", num_speculative_tokens=k,
+            speculative_draft_layers=args.draft_layers),
+    }
+    peers: dict[str, dict[str, Result]] = {}
+    if not args.skip_peer:
+        llama_cpp = ensure_llama_cpp(args.find_links)
+        peers["llama.cpp plain"] = bench_llama_cpp(llama_cpp, path, messages, args.max_tokens, args.repeats, None)
+        for n in (2, 10):
+            peers[f"llama.cpp prompt lookup n={n}"] = bench_llama_cpp(llama_cpp, path, messages, args.max_tokens,
+                                                                      args.repeats, n)
+    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads | "
+          f"torch {torch.__version__} | llama-cpp-python {LLAMA_CPP_VERSION} | model {args.model} | batch 1, "
+          f"greedy, up to {args.max_tokens} tokens | median of {args.repeats}")
+    print(f"{'engine':<36} {'workload':<10} {'tokens':>6} {'decode tok/s':>12} {'acc len':>7} "
+          f"{'x plain':>7} {'x llama.cpp':>11} {'x best lookup':>13}")
+    plain = ours["quadrant plain"]
+    for engine, results in {**ours, **peers}.items():
+        for name, r in results.items():
+            peer = peers.get("llama.cpp plain", {}).get(name)
+            lookups = [p[name].decode_tps for e, p in peers.items() if "lookup" in e]
+            best = max(lookups) if lookups else float("nan")
+            print(f"{engine:<36} {name:<10} {r.tokens:>6} {r.decode_tps:>12.1f} "
+                  f"{(f'{r.acceptance_length:.2f}' if r.acceptance_length else '-'):>7} "
+                  f"{r.decode_tps / plain[name].decode_tps:>7.2f} "
+                  f"{(r.decode_tps / peer.decode_tps if peer else float('nan')):>11.2f} {r.decode_tps / best:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The proposer interface, its factory, and the counters /metrics reports.
+
+A proposer runs on the driver between steps: for each decoding request it is asked about, it
+returns up to k tokens it expects to follow the request's tokens (and, when it sampled them from a
+distribution, that distribution, which lossless verification needs). The scheduler then runs them
+after the request's last token in the next step, and the runner verifies them (verify.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from quadrant.config import SpeculativeConfig
+from quadrant.engine.request import Request
+
+if TYPE_CHECKING:
+    from quadrant.engine.engine import LLMEngine
+
+Drafts = dict[str, tuple[list[int], torch.Tensor | None]]  # request id -> (draft tokens, their q [k, V] or None)
+
+
+class Proposer(Protocol):
+    def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
+        """Drafts for each (request, at most k tokens); a request may get none."""
+
+    def retain(self, live: set[str]) -> None:
+        """Forget every request not in `live` (finished, aborted or preempted)."""
+
+
+@dataclass
+class SpecStats:
+    """Totals since start. Acceptance rate: accepted / drafted tokens. Acceptance length: tokens a
+    verifying row adds per step (accepted drafts + the target's own), the speed-up's upper bound."""
+
+    num_verifications: int = 0  # request-steps that verified drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_backoffs: int = 0  # times a request stopped speculating for low acceptance
+    num_large_batch_steps: int = 0  # steps that skipped speculation: too many requests decoding
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_verifications if self.num_verifications else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"verifications": self.num_verifications, "draft_tokens": self.num_draft_tokens,
+                "accepted_tokens": self.num_accepted_tokens, "backoffs": self.num_backoffs,
+                "large_batch_steps": self.num_large_batch_steps, "acceptance_rate": self.acceptance_rate,
+                "acceptance_length": self.acceptance_length}
+
+
+def make_proposer(config: SpeculativeConfig, engine: LLMEngine) -> Proposer:
+    if config.method == "ngram":
+        from quadrant.engine.spec.ngram import NgramProposer
+
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.method == "draft":
+        from quadrant.engine.spec.draft import DraftModelProposer
+
+        return DraftModelProposer.for_engine(config, engine)
+    raise ValueError(f"no proposer for speculative method {config.method!r}")

@@ -1,0 +1,328 @@
+"""Speculative decoding against plain decoding and transformers: greedy output identical for every
+proposer (dense, MoE, under preemption and tight budgets), draft = target accepting everything,
+speculative sampling distributed exactly as the target (chi-square, unit and end to end), finish
+rules and logprobs unchanged, n-gram drafting on repetitive text and backing off on adversarial
+text, blocks freed on abort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+transformers = pytest.importorskip("transformers")
+
+from quadrant import SamplingParams  # noqa: E402
+from quadrant.config import SpeculativeConfig  # noqa: E402
+from quadrant.engine.request import Request  # noqa: E402
+from quadrant.engine.spec.ngram import lookup  # noqa: E402
+from quadrant.engine.spec.policy import SpeculationPolicy, best_num_drafts, expected_tokens  # noqa: E402
+from quadrant.engine.spec.verify import verify  # noqa: E402
+from quadrant.engine.step import WorkerRequest  # noqa: E402
+from quadrant.layers.sampler import apply_penalties, filter_logits  # noqa: E402
+
+from tests.engine.conftest import hf_greedy, make_engine, run_all  # noqa: E402
+
+NGRAM = SpeculativeConfig("ngram", 4)
+DRAFT_SELF = SpeculativeConfig("draft", 4)  # the target as its own draft
+DRAFT_CUT = SpeculativeConfig("draft", 3, draft_layers=1)  # the target's first layer: often wrong
+
+
+@pytest.fixture(scope="module")
+def spec_prompts(prompts):
+    """The engine prompts plus one that repeats a phrase (prompt lookup drafts from it)."""
+    phrase = [5, 17, 99, 3, 250, 42, 7, 8]
+    return [*prompts, phrase * 5]
+
+
+@pytest.fixture(scope="module")
+def spec_reference(tiny, spec_prompts):
+    return [hf_greedy(tiny[1], p, 24) for p in spec_prompts]
+
+
+GREEDY24 = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT_SELF, DRAFT_CUT], ids=["ngram", "draft-self", "draft-1-layer"])
+@pytest.mark.parametrize("regime", ["batched", "tiny-pool", "small-budget"])
+def test_greedy_identical_with_every_proposer(tiny, spec_prompts, spec_reference, spec, regime):
+    path, _ = tiny
+    options = {"batched": {}, "tiny-pool": {"num_blocks": 30, "budget": 16}, "small-budget": {"budget": 7}}[regime]
+    engine = make_engine(path, speculative=spec, **options)
+    assert run_all(engine, spec_prompts, GREEDY24) == spec_reference
+    stats = engine.spec_stats
+    assert stats.num_verifications > 0 and stats.num_draft_tokens > 0
+    if spec is DRAFT_SELF:
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    if regime == "tiny-pool":
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks  # nothing leaked
+    if spec.method == "draft":
+        engine.proposer.retain(set())
+        assert len(engine.proposer.free_blocks) == engine.kv.pool.num_blocks
+
+
+def test_draft_equal_to_target_accepts_every_token(tiny, prompts):
+    """K drafts from the target itself: acceptance rate exactly 1 and length exactly K + 1. max_tokens
+    is 1 + 6 (K + 1), so every verification can take all K drafts and none is cut short."""
+    path, model = tiny
+    k = 3
+    params = SamplingParams(max_tokens=1 + 6 * (k + 1), temperature=0.0, ignore_eos=True)
+    engine = make_engine(path, speculative=SpeculativeConfig("draft", k, draft_cost=0.0))  # always K drafts
+    assert run_all(engine, prompts, params) == [hf_greedy(model, p, params.max_tokens) for p in prompts]
+    stats = engine.spec_stats
+    assert stats.num_verifications == 6 * len(prompts)
+    assert stats.acceptance_rate == 1.0
+    assert stats.acceptance_length == k + 1
+
+
+def test_moe_greedy_identical(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 23)] + [[9, 8, 7, 6, 5] * 6]
+    plain = run_all(make_engine(str(tmp_path)), prompts, GREEDY24)
+    for spec in (NGRAM, DRAFT_SELF, SpeculativeConfig("draft", 2, draft_layers=1)):
+        engine = make_engine(str(tmp_path), speculative=spec)
+        assert run_all(engine, prompts, GREEDY24) == plain, spec
+        assert engine.spec_stats.num_draft_tokens > 0
+
+
+# -- sampling: the output is distributed as the target's ------------------------------------------
+def _draws_of_verify(p_logits: torch.Tensor, q: torch.Tensor | None, draws: int, seed: int = 0) -> torch.Tensor:
+    """Run verify() `draws` times on fixed target logits [3, V] with 2 drafts: drawn from q [2, V], or
+    certain (n-gram: always tokens 0 and 1). Returns the first two output tokens [draws, 2]; when only one
+    came out, the second is what the next step would draw (logits that do not depend on the history:
+    position 2's)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=1.0)
+    req = WorkerRequest("r", [0], [], params, gen, [])
+    out = torch.empty((draws, 2), dtype=torch.long)
+    for i in range(draws):
+        drafts = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(2)] if q is not None else [0, 1]
+        tokens = verify(p_logits, drafts, q, req, None)
+        assert 1 <= len(tokens) <= 3
+        if len(tokens) == 1:
+            tokens.append(int(torch.multinomial(p_logits[1].softmax(-1), 1, generator=gen)))
+        out[i] = torch.tensor(tokens[:2])
+    return out
+
+
+@pytest.mark.parametrize("drafts", ["model", "certain"])
+def test_verify_is_distributed_as_the_target(drafts):
+    """The first two tokens out of verification, jointly, against the target's own p1 x p2 (the fixed
+    logits do not depend on the history). p > 0.001: a correct verifier fails this one time in a thousand."""
+    vocab, draws = 5, 12_000
+    p_logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0], [0.1, 1.2, 0.3, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.1, 0.4, 0.1, 0.1]]) if drafts == "model" else None
+    out = _draws_of_verify(p_logits, q, draws)
+    p = p_logits.softmax(-1)
+    joint = (p[0][:, None] * p[1][None, :]).flatten().double()
+    joint /= joint.sum()
+    counts = torch.bincount(out[:, 0] * vocab + out[:, 1], minlength=vocab * vocab).double()
+    assert chisquare(counts.numpy(), (joint * draws).numpy()).pvalue > 1e-3
+
+
+def _exact_marginal(model, prompt: list[int], params: SamplingParams, steps: int) -> dict[tuple[int, ...], float]:
+    """P(first `steps` tokens) under the target with every sampling option, by enumerating the support
+    (transformers' logits, quadrant's filters, which tests/layers/test_sampler.py checks on their own)."""
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(steps):
+        nxt: dict[tuple[int, ...], float] = {}
+        for seq, mass in dist.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1].float()
+            row = apply_penalties(logits, params, prompt, list(seq))
+            probs = filter_logits(row, params).softmax(-1)
+            for t in torch.nonzero(probs).flatten().tolist():
+                nxt[seq + (t,)] = mass * float(probs[t])
+        dist = nxt
+    return dist
+
+
+def test_speculative_sampling_matches_target_distribution_end_to_end(tiny):
+    """4096 samples of 4 tokens through the engine with a 1-layer draft (often rejected, so the
+    residual draws matter), top-k, top-p and a repetition penalty; the 4-token sequences' frequencies
+    against their exact probabilities (rare ones pooled)."""
+    path, model = tiny
+    prompt = [11, 200, 37, 5, 90]
+    params = SamplingParams(n=128, max_tokens=4, temperature=0.9, top_k=4, top_p=0.95, repetition_penalty=1.3,
+                            ignore_eos=True)
+    spec = SpeculativeConfig("draft", 2, draft_layers=1, max_batch_size=4096, draft_cost=0.0)  # never backs off
+    engine = make_engine(path, num_blocks=4096, max_num_seqs=256, speculative=spec)
+    for i in range(32):
+        engine.add_request(prompt, params, request_id=str(i))
+    counts: dict[tuple[int, ...], int] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                for c in out.outputs:
+                    counts[tuple(c.token_ids)] = counts.get(tuple(c.token_ids), 0) + 1
+    stats = engine.spec_stats
+    assert stats.num_verifications > 1000 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    exact = _exact_marginal(model, prompt, params, 4)
+    assert set(counts) <= set(exact)  # nothing outside the filtered support
+    total = sum(counts.values())
+    common = sorted(s for s, pr in exact.items() if pr * total >= 5)
+    observed = [counts.get(s, 0) for s in common]
+    expected = [exact[s] * total for s in common]
+    observed.append(total - sum(observed))
+    expected.append(total - sum(expected))
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_seeded_sampling_is_reproducible_with_speculation(tiny, prompts):
+    path, _ = tiny
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    runs = [run_all(make_engine(path, speculative=DRAFT_CUT), prompts[:3], params) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+# -- what callers see: finish reasons, stop tokens, logprobs -----------------------------------------
+def test_stop_tokens_max_tokens_and_logprobs_unchanged(tiny, spec_prompts, spec_reference):
+    """A stop token inside an accepted run of drafts ends the request there, as one-token steps would;
+    logprob records match plain decoding's (the verifying rows' logits, within float tolerance)."""
+    path, _ = tiny
+    i = len(spec_prompts) - 1
+    stop = spec_reference[i][9]  # stops at its first occurrence
+    first = spec_reference[i].index(stop)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[stop], logprobs=2)
+    plain_engine, spec_engine = make_engine(path), make_engine(path, speculative=DRAFT_SELF)
+    results = []
+    for engine in (plain_engine, spec_engine):
+        engine.add_request(spec_prompts[i], params, request_id="s")
+        engine.add_request(spec_prompts[0], SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True,
+                                                           logprobs=1), request_id="m")
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        results.append(done)
+    plain, spec = results
+    assert spec["s"].token_ids == plain["s"].token_ids == spec_reference[i][: first + 1]
+    assert spec["s"].finish_reason == "stop" and spec["s"].stop_reason == stop
+    assert len(spec["m"].token_ids) == 13 and spec["m"].finish_reason == plain["m"].finish_reason == "length"
+    for rid in ("s", "m"):
+        assert len(spec[rid].logprobs) == len(spec[rid].token_ids)
+        for a, b in zip(spec[rid].logprobs, plain[rid].logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert spec_engine.spec_stats.num_accepted_tokens > 0
+
+
+def test_abort_mid_run_frees_every_block(tiny, prompts):
+    path, _ = tiny
+    engine = make_engine(path, speculative=DRAFT_SELF)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, GREEDY24, request_id=str(i))
+    for _ in range(3):
+        engine.step()
+    assert engine.spec_stats.num_verifications > 0
+    assert len(engine.proposer.free_blocks) < engine.kv.pool.num_blocks  # the draft's cache holds them too
+    for i in range(len(prompts)):
+        engine.abort_request(str(i))
+    engine.step()
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+    assert len(engine.proposer.free_blocks) == engine.kv.pool.num_blocks
+
+
+# -- n-gram drafting and the back-off policy ---------------------------------------------------------
+def test_ngram_lookup_takes_the_latest_longest_match():
+    import numpy as np
+
+    seq = np.array([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 2, 3])
+    assert lookup(seq, 3, 2, 4) == [5, 6, 7]  # "2 3" last seen before "5 6 7"
+    assert lookup(np.array([1, 2, 3, 1, 2, 3]), 4, 2, 3) == [1, 2, 3]  # what follows may overlap the end
+    assert lookup(np.array([4, 5, 6, 7]), 3, 1, 3) == []
+
+
+def test_ngram_drafts_and_accepts_on_copied_text(default_gguf_path):
+    """The default model asked to copy a list: prompt lookup drafts from it, most drafts are accepted,
+    and the text, finish reason and stop string handling are those of plain decoding."""
+    from quadrant.engine.engine import LLM
+
+    items = "apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon, mango, nectarine"
+    prompt = f"The list: {items}. The same list again: apple, banana, cherry,"
+    params = SamplingParams(max_tokens=48, temperature=0.0, stop=["nectarine"])
+    llms = [LLM(str(default_gguf_path), weight_format="dense", **options)  # fp32: see test_speculative_server
+            for options in ({}, {"speculative_method": "ngram", "num_speculative_tokens": 4})]
+    plain, spec = (llm.generate(prompt, params, use_tqdm=False)[0].outputs[0] for llm in llms)
+    stats = llms[1].engine.spec_stats
+    assert stats.num_accepted_tokens >= 10 and stats.acceptance_length > 2.0, stats
+    assert "kiwi, lemon, mango" in spec.text
+    assert (spec.text, spec.token_ids, spec.finish_reason, spec.stop_reason) == \
+        (plain.text, plain.token_ids, plain.finish_reason, plain.stop_reason)
+
+
+def test_ngram_backs_off_on_an_adversarial_prompt(tiny):
+    """Every token of the vocabulary appears in the prompt, each always followed by the same one, so
+    unigram lookup always drafts; the model does not follow: it must stop trying."""
+    path, _ = tiny
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(5)).tolist()
+    prompt = perm + perm[:200]
+    engine = make_engine(path, num_blocks=512, speculative=SpeculativeConfig("ngram", 4, prompt_lookup_min=1))
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    assert run_all(engine, [prompt], params) == run_all(make_engine(path, num_blocks=512), [prompt], params)
+    stats = engine.spec_stats
+    assert stats.num_backoffs >= 2
+    assert stats.num_verifications < 20  # of 47 decoding steps: speculation paused for most of them
+    assert stats.acceptance_rate < 0.25
+
+
+def test_policy_drafts_what_pays_and_pauses_longer_on_every_repeat():
+    policy = SpeculationPolicy(SpeculativeConfig("ngram", 4), max_model_len=100, draft_cost=0.25)
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=40))
+    first = policy.num_drafts(req)
+    assert 0 < first < 4  # a new request's prior (a = 2/3) does not pay for 4 drafts at cost 0.25
+    for _ in range(5):
+        assert not policy.record("r", 4, 4)
+    assert policy.num_drafts(req) == 4  # everything accepted: the longest row pays best
+    pauses = []
+    for _ in range(3):
+        while not policy.record("r", 4, 0):
+            pass
+        n = 0
+        while policy.num_drafts(req) == 0:
+            n += 1
+        pauses.append(n)
+    assert pauses == [4, 8, 16]
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert best_num_drafts(0.2, 4, 0.25) == 0  # a below the cost: plain decoding is faster
+    req.output_ids = [1] * 38  # two tokens left: one verification adds at most k + 1
+    policy.states.clear()
+    assert policy.num_drafts(req) == 1
+    policy.retain(set())
+    assert not policy.states
+
+
+def test_large_batches_do_not_speculate(tiny, prompts):
+    path, _ = tiny
+    engine = make_engine(path, speculative=SpeculativeConfig("draft", 2, max_batch_size=2))
+    run_all(engine, prompts, GREEDY24)
+    assert engine.spec_stats.num_large_batch_steps > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "eagle"}, "eagle is not built yet"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "model": "x"}, "need --speculative-method draft"),
+    ({"method": "draft", "draft_layers": 0}, "draft_layers"),
+])
+def test_bad_speculative_settings_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig(**kwargs)
+
+
+def test_draft_model_must_share_the_vocabulary(tiny, tmp_path):
+    from tests.tiny_models import save_tiny_llama
+
+    other = tmp_path / "other"
+    save_tiny_llama(other, hidden_size=32, intermediate_size=64, num_layers=1)
+    cfg = (other / "config.json").read_text().replace('"vocab_size": 256', '"vocab_size": 300')
+    (other / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        make_engine(tiny[0], speculative=SpeculativeConfig("draft", 2, model=str(other)))
