@@ -76,8 +76,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
     raise RuntimeError("server did not come up")
 
 
-def start_quadrant(model: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "quadrant", "serve", model, "--port", str(port)],
+# Server name -> the `quadrant serve` flags it adds (llama.cpp: its own server).
+SERVERS = {"quadrant": [], "quadrant-ngram": ["--speculative-method", "ngram"], "llama.cpp": []}
+
+
+def start_quadrant(model: str, port: int, extra: list[str] = ()) -> subprocess.Popen:  # type: ignore[assignment]
+    proc = subprocess.Popen([sys.executable, "-m", "quadrant", "serve", model, "--port", str(port), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_healthy(f"http://127.0.0.1:{port}", proc, "/health")
     return proc
@@ -99,7 +103,10 @@ def start_llama_cpp(path: str, port: int, threads: int, find_links: str | None) 
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    # Usage, where the server sends it, counts tokens exactly (a speculative step streams several per chunk).
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    usage = None
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -111,12 +118,15 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"].get("completion_tokens")
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     tokens += 1
                     first = first or time.perf_counter()
     except httpx.HTTPError:
         return Result(0, 0, 0, False)
     end = time.perf_counter()
+    tokens = usage or tokens
     if first is None:
         return Result(end - start, 0, 0, True)
     return Result(first - start, (end - first) / max(1, tokens - 1), tokens, True)
@@ -154,17 +164,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
+    ap.add_argument("--servers", nargs="+", choices=sorted(SERVERS), default=["quadrant", "llama.cpp"],
+                    help="quadrant-ngram: quadrant with n-gram speculative decoding")
     args = ap.parse_args()
     path = str(store.resolve(args.model, pull_missing=True))
     threads = torch.get_num_threads()
     items = workload(args.num_prompts)
     table = {}
-    for name in ("quadrant", "llama.cpp"):
+    for name in args.servers:
         port = free_port()
-        proc = (start_quadrant(args.model, port) if name == "quadrant"
+        proc = (start_quadrant(args.model, port, SERVERS[name]) if name != "llama.cpp"
                 else start_llama_cpp(path, port, threads, args.find_links))
         try:
-            model = args.model if name == "quadrant" else path
+            model = path if name == "llama.cpp" else args.model
             asyncio.run(run_level(f"http://127.0.0.1:{port}", model, items[:4], 2))  # warm-up
             for c in args.concurrency:
                 table[(name, c)] = asyncio.run(run_level(f"http://127.0.0.1:{port}", model, items, c))
@@ -173,15 +185,19 @@ def main() -> None:
             proc.wait(timeout=60)
     print(f"\n{time.strftime('%Y-%m-%d')} | {os.cpu_count()} cores, {threads} threads | {args.model} | "
           f"{args.num_prompts} prompts, ShareGPT-like lengths (seed 0), greedy, streamed")
-    print(f"{'server':<10} {'conc':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+    print(f"{'server':<14} {'conc':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
           f"{'TPOT p99':>9} {'failed':>6}")
     for (name, c), r in table.items():
-        print(f"{name:<10} {c:>4} {r['throughput']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s "
+        print(f"{name:<14} {c:>4} {r['throughput']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s "
               f"{r['tpot_p50'] * 1000:>7.0f}ms {r['tpot_p99'] * 1000:>7.0f}ms {r['failed']:>6}")
-    for c in args.concurrency:
-        q, l = table[("quadrant", c)], table[("llama.cpp", c)]
-        print(f"concurrency {c}: throughput ratio {q['throughput'] / l['throughput']:.2f}, "
-              f"p99 TTFT ratio {q['ttft_p99'] / l['ttft_p99']:.2f}")
+    peer = "llama.cpp" if "llama.cpp" in args.servers else "quadrant"
+    for name in args.servers:
+        if name == peer:
+            continue
+        for c in args.concurrency:
+            q, l = table[(name, c)], table[(peer, c)]
+            print(f"{name} vs {peer}, concurrency {c}: throughput ratio {q['throughput'] / l['throughput']:.2f}, "
+                  f"p99 TTFT ratio {q['ttft_p99'] / l['ttft_p99']:.2f}")
 
 
 if __name__ == "__main__":

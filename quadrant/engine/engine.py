@@ -30,6 +30,7 @@ from quadrant.engine.step import StepEncoder
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
+from quadrant.quant.formats import SMALL_BATCH_TOKENS
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -71,7 +72,10 @@ class LLMEngine:
         self.steps = StepEncoder()
         spec = config.speculative
         self.proposer: Proposer | None = make_proposer(spec, self) if spec.enabled else None
-        self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device))
+        # CPU auto weights: past SMALL_BATCH_TOKENS tokens a step runs bf16 GEMMs instead of compact kernels.
+        cpu_auto = self.weight_format == "auto" and config.device.startswith("cpu")
+        self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device),
+                                             SMALL_BATCH_TOKENS if cpu_auto else None)
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()
@@ -298,10 +302,11 @@ class LLMEngine:
         if len(decoding) > self.config.speculative.max_batch_size:
             self.spec_stats.num_large_batch_steps += 1
             return
-        asks = [(r, k) for r in decoding if (k := self.spec_policy.num_drafts(r)) > 0]
-        if not asks:
+        plan = self.spec_policy.plan(decoding)
+        if not plan:
             return
-        by_id = {r.request_id: r for r, _ in asks}
+        by_id = {r.request_id: r for r in decoding}
+        asks = [(by_id[rid], k) for rid, k in plan.items()]
         for rid, (tokens, probs) in self.proposer.propose(asks).items():
             by_id[rid].draft_token_ids, by_id[rid].draft_probs = tokens, probs
 

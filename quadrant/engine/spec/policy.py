@@ -1,20 +1,25 @@
-"""When to speculate, and how many tokens.
+"""When to speculate, and how many tokens each request drafts.
 
-A verifying step costs more than a one-token step: on this project's CPU kernels each extra token
-in the row adds about a quarter of a decode step (measured: BENCHMARKS.md), on a GPU a few percent
-(decode reads the weights once, whatever the row count). So speculating k tokens pays only if the
-tokens it is expected to add, (1 - a^(k+1)) / (1 - a) for a per-draft acceptance probability a,
-beat its cost, 1 + c k for a relative cost c per drafted token (`draft_cost`). Each request keeps a
-decayed count of accepted drafts and of rejections (a verification that did not take all its drafts
-saw one), estimates a from them, and asks for the k in 1..K with the best expected tokens per unit
-of cost. When no k pays (a <= c), the request pauses for a number of steps that doubles at every
-repeat (4, 8, ... 64), then probes again; a good probe resumes it. Above `max_batch_size` decoding
-requests no step speculates (the step is compute-bound; peers measure 1.4-1.8x slowdowns there).
-Drafts never pass the request's max_tokens or the model's context.
+A step of T tokens costs about 1 + c (T - 1) one-token steps, c being `draft_cost`: on this
+project's CPU kernels each extra token adds about a quarter of a decode step (BENCHMARKS.md), on a
+GPU a few percent (decode reads the weights once, whatever the row count). A request whose drafts
+are accepted with probability a adds a^(k+1) expected tokens with its (k+1)-th draft. Each step,
+the drafts go one at a time to the request whose next draft adds the most, while that raises the
+step's expected tokens per unit of cost (the goodput-greedy allocation of SmartSpec, Liu et al.
+2024): a lone request drafts several tokens, a large batch, already compute-bound, drafts few or
+none, and a request with poor acceptance drafts nothing. On CPU a step also stays within
+`max_step_tokens` (the batch size up to which the compact-weight kernels run; beyond it the whole
+step switches to bf16 GEMMs, several times dearer).
+
+Each request keeps decayed counts of accepted drafts and of rejections (a verification that did not
+take all its drafts saw one) to estimate a. When even a lone request's drafts cannot pay (a about c or
+less), it pauses for a number of steps that doubles at every repeat (4, 8, ... 64), then probes again. Above
+`max_batch_size` decoding requests no step speculates. Drafts never pass max_tokens or the context.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from quadrant.config import SpeculativeConfig
@@ -22,7 +27,8 @@ from quadrant.engine.request import Request
 
 _FIRST_PAUSE, _LONGEST_PAUSE = 4, 64
 _DECAY = 0.8  # weight of the history at each new verification
-_PRIOR_ACCEPTED, _PRIOR_REJECTED = 2.0, 1.0  # a new request starts from a = 2/3
+_PRIOR_ACCEPTED, _PRIOR_REJECTED = 1.0, 1.0  # a new request starts from a = 1/2: batches of 4+ wait for evidence
+_CLEAR_GAIN = 1.01  # a draft must raise the step's expected tokens per unit of cost by 1%
 
 
 @dataclass
@@ -45,47 +51,62 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
 
 
-def best_num_drafts(acceptance: float, max_k: int, draft_cost: float) -> int:
-    """The k in 0..max_k with the most expected tokens per unit of step cost (0: plain decoding)."""
-    best_k, best = 0, 1.0
-    for k in range(1, max_k + 1):
-        gain = expected_tokens(acceptance, k) / (1.0 + draft_cost * k)
-        if gain > best * 1.02:  # a longer row must pay clearly
-            best_k, best = k, gain
-    return best_k
-
-
 class SpeculationPolicy:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft_cost: float) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft_cost: float,
+                 max_step_tokens: int | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.draft_cost = draft_cost
+        self.max_step_tokens = max_step_tokens
         self.states: dict[str, _RequestState] = {}
 
-    def num_drafts(self, req: Request) -> int:
-        """Draft tokens to ask for this request's next step (0: do not speculate)."""
-        state = self.states.setdefault(req.request_id, _RequestState())
-        if state.paused_steps > 0:
-            state.paused_steps -= 1
-            return 0
-        # The verifying step adds at most k + 1 tokens: past max_tokens or the context they are wasted.
-        left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - req.num_tokens) - 1
-        k = min(self.config.num_speculative_tokens, left)
-        if k <= 0:
-            return 0
-        # A probe after a pause tries one token at least, or the estimate could never recover.
-        return max(1, best_num_drafts(state.acceptance, k, self.draft_cost))
+    def cost(self, num_tokens: int) -> float:
+        """A step of num_tokens tokens, in one-token steps."""
+        return 1.0 + self.draft_cost * (num_tokens - 1)
+
+    def plan(self, decoding: list[Request]) -> dict[str, int]:
+        """Draft tokens for each decoding request's next step (absent: none)."""
+        limits: dict[str, tuple[Request, _RequestState, int]] = {}
+        for req in decoding:
+            state = self.states.setdefault(req.request_id, _RequestState())
+            if state.paused_steps > 0:
+                state.paused_steps -= 1
+                continue
+            # The verifying step adds at most k + 1 tokens: past max_tokens or the context they are wasted.
+            left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - req.num_tokens) - 1
+            k = min(self.config.num_speculative_tokens, left)
+            if k > 0:
+                limits[req.request_id] = (req, state, k)
+        tokens, expected = len(decoding), float(len(decoding))
+        room = self.max_step_tokens - tokens if self.max_step_tokens is not None else len(limits) * 16
+        plan: dict[str, int] = {}
+        # Max-heap on the expected tokens the next draft adds: a^(k+1) for a request drafting k so far.
+        heap = [(-state.acceptance, rid) for rid, (_, state, _) in limits.items()]  # (-gain, id)
+        heapq.heapify(heap)
+        while heap and room > 0:
+            neg_gain, rid = heapq.heappop(heap)
+            if (expected - neg_gain) / self.cost(tokens + 1) <= expected / self.cost(tokens) * _CLEAR_GAIN:
+                break  # the best remaining draft does not pay for its share of the step
+            k = plan.get(rid, 0) + 1
+            plan[rid] = k
+            tokens, expected, room = tokens + 1, expected - neg_gain, room - 1
+            _, state, limit = limits[rid]
+            if k < limit:
+                heapq.heappush(heap, (neg_gain * state.acceptance, rid))
+        return plan
 
     def record(self, request_id: str, drafted: int, accepted: int) -> bool:
         """Take a verification's outcome; True when the request now backs off."""
         state = self.states.setdefault(request_id, _RequestState())
         state.accepted = _DECAY * state.accepted + accepted
         state.rejected = _DECAY * state.rejected + (1.0 if accepted < drafted else 0.0)
-        if best_num_drafts(state.acceptance, self.config.num_speculative_tokens, self.draft_cost) > 0:
-            state.next_pause = _FIRST_PAUSE
+        if (1.0 + state.acceptance) / self.cost(2) > _CLEAR_GAIN:  # a lone request's first draft still pays
+            if accepted:
+                state.next_pause = _FIRST_PAUSE  # drafts land again: the next pause starts short
             return False
         state.paused_steps = state.next_pause
         state.next_pause = min(2 * state.next_pause, _LONGEST_PAUSE)
+        state.accepted, state.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED  # the probe starts afresh
         return True
 
     def retain(self, live: set[str]) -> None:
