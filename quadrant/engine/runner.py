@@ -154,9 +154,9 @@ class ModelRunner:
             span = logits[offsets[i] : offsets[i] + k + 1]
             accepted = verify(span, row.draft_token_ids, row.draft_probs, req, self.generator)
             want = req.params.logprobs
-            records = logprob_records(span[: len(accepted)], accepted, [want] * len(accepted)) \
+            kept_records = logprob_records(span[: len(accepted)], accepted, [want] * len(accepted)) \
                 if want is not None and accepted else []
-            sampled[req.request_id] = (accepted, records)
+            sampled[req.request_id] = (accepted, kept_records)
         return sampled
 
     def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
