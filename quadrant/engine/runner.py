@@ -113,26 +113,28 @@ class ModelRunner:
                 if row.num_computed_tokens + row.num_new_tokens == req.num_tokens + len(row.draft_token_ids)]
         logits = self._graph_logits(batch)
         if logits is None:
-            ids, pos, meta = self.prepare(batch)
-            hidden = self.model(ids, pos, meta)  # [T, D]
-            if not rows:
-                return StepOutput()
             # Logits at each sampling row's last token and at each of its drafts.
-            ends = [meta.query_start_loc_cpu[i + 1] for i in rows]
-            picks = [t for i, end in zip(rows, ends) for t in range(end - 1 - len(batch[i][1].draft_token_ids), end)]
-            logits = self.model.compute_logits(hidden[torch.tensor(picks, device=self.device)])  # [N, V] fp32
+            sampling = set(rows)
+            logits = self.forward_logits(batch, [1 + len(row.draft_token_ids) if i in sampling else 0
+                                                 for i, (_, row) in enumerate(batch)])
         elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
-        if not rows or not self.samples:
+        if logits is None or not rows or not self.samples:
             return StepOutput()
-        if all(not batch[i][1].draft_token_ids for i in rows):
-            requests: list[WorkerRequest] = [batch[i][0] for i in rows]
-            tokens, records = sample(logits, requests, self.generator)
-            return StepOutput({r.request_id: ([t] if t is not None else [], [lp] if lp is not None else [])
-                               for r, t, lp in zip(requests, tokens, records)})
-        return StepOutput(self._sample_speculative(logits, [batch[i] for i in rows]))
+        return StepOutput(self._sample(logits, [batch[i] for i in rows]))
 
-    def _sample_speculative(self, logits: torch.Tensor, rows: Batch) -> Sampled:
+    def forward_logits(self, batch: Batch, tails: list[int]) -> torch.Tensor | None:
+        """Run the batch through the model; the logits [sum(tails), V] fp32 at the last tails[i] tokens
+        of each row, in batch order (None, and no LM head, when no row asks for any)."""
+        ids, pos, meta = self.prepare(batch)
+        hidden = self.model(ids, pos, meta)  # [T, D]
+        ends = meta.query_start_loc_cpu[1:]
+        picks = [t for end, n in zip(ends, tails) for t in range(end - n, end)]
+        if not picks:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(picks, device=self.device)])
+
+    def _sample(self, logits: torch.Tensor, rows: Batch) -> Sampled:
         """Rows that verify drafts take their tokens from verification, the others one sampled token
         each; logits hold one row per plain request and k + 1 per verifying one, in batch order."""
         sampled: Sampled = {}
@@ -143,8 +145,9 @@ class ModelRunner:
         plain = [i for i, (_, row) in enumerate(rows) if not row.draft_token_ids]
         if plain:
             requests = [rows[i][0] for i in plain]
-            tokens, records = sample(logits[torch.tensor([offsets[i] for i in plain], device=self.device)],
-                                     requests, self.generator)
+            plain_logits = logits if len(plain) == len(rows) else \
+                logits[torch.tensor([offsets[i] for i in plain], device=self.device)]
+            tokens, records = sample(plain_logits, requests, self.generator)
             for req, t, lp in zip(requests, tokens, records):
                 sampled[req.request_id] = ([t] if t is not None else [], [lp] if lp is not None else [])
         for i, (req, row) in enumerate(rows):

@@ -70,6 +70,14 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
+    """logits: [V] -> with logit bias and penalties applied (the same tensor when the request has none)."""
+    if params.logit_bias or params.uses_penalties:
+        return apply_penalties(logits, params, prompt_ids, output_ids)
+    return logits
+
+
 def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_generator: torch.Generator | None = None
            ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None).
@@ -114,7 +122,7 @@ def logprob_records(logits: torch.Tensor, tokens: Sequence[int], num_top: Sequen
 def _sample_row(logits: torch.Tensor, req: SamplingState, default_generator: torch.Generator | None) -> torch.Tensor:
     """The row's token as a 0-d device tensor; -1 if its distribution is not usable (no host sync)."""
     p = req.params
-    row = apply_penalties(logits, p, req.prompt_ids, req.output_ids) if (p.logit_bias or p.uses_penalties) else logits
+    row = adjusted_logits(logits, p, req.prompt_ids, req.output_ids)
     if p.greedy:
         token = row.argmax()
         return torch.where(torch.isfinite(row[token]), token, -1)

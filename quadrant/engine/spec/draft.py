@@ -41,11 +41,10 @@ class _DraftState:
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, num_blocks: int, vocab_size: int) -> None:
+    def __init__(self, runner: ModelRunner, num_blocks: int) -> None:
         self.runner = runner
         self.block_size = runner.block_size
         self.free_blocks = list(range(num_blocks))
-        self.vocab_size = vocab_size
         self.states: dict[str, _DraftState] = {}
         self.generator = torch.Generator(device=runner.device)
         self.generator.seed()
@@ -73,7 +72,7 @@ class DraftModelProposer:
         num_blocks = engine.kv.pool.num_blocks
         runner = ModelRunner(model, source.config, target.cache, num_blocks, dtype, target.device,
                              target.resolved_backend, max_model_len=engine.max_model_len, samples=False)
-        return cls(runner, num_blocks, source.config.vocab_size)
+        return cls(runner, num_blocks)
 
     # -- per request state ---------------------------------------------------------------------
     def retain(self, live: set[str]) -> None:
@@ -128,7 +127,9 @@ class DraftModelProposer:
             state.num_computed = mirror.num_tokens
         active = rows
         while True:
-            for (req, _, _, mirror), row_logits in zip(active, self._forward(batch)):
+            logits = self.runner.forward_logits(batch, [1] * len(batch))
+            assert logits is not None
+            for (req, _, _, mirror), row_logits in zip(active, logits):
                 token, q = self._choose(row_logits, mirror)
                 drafts[req.request_id].append(token)
                 if q is not None:
@@ -146,13 +147,6 @@ class DraftModelProposer:
         return {req.request_id: (drafts[req.request_id],
                                  torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
                 for req, *_ in rows}
-
-    def _forward(self, batch: list[tuple[WorkerRequest, ScheduledRow]]) -> torch.Tensor:
-        """The draft's logits [B, V] at each row's last token."""
-        ids, pos, meta = self.runner.prepare(batch)
-        hidden = self.runner.model(ids, pos, meta)
-        last = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in range(len(batch))], device=ids.device)
-        return self.runner.model.compute_logits(hidden[last])
 
     def _choose(self, logits: torch.Tensor, mirror: WorkerRequest) -> tuple[int, torch.Tensor | None]:
         """The next draft token, and for sampled requests the distribution it was drawn from."""

@@ -18,25 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from quadrant.layers.sampler import SamplingState, apply_penalties, filter_logits
+from quadrant.layers.sampler import SamplingState, adjusted_logits, filter_logits
 
 
-def adjusted_logits(logits: torch.Tensor, req: SamplingState, history: list[int]) -> torch.Tensor:
-    """logits: [V] -> with bias and penalties applied as if `history` were the output so far."""
-    p = req.params
-    return apply_penalties(logits, p, req.prompt_ids, history) if (p.logit_bias or p.uses_penalties) else logits
+# `history`: the output as it stands at that position (accepted drafts included), for the penalties.
 
 
 def distribution(logits: torch.Tensor, req: SamplingState, history: list[int]) -> torch.Tensor | None:
     """The [V] probabilities a sampled (temperature > 0) request draws its next token from; None if unusable."""
-    probs = filter_logits(adjusted_logits(logits, req, history), req.params).softmax(-1)
+    probs = filter_logits(adjusted_logits(logits, req.params, req.prompt_ids, history), req.params).softmax(-1)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         return None
     return probs
 
 
 def greedy_choice(logits: torch.Tensor, req: SamplingState, history: list[int]) -> int | None:
-    row = adjusted_logits(logits, req, history)
+    row = adjusted_logits(logits, req.params, req.prompt_ids, history)
     token = int(row.argmax())
     return token if bool(torch.isfinite(row[token])) else None
 
