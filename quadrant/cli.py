@@ -65,6 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         cuda_graphs=not args.enforce_eager,
+        cpu_compile=not args.enforce_eager,
         parallel=parallel_config(args),
         speculative=SpeculativeConfig(args.speculative_method or "none", args.num_speculative_tokens,
                                       args.speculative_model, args.speculative_draft_layers),
@@ -145,7 +146,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not prompt:
         raise QuadrantError('give a prompt: quadrant run MODEL "your question"')
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    engine = LLMEngine.from_model(args.model, **engine_kwargs(args))
+    # One answer is over before a compiled decode graph would be: run's steps stay eager.
+    engine = LLMEngine.from_model(args.model, **{**engine_kwargs(args), "cpu_compile": False})
     tok = engine.require_tokenizer()
     if tok.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights of the model's shape; MODEL may name a shipped architecture "
                         "(llama-3-8b, smollm2-135m) or a config.json")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU) or compiled graphs (CPU) for decode steps")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
                    help="worker processes that split attention and dense MLPs (must divide the heads)")
     g.add_argument("--ep", "--expert-parallel-size", dest="expert_parallel_size", type=int, default=1,

@@ -622,6 +622,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the config's shape (benchmarks)
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    cpu_compile: bool = True  # CPU: decode steps through torch.compile'd graphs, compiled in the background
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

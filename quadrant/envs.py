@@ -24,3 +24,13 @@ def debug() -> bool:
 def api_key() -> str | None:
     """QUADRANT_API_KEY: the server's API key when --api-key is not given."""
     return os.environ.get("QUADRANT_API_KEY") or None
+
+
+def native_kernels() -> bool:
+    """QUADRANT_NATIVE_KERNELS=0 keeps torch's CPU kernels instead of the compiled integer-dot ones."""
+    return os.environ.get("QUADRANT_NATIVE_KERNELS", "1") not in ("0", "false", "no")
+
+
+def cpu_compile() -> bool:
+    """QUADRANT_CPU_COMPILE=0 keeps CPU decode steps eager (no torch.compile'd graphs)."""
+    return os.environ.get("QUADRANT_CPU_COMPILE", "1") not in ("0", "false", "no")

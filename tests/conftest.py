@@ -13,6 +13,9 @@ import torch
 # GPU every Triton kernel runs on CPU tensors under the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Compiled CPU decode graphs take a minute to build per model and batch size: tests run steps
+# eagerly, except tests/engine/test_cpu_compiled.py, which turns them back on.
+os.environ.setdefault("QUADRANT_CPU_COMPILE", "0")
 
 import pytest
 

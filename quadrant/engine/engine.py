@@ -128,6 +128,14 @@ class LLMEngine:
         assert runner is not None
         return runner
 
+    def compile_decode(self, batch_sizes: list[int]) -> bool:
+        """Compile the CPU decode graphs for these batch sizes now, on this thread (benchmarks time
+        compiled steps, not the background compile); whether all are ready. False where decode steps
+        are not compiled (GPU, --enforce-eager, --tp/--ep, no compiler)."""
+        if not isinstance(self.executor, InProcessExecutor) or self.runner.compiled is None:
+            return False
+        return all([self.runner.compiled.compile_now(n) for n in batch_sizes])
+
     @property
     def groups(self) -> dict[str, RequestGroup]:
         """Caller requests not yet finished, by id."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quadrant.config import CacheConfig, ModelConfig
+from quadrant.engine.cpu_compiled import CompiledDecode
 from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
 from quadrant.engine.spec.verify import verify
@@ -31,7 +32,9 @@ class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  backend: str = "torch", graph_batch_sizes: list[int] | None = None,
-                 max_model_len: int | None = None, samples: bool = True) -> None:
+                 max_model_len: int | None = None, samples: bool = True, compile_decode: int = 0) -> None:
+        """`compile_decode`: on CPU, the largest batch size to run decode steps through compiled graphs
+        (engine/cpu_compiled.py); 0 keeps every step eager."""
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
@@ -40,7 +43,9 @@ class ModelRunner:
         self.generator.seed()
         self.requests = WorkerRequests(self.device)
         self.samples = samples  # False on workers other than rank 0: they run the model, rank 0 samples
-        self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks, dtype, device)
+        # Compiled decode pads its batches with rows that write into one scratch block past the pool's.
+        scratch = 1 if compile_decode else 0
+        self.kv_caches = allocate_kv_tensors(model_config, cache_config, num_blocks + scratch, dtype, device)
         self.backend = TRITON_BACKEND if backend == "triton" else TORCH_BACKEND
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == len(self.kv_caches)
@@ -48,6 +53,10 @@ class ModelRunner:
             layer.kv_cache = kv
             layer.backend = self.backend
         self.graphs: DecodeGraphs | None = None
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            self.compiled = CompiledDecode(self.model, self.block_size, num_blocks, compile_decode)
+            self.compiled.start()
         if graph_batch_sizes:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
             max_len = max_model_len or model_config.max_position_embeddings
@@ -163,8 +172,15 @@ class ModelRunner:
         return sampled
 
     def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
-        """Logits of every row of a decode-only step replayed from a captured graph; None if none fits."""
-        if self.graphs is None or any(row.num_new_tokens != 1 for _, row in batch):
+        """Logits of every row of a decode-only step replayed from a captured graph (or a compiled
+        one on CPU); None if none fits."""
+        if any(row.num_new_tokens != 1 for _, row in batch):
+            return None
+        if self.compiled is not None:
+            input_ids, positions, slots, _, seq_lens = self._flatten(batch)
+            hidden = self.compiled.run(input_ids, positions, slots, seq_lens, [req.block_table for req, _ in batch])
+            return None if hidden is None else self.model.compute_logits(hidden)
+        if self.graphs is None:
             return None
         if not self.graphs.fits(len(batch), max(len(req.block_table) for req, _ in batch)):
             return None

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from quadrant.config import EngineConfig
+from quadrant.engine.cpu_compiled import compile_available
 from quadrant.engine.cuda_graphs import default_batch_sizes
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.step import StepInput, StepOutput
@@ -23,6 +24,7 @@ from quadrant.layers.moe import Experts
 from quadrant.loader.source import ModelSource
 from quadrant.parallel.eplb import move_experts, plan_placement
 from quadrant.parallel.groups import ParallelState
+from quadrant.quant.formats import SMALL_BATCH_TOKENS
 
 
 class Worker:
@@ -66,8 +68,12 @@ class Worker:
         # Expert-parallel dispatch sizes its messages on the host: no graphs for it yet.
         graphs = config.cuda_graphs and backend == "triton" and self.parallel.ep_size == 1
         graph_sizes = default_batch_sizes(config.scheduler.max_num_seqs) if graphs else None
+        # CPU: decode steps through compiled graphs up to the batch sizes the compact kernels serve.
+        compiled = (config.cpu_compile and backend == "torch" and torch.device(config.device).type == "cpu"
+                    and self.parallel.world_size == 1 and not config.cache.quantized and compile_available())
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, self.dtype, config.device,
-                                  backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker)
+                                  backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker,
+                                  compile_decode=min(SMALL_BATCH_TOKENS, config.scheduler.max_num_seqs) if compiled else 0)
         self.runner.capture_graphs()
         self.reset_expert_stats()  # warm-up and capture passes routed nothing real
 

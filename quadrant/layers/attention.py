@@ -53,6 +53,9 @@ class AttentionMetadata:
     # Split-KV plan of a decode-only batch (triton backend): grid depth and [1] int32 chunk length.
     decode_num_splits: int = 1
     decode_chunk: torch.Tensor | None = None
+    # Decode rows over block tables padded to a fixed width (compiled CPU steps): the torch backend
+    # always masks by seq_lens and reads no host-side lengths.
+    padded_decode: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -80,7 +80,8 @@ def torch_attention(
     use_cache = layer.kv_cache is not None and meta.block_tables is not None
     num_seqs = meta.num_seqs
     if use_cache and meta.max_query_len == 1:
-        return _paged_decode(layer, q, meta.block_tables, meta.seq_lens, meta.max_seq_len)  # type: ignore[arg-type]
+        return _paged_decode(layer, q, meta.block_tables, meta.seq_lens, meta.max_seq_len,  # type: ignore[arg-type]
+                             meta.padded_decode)
     if not use_cache and num_seqs > 1 and layer.sliding_window is None and layer.logit_softcap is None:
         lengths = {b - a for a, b in zip(starts, starts[1:])}
         if len(lengths) == 1:  # equal-length sequences (training rows): one batched causal call
@@ -134,7 +135,7 @@ def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int,
 
 
 def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                  max_seq_len: int) -> torch.Tensor:
+                  max_seq_len: int, padded: bool = False) -> torch.Tensor:
     """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
     kv = layer.kv_cache
     assert kv is not None
@@ -143,14 +144,14 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     width = (max_seq_len + block_size - 1) // block_size
     tables = block_tables[:, :width]
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
-    span = max_seq_len if bsz == 1 else width * block_size
+    span = max_seq_len if bsz == 1 and not padded else width * block_size
     k = gather_kv(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)
     v = gather_kv(kv.v, kv.v_scale, kv.group, tables, span, q.dtype)
     qg = q.view(bsz, num_kv, num_heads // num_kv, dim)  # [B, Hk, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:
         scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
-    if bsz > 1 or layer.sliding_window is not None:
+    if bsz > 1 or padded or layer.sliding_window is not None:
         pos = torch.arange(span, device=q.device)
         valid = pos[None, :] < seq_lens[:, None]  # [B, S]
         if layer.sliding_window is not None:

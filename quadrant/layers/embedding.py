@@ -65,6 +65,7 @@ class LMHead(nn.Module):
         self._tied = [tied] if tied is not None else []
         self.weight = None if tied is not None else nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.softcap = softcap
+        self.hidden_size = hidden_size
         self.kernels: Kernels = []
         self.shard: VocabShard | None = None
 

@@ -138,7 +138,8 @@ class ModelSource:
                 head = isinstance(module, LMHead)
                 source = bits.get("model.embed_tokens" if head and module._tied else name, 16)
                 if weight_format == "auto":
-                    module.repack(cpu_plan(source, sensitive=head))
+                    width = module.hidden_size if isinstance(module, LMHead) else module.in_features
+                    module.repack(cpu_plan(source, sensitive=head, in_features=width))
                 else:  # an LM head keeps 8 bits under the 4-bit formats, as `quadrant quantize` stores it
                     fmt = tensor_format("lm_head." if head else name, weight_format)
                     rounded = sliced and isinstance(module, Linear) and module.tp_group is not None

@@ -109,13 +109,24 @@ class Int8Dynamic(WeightFormat):
         return out if x2 is x else out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
-def _cpu_has_vnni() -> bool:
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read(1 << 16)
+            return f.read(1 << 16)
     except OSError:
-        return False
+        return ""
+
+
+def _cpu_has_vnni() -> bool:
+    flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dense dtype of CPU prefill GEMMs: bf16 where the CPU multiplies it natively (AVX512-BF16,
+    AMX), fp32 elsewhere: oneDNN emulates bf16 on plain AVX2 at a sixth of its fp32 rate."""
+    flags = _cpu_flags()
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
 # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16, so activations must
@@ -256,6 +267,66 @@ class GpuQ8(WeightFormat):
 
 
 
+@dataclass(frozen=True)
+class NativeQ4(WeightFormat):
+    """w4a16's weights (asymmetric groups of 32, GGUF Q4_1's grid) through the native CPU kernel
+    (kernels/cpu_native.py), which rounds activations to int16 per 32 inputs (finer than bf16) and
+    multiplies integer blocks, as llama.cpp multiplies Q4_1 by Q8_1. For decode-sized batches; the
+    plan picks it only where `native_available()` and the input width is a multiple of 32."""
+
+    name: FormatName = "w4a16"
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        from quadrant.kernels.cpu_native import QK, pack_q4
+
+        n, k = weight.shape
+        codes, scale, lo = int4_groups(weight, QK)
+        return pack_q4(codes.reshape(n, k), scale, lo, bias)
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        from quadrant.kernels.cpu_native import q4_mm, q4_mm_op
+
+        if torch.compiler.is_compiling():
+            out = q4_mm_op(x, packed.blocks, packed.bias, packed.in_features, packed.out_features)
+        else:
+            out = q4_mm(x, packed)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class NativeQ8(WeightFormat):
+    """`int8` weights (per channel) through the native CPU kernel, activations rounded to int16 per
+    32 inputs (finer than bf16: the LM head's argmax is sensitive, and 8-bit activations there
+    turned SmolLM2's "Paris" into "L'Etoile"): the CPU plan's LM head and 8-bit decode kernel."""
+
+    name: FormatName = "int8"
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        from quadrant.kernels.cpu_native import pack_q8
+
+        return pack_q8(*int8_per_channel(weight), bias)
+
+    def apply(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        from quadrant.kernels.cpu_native import q8_mm, q8_mm_op
+
+        if torch.compiler.is_compiling():
+            out = q8_mm_op(x, packed.codes, packed.scale, packed.bias, packed.in_features, packed.out_features)
+        else:
+            out = q8_mm(x, packed)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def native_available(in_features: int) -> bool:
+    """Whether the native CPU kernels run here (and QUADRANT_NATIVE_KERNELS does not turn them off)
+    and take rows of this width."""
+    from quadrant import envs
+    from quadrant.kernels.cpu_native import QK, library
+
+    if in_features <= 0 or in_features % QK or not envs.native_kernels():
+        return False
+    return library(envs.quadrant_home() / "kernels") is not None
+
+
 
 def runs_on(name: str, device: str | torch.device) -> bool:
     """Whether `device` has kernels for format `name` (the CPU: all; a CUDA GPU: GPU_FORMATS its
@@ -311,16 +382,22 @@ def single_plan(name: str, group_size: int | None = None, device: str | torch.de
     return [(float("inf"), get_format(name, group_size, device, from_folder))]
 
 
-def cpu_plan(source_bits: int, sensitive: bool = False) -> Plan:
-    """CPU formats by batch size, all weight-only (per-token int8 activations cost SmolLM2 its
-    answers: W8A8 prefill turned "Paris" into "L'Etoile"). Small (decode) batches are
-    weight-bandwidth bound: a 4-bit checkpoint streams its 4-bit weights unchanged, an 8-bit
-    one int8. Larger batches are compute-bound and run bf16. The LM head (`sensitive`) keeps
-    int8 at every size: its batch is only the rows that sample."""
+def cpu_plan(source_bits: int, sensitive: bool = False, in_features: int = 0) -> Plan:
+    """CPU formats by batch size. Small (decode) batches are weight-bandwidth bound: a 4-bit
+    checkpoint streams its 4-bit weights unchanged, an 8-bit one int8, through the native
+    integer-dot kernels where they run (activations rounded per 32 inputs, llama.cpp's
+    precision; per-token int8 rounding, by contrast, cost SmolLM2 its answers: W8A8 prefill
+    turned "Paris" into "L'Etoile"), else torch's weight-only kernels. Larger batches are
+    compute-bound and run dense (bf16, or fp32 where bf16 is emulated). The LM head (`sensitive`)
+    keeps int8 at every size: its batch is only the rows that sample."""
+    native = native_available(in_features)
     if sensitive:
-        return [(float("inf"), W8A16())]
-    decode = W4A16() if source_bits <= 4 else W8A16()
-    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(dtype=torch.bfloat16))]
+        return [(float("inf"), NativeQ8() if native else W8A16())]
+    if source_bits <= 4:
+        decode: WeightFormat = NativeQ4() if native else W4A16()
+    else:
+        decode = NativeQ8() if native else W8A16()
+    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(dtype=prefill_dtype()))]
 
 
 def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from quadrant.layers.linear import Linear
-from quadrant.quant.formats import (Dense, Int8Dynamic, W4A16, W8A16, cpu_plan, int4_groups, int8_per_channel, pack_plan,
-                                    run_kernels, single_plan)
+from quadrant.quant.formats import (Dense, Int8Dynamic, NativeQ4, NativeQ8, W4A16, W8A16, cpu_plan, int4_groups,
+                                    int8_per_channel, native_available, pack_plan, prefill_dtype, run_kernels,
+                                    single_plan)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,11 +80,14 @@ def test_int8_rows_are_batch_invariant(wx):
 
 def test_plan_picks_kernels_by_batch_size(wx):
     w, _ = wx
-    kernels = pack_plan(cpu_plan(4), w, None)
+    kernels = pack_plan(cpu_plan(4), w, None)  # no width given: torch's kernels
     assert [type(f) for _, f, _ in kernels] == [W4A16, Dense]
-    assert kernels[1][2][0].dtype == torch.bfloat16  # prefill streams bf16 weights
+    assert kernels[1][2][0].dtype == prefill_dtype()  # prefill: bf16 where the CPU has it natively, else fp32
     assert [type(f) for _, f, _ in pack_plan(cpu_plan(8), w, None)] == [W8A16, Dense]
     assert [type(f) for _, f, _ in pack_plan(cpu_plan(4, sensitive=True), w, None)] == [W8A16]
+    if native_available(w.shape[1]):  # the native integer-dot kernels where they build and run
+        assert [type(f) for _, f, _ in pack_plan(cpu_plan(4, in_features=w.shape[1]), w, None)] == [NativeQ4, Dense]
+        assert [type(f) for _, f, _ in pack_plan(cpu_plan(8, in_features=w.shape[1]), w, None)] == [NativeQ8, Dense]
     small, big = torch.randn(2, 128), torch.randn(40, 128)
     assert torch.equal(run_kernels(kernels, small), kernels[0][1].apply(small, kernels[0][2]))
     assert torch.equal(run_kernels(kernels, big), kernels[1][1].apply(big, kernels[1][2]))

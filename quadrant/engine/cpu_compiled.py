@@ -1,0 +1,150 @@
+"""Decode-only CPU steps through torch.compile'd graphs: the CPU's answer to CUDA graphs.
+
+A decode step of the default model is ~60 small ops per layer; run one by one from Python
+their dispatch costs about as much as the weights' matmuls. Inductor fuses the norms,
+rotary, residual adds and attention softmax into a few C++ loops and calls the weight
+kernels (kernels/cpu_native.py's custom ops) directly. One graph per padded batch size
+(1, 2, 4, 8, 16); the block-table width is a dynamic dimension, so a growing context
+compiles nothing new. Padding rows write into a scratch block the scheduler never hands out
+and attend to it alone.
+
+Graphs compile on a background thread, batch size 1 from the start and the others the first
+time a step needs them (about a minute each on 2 cores, a few seconds once inductor's cache
+under $QUADRANT_HOME/inductor has them). Until one is ready its steps run eagerly, so nothing
+waits on the compiler (which gets one compiler process, so steps keep a core). Any failure (no C compiler, a model whose forward does not trace) leaves the eager path in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from typing import Any
+
+import torch
+
+from quadrant import envs
+from quadrant.layers.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16)
+
+
+def compile_available() -> bool:
+    """Inductor's CPU code needs a C++ compiler; QUADRANT_CPU_COMPILE=0 turns compiling off."""
+    return envs.cpu_compile() and (shutil.which(os.environ.get("CXX", "g++")) is not None)
+
+
+class CompiledDecode:
+    def __init__(self, model: Any, block_size: int, scratch_block: int, max_batch: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.scratch_slot = scratch_block * block_size  # padding rows write here
+        self.scratch_block = scratch_block
+        self.sizes = [s for s in BATCH_SIZES if s <= max(1, max_batch)]
+        if max_batch > self.sizes[-1] and max_batch < BATCH_SIZES[-1]:
+            self.sizes.append(next(s for s in BATCH_SIZES if s >= max_batch))
+        self.ready: set[int] = set()
+        self.failed = False
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()  # guards _queued
+        self._compile_lock = threading.Lock()  # one compile at a time: two would only share the same cores
+        self._threads = torch.get_num_threads()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(envs.quadrant_home() / "inductor"))
+        limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+        torch._dynamo.config.recompile_limit = max(limit, 4 * len(self.sizes))
+        # The model's modules and parameters never change after load: guarding on them would cost
+        # ~1 ms a step for nothing.
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False,
+                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot_block: torch.Tensor,
+                 slot_offset: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        bs, width = tables.shape
+        meta = AttentionMetadata(
+            query_start_loc=torch.arange(bs + 1, dtype=torch.int32),
+            seq_lens=seq_lens,
+            max_query_len=1,
+            max_seq_len=width * self.block_size,
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs,  # unread: padded decode masks by the seq_lens tensor
+            slot_mapping=slot_block * self.block_size + slot_offset,
+            block_tables=tables,
+            slot_block=slot_block,
+            slot_offset=slot_offset,
+            padded_decode=True,
+        )
+        return self.model(ids, positions, meta)
+
+    def _inputs(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                tables: list[list[int]], bs: int) -> list[torch.Tensor]:
+        pad = bs - len(input_ids)
+        width = max(2, max(len(t) for t in tables))  # >= 2: a width of 1 would be specialised
+        slots = slots + [self.scratch_slot] * pad
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
+        table_t = torch.tensor(rows, dtype=torch.int32)
+        torch._dynamo.mark_dynamic(table_t, 1)
+        return [torch.tensor(input_ids + [0] * pad), torch.tensor(positions + [0] * pad),
+                slot_t // self.block_size, slot_t % self.block_size,
+                torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), table_t]
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor | None:
+        """Final hidden states [n, D] of a decode-only step, or None (run it eagerly) while its batch
+        size has no graph yet; the first such miss starts that graph's compile."""
+        n = len(input_ids)
+        if self.failed or n > self.sizes[-1]:
+            return None
+        bs = next(s for s in self.sizes if s >= n)
+        if bs not in self.ready:
+            self._queue(bs)
+            return None
+        return self._compiled(*self._inputs(input_ids, positions, slots, seq_lens, tables, bs))[:n]
+
+    def _queue(self, bs: int) -> None:
+        with self._lock:
+            if bs in self._queued:
+                return
+            self._queued.add(bs)
+        # Not a daemon: a process must not exit mid-compile (the compiler's native state then aborts
+        # it); one that ends meanwhile waits for the graph in flight and skips those queued.
+        threading.Thread(target=self._compile, args=(bs,), name=f"quadrant-compile-{bs}").start()
+
+    def start(self) -> None:
+        """Begin with batch size 1 (what a single conversation needs), in the background."""
+        self._queue(self.sizes[0])
+
+    def compile_now(self, num_seqs: int) -> bool:
+        """Compile the graph for num_seqs rows on this thread, waiting for a background compile if one
+        runs (benchmarks measure compiled steps; tests); whether it is ready."""
+        if self.failed or num_seqs > self.sizes[-1]:
+            return False
+        bs = next(s for s in self.sizes if s >= num_seqs)
+        with self._lock:
+            self._queued.add(bs)
+        self._compile(bs)
+        return bs in self.ready
+
+    def _compile(self, bs: int) -> None:
+        with self._compile_lock:
+            if self.failed or bs in self.ready or not threading.main_thread().is_alive():
+                return
+            import torch._inductor.config
+
+            # One compiler process, so the engine's own steps keep a core. The graph is traced with
+            # the engine thread's thread count (dynamo guards on it).
+            torch._inductor.config.compile_threads = max(1, self._threads - 1)
+            torch.set_num_threads(self._threads)
+            try:
+                with torch.inference_mode():  # padding rows only: they touch the scratch block alone
+                    self._compiled(*self._inputs([0], [0], [self.scratch_slot], [1], [[self.scratch_block]], bs))
+            except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
+                self.failed = True
+                if not threading.main_thread().is_alive():
+                    return  # the process is exiting: the compiler refuses to start new work, as it should
+                log.warning("compiled CPU decode unavailable, staying eager: %s", str(e).strip().splitlines()[-1][:300])
+                return
+            self.ready.add(bs)

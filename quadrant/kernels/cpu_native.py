@@ -1,0 +1,212 @@
+"""Native CPU decode GEMMs (csrc/q4q8.c): built once with the system's C compiler, called via ctypes.
+
+torch's CPU int4 kernel unpacks every weight to a float before multiplying; at decode sizes
+that, not memory, bounds it (6-7 GB/s of weights on a 2-core AVX2 machine whose memory reads
+~30 GB/s). The native kernels round activations to int16 per 32 inputs and multiply integer
+blocks (llama.cpp's method, with 16-bit activations where llama.cpp uses 8). Nothing here is
+required: without a C compiler, on a CPU without AVX2/FMA/F16C, or with
+QUADRANT_NATIVE_KERNELS=0 (read by quant/formats.py), the weight formats keep torch's kernels.
+The shared object is cached in the folder the caller names ($QUADRANT_HOME/kernels), keyed by
+the source and flags, so only the first run on a machine compiles (about a second).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+SOURCE = Path(__file__).parent / "csrc" / "q4q8.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+QK = 32  # inputs per activation block (and per 4-bit weight block)
+_Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None  # a PyDLL once loaded
+_tried = False
+
+
+def _supported_cpu() -> bool:
+    # torch's own dispatch level: AVX2 implies FMA and F16C on every x86 CPU torch targets.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+
+
+def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
+    """The loaded kernels, building them into cache_dir (default: a folder in the system's temporary
+    directory) on first use; None where they cannot run here."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if not _supported_cpu():
+            return None
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+        folder = cache_dir or Path(tempfile.gettempdir()) / "quadrant-kernels"
+        target = folder / f"q4q8-{key}.so"
+        try:
+            if not target.exists():
+                _build(target)
+            # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing
+            # it would hand the interpreter to any busy thread (a background compile) for a whole
+            # switch interval (5 ms) per matmul.
+            lib = ctypes.PyDLL(str(target))
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"native CPU kernels unavailable, using torch's ({e})", stacklevel=2)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.q4_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr]
+        lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
+        lib.q4_gemm.restype = lib.q8_gemm.restype = ctypes.c_int
+        _lib = lib
+        return _lib
+
+
+@dataclass
+class Q4Blocks:
+    """A [N, K] weight as N rows of K / 32 blocks (fp16 scale, fp16 min, 32 4-bit codes)."""
+
+    blocks: torch.Tensor  # uint8 [N, K / 32, 20]
+    bias: torch.Tensor | None  # fp32 [N]
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class Q8Rows:
+    """A [N, K] weight as int8 codes with one fp32 scale per row."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # fp32 [N]
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+
+def pack_q4(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None) -> Q4Blocks:
+    """codes [N, K] in 0..15, scale and lo [N, K / 32] (weight = code * scale + lo)."""
+    n, k = codes.shape
+    g = k // QK
+    c = codes.to(torch.uint8).reshape(n, g, QK)
+    nibbles = c[..., : QK // 2] | (c[..., QK // 2 :] << 4)  # [N, G, 16]
+    halves = torch.stack([scale.reshape(n, g), lo.reshape(n, g)], -1).to(torch.float16)  # [N, G, 2]
+    blocks = torch.cat([halves.view(torch.uint8), nibbles], -1).contiguous()  # [N, G, 4 + 16]
+    assert blocks.shape[-1] == _Q4_BLOCK
+    return Q4Blocks(blocks, None if bias is None else bias.float().contiguous(), k, n)
+
+
+def unpack_q4(packed: Q4Blocks) -> torch.Tensor:
+    """The float [N, K] weight the blocks hold (the reference the tests compare against)."""
+    b = packed.blocks
+    n, g, _ = b.shape
+    halves = b[..., :4].contiguous().view(torch.float16).float()  # [N, G, 2]
+    nib = b[..., 4:]
+    codes = torch.cat([nib & 0x0F, nib >> 4], -1).float()  # [N, G, 32]
+    return (codes * halves[..., :1] + halves[..., 1:]).reshape(n, g * QK)
+
+
+def pack_q8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Q8Rows:
+    n, k = codes.shape
+    return Q8Rows(codes.to(torch.int8).contiguous(), scale.reshape(n).float().contiguous(),
+                  None if bias is None else bias.float().contiguous(), k, n)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _call(fn: Any, x: torch.Tensor, k: int, n: int, *weights: int | None) -> torch.Tensor:
+    """Run one GEMM on x [..., K]; fp32 [..., N] out. Kept lean: a decode step makes ~200 calls."""
+    x2 = x if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() else \
+        x.reshape(-1, k).float().contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n)
+    if fn(x2.data_ptr(), m, k, *weights, out.data_ptr()) != 0:
+        raise MemoryError("native GEMM: out of memory for its activation scratch")
+    return out if x2 is x else out.view(*x.shape[:-1], n)
+
+
+def q4_mm(x: torch.Tensor, packed: Q4Blocks) -> torch.Tensor:
+    """x [..., K] -> fp32 [..., N]."""
+    lib = _lib or library()
+    assert lib is not None
+    return _call(lib.q4_gemm, x, packed.in_features, packed.out_features, packed.blocks.data_ptr(),
+                 packed.out_features, _ptr(packed.bias))
+
+
+def q8_mm(x: torch.Tensor, packed: Q8Rows) -> torch.Tensor:
+    """x [..., K] -> fp32 [..., N]."""
+    lib = _lib or library()
+    assert lib is not None
+    return _call(lib.q8_gemm, x, packed.in_features, packed.out_features, packed.codes.data_ptr(),
+                 packed.scale.data_ptr(), packed.out_features, _ptr(packed.bias))
+
+
+# The same GEMMs as torch ops, so torch.compile's graphs (engine/cpu_compiled.py) call them as
+# opaque kernels; eager code calls the functions above directly. Registered through the plain
+# Library API, not torch.library.custom_op: a compiled decode step makes ~200 such calls, and
+# custom_op's per-call checks cost ~10 us each.
+_ops = torch.library.Library("quadrant", "DEF")
+_ops.define("q4_mm(Tensor x, Tensor blocks, Tensor? bias, int in_features, int out_features) -> Tensor")
+_ops.define("q8_mm(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_features, int out_features) -> Tensor")
+
+
+def _q4_mm_impl(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                out_features: int) -> torch.Tensor:
+    return q4_mm(x, Q4Blocks(blocks, bias, in_features, out_features))
+
+
+def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                in_features: int, out_features: int) -> torch.Tensor:
+    return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features))
+
+
+_ops.impl("q4_mm", _q4_mm_impl, "CPU")
+_ops.impl("q8_mm", _q8_mm_impl, "CPU")
+
+
+@torch.library.register_fake("quadrant::q4_mm")
+def _q4_mm_shape(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                 out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
+@torch.library.register_fake("quadrant::q8_mm")
+def _q8_mm_shape(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
+def q4_mm_op(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+             out_features: int) -> torch.Tensor:
+    return torch.ops.quadrant.q4_mm(x, blocks, bias, in_features, out_features)
+
+
+def q8_mm_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             in_features: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quadrant.q8_mm(x, codes, scale, bias, in_features, out_features)

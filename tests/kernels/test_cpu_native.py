@@ -1,0 +1,84 @@
+"""The native CPU GEMMs (kernels/csrc/q4q8.c) against a float64 torch reference of the same math:
+activations rounded to int16 per 32 inputs (scale amax / 32767, round half to even), weights from their 4-bit blocks (fp16 scale and min)
+or int8 rows. The integer dot products are exact, so the
+only differences are fp32 summation order: relative 1e-5 of the output's scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quadrant.kernels import cpu_native as cn
+from quadrant.quant.formats import NativeQ4, NativeQ8, W4A16, W8A16
+from quadrant.quant.grids import int4_groups, int8_per_channel
+
+pytestmark = pytest.mark.skipif(cn.library() is None, reason="native CPU kernels do not build or run here")
+
+
+def rounded_activations(x: torch.Tensor, top: float = 32767.0) -> torch.Tensor:
+    """x [M, K] as the kernels see it: int16 codes times each 32-block's scale (float64)."""
+    blocks = x.double().reshape(x.shape[0], -1, cn.QK)
+    # The kernel computes the scale and its inverse in fp32, as here.
+    d = (x.reshape(x.shape[0], -1, cn.QK).abs().amax(-1, keepdim=True) / top)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(x.reshape(blocks.shape) * inv)  # torch.round: half to even, as lrintf
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (1, 96, 7), (3, 576, 96), (17, 160, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_q4_gemm_matches_reference(m, k, n, bias):
+    g = torch.Generator().manual_seed(m * k + n)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g) * 3
+    b = torch.randn(n, generator=g) if bias else None
+    codes, scale, lo = int4_groups(w, cn.QK)
+    packed = cn.pack_q4(codes.reshape(n, k), scale, lo, b)
+    ref = rounded_activations(x) @ cn.unpack_q4(packed).double().T
+    if b is not None:
+        ref += b.double()
+    out = cn.q4_mm(x, packed)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_q4_blocks_hold_the_grid():
+    """Packing keeps the codes and the fp16-rounded scale and min of each group of 32."""
+    w = torch.randn(8, 96)
+    codes, scale, lo = int4_groups(w, cn.QK)
+    weight = cn.unpack_q4(cn.pack_q4(codes.reshape(8, 96), scale, lo, None))
+    expected = codes * scale.half().float() + lo.half().float()
+    assert torch.equal(weight, expected.reshape(8, 96))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (5, 576, 130), (8, 96, 9)])
+def test_q8_gemm_matches_reference(m, k, n):
+    g = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    q, s = int8_per_channel(w)
+    b = torch.randn(n, generator=g)
+    packed = cn.pack_q8(q, s, b)
+    ref = rounded_activations(x) @ (q.double() * s.double().reshape(-1, 1)).T + b.double()
+    out = cn.q8_mm(x.reshape(1, m, k), packed)  # leading dims are kept
+    assert out.shape == (1, m, n)
+    torch.testing.assert_close(out[0].double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_formats_stay_close_to_torch_kernels():
+    """The native formats against torch's weight-only kernels of the same weights: they differ by the
+    activations' rounding (16 bits per 32 inputs against bf16), well under 1% of the output's scale."""
+    w, x = torch.randn(64, 256), torch.randn(4, 256)
+    for native, torch_fmt in ((NativeQ4(), W4A16()), (NativeQ8(), W8A16())):
+        a = native.apply(x, native.pack(w, None))
+        b = torch_fmt.apply(x, torch_fmt.pack(w, None))
+        assert (a - b).abs().max() < 0.01 * b.abs().max()
+
+
+def test_custom_ops_trace_in_compiled_code():
+    """torch.compile calls the kernels through their registered ops (the compiled CPU decode path)."""
+    w, x = torch.randn(32, 64), torch.randn(2, 64)
+    fmt = NativeQ4()
+    packed = fmt.pack(w, torch.randn(32))
+    compiled = torch.compile(lambda t: fmt.apply(t, packed) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), fmt.apply(x, packed) * 2)
