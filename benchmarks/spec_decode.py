@@ -91,6 +91,7 @@ def decode_rate(generate: Callable[[int], int], max_tokens: int, repeats: int) -
 
 def bench_quadrant(model: str, messages: dict, max_tokens: int, repeats: int, **options) -> dict[str, Result]:
     llm = LLM(model, **options)
+    llm.engine.compile_decode([1])  # CPU: time compiled plain steps, not the background compile
     out = {}
     for name, conversation in messages.items():
         def generate(n: int) -> int:

@@ -30,6 +30,9 @@ from quadrant.layers.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
+# An eager decode step's time over a compiled one's: the default model on 2 cores, 25 ms against
+# 10 (BENCHMARKS.md). Speculative verification steps run eagerly; the draft policy counts this.
+EAGER_RATIO = 2.5
 
 
 def compile_available() -> bool:
@@ -90,6 +93,13 @@ class CompiledDecode:
         return [torch.tensor(input_ids + [0] * pad), torch.tensor(positions + [0] * pad),
                 slot_t // self.block_size, slot_t % self.block_size,
                 torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), table_t]
+
+    def eager_ratio(self, rows: int) -> float:
+        """How much dearer an eager step of `rows` decode rows is than the plain step would be now:
+        EAGER_RATIO where that plain step has its graph, else 1 (it would run eagerly too)."""
+        if self.failed or rows > self.sizes[-1]:
+            return 1.0
+        return EAGER_RATIO if next(s for s in self.sizes if s >= rows) in self.ready else 1.0
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor | None:

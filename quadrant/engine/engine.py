@@ -76,6 +76,8 @@ class LLMEngine:
         cpu_auto = self.weight_format == "auto" and config.device.startswith("cpu")
         self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device),
                                              SMALL_BATCH_TOKENS if cpu_auto else None)
+        if isinstance(self.executor, InProcessExecutor) and self.runner.compiled is not None:
+            self.spec_policy.eager_ratio = self.runner.compiled.eager_ratio  # verification runs eagerly
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         self._ids = itertools.count()

@@ -334,6 +334,23 @@ def test_policy_drafts_less_as_the_batch_grows():
     assert sum(capped.plan(requests[:12]).values()) == 4  # a CPU step stays within the compact kernels' 16 rows
 
 
+def test_policy_counts_the_eager_verification_of_compiled_cpu_decode():
+    """Plain CPU decode steps run compiled graphs, verification steps eagerly (2.5x dearer): a new
+    request (a = 1/2) drafts nothing; a fully accepted one still pays with long chains, not short."""
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=200))
+    plain = SpeculationPolicy(SpeculativeConfig("ngram", 15), 1000, draft_cost=0.25)
+    assert plain.plan([req])  # without the ratio the prior pays for a draft or two
+    policy = SpeculationPolicy(SpeculativeConfig("ngram", 15), 1000, draft_cost=0.25)
+    policy.eager_ratio = lambda rows: 2.5
+    assert policy.plan([req]) == {}
+    policy.states["r"].accepted, policy.states["r"].rejected = 60.0, 0.5  # a long, well-accepted history
+    assert not policy.record("r", 15, 15)  # ~15 tokens for 2.5 x (1 + 0.25 x 15) = 11.9 steps: pays
+    assert policy.plan([req])["r"] > 8  # a long chain: a short one does not repay the eager step
+    short = SpeculationPolicy(SpeculativeConfig("ngram", 4), 1000, draft_cost=0.25)
+    short.eager_ratio = lambda rows: 2.5
+    assert short.record("r", 4, 4)  # 5 tokens for 2.5 x 2 = 5 steps: never more than plain decode
+
+
 def test_large_batches_do_not_speculate(tiny, prompts):
     path, _ = tiny
     engine = make_engine(path, speculative=SpeculativeConfig("draft", 2, max_batch_size=2, draft_cost=0.0))

@@ -11,15 +11,21 @@ none, and a request with poor acceptance drafts nothing. On CPU a step also stay
 `max_step_tokens` (the batch size up to which the compact-weight kernels run; beyond it the whole
 step switches to bf16 GEMMs, several times dearer).
 
+Where plain decode steps run compiled graphs that verification steps (rows of 1 + k tokens) do
+not (CPU, engine/cpu_compiled.py), a step with drafts also pays the eager path: its cost is
+multiplied by `eager_ratio(num_rows)`, the eager step's time over the compiled one's (about 2.5 for
+the default model on 2 cores), so speculation runs only where acceptance repays that too.
+
 Each request keeps decayed counts of accepted drafts and of rejections (a verification that did not
 take all its drafts saw one) to estimate a. When even a lone request's drafts cannot pay (a about c or
-less), it pauses for a number of steps that doubles at every repeat (4, 8, ... 64), then probes again. Above
+less, or no chain repaying the eager ratio), it pauses for a number of steps that doubles at every repeat (4, 8, ... 64), then probes again. Above
 `max_batch_size` decoding requests no step speculates. Drafts never pass max_tokens or the context.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from quadrant.config import SpeculativeConfig
@@ -59,10 +65,17 @@ class SpeculationPolicy:
         self.draft_cost = draft_cost
         self.max_step_tokens = max_step_tokens
         self.states: dict[str, _RequestState] = {}
+        # Rows -> how much dearer a step with drafts is than a plain one beyond its extra tokens
+        # (the eager path against a compiled plain step); None: 1.
+        self.eager_ratio: Callable[[int], float] | None = None
 
-    def cost(self, num_tokens: int) -> float:
-        """A step of num_tokens tokens, in one-token steps."""
-        return 1.0 + self.draft_cost * (num_tokens - 1)
+    def cost(self, num_tokens: int, verifying_rows: int | None = None) -> float:
+        """A step of num_tokens tokens, in one-token steps; with `verifying_rows`, a step that verifies
+        drafts for that many requests (so runs eagerly where plain steps are compiled)."""
+        base = 1.0 + self.draft_cost * (num_tokens - 1)
+        if verifying_rows is not None and self.eager_ratio is not None:
+            return base * self.eager_ratio(verifying_rows)
+        return base
 
     def plan(self, decoding: list[Request]) -> dict[str, int]:
         """Draft tokens for each decoding request's next step (absent: none)."""
@@ -77,15 +90,18 @@ class SpeculationPolicy:
             k = min(self.config.num_speculative_tokens, left)
             if k > 0:
                 limits[req.request_id] = (req, state, k)
-        tokens, expected = len(decoding), float(len(decoding))
+        rows = len(decoding)
+        tokens, expected = rows, float(rows)
         room = self.max_step_tokens - tokens if self.max_step_tokens is not None else len(limits) * 16
         plan: dict[str, int] = {}
         # Max-heap on the expected tokens the next draft adds: a^(k+1) for a request drafting k so far.
         heap = [(-state.acceptance, rid) for rid, (_, state, _) in limits.items()]  # (-gain, id)
         heapq.heapify(heap)
+        # Drafts are added while they raise the verifying step's goodput; the plan stands only if that
+        # step then beats the plain one (an eager ratio makes short plans lose, long ones may win).
         while heap and room > 0:
             neg_gain, rid = heapq.heappop(heap)
-            if (expected - neg_gain) / self.cost(tokens + 1) <= expected / self.cost(tokens) * _CLEAR_GAIN:
+            if (expected - neg_gain) / self.cost(tokens + 1, rows) <= expected / self.cost(tokens, rows) * _CLEAR_GAIN:
                 break  # the best remaining draft does not pay for its share of the step
             k = plan.get(rid, 0) + 1
             plan[rid] = k
@@ -93,6 +109,8 @@ class SpeculationPolicy:
             _, state, limit = limits[rid]
             if k < limit:
                 heapq.heappush(heap, (neg_gain * state.acceptance, rid))
+        if plan and expected / self.cost(tokens, rows) <= rows / self.cost(rows) * _CLEAR_GAIN:
+            return {}
         return plan
 
     def record(self, request_id: str, drafted: int, accepted: int) -> bool:
@@ -100,7 +118,9 @@ class SpeculationPolicy:
         state = self.states.setdefault(request_id, _RequestState())
         state.accepted = _DECAY * state.accepted + accepted
         state.rejected = _DECAY * state.rejected + (1.0 if accepted < drafted else 0.0)
-        if (1.0 + state.acceptance) / self.cost(2) > _CLEAR_GAIN:  # a lone request's first draft still pays
+        a, longest = state.acceptance, self.config.num_speculative_tokens
+        # Still pays when a lone request's best chain does (without an eager ratio: its first draft).
+        if max(expected_tokens(a, k) / self.cost(k + 1, 1) for k in range(1, longest + 1)) > _CLEAR_GAIN:
             if accepted:
                 state.next_pause = _FIRST_PAUSE  # drafts land again: the next pause starts short
             return False
