@@ -1,14 +1,22 @@
-"""Serving benchmark: `quadrant serve` against llama.cpp's OpenAI server, same GGUF, one run.
+"""Serving benchmark: `quadrant serve` against llama.cpp's servers, same GGUF, one run.
 
-    python benchmarks/serve.py [--model smollm2:135m] [--concurrency 1 4 16] [--num-prompts 48]
+    python benchmarks/serve.py [--model smollm2:135m] [--concurrency 1 4 16 64] [--num-prompts 48]
+                               [--servers quadrant llama-server llama.cpp] [--llama-server PATH]
                                [--find-links DIR]
 
-Both servers run as subprocesses on 127.0.0.1 with the same threads. The
+Every server runs as a subprocess on 127.0.0.1 with the same threads. The
 workload is ShareGPT-like: prompt and output lengths drawn from fixed-seed
 log-normal distributions, prompts made of English words, greedy decoding,
-requests streamed, at most `concurrency` in flight. llama.cpp's server comes
-from llama-cpp-python[server], installed here on demand (never a runtime or CI
-dependency). Reports output throughput, TTFT and TPOT (p50, p99), failures.
+requests streamed, at most `concurrency` in flight. The peers:
+- `llama-server`: llama.cpp's own C++ server (what Ollama and most users run),
+  started per concurrency level with `--parallel` equal to it (continuous
+  batching, 2,048 context tokens per slot). Built once from the llama.cpp sources
+  in the llama-cpp-python sdist by `benchmarks/build_llama_server.sh` and cached
+  outside the repository, or taken from `--llama-server PATH`.
+- `llama.cpp`: llama-cpp-python's Python server (one request at a time), from
+  llama-cpp-python[server] installed here on demand.
+Neither is a runtime or CI dependency. Reports output throughput, TTFT and TPOT
+(p50, p99) and failed requests, and each quadrant row's ratio to llama-server's.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # quadrant compiles its CPU decode graphs first (minutes when cold)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
@@ -77,7 +85,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
 
 
 # Server name -> the `quadrant serve` flags it adds (llama.cpp: its own server).
-SERVERS = {"quadrant": [], "quadrant-ngram": ["--speculative-method", "ngram"], "llama.cpp": []}
+SERVERS = {"quadrant": [], "quadrant-ngram": ["--speculative-method", "ngram"], "llama.cpp": [], "llama-server": []}
+PEERS = ("llama-server", "llama.cpp")
+SLOT_CONTEXT = 2048  # llama-server's context per parallel slot: the longest prompt plus output fits
 
 
 def start_quadrant(model: str, port: int, extra: list[str] = ()) -> subprocess.Popen:  # type: ignore[assignment]
@@ -99,6 +109,23 @@ def start_llama_cpp(path: str, port: int, threads: int, find_links: str | None) 
                              "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_healthy(f"http://127.0.0.1:{port}", proc, "/v1/models")
+    return proc
+
+
+def llama_server_binary(given: str | None) -> str:
+    if given:
+        return given
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_llama_server.sh")
+    print("llama-server: building it once from the llama-cpp-python sdist (cached; minutes the first time)")
+    return subprocess.run(["bash", script], check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+
+
+def start_llama_server(binary: str, path: str, port: int, threads: int, parallel: int) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+                             "-tb", str(threads), "--parallel", str(parallel), "-c", str(SLOT_CONTEXT * parallel),
+                             "--cont-batching"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_healthy(f"http://127.0.0.1:{port}", proc, "/health")
     return proc
 
 
@@ -139,7 +166,10 @@ async def run_level(url: str, model: str, items: list[tuple[str, int]], concurre
         async with sem:
             return await one(client, url, model, prompt, n)
 
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+    # A new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after
+    # five requests, and a request sent on it meanwhile fails (7 of 48 at concurrency 1).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(guarded(client, p, n) for p, n in items))
         wall = time.perf_counter() - start
@@ -161,28 +191,42 @@ async def run_level(url: str, model: str, items: list[tuple[str, int]], concurre
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
-    ap.add_argument("--servers", nargs="+", choices=sorted(SERVERS), default=["quadrant", "llama.cpp"],
+    ap.add_argument("--servers", nargs="+", choices=sorted(SERVERS), default=["quadrant", "llama-server", "llama.cpp"],
                     help="quadrant-ngram: quadrant with n-gram speculative decoding")
+    ap.add_argument("--llama-server", default=None, help="a llama-server binary (default: build it once)")
     args = ap.parse_args()
     path = str(store.resolve(args.model, pull_missing=True))
     threads = torch.get_num_threads()
     items = workload(args.num_prompts)
+    binary = llama_server_binary(args.llama_server) if "llama-server" in args.servers else ""
     table = {}
-    for name in args.servers:
-        port = free_port()
-        proc = (start_quadrant(args.model, port, SERVERS[name]) if name != "llama.cpp"
-                else start_llama_cpp(path, port, threads, args.find_links))
+
+    def measure(name: str, proc: subprocess.Popen, port: int, levels: list[int]) -> None:
         try:
-            model = path if name == "llama.cpp" else args.model
-            asyncio.run(run_level(f"http://127.0.0.1:{port}", model, items[:4], 2))  # warm-up
-            for c in args.concurrency:
+            model = path if name in PEERS else args.model
+            for c in levels:
+                # Warm-up at this level's batch sizes: quadrant compiles a CPU decode graph the first
+                # time a batch size needs it (seconds from inductor's cache), llama-server nothing.
+                for _ in range(2):
+                    asyncio.run(run_level(f"http://127.0.0.1:{port}", model, items[:max(2, min(c, 16))], c))
                 table[(name, c)] = asyncio.run(run_level(f"http://127.0.0.1:{port}", model, items, c))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+
+    for name in args.servers:
+        if name == "llama-server":  # its slots are fixed at start: one server per level
+            for c in args.concurrency:
+                port = free_port()
+                measure(name, start_llama_server(binary, path, port, threads, c), port, [c])
+            continue
+        port = free_port()
+        proc = (start_llama_cpp(path, port, threads, args.find_links) if name == "llama.cpp"
+                else start_quadrant(args.model, port, SERVERS[name]))
+        measure(name, proc, port, args.concurrency)
     print(f"\n{time.strftime('%Y-%m-%d')} | {os.cpu_count()} cores, {threads} threads | {args.model} | "
           f"{args.num_prompts} prompts, ShareGPT-like lengths (seed 0), greedy, streamed")
     print(f"{'server':<14} {'conc':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
@@ -190,9 +234,9 @@ def main() -> None:
     for (name, c), r in table.items():
         print(f"{name:<14} {c:>4} {r['throughput']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s "
               f"{r['tpot_p50'] * 1000:>7.0f}ms {r['tpot_p99'] * 1000:>7.0f}ms {r['failed']:>6}")
-    peer = "llama.cpp" if "llama.cpp" in args.servers else "quadrant"
+    peer = next((p for p in PEERS if p in args.servers), "quadrant")
     for name in args.servers:
-        if name == peer:
+        if name == peer or name in PEERS:
             continue
         for c in args.concurrency:
             q, l = table[(name, c)], table[(peer, c)]

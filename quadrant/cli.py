@@ -346,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
-        engine_kwargs={**engine_kwargs(args), "kv_transfer": _kv_transfer_config(args)},
+        engine_kwargs={**engine_kwargs(args), "kv_transfer": _kv_transfer_config(args), "cpu_compile_at_start": True},
     )
     open_model(store.resolve(args.model, pull_missing=True))  # a bad model fails here, in one line
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

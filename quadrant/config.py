@@ -623,6 +623,9 @@ class EngineConfig:
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the config's shape (benchmarks)
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     cpu_compile: bool = True  # CPU: decode steps through torch.compile'd graphs, compiled in the background
+    # ... every graph compiled before the engine serves; else batch size 1 in the background and the
+    # others when first needed (engine/cpu_compiled.py says why a server compiles first)
+    cpu_compile_at_start: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

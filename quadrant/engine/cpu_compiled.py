@@ -2,16 +2,17 @@
 
 A decode step of the default model is ~60 small ops per layer; run one by one from Python
 their dispatch costs about as much as the weights' matmuls. Inductor fuses the norms,
-rotary, residual adds and attention softmax into a few C++ loops and calls the weight
-kernels (kernels/cpu_native.py's custom ops) directly. One graph per padded batch size
+rotary and residual adds into a few C++ loops and calls the weight and attention kernels
+(kernels/cpu_native.py's custom ops) directly. One graph per padded batch size
 (1, 2, 4, 8, 16); the block-table width is a dynamic dimension, so a growing context
 compiles nothing new. Padding rows write into a scratch block the scheduler never hands out
 and attend to it alone.
 
-Graphs compile on a background thread, batch size 1 from the start and the others the first
-time a step needs them (about a minute each on 2 cores, a few seconds once inductor's cache
-under $QUADRANT_HOME/inductor has them). Until one is ready its steps run eagerly, so nothing
-waits on the compiler (which gets one compiler process, so steps keep a core). Any failure (no C compiler, a model whose forward does not trace) leaves the eager path in place.
+A server compiles every graph before it serves (`compile_all`): about a minute each the first
+time on 2 cores, seconds once inductor's cache under $QUADRANT_HOME/inductor has them.
+Elsewhere (chat, the Python API) graphs compile on a background thread, batch size 1 from the
+start and the others the first time a step needs them; until one is ready its steps run
+eagerly (the compiler gets one process, so steps keep a core). Any failure (no C compiler, a model whose forward does not trace) leaves the eager path in place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from quadrant import envs
 from quadrant.layers.attention import AttentionMetadata
@@ -127,6 +129,18 @@ class CompiledDecode:
         """Begin with batch size 1 (what a single conversation needs), in the background."""
         self._queue(self.sizes[0])
 
+    def compile_all(self) -> None:
+        """Every batch size's graph on this thread, before the engine serves: about a minute each
+        the first time on 2 cores, ~7 s each from inductor's cache. A server does this. A graph
+        compiled beside running steps holds the GIL for most of its minute, and each of a step's
+        ~1,800 small ops waits for it in turn: 4 concurrent streams fell from 116 to 18 tokens/s.
+        Compiling in a child process instead starves both on 2 cores (OpenMP threads oversubscribed:
+        eager steps 4x slower, the graph not done in 3 minutes)."""
+        for bs in tqdm(self.sizes, desc="compile CPU decode graphs", unit=" graphs"):
+            with self._lock:
+                self._queued.add(bs)
+            self._compile(bs, compile_threads=self._threads)  # nothing else runs yet: all cores
+
     def compile_now(self, num_seqs: int) -> bool:
         """Compile the graph for num_seqs rows on this thread, waiting for a background compile if one
         runs (benchmarks measure compiled steps; tests); whether it is ready."""
@@ -138,7 +152,7 @@ class CompiledDecode:
         self._compile(bs)
         return bs in self.ready
 
-    def _compile(self, bs: int) -> None:
+    def _compile(self, bs: int, compile_threads: int | None = None) -> None:
         with self._compile_lock:
             if self.failed or bs in self.ready or not threading.main_thread().is_alive():
                 return
@@ -146,7 +160,7 @@ class CompiledDecode:
 
             # One compiler process, so the engine's own steps keep a core. The graph is traced with
             # the engine thread's thread count (dynamo guards on it).
-            torch._inductor.config.compile_threads = max(1, self._threads - 1)
+            torch._inductor.config.compile_threads = compile_threads or max(1, self._threads - 1)
             torch.set_num_threads(self._threads)
             try:
                 with torch.inference_mode():  # padding rows only: they touch the scratch block alone

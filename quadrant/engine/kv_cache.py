@@ -17,6 +17,7 @@ import torch
 
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.request import Request
+from quadrant.kernels.cpu_native import native_kernels_available
 from quadrant.layers.attention import LayerKVCache
 
 
@@ -169,6 +170,8 @@ def allocate_kv_tensors(
     """
     shape = (num_blocks, model.num_key_value_heads, cache.block_size, model.head_dim)
     kv_dtype = cache.torch_dtype(dtype)
+    native = (torch.device(device).type == "cpu" and kv_dtype == torch.float32 and model.head_dim % 8 == 0
+              and native_kernels_available())
     caches = []
     for _ in range(model.num_hidden_layers):
         kv = LayerKVCache(torch.zeros(shape, dtype=kv_dtype, device=device),
@@ -178,5 +181,6 @@ def allocate_kv_tensors(
             kv.k_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
             kv.v_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
             kv.group = cache.quant_group
+        kv.native_decode = native
         caches.append(kv)
     return caches

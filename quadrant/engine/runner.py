@@ -32,9 +32,11 @@ class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  backend: str = "torch", graph_batch_sizes: list[int] | None = None,
-                 max_model_len: int | None = None, samples: bool = True, compile_decode: int = 0) -> None:
+                 max_model_len: int | None = None, samples: bool = True, compile_decode: int = 0,
+                 compile_at_start: bool = False) -> None:
         """`compile_decode`: on CPU, the largest batch size to run decode steps through compiled graphs
-        (engine/cpu_compiled.py); 0 keeps every step eager."""
+        (engine/cpu_compiled.py); 0 keeps every step eager. `compile_at_start`: all those graphs now,
+        before the first step, instead of in the background."""
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
@@ -56,7 +58,7 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             self.compiled = CompiledDecode(self.model, self.block_size, num_blocks, compile_decode)
-            self.compiled.start()
+            self.compiled.compile_all() if compile_at_start else self.compiled.start()
         if graph_batch_sizes:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
             max_len = max_model_len or model_config.max_position_embeddings

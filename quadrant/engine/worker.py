@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from quadrant.config import EngineConfig
-from quadrant.engine.cpu_compiled import compile_available
+from quadrant.engine.cpu_compiled import BATCH_SIZES, compile_available
 from quadrant.engine.cuda_graphs import default_batch_sizes
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.step import StepInput, StepOutput
@@ -24,7 +24,6 @@ from quadrant.layers.moe import Experts
 from quadrant.loader.source import ModelSource
 from quadrant.parallel.eplb import move_experts, plan_placement
 from quadrant.parallel.groups import ParallelState
-from quadrant.quant.formats import SMALL_BATCH_TOKENS
 
 
 class Worker:
@@ -68,12 +67,13 @@ class Worker:
         # Expert-parallel dispatch sizes its messages on the host: no graphs for it yet.
         graphs = config.cuda_graphs and backend == "triton" and self.parallel.ep_size == 1
         graph_sizes = default_batch_sizes(config.scheduler.max_num_seqs) if graphs else None
-        # CPU: decode steps through compiled graphs up to the batch sizes the compact kernels serve.
+        # CPU: decode steps through compiled graphs (whichever weight kernels their batch size takes).
         compiled = (config.cpu_compile and backend == "torch" and torch.device(config.device).type == "cpu"
                     and self.parallel.world_size == 1 and not config.cache.quantized and compile_available())
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, self.dtype, config.device,
                                   backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker,
-                                  compile_decode=min(SMALL_BATCH_TOKENS, config.scheduler.max_num_seqs) if compiled else 0)
+                                  compile_decode=min(BATCH_SIZES[-1], config.scheduler.max_num_seqs) if compiled else 0,
+                                  compile_at_start=config.cpu_compile_at_start)
         self.runner.capture_graphs()
         self.reset_expert_stats()  # warm-up and capture passes routed nothing real
 
@@ -130,3 +130,4 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
+

@@ -1,4 +1,6 @@
-"""Native CPU decode GEMMs (csrc/q4q8.c): built once with the system's C compiler, called via ctypes.
+"""Native CPU decode kernels, built once with the system's C compiler and called via ctypes: the
+small-batch GEMMs (csrc/q4q8.c) and decode attention read in place from the paged KV cache
+(csrc/paged_decode.c).
 
 torch's CPU int4 kernel unpacks every weight to a float before multiplying; at decode sizes
 that, not memory, bounds it (6-7 GB/s of weights on a 2-core AVX2 machine whose memory reads
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 
-SOURCE = Path(__file__).parent / "csrc" / "q4q8.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 QK = 32  # inputs per activation block (and per 4-bit weight block)
 _Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
@@ -49,7 +51,8 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
         os.replace(out, target)  # atomic: concurrent processes never load a half-written file
@@ -65,10 +68,10 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         _tried = True
         if not _supported_cpu():
             return None
-        source = SOURCE.read_bytes()
+        source = b"".join(path.read_bytes() for path in SOURCES)
         key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
         folder = cache_dir or Path(tempfile.gettempdir()) / "quadrant-kernels"
-        target = folder / f"q4q8-{key}.so"
+        target = folder / f"quadrant-cpu-{key}.so"
         try:
             if not target.exists():
                 _build(target)
@@ -82,9 +85,18 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q4_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr]
         lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
-        lib.q4_gemm.restype = lib.q8_gemm.restype = ctypes.c_int
+        lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
+        lib.q4_gemm.restype = lib.q8_gemm.restype = lib.paged_decode_f32.restype = ctypes.c_int
         _lib = lib
         return _lib
+
+
+def native_kernels_available() -> bool:
+    """Whether QUADRANT_NATIVE_KERNELS allows the native kernels and they build and load here (into
+    $QUADRANT_HOME/kernels)."""
+    from quadrant import envs
+
+    return envs.native_kernels() and library(envs.quadrant_home() / "kernels") is not None
 
 
 @dataclass
@@ -210,3 +222,41 @@ def q4_mm_op(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, i
 def q8_mm_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              in_features: int, out_features: int) -> torch.Tensor:
     return torch.ops.quadrant.q8_mm(x, codes, scale, bias, in_features, out_features)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention from a paged fp32 cache, in place: q [B, Hq, D] fp32, K/V caches
+    [num_blocks, Hk, block_size, D] fp32, block_tables [B, W] and seq_lens [B] int32 -> [B, Hq, D]."""
+    lib = _lib or library()
+    assert lib is not None
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    bsz, num_heads, dim = q.shape
+    _, num_kv, block_size, _ = k_cache.shape
+    out = torch.empty_like(q)
+    rc = lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                              lens.data_ptr(), bsz, num_heads, num_kv, block_size, dim, scale, out.data_ptr())
+    if rc == 1:
+        raise MemoryError("native paged decode: out of memory for its score scratch")
+    if rc != 0:
+        raise ValueError(f"native paged decode cannot take q {tuple(q.shape)} over a cache {tuple(k_cache.shape)} "
+                         f"with tables {tuple(tables.shape)}")
+    return out
+
+
+_ops.define("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+            "float scale) -> Tensor")
+_ops.impl("paged_decode", paged_decode, "CPU")
+
+
+@torch.library.register_fake("quadrant::paged_decode")
+def _paged_decode_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.quadrant.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)

@@ -23,6 +23,9 @@ class LayerKVCache:
     k_scale: torch.Tensor | None = None  # [num_blocks, kv_heads, block_size // group], 8-bit caches only
     v_scale: torch.Tensor | None = None
     group: int = 0
+    # Decode attention through the native CPU kernel (kernels/csrc/paged_decode.c), which reads an
+    # fp32 cache in place; set where the cache is allocated and the kernel runs.
+    native_decode: bool = False
 
     @property
     def block_size(self) -> int:

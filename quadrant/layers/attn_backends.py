@@ -2,7 +2,9 @@
 
 `TorchBackend` is the reference and the CPU path. Decode tokens (one query each) of the
 whole batch run together: their K/V blocks are gathered into one padded [B, Hk, S, D]
-tensor and attended with grouped-query matmuls under a length (and sliding-window) mask.
+tensor and attended with grouped-query matmuls under a length (and sliding-window) mask;
+on an fp32 CPU cache the native kernel (kernels/csrc/paged_decode.c) reads the blocks in
+place instead.
 Prefill chunks run one sequence at a time through SDPA, causal with the mask offset by the
 cached prefix. Without a cache (training, scoring) each sequence attends causally to its
 own tokens. 8-bit caches are dequantised as they are gathered.
@@ -143,6 +145,11 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     num_kv, block_size = kv.k.shape[1], kv.block_size
     width = (max_seq_len + block_size - 1) // block_size
     tables = block_tables[:, :width]
+    if kv.native_decode and q.dtype == torch.float32 and layer.logit_softcap is None and layer.sliding_window is None:
+        from quadrant.kernels.cpu_native import paged_decode, paged_decode_op
+
+        native = paged_decode_op if torch.compiler.is_compiling() else paged_decode
+        return native(q, kv.k, kv.v, block_tables, seq_lens, layer.scale)
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 and not padded else width * block_size
     k = gather_kv(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)

@@ -191,6 +191,10 @@ class Calibration:
     smoother: Smoother | None = None  # SmoothQuant scales (8-bit activations)
     hessians: dict[str, torch.Tensor] | None = None  # GPTQ's input Hessians
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens behind each Hessian
+    # Checkpoint tensor name -> its weight as GPTQ's sequential pass rounded it in the model, where
+    # that is what `_write` would compute again (no smoothing): rounding is per output row, so a
+    # merged module's rows are its parts' own.
+    rounded: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Where "auto" rotates the residual stream; w4a8 then skips SmoothQuant under "auto" (the rotation
@@ -225,11 +229,35 @@ def _calibrate(source: ModelSource, fmt: str, smoothing: float | str | None, gro
         smoother = Smoother(model, ids[:1024], alpha, fmt, group_size)
     hessians: dict[str, torch.Tensor] | None = None
     tokens: dict[str, int] = {}
+    rounded: dict[str, torch.Tensor] = {}
     if use_gptq:  # sequential: each Hessian sees the inputs of the model rounded so far
-        hessians, tokens = input_hessians(model, ids, round_weights=_rounding_in_model(smoother, fmt, group_size),
-                                          progress=progress)
+        round_weights = _rounding_in_model(smoother, fmt, group_size)
+        hessians, tokens = input_hessians(model, ids, round_weights=round_weights, progress=progress)
+        if smoother is None:
+            rounded = _rounded_tensors(model)
     del model
-    return Calibration(smoother, hessians, tokens)
+    return Calibration(smoother, hessians, tokens, rounded)
+
+
+def _rounded_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{checkpoint name: weight} of every dense projection of the (rounded) calibration model, merged
+    modules split back into their parts (q/k/v, gate/up)."""
+    from quadrant.layers.linear import Linear, MergedLinear
+
+    parts = {(merged, shard): proj for proj, (merged, shard) in getattr(type(model), "packed_modules", {}).items()}
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or not name.endswith("_proj") or module.weight is None:
+            continue
+        stem, _, leaf = name.rpartition(".")
+        if not isinstance(module, MergedLinear):
+            out[f"{name}.weight"] = module.weight.detach().clone()
+            continue
+        for shard in module.shard_offsets:
+            proj = parts.get((leaf, shard))
+            if proj is not None:
+                out[f"{stem}.{proj}.weight"] = module.read_shard(module.weight.detach(), shard).clone()
+    return out
 
 
 def _round_projection(matrix: torch.Tensor, h: torch.Tensor | None, tokens: int, fmt: str, preferred_group: int,
@@ -307,7 +335,9 @@ def _write(source: ModelSource, fmt: str, folder: Path, tied: bool, progress: bo
             own = tensor_format(name, fmt)
             rounded = calibration.hessians is not None
             if rounded:  # floats on GPTQ's grids, stored as they are
-                tensor = _gptq_tensor(name, tensor, own, calibration, group_size)
+                done = calibration.rounded.get(name)
+                tensor = (done if done is not None and done.shape == tensor.shape
+                          else _gptq_tensor(name, tensor, own, calibration, group_size))
             stem = name.removesuffix(".weight")
             parts = {f"{stem}.{k}": v.contiguous()
                      for k, v in quantize_tensor(tensor, own, group_size, on_grid=rounded).items()}

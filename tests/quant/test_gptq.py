@@ -166,3 +166,27 @@ def test_hessian_memory_estimate_sends_large_moes_to_round_to_nearest():
     qwen3_moe = ModelConfig("qwen3moe", 151936, 2048, 6144, 48, 32, 4, head_dim=128, num_experts=128,
                             num_experts_per_tok=8, moe_intermediate_size=768)
     assert hessian_bytes(qwen3_moe) > _HESSIAN_BUDGET  # ~120 GB of expert Hessians: "auto" rounds to nearest
+
+
+def test_sequential_rounding_is_what_the_folder_stores(tmp_path):
+    """`quantize` writes the weights GPTQ's sequential pass already rounded in the model (q/k/v and
+    gate/up split back out of their merged modules) instead of rounding each tensor again: they are
+    the tensors the second rounding gives (GPTQ rounds each output row on its own), to 1e-6."""
+    from quadrant.loader.source import open_model
+    from quadrant.quant.quantize import Calibration, _gptq_tensor, _rounded_tensors, _rounding_in_model
+    from tests.tiny_models import save_tiny_llama
+
+    pytest.importorskip("transformers")
+    save_tiny_llama(tmp_path / "dense", std=0.05, num_layers=2)
+    model = open_model(tmp_path / "dense").load_model(torch.float32, "cpu", "dense")
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(9)).tolist()
+    hessians, tokens = input_hessians(model, ids, round_weights=_rounding_in_model(None, "w4a16", 32))
+    rounded = _rounded_tensors(model)
+    calibration = Calibration(None, hessians, tokens)
+    weights = dict(open_model(tmp_path / "dense").weights())
+    projections = {n for n in weights if n.endswith("_proj.weight")}
+    assert set(rounded) == projections and any(".q_proj." in n for n in projections)
+    for name in projections:
+        again = _gptq_tensor(name, weights[name].float(), "w4a16", calibration, 32)
+        assert not torch.equal(again, weights[name].float()), name  # GPTQ did move it
+        torch.testing.assert_close(rounded[name], again, rtol=0, atol=1e-6)
