@@ -17,7 +17,7 @@ import torch
 
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.request import Request
-from quadrant.kernels.cpu_native import native_kernels_available
+from quadrant.quant.formats import native_kernels_available
 from quadrant.layers.attention import LayerKVCache
 
 

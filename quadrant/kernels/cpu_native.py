@@ -91,14 +91,6 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         return _lib
 
 
-def native_kernels_available() -> bool:
-    """Whether QUADRANT_NATIVE_KERNELS allows the native kernels and they build and load here (into
-    $QUADRANT_HOME/kernels)."""
-    from quadrant import envs
-
-    return envs.native_kernels() and library(envs.quadrant_home() / "kernels") is not None
-
-
 @dataclass
 class Q4Blocks:
     """A [N, K] weight as N rows of K / 32 blocks (fp16 scale, fp16 min, 32 4-bit codes)."""

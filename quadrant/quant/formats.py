@@ -319,9 +319,18 @@ class NativeQ8(WeightFormat):
 def native_available(in_features: int) -> bool:
     """Whether the native CPU kernels run here (and QUADRANT_NATIVE_KERNELS does not turn them off)
     and take rows of this width."""
-    from quadrant.kernels.cpu_native import QK, native_kernels_available
+    from quadrant.kernels.cpu_native import QK
 
     return in_features > 0 and in_features % QK == 0 and native_kernels_available()
+
+
+def native_kernels_available() -> bool:
+    """Whether QUADRANT_NATIVE_KERNELS allows the native CPU kernels (kernels/cpu_native.py) and
+    they build and load here (into $QUADRANT_HOME/kernels)."""
+    from quadrant import envs
+    from quadrant.kernels.cpu_native import library
+
+    return envs.native_kernels() and library(envs.quadrant_home() / "kernels") is not None
 
 
 
