@@ -141,15 +141,15 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
     kv = layer.kv_cache
     assert kv is not None
-    bsz, num_heads, dim = q.shape
-    num_kv, block_size = kv.k.shape[1], kv.block_size
-    width = (max_seq_len + block_size - 1) // block_size
-    tables = block_tables[:, :width]
     if kv.native_decode and q.dtype == torch.float32 and layer.logit_softcap is None and layer.sliding_window is None:
         from quadrant.kernels.cpu_native import paged_decode, paged_decode_op
 
         native = paged_decode_op if torch.compiler.is_compiling() else paged_decode
         return native(q, kv.k, kv.v, block_tables, seq_lens, layer.scale)
+    bsz, num_heads, dim = q.shape
+    num_kv, block_size = kv.k.shape[1], kv.block_size
+    width = (max_seq_len + block_size - 1) // block_size
+    tables = block_tables[:, :width]
     # [B, Hk, S, D]; one sequence needs no padding, so slice it to its length and skip the mask.
     span = max_seq_len if bsz == 1 and not padded else width * block_size
     k = gather_kv(kv.k, kv.k_scale, kv.group, tables, span, q.dtype)
