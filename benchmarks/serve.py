@@ -71,6 +71,14 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
+    try:
+        _wait_healthy(url, proc, path)
+    except BaseException:
+        proc.kill()  # a server that never came up must not outlive the benchmark
+        raise
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
     deadline = time.monotonic() + 1200  # quadrant compiles its CPU decode graphs first (minutes when cold)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
