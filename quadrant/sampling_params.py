@@ -8,6 +8,22 @@ the allowed range, which the CLI prints as one line and the server maps to a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+StructuredKind = Literal["json_schema", "regex", "choice", "grammar", "lark"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's text, enforced token by token (engine/structured.py).
+
+    json_schema: `spec` is the schema as JSON text ('{"type": "object"}' for any object);
+    regex: a regular expression the whole output matches; choice: a JSON list of strings,
+    one of which is the output; grammar: a GBNF (llama.cpp) or Lark grammar; lark: Lark only.
+    """
+
+    kind: StructuredKind
+    spec: str
 
 
 @dataclass
@@ -27,6 +43,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # also each prompt token's logprob (the first is None) and top alternatives
+    structured: StructuredOutput | None = None  # the output follows this schema, regex or grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,7 +54,8 @@ class SamplingParams:
             _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value, name, "must be a number")
         for name in ("max_tokens", "top_k", "n"):
             _check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool), name, "must be an integer")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        # 0 only scores the prompt (prompt_logprobs): lm-eval's loglikelihood requests.
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", "must be an integer >= 0")
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 or a positive integer")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
@@ -53,6 +72,10 @@ class SamplingParams:
                "logit_bias", "must map token ids to values in [-100, 100]")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                "logprobs", "must be an integer in [0, 20]")
+        _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+               "prompt_logprobs", "must be an integer in [0, 20]")
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput), "structured",
+               "must be a StructuredOutput")
 
     @property
     def uses_penalties(self) -> bool:

@@ -26,7 +26,8 @@ from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
-from quadrant.engine.step import StepEncoder
+from quadrant.engine.step import PromptLogprobs, StepEncoder
+from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
@@ -80,6 +81,8 @@ class LLMEngine:
             self.spec_policy.eager_ratio = self.runner.compiled.eager_ratio  # verification runs eagerly
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
+        # Structured outputs need the tokenizer's byte strings; a tokenizer-less model has none.
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size) if self.tokenizer else None
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
         self.num_steps = 0
@@ -204,6 +207,10 @@ class LLMEngine:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
         remote_kv, do_remote_decode = self.parse_kv_transfer(kv_transfer, prompt_ids, params)
+        if params.prompt_logprobs is not None and remote_kv is not None:
+            raise ValueError("prompt_logprobs needs the prompt computed here, not pulled (kv_transfer_params)")
+        if params.structured is not None and self.structured is None:
+            raise QuadrantError(f"{self.config.model}: structured outputs need the model's tokenizer")
         request_id = request_id if request_id is not None else str(next(self._ids))
         if "#" in request_id:
             raise ValueError("request ids may not contain '#' (it marks the samples of n > 1)")
@@ -222,6 +229,11 @@ class LLMEngine:
             )
             if params.seed is not None:
                 req.seed = params.seed + i
+            if params.structured is not None:
+                assert self.structured is not None
+                req.grammar = self.structured.compile(params.structured)  # cached: a copy of a ready matcher
+            if params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None] * len(prompt_ids)
             if i == 0:  # siblings reuse the first sample's pulled blocks through the prefix cache
                 req.remote_kv, req.do_remote_decode = remote_kv, do_remote_decode
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
@@ -297,6 +309,7 @@ class LLMEngine:
                    if (o := self.output.fail(req.group_id or req.request_id, f"KVTransferError: {error}")) is not None]
         if arrived:
             first = SchedulerOutput([ScheduledRequest(req, 0) for req, _ in arrived])
+            outputs += self._advance_grammars(first, {req.request_id: req.output_ids[:1] for req, _ in arrived})
             outputs += self.output.process(first, {req.request_id: ([req.output_ids[0]], [lp] if lp else [])
                                                    for req, lp in arrived})
         return outputs
@@ -318,7 +331,46 @@ class LLMEngine:
         by_id = {r.request_id: r for r in decoding}
         asks = [(by_id[rid], k) for rid, k in plan.items()]
         for rid, (tokens, probs) in self.proposer.propose(asks).items():
-            by_id[rid].draft_token_ids, by_id[rid].draft_probs = tokens, probs
+            req = by_id[rid]
+            if req.grammar is not None:  # drafts the grammar refuses are never verified
+                keep = StructuredOutputs.valid_prefix(req.grammar, tokens)
+                tokens, probs = tokens[:keep], (probs[:keep] if probs is not None and keep else None)
+            req.draft_token_ids, req.draft_probs = tokens, probs
+
+    def _grammar_masks(self, out: SchedulerOutput, masks: dict[str, torch.Tensor]) -> None:
+        """Structured outputs: the allowed-token bitmasks of the constrained rows that sample this step."""
+        if self.structured is None:
+            return
+        for s in out.scheduled:
+            req = s.request
+            if req.grammar is None or req.num_computed_tokens + s.num_new_tokens < req.num_tokens + len(s.draft_token_ids):
+                continue
+            try:
+                masks[req.request_id] = self.structured.masks(req.grammar, s.draft_token_ids)
+            except GrammarError:  # fails closed: no token allowed, so the row's sampling fails the request
+                masks[req.request_id] = torch.zeros(len(s.draft_token_ids) + 1, self.structured.mask_words,
+                                                    dtype=torch.int32)
+
+    def _advance_grammars(self, out: SchedulerOutput, new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
+        """Feed each constrained request's accepted tokens to its grammar; a refusal fails the request."""
+        failed = []
+        for s in out.scheduled:
+            req = s.request
+            tokens = new_tokens.get(req.request_id)
+            if req.grammar is None or not tokens or req.is_finished:
+                continue
+            error = StructuredOutputs.accept(req.grammar, tokens)
+            if error is not None and (o := self.output.fail(req.group_id or req.request_id, error)) is not None:
+                failed.append(o)
+        return failed
+
+    def _keep_prompt_logprobs(self, out: SchedulerOutput, scored: PromptLogprobs) -> None:
+        """Prompt logprobs by position (a recomputed chunk after a preemption overwrites its own)."""
+        by_id = {s.request.request_id: s.request for s in out.scheduled}
+        for rid, (first, records) in scored.items():
+            req = by_id.get(rid)
+            if req is not None and req.prompt_logprobs is not None:
+                req.prompt_logprobs[first : first + len(records)] = records
 
     def _count_verifications(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         stats = self.spec_stats
@@ -341,14 +393,19 @@ class LLMEngine:
             if self.connector is not None and self.scheduler.loading:
                 self.connector.wait(0.01)  # nothing to run until a pull ends
             return early
-        sampled = self.executor.execute(self.steps.encode(out)).sampled
+        step = self.steps.encode(out)
+        self._grammar_masks(out, step.token_masks)
+        result = self.executor.execute(step)
+        sampled = result.sampled
         self.num_steps += 1
         self.num_computed_tokens += out.num_batched_tokens
         new_tokens = {rid: tokens for rid, (tokens, _) in sampled.items()}
         self.scheduler.update(out, new_tokens)
         if self.proposer is not None:
             self._count_verifications(out, new_tokens)
-        outputs = early + self.output.process(out, sampled)
+        self._keep_prompt_logprobs(out, result.prompt_logprobs)
+        failed = self._advance_grammars(out, new_tokens)
+        outputs = early + failed + self.output.process(out, sampled)
         interval = self.config.parallel.eplb_interval
         if interval and self.num_steps % interval == 0:
             self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it

@@ -98,8 +98,9 @@ class OutputProcessor:
         metrics = {"arrival": group.arrival, "first_token": group.first_token or now}
         if done:
             metrics["finished"] = now
+        first = group.samples[0].request
         return RequestOutput(group.request_id, group.prompt_ids, completions, done, group.num_cached_tokens, metrics,
-                             kv_transfer_params=group.samples[0].request.kv_transfer_params)
+                             kv_transfer_params=first.kv_transfer_params, prompt_logprobs=first.prompt_logprobs)
 
     def fail(self, request_id: str, error: str) -> RequestOutput | None:
         """End a caller request with an error (its other samples too); None if it is already gone."""
@@ -138,6 +139,11 @@ class OutputProcessor:
         drafts) end a request exactly where one-token steps would; the tokens after that are dropped."""
         req, p = sample.request, sample.request.params
         before = len(req.output_ids) - len(new_ids)
+        if p.max_tokens == 0:  # the prompt was only scored: the token sampled after it is dropped
+            del req.output_ids[before:]
+            del req.logprobs[before:]
+            self.finish(req, FinishReason.LENGTH)
+            return
         for n, token in enumerate(new_ids, start=1):
             reason: FinishReason | None = None
             text_ids = [token]

@@ -62,6 +62,10 @@ class Request:
     remote_kv: RemoteKV | None = None
     do_remote_decode: bool = False
     kv_transfer_params: dict[str, Any] | None = None
+    # Structured outputs (engine/structured.py): the grammar matcher, advanced over output_ids (driver only).
+    grammar: Any = None
+    # Prompt logprobs (params.prompt_logprobs): one record per prompt token, filled as prefill chunks run.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -107,3 +111,5 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished (perf_counter seconds)
     error: str | None = None  # set when this request failed inside the engine (others go on)
     kv_transfer_params: dict[str, Any] | None = None  # prefill engines: where a decode engine pulls the prompt's KV
+    # params.prompt_logprobs: each prompt token's record (None for the first, which nothing predicts).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

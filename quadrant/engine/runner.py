@@ -19,10 +19,12 @@ from quadrant.engine.cpu_compiled import CompiledDecode
 from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
 from quadrant.engine.spec.verify import verify
-from quadrant.engine.step import Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest, WorkerRequests
+from quadrant.engine.step import (PromptLogprobs, Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest,
+                                  WorkerRequests)
+from quadrant.engine.structured import allowed_tokens
 from quadrant.layers.attention import Attention, AttentionMetadata
 from quadrant.layers.attn_backends import TORCH_BACKEND, TRITON_BACKEND
-from quadrant.layers.sampler import logprob_records, sample
+from quadrant.layers.sampler import TokenLogprob, logprob_records, sample
 
 
 Batch = list[tuple[WorkerRequest, ScheduledRow]]  # one step's requests and their rows, in batch order
@@ -122,32 +124,60 @@ class ModelRunner:
         # A row samples when this step reaches its request's last token (and its drafts, if any).
         rows = [i for i, (req, row) in enumerate(batch)
                 if row.num_computed_tokens + row.num_new_tokens == req.num_tokens + len(row.draft_token_ids)]
-        logits = self._graph_logits(batch)
+        # Rows whose prompt is scored (prompt_logprobs) need logits at every token of their chunk.
+        scored = [i for i, (req, row) in enumerate(batch)
+                  if req.params.prompt_logprobs is not None and row.num_computed_tokens < len(req.prompt_ids)]
+        prompt_logprobs: PromptLogprobs = {}
+        logits = None if scored else self._graph_logits(batch)
         if logits is None:
             # Logits at each sampling row's last token and at each of its drafts.
             sampling = set(rows)
-            logits = self.forward_logits(batch, [1 + len(row.draft_token_ids) if i in sampling else 0
-                                                 for i, (_, row) in enumerate(batch)])
+            tails = [1 + len(row.draft_token_ids) if i in sampling else 0 for i, (_, row) in enumerate(batch)]
+            logits = self.forward_logits(batch, tails, scored, prompt_logprobs)
         elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
-        if logits is None or not rows or not self.samples:
+        if not self.samples:
             return StepOutput()
-        return StepOutput(self._sample(logits, [batch[i] for i in rows]))
+        if logits is None or not rows:
+            return StepOutput(prompt_logprobs=prompt_logprobs)
+        return StepOutput(self._sample(logits, [batch[i] for i in rows], step.token_masks), prompt_logprobs)
 
-    def forward_logits(self, batch: Batch, tails: list[int]) -> torch.Tensor | None:
+    def forward_logits(self, batch: Batch, tails: list[int], scored: list[int] = (),  # type: ignore[assignment]
+                       prompt_logprobs: PromptLogprobs | None = None) -> torch.Tensor | None:
         """Run the batch through the model; the logits [sum(tails), V] fp32 at the last tails[i] tokens
-        of each row, in batch order (None, and no LM head, when no row asks for any)."""
+        of each row, in batch order (None, and no LM head, when no row asks for any). The rows in
+        `scored` also get their chunk's prompt-token logprobs, put into `prompt_logprobs`."""
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, meta)  # [T, D]
         ends = meta.query_start_loc_cpu[1:]
+        if scored and prompt_logprobs is not None and self.samples:
+            for i in scored:
+                req, row = batch[i]
+                start = int(ends[i]) - row.num_new_tokens
+                prompt_logprobs[req.request_id] = self._score_prompt(hidden[start : int(ends[i])], req, row)
         picks = [t for end, n in zip(ends, tails) for t in range(end - n, end)]
         if not picks:
             return None
         return self.model.compute_logits(hidden[torch.tensor(picks, device=self.device)])
 
-    def _sample(self, logits: torch.Tensor, rows: Batch) -> Sampled:
+    def _score_prompt(self, hidden: torch.Tensor, req: WorkerRequest, row: ScheduledRow,
+                      slice_rows: int = 256) -> tuple[int, list[TokenLogprob]]:
+        """Records for the prompt tokens this chunk predicts: the one after each of its positions,
+        up to the prompt's end; the LM head runs on slices so a long chunk stays small in memory."""
+        first = row.num_computed_tokens + 1  # position p's logits score token p + 1
+        last = min(row.num_computed_tokens + row.num_new_tokens, len(req.prompt_ids) - 1)  # inclusive
+        records: list[TokenLogprob] = []
+        want = req.params.prompt_logprobs or 0
+        for at in range(first, last + 1, slice_rows):
+            end = min(at + slice_rows, last + 1)
+            logits = self.model.compute_logits(hidden[at - 1 - row.num_computed_tokens : end - 1 - row.num_computed_tokens])
+            records += logprob_records(logits.float(), req.prompt_ids[at:end], [want] * (end - at))
+        return first, records
+
+    def _sample(self, logits: torch.Tensor, rows: Batch, token_masks: dict[str, torch.Tensor]) -> Sampled:
         """Rows that verify drafts take their tokens from verification, the others one sampled token
-        each; logits hold one row per plain request and k + 1 per verifying one, in batch order."""
+        each; logits hold one row per plain request and k + 1 per verifying one, in batch order.
+        Structured-output rows see only the tokens their grammar allows."""
         sampled: Sampled = {}
         offsets, at = [], 0
         for _, row in rows:
@@ -158,7 +188,13 @@ class ModelRunner:
             requests = [rows[i][0] for i in plain]
             plain_logits = logits if len(plain) == len(rows) else \
                 logits[torch.tensor([offsets[i] for i in plain], device=self.device)]
-            tokens, records = sample(plain_logits, requests, self.generator)
+            allowed = None
+            if any(req.request_id in token_masks for req in requests):
+                masks = torch.stack([token_masks[req.request_id][0] if req.request_id in token_masks
+                                     else torch.full_like(next(iter(token_masks.values()))[0], -1)
+                                     for req in requests])
+                allowed = allowed_tokens(masks.to(self.device), plain_logits.shape[-1])
+            tokens, records = sample(plain_logits, requests, self.generator, allowed)
             for req, t, lp in zip(requests, tokens, records):
                 sampled[req.request_id] = ([t] if t is not None else [], [lp] if lp is not None else [])
         for i, (req, row) in enumerate(rows):
@@ -166,9 +202,13 @@ class ModelRunner:
                 continue
             k = len(row.draft_token_ids)
             span = logits[offsets[i] : offsets[i] + k + 1]
+            raw = span
+            if req.request_id in token_masks:
+                span = span.masked_fill(~allowed_tokens(token_masks[req.request_id].to(self.device), span.shape[-1]),
+                                        float("-inf"))
             accepted = verify(span, row.draft_token_ids, row.draft_probs, req, self.generator)
             want = req.params.logprobs
-            kept_records = logprob_records(span[: len(accepted)], accepted, [want] * len(accepted)) \
+            kept_records = logprob_records(raw[: len(accepted)], accepted, [want] * len(accepted)) \
                 if want is not None and accepted else []
             sampled[req.request_id] = (accepted, kept_records)
         return sampled

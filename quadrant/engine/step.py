@@ -58,6 +58,9 @@ class StepInput:
     cached_requests: list[CachedRequest] = field(default_factory=list)
     rows: list[ScheduledRow] = field(default_factory=list)  # in batch order
     finished_request_ids: list[str] = field(default_factory=list)  # finished or aborted: forget them
+    # Structured outputs: request id -> the allowed tokens at its last token and after each of its
+    # drafts, int32 bitmasks [k + 1, ceil(V / 32)] (engine/structured.py); rows without one are free.
+    token_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # request id -> (the tokens this step added, in order: one, or with speculation the accepted drafts and
@@ -65,10 +68,16 @@ class StepInput:
 Sampled = dict[str, tuple[list[int], list[TokenLogprob]]]
 
 
+# request id -> (index of the first prompt token these records score, the records): prompt logprobs
+# of the prompt tokens this step's chunk predicts (a token's record comes from the logits before it).
+PromptLogprobs = dict[str, tuple[int, list[TokenLogprob]]]
+
+
 @dataclass
 class StepOutput:
     # The rows that reached their last token (drafts included). Only the driver worker (rank 0) fills it.
     sampled: Sampled = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs = field(default_factory=dict)
 
 
 @dataclass

@@ -78,14 +78,18 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
-def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_generator: torch.Generator | None = None
-           ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_generator: torch.Generator | None = None,
+           allowed: torch.Tensor | None = None) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [B, V] fp32, one row per request -> (token ids, logprob records or None).
 
     Every row is decided on the logits' device and the ids come back in one host copy, so a
     GPU step synchronises once. A row whose sampling fails (its logits are not finite) gets
-    None: that request fails, the rest of the batch goes on.
+    None: that request fails, the rest of the batch goes on. `allowed` [B, V] bool (structured
+    outputs) limits each row's choice, greedy rows included; a row it leaves no token fails.
     """
+    raw = logits
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     chosen = logits.argmax(-1)  # [B]
     finite = torch.isfinite(logits.gather(1, chosen[:, None])).squeeze(1)
     chosen = torch.where(finite, chosen, -1)  # a row whose best logit is not finite fails, on the device
@@ -98,7 +102,7 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingState], default_gene
     records: list[TokenLogprob | None] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] is not None]
     if wanted:
-        found = logprob_records(logits[wanted], [tokens[i] for i in wanted],  # type: ignore[misc]
+        found = logprob_records(raw[wanted], [tokens[i] for i in wanted],  # type: ignore[misc]
                                 [requests[i].params.logprobs or 0 for i in wanted])
         for i, record in zip(wanted, found):
             records[i] = record

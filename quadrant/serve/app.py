@@ -25,7 +25,9 @@ from starlette.background import BackgroundTask
 
 from quadrant import __version__
 from quadrant.engine.async_engine import AsyncLLM, EngineDeadError
+from quadrant.engine.structured import GrammarError
 from quadrant.errors import QuadrantError
+from quadrant.sampling_params import StructuredOutput
 from quadrant.serve import protocol as P
 from quadrant.serve.admission import ServerState
 from quadrant.serve.config import ServerConfig
@@ -33,6 +35,7 @@ from quadrant.serve.errors import OpenAIError, install_error_handlers
 from quadrant.serve.guard import GuardMiddleware
 from quadrant.serve.openai_format import Formatter
 from quadrant.serve.streaming import Disconnected, cancel, collect, pump, sse_events
+from quadrant.serve.tokenizer_api import add_tokenizer_routes
 
 __all__ = ["ServerConfig", "build_app", "serve"]
 
@@ -62,11 +65,13 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = first.get("msg", "invalid request")
+        message, code = first.get("msg", "invalid request"), "invalid_value"
         if first.get("type") == "json_invalid":
             message, loc = "the request body is not valid JSON", []
+        elif first.get("type") == "extra_forbidden":  # never silently ignored (serve/protocol.py)
+            message, code = "unknown field: quadrant does not support it", "unsupported_parameter"
         param = ".".join(loc) or None
-        err = OpenAIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+        err = OpenAIError(400, f"{param}: {message}" if param else message, param=param, code=code)
         return await _openai_error(request, err)
 
     @app.exception_handler(EngineDeadError)
@@ -102,6 +107,8 @@ def build_app(config: ServerConfig) -> FastAPI:
                 state.metrics.set_kv_transfer(transfer)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    add_tokenizer_routes(app, state)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         state.metrics.requests.labels("/v1/models", "200").inc()
@@ -112,6 +119,7 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         llm = state.ready()
         state.check_model(body.model)
+        _check_supported(body)
         prompts = _prompt_list(body.prompt)
         try:
             prompt_ids = await llm.call(lambda e: [e.encode(p) for p in prompts])
@@ -119,24 +127,83 @@ def build_app(config: ServerConfig) -> FastAPI:
             raise OpenAIError(400, str(e), param="prompt") from None
         max_tokens = _fit_context(prompt_ids, body.max_tokens, state.max_model_len, "prompt")
         params = _params(body, max_tokens, body.logprobs)
+        # echo with logprobs returns the prompt's logprobs too (lm-eval's loglikelihood reads them).
+        prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else \
+            (body.logprobs if body.echo and body.logprobs is not None else None)
+        params = replace(params, prompt_logprobs=prompt_logprobs, structured=await _compile(llm, body))
         return await _serve(request, state, llm, "/v1/completions", body, prompt_ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         llm = state.ready()
         state.check_model(body.model)
+        _check_supported(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+        extra = _template_kwargs(body.chat_template_kwargs)
         try:
-            prompt_ids = [await llm.call(lambda e: e.chat_prompt(messages))]
+            prompt_ids = [await llm.call(lambda e: e.chat_prompt(messages, **extra))]
         except (QuadrantError, ValueError) as e:  # ChatTemplateError included
             raise OpenAIError(400, str(e), param="messages") from None
         max_tokens = _fit_context(prompt_ids, body.max_completion_tokens or body.max_tokens, state.max_model_len,
                                   "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(body, max_tokens, logprobs)
+        params = replace(_params(body, max_tokens, logprobs), structured=await _compile(llm, body))
         return await _serve(request, state, llm, "/v1/chat/completions", body, prompt_ids, params, chat=True)
 
     return app
+
+
+def _check_supported(body: P._SamplingFields) -> None:
+    try:
+        body.unsupported()
+    except P.UnsupportedField as e:
+        raise OpenAIError(400, str(e), param=e.param, code="unsupported_parameter") from None
+
+
+async def _compile(llm: AsyncLLM, body: P._SamplingFields) -> StructuredOutput | None:
+    """The request's output constraint, compiled here, off the engine thread (the engine then copies
+    the cached matcher); a bad schema, regex or grammar is a 400 before the engine sees it."""
+    try:
+        spec = body.structured_output()
+    except P.UnsupportedField as e:
+        raise OpenAIError(400, str(e), param=e.param, code="unsupported_parameter") from None
+    if spec is None:
+        return None
+    structured = llm.engine.structured
+    if structured is None:
+        raise OpenAIError(400, "structured outputs need the model's tokenizer", param="response_format")
+    try:
+        await asyncio.to_thread(structured.compile, spec)
+    except GrammarError as e:
+        param = _constraint_param(body)
+        raise OpenAIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+    return spec
+
+
+def _constraint_param(body: P._SamplingFields) -> str:
+    for name in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar", "regex", "ebnf", "json_schema", "grammar"):
+        if getattr(body, name) is not None:
+            return name
+    return "response_format"
+
+
+_RESERVED_TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token",
+                            "unk_token", "pad_token"}
+
+
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    bad = sorted(set(kwargs or {}) & _RESERVED_TEMPLATE_NAMES)
+    if bad:
+        raise OpenAIError(400, f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
+    return dict(kwargs or {})
+
+
+def _prompt_texts(body: P._SamplingFields, prompt_ids: list[list[int]], tokenizer: Any) -> list[str]:
+    """Echo's prompt texts: as sent when they were text, else the ids decoded."""
+    prompts = _prompt_list(getattr(body, "prompt", None))
+    return [p if isinstance(p, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
+            for p, ids in zip(prompts, prompt_ids)]
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -208,7 +275,11 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     streams = [llm.generate(ids, params, kv_transfer=kv_transfer) for ids in prompt_ids]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    formatter = Formatter(rid, state.config.model_name, chat, tokenizer, params.n, body.return_token_ids, prompt_ids)
+    echo = bool(getattr(body, "echo", False))
+    prompt_texts = _prompt_texts(body, prompt_ids, tokenizer) if echo else []
+    formatter = Formatter(rid, state.config.model_name, chat, tokenizer, params.n, body.return_token_ids, prompt_ids,
+                          echo=echo, prompt_texts=prompt_texts,
+                          prompt_logprobs=getattr(body, "prompt_logprobs", None) is not None)
     if body.stream:
         # Generation starts now, whether or not the client ever reads: the pumps hold the
         # reservation until they end (finished, failed, or cancelled on disconnect).

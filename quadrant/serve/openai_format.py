@@ -25,7 +25,13 @@ class Formatter:
     # The router's extension (quadrant/disagg/): each choice's token ids, and its prompt's on first sight.
     return_token_ids: bool = False
     prompt_ids: list[list[int]] = field(default_factory=list)
+    # Completions' echo: each choice's text (and logprobs, when asked) starts with its prompt's.
+    echo: bool = False
+    prompt_texts: list[str] = field(default_factory=list)
     _prompt_sent: set[int] = field(default_factory=set)
+    _echoed: set[int] = field(default_factory=set)
+    _text_offsets: dict[int, int] = field(default_factory=dict)  # streamed completions: where each choice is
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field: the prompt's records beside the choice
 
     @property
     def chunk_object(self) -> str:
@@ -34,9 +40,12 @@ class Formatter:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
 
-    def logprobs(self, records: list | None, text_offset: int = 0) -> dict[str, Any] | None:
-        if records is None:
+    def logprobs(self, records: list | None, text_offset: int = 0,
+                 prompt: tuple[list[int], list] | None = None) -> dict[str, Any] | None:
+        """`prompt` (completions' echo): the prompt tokens' records first, None for the first token."""
+        if records is None and prompt is None:
             return None
+        records = records or []
         if self.chat:
             return {"content": [{
                 "token": self._token(r.token_id), "logprob": r.logprob,
@@ -44,28 +53,54 @@ class Formatter:
                 "top_logprobs": [{"token": self._token(t), "logprob": lp, "bytes": list(self._token(t).encode())}
                                  for t, lp in r.top],
             } for r in records]}
-        tokens = [self._token(r.token_id) for r in records]
+        ids = [r.token_id for r in records]
+        token_logprobs: list[float | None] = [r.logprob for r in records]
+        top: list[dict[str, float] | None] = [{self._token(t): lp for t, lp in r.top} for r in records]
+        if prompt is not None:
+            ids = prompt[0] + ids
+            token_logprobs = [None if r is None else r.logprob for r in prompt[1]] + token_logprobs
+            top = [None if r is None else {self._token(t): lp for t, lp in r.top} for r in prompt[1]] + top
+        tokens = [self._token(t) for t in ids]
         offsets, pos = [], text_offset
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [r.logprob for r in records],
-                "top_logprobs": [{self._token(t): lp for t, lp in r.top} for r in records], "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    def choice(self, index: int, c: CompletionOutput, final: bool) -> dict[str, Any]:
+    def _echo(self, index: int, out: RequestOutput | None) -> tuple[str, tuple[list[int], list] | None]:
+        """The prompt's text and (ids, records) to put before choice `index`'s own, once per choice."""
+        if not self.echo or self.chat or index in self._echoed:
+            return "", None
+        self._echoed.add(index)
+        prompt = index // self.n
+        records = out.prompt_logprobs if out is not None else None
+        return self.prompt_texts[prompt], (self.prompt_ids[prompt], records) if records is not None else None
+
+    def choice(self, index: int, c: CompletionOutput, final: bool, out: RequestOutput | None = None) -> dict[str, Any]:
+        echo_text, echo_logprobs = self._echo(index, out)
         choice: dict[str, Any] = {"index": index, "finish_reason": c.finish_reason,
-                                  "logprobs": self.logprobs(c.logprobs)}
+                                  "logprobs": self.logprobs(c.logprobs, prompt=echo_logprobs)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
-            choice["text"] = c.text
+            choice["text"] = echo_text + c.text
         if self.return_token_ids:
             choice["token_ids"] = list(c.token_ids)
+        if self.prompt_logprobs and out is not None and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = [None if r is None else self._vllm_record(r) for r in out.prompt_logprobs]
         return choice
 
-    def chunk(self, index: int, output: CompletionOutput | None = None, role: bool = False) -> dict[str, Any]:
+    def _vllm_record(self, r: Any) -> dict[str, dict[str, Any]]:
+        """vLLM's shape of one prompt token's record: token id -> its logprob and text (top ones too)."""
+        out = {str(t): {"logprob": lp, "decoded_token": self._token(t)} for t, lp in r.top}
+        out[str(r.token_id)] = {"logprob": r.logprob, "decoded_token": self._token(r.token_id)}
+        return out
+
+    def chunk(self, index: int, output: CompletionOutput | None = None, role: bool = False,
+              request_output: RequestOutput | None = None) -> dict[str, Any]:
         assert role or output is not None
-        text = output.text_delta if output is not None else ""
+        echo_text, echo_logprobs = self._echo(index, request_output) if output is not None else ("", None)
+        text = echo_text + (output.text_delta if output is not None else "")
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
@@ -73,8 +108,11 @@ class Formatter:
             choice = {"index": index, "text": text, "finish_reason": None, "logprobs": None}
         if output is not None:
             choice["finish_reason"] = output.finish_reason
-            if output.logprobs_delta:
-                choice["logprobs"] = self.logprobs(output.logprobs_delta)
+            if output.logprobs_delta or echo_logprobs is not None:
+                lp = self.logprobs(output.logprobs_delta, self._text_offsets.get(index, 0), prompt=echo_logprobs)
+                choice["logprobs"] = lp
+                if lp is not None and "tokens" in lp:  # offsets run on across a completion's chunks
+                    self._text_offsets[index] = self._text_offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
         chunk = {"id": self.rid, "object": self.chunk_object, "created": P.now(), "model": self.model,
                  "choices": [choice]}
         if self.return_token_ids:
@@ -93,7 +131,7 @@ class Formatter:
 
     def completion(self, finals: list[RequestOutput], prompt_tokens: int) -> dict[str, Any]:
         """The whole response of a non-streaming request; `finals` holds one output per prompt, in order."""
-        choices = [self.choice(i * self.n + c.index, c, final=True) for i, out in enumerate(finals)
+        choices = [self.choice(i * self.n + c.index, c, final=True, out=out) for i, out in enumerate(finals)
                    for c in out.outputs]
         completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
         extra = {"prompt_token_ids": finals[0].prompt_token_ids} if self.return_token_ids else {}

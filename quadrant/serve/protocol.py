@@ -1,27 +1,72 @@
 """OpenAI request, response and error bodies (pydantic), and their mapping to SamplingParams.
 
 Field ranges are checked here, so a bad value is a 400 naming the field before
-anything reaches the engine. Extra fields that OpenAI clients send and we do
-not use are accepted and ignored, as the OpenAI API does.
+anything reaches the engine. No field is ignored without a word: every field is
+either implemented, or refused with a 400 that names it (unknown ones included);
+the few OpenAI fields accepted without effect change nothing in the answer
+(`user`, `metadata`, `safety_identifier`, `prompt_cache_key`: prefix caching is
+automatic). Structured outputs come under the names clients use: OpenAI's
+`response_format`, vLLM's `structured_outputs` and `guided_*`, SGLang's
+`regex`/`ebnf`/`json_schema` and llama.cpp's `grammar`/`json_schema`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from quadrant.sampling_params import SamplingParams
+from quadrant.sampling_params import SamplingParams, StructuredOutput
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk is not sent; refused when true
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always strict here: the grammar allows nothing else
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class UnsupportedField(ValueError):
+    """A known field set to something quadrant does not do: a 400 naming it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -45,6 +90,70 @@ class _SamplingFields(BaseModel):
     # and token ids in the answer (the router resumes a broken stream from them).
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)  # vLLM
+    # Structured outputs, under each family's name (one of them per request).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM before structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    regex: str | None = None  # SGLang
+    ebnf: str | None = None  # SGLang
+    json_schema: dict[str, Any] | str | None = None  # SGLang (text), llama.cpp (object)
+    grammar: str | None = None  # llama.cpp: GBNF
+    # OpenAI fields with no effect on the tokens (accepted, as OpenAI accepts them).
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # OpenAI fields quadrant does not do: refused when set to anything that would change the answer.
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def unsupported(self) -> None:
+        """UnsupportedField for the first field set to something quadrant would not honour."""
+        if self.store:
+            raise UnsupportedField("store", "quadrant does not store completions")
+        if self.service_tier not in (None, "auto", "default"):
+            raise UnsupportedField("service_tier", f"{self.service_tier!r} is not offered; use 'auto' or 'default'")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise UnsupportedField("stream_options.continuous_usage_stats", "usage is sent once, at the end")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedField("stream_options", "only allowed when stream is true")
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one output constraint this request names (None: free text); UnsupportedField if several."""
+        found: list[tuple[str, StructuredOutput]] = []
+
+        def schema(value: dict[str, Any] | str) -> str:
+            return value if isinstance(value, str) else json.dumps(value)
+
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", StructuredOutput("json_schema", '{"type": "object"}')))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise UnsupportedField("response_format.json_schema", "a json_schema response format needs its schema")
+            found.append(("response_format", StructuredOutput("json_schema", schema(rf.json_schema.schema_))))
+        so = self.structured_outputs
+        if so is not None:
+            named = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                          ("grammar", so.grammar), ("json_object", so.json_object or None))
+                     if v is not None]
+            if len(named) != 1:
+                raise UnsupportedField("structured_outputs", "give exactly one of json, regex, choice, grammar, "
+                                                             "json_object")
+            kind, value = named[0]
+            found.append(("structured_outputs", _constraint(kind, value)))
+        for param, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar"), ("regex", "regex"), ("ebnf", "grammar"),
+                            ("json_schema", "json"), ("grammar", "grammar")):
+            value = getattr(self, param)
+            if value is not None:
+                found.append((param, _constraint(kind, value)))
+        if len(found) > 1:
+            raise UnsupportedField(found[1][0], f"only one output constraint per request (already {found[0][0]})")
+        return found[0][1] if found else None
 
     @field_validator("stop")
     @classmethod
@@ -77,14 +186,38 @@ class _SamplingFields(BaseModel):
             logit_bias=bias,
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            stop_token_ids=list(self.stop_token_ids or []),
         )
+
+
+def _constraint(kind: str, value: Any) -> StructuredOutput:
+    if kind == "json":
+        return StructuredOutput("json_schema", value if isinstance(value, str) else json.dumps(value))
+    if kind == "json_object":
+        return StructuredOutput("json_schema", '{"type": "object"}')
+    if kind == "choice":
+        return StructuredOutput("choice", json.dumps(value))
+    return StructuredOutput(kind, value)  # type: ignore[arg-type]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 with echo scores the prompt alone (lm-eval's loglikelihood).
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs when asked)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM: the prompt's, apart from echo
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedField("best_of", "only best_of equal to n (every sample returned) is supported")
+        if self.suffix:
+            raise UnsupportedField("suffix", "insertion (fill-in-the-middle) is not supported")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise UnsupportedField("max_tokens", "0 is only for scoring the prompt (with echo or prompt_logprobs)")
 
 
 class ChatMessage(BaseModel):
@@ -100,6 +233,33 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    modalities: list[str] | None = None
+    # Known OpenAI fields for what quadrant does not do yet: refused by name when set.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables for the chat template
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise UnsupportedField("modalities", "only text output is supported")
+        if self.tools or self.functions:
+            raise UnsupportedField("tools" if self.tools else "functions", "tool calling is not supported yet")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise UnsupportedField("tool_choice", "no tools are supported yet")
+        if self.function_call not in (None, "none", "auto"):
+            raise UnsupportedField("function_call", "no functions are supported yet")
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise UnsupportedField(name, "not supported by quadrant")
 
 
 class ErrorBody(BaseModel):
