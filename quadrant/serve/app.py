@@ -36,6 +36,7 @@ from quadrant.serve.guard import GuardMiddleware
 from quadrant.serve.openai_format import Formatter
 from quadrant.serve.streaming import Disconnected, cancel, collect, pump, sse_events
 from quadrant.serve.tokenizer_api import add_tokenizer_routes
+from quadrant.serve.tool_calls import ToolCalling, ToolError
 
 __all__ = ["ServerConfig", "build_app", "serve"]
 
@@ -140,6 +141,10 @@ def build_app(config: ServerConfig) -> FastAPI:
         _check_supported(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         extra = _template_kwargs(body.chat_template_kwargs)
+        tools = _tool_calling(body, llm)
+        if tools is not None:
+            messages = tools.messages(messages)
+            extra.update(tools.template_kwargs())
         try:
             prompt_ids = [await llm.call(lambda e: e.chat_prompt(messages, **extra))]
         except (QuadrantError, ValueError) as e:  # ChatTemplateError included
@@ -147,8 +152,13 @@ def build_app(config: ServerConfig) -> FastAPI:
         max_tokens = _fit_context(prompt_ids, body.max_completion_tokens or body.max_tokens, state.max_model_len,
                                   "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = replace(_params(body, max_tokens, logprobs), structured=await _compile(llm, body))
-        return await _serve(request, state, llm, "/v1/chat/completions", body, prompt_ids, params, chat=True)
+        constraint = tools.constraint() if tools is not None else None
+        if constraint is not None and body.structured_output() is not None:
+            raise OpenAIError(400, "tool_choice: a required or named tool call already fixes the output's form; "
+                                   "drop response_format", param="tool_choice")
+        params = replace(_params(body, max_tokens, logprobs), structured=await _compile(llm, body, constraint))
+        return await _serve(request, state, llm, "/v1/chat/completions", body, prompt_ids, params, chat=True,
+                            tools=tools)
 
     return app
 
@@ -160,11 +170,22 @@ def _check_supported(body: P._SamplingFields) -> None:
         raise OpenAIError(400, str(e), param=e.param, code="unsupported_parameter") from None
 
 
-async def _compile(llm: AsyncLLM, body: P._SamplingFields) -> StructuredOutput | None:
-    """The request's output constraint, compiled here, off the engine thread (the engine then copies
-    the cached matcher); a bad schema, regex or grammar is a 400 before the engine sees it."""
+def _tool_calling(body: P.ChatCompletionRequest, llm: AsyncLLM) -> ToolCalling | None:
+    tokenizer = llm.engine.tokenizer
     try:
-        spec = body.structured_output()
+        return ToolCalling.parse(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                 tokenizer.chat_template if tokenizer is not None else None)
+    except ToolError as e:
+        raise OpenAIError(400, str(e), param=e.param, code="invalid_value") from None
+
+
+async def _compile(llm: AsyncLLM, body: P._SamplingFields, spec: StructuredOutput | None = None
+                   ) -> StructuredOutput | None:
+    """The request's output constraint (`spec`, else the one its fields name), compiled here, off the
+    engine thread (the engine then copies the cached matcher); a bad schema, regex or grammar is a
+    400 before the engine sees it."""
+    try:
+        spec = spec or body.structured_output()
     except P.UnsupportedField as e:
         raise OpenAIError(400, str(e), param=e.param, code="unsupported_parameter") from None
     if spec is None:
@@ -181,9 +202,9 @@ async def _compile(llm: AsyncLLM, body: P._SamplingFields) -> StructuredOutput |
 
 
 def _constraint_param(body: P._SamplingFields) -> str:
-    for name in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    for name in ("tools", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                  "guided_grammar", "regex", "ebnf", "json_schema", "grammar"):
-        if getattr(body, name) is not None:
+        if getattr(body, name, None) is not None:
             return name
     return "response_format"
 
@@ -254,7 +275,7 @@ def _params(body: P._SamplingFields, max_tokens: int, logprobs: int | None):
 
 
 async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: str, body: P._SamplingFields,
-                 prompt_ids: list[list[int]], params: Any, chat: bool) -> Response:
+                 prompt_ids: list[list[int]], params: Any, chat: bool, tools: ToolCalling | None = None) -> Response:
     tokenizer = llm.engine.tokenizer
     vocab = llm.engine.model_config.vocab_size
     if any(t >= vocab for t in params.logit_bias):
@@ -279,7 +300,8 @@ async def _serve(request: Request, state: ServerState, llm: AsyncLLM, endpoint: 
     prompt_texts = _prompt_texts(body, prompt_ids, tokenizer) if echo else []
     formatter = Formatter(rid, state.config.model_name, chat, tokenizer, params.n, body.return_token_ids, prompt_ids,
                           echo=echo, prompt_texts=prompt_texts,
-                          prompt_logprobs=getattr(body, "prompt_logprobs", None) is not None)
+                          prompt_logprobs=getattr(body, "prompt_logprobs", None) is not None,
+                          tools=tools if tools is not None and tools.parses else None)
     if body.stream:
         # Generation starts now, whether or not the client ever reads: the pumps hold the
         # reservation until they end (finished, failed, or cancelled on disconnect).

@@ -11,6 +11,7 @@ from typing import Any
 
 from quadrant.engine.request import CompletionOutput, RequestOutput
 from quadrant.serve import protocol as P
+from quadrant.serve.tool_calls import ToolCalling, ToolStream
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Formatter:
     _echoed: set[int] = field(default_factory=set)
     _text_offsets: dict[int, int] = field(default_factory=dict)  # streamed completions: where each choice is
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs field: the prompt's records beside the choice
+    tools: ToolCalling | None = None  # chat with tools: calls parsed out of the text (serve/tool_calls.py)
+    _tool_streams: dict[int, ToolStream] = field(default_factory=dict)
 
     @property
     def chunk_object(self) -> str:
@@ -82,6 +85,13 @@ class Formatter:
                                   "logprobs": self.logprobs(c.logprobs, prompt=echo_logprobs)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
+            if self.tools is not None:
+                content, calls = self.tools.extract(c.text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content,
+                                         "tool_calls": [call.to_openai() for call in calls]}
+                    if c.finish_reason == "stop":
+                        choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = echo_text + c.text
         if self.return_token_ids:
@@ -101,13 +111,21 @@ class Formatter:
         assert role or output is not None
         echo_text, echo_logprobs = self._echo(index, request_output) if output is not None else ("", None)
         text = echo_text + (output.text_delta if output is not None else "")
+        tool_stream = None
+        if self.chat and self.tools is not None and output is not None:
+            tool_stream = self._tool_streams.setdefault(index, self.tools.stream())
+            text, tool_deltas = tool_stream.feed(text, final=output.finish_reason is not None)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
+            if tool_stream is not None and tool_deltas:
+                delta["tool_calls"] = tool_deltas
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
         else:
             choice = {"index": index, "text": text, "finish_reason": None, "logprobs": None}
         if output is not None:
             choice["finish_reason"] = output.finish_reason
+            if tool_stream is not None and tool_stream.num_calls and output.finish_reason == "stop":
+                choice["finish_reason"] = "tool_calls"
             if output.logprobs_delta or echo_logprobs is not None:
                 lp = self.logprobs(output.logprobs_delta, self._text_offsets.get(index, 0), prompt=echo_logprobs)
                 choice["logprobs"] = lp
@@ -121,6 +139,32 @@ class Formatter:
                 self._prompt_sent.add(index)
                 chunk["prompt_token_ids"] = self.prompt_ids[index // self.n]
         return chunk
+
+    def chunks(self, index: int, output: CompletionOutput, request_output: RequestOutput) -> list[dict[str, Any]]:
+        """The stream chunks for one output of choice `index`: one, except under tools, where each tool-call
+        delta goes in a chunk of its own (as OpenAI streams them), the finish reason in an empty last one,
+        and nothing goes out while text that may start a call is held back."""
+        chunk = self.chunk(index, output=output, request_output=request_output)
+        if not (self.chat and self.tools is not None):
+            return [chunk]
+        choice = chunk["choices"][0]
+        tool_deltas = choice["delta"].pop("tool_calls", [])
+        if not choice["delta"].get("content"):
+            choice["delta"].pop("content", None)  # OpenAI's tool-call streams end on an empty delta
+        finish = choice["finish_reason"]
+        out = []
+        if choice["delta"].get("content") or choice["logprobs"] is not None or "token_ids" in choice \
+                or (finish is not None and not tool_deltas):
+            out.append(chunk)
+        if tool_deltas:
+            choice["finish_reason"] = None
+            for d in tool_deltas:
+                out.append({**chunk, "choices": [{"index": index, "delta": {"tool_calls": [d]}, "finish_reason": None,
+                                                  "logprobs": None}]})
+            if finish is not None:
+                out.append({**chunk, "choices": [{"index": index, "delta": {}, "finish_reason": finish,
+                                                  "logprobs": None}]})
+        return out
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The last chunk of a stream that asked for `stream_options.include_usage`: no choices, only usage."""

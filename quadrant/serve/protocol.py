@@ -234,10 +234,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     modalities: list[str] | None = None
-    # Known OpenAI fields for what quadrant does not do yet: refused by name when set.
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)  # serve/tool_calls.py
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Known OpenAI fields for what quadrant does not do: refused by name when set.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -251,12 +251,9 @@ class ChatCompletionRequest(_SamplingFields):
         super().unsupported()
         if self.modalities is not None and self.modalities != ["text"]:
             raise UnsupportedField("modalities", "only text output is supported")
-        if self.tools or self.functions:
-            raise UnsupportedField("tools" if self.tools else "functions", "tool calling is not supported yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise UnsupportedField("tool_choice", "no tools are supported yet")
-        if self.function_call not in (None, "none", "auto"):
-            raise UnsupportedField("function_call", "no functions are supported yet")
+        if self.functions or self.function_call is not None:
+            raise UnsupportedField("functions" if self.functions else "function_call",
+                                   "the deprecated function-calling fields are not supported; use tools and tool_choice")
         for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
             if getattr(self, name) is not None:
                 raise UnsupportedField(name, "not supported by quadrant")

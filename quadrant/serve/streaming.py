@@ -85,7 +85,8 @@ async def sse_events(metrics: ServerMetrics, endpoint: str, queue: asyncio.Queue
                 index = i * n + c.index
                 newly_finished = c.finish_reason is not None and index not in finished
                 if c.text_delta or c.token_ids_delta or newly_finished:
-                    yield sse(formatter.chunk(index, output=c, request_output=item))
+                    for chunk in formatter.chunks(index, c, item):
+                        yield sse(chunk)
                 if newly_finished:
                     finished.add(index)
             if item.finished:
