@@ -45,6 +45,9 @@ class SamplingParams:
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # also each prompt token's logprob (the first is None) and top alternatives
     structured: StructuredOutput | None = None  # the output follows this schema, regex or grammar
+    # Embeddings: the prompt's final hidden states pooled ("mean", normalised; or the "last" token's)
+    # into RequestOutput.embedding; with max_tokens 0, nothing is generated.
+    pooling: Literal["mean", "last"] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +79,7 @@ class SamplingParams:
                "prompt_logprobs", "must be an integer in [0, 20]")
         _check(self.structured is None or isinstance(self.structured, StructuredOutput), "structured",
                "must be a StructuredOutput")
+        _check(self.pooling in (None, "mean", "last"), "pooling", "must be None, 'mean' or 'last'")
 
     @property
     def uses_penalties(self) -> bool:

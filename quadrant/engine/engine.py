@@ -26,7 +26,7 @@ from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
-from quadrant.engine.step import PromptLogprobs, StepEncoder
+from quadrant.engine.step import Pooled, PromptLogprobs, StepEncoder
 from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
@@ -207,8 +207,8 @@ class LLMEngine:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
         remote_kv, do_remote_decode = self.parse_kv_transfer(kv_transfer, prompt_ids, params)
-        if params.prompt_logprobs is not None and remote_kv is not None:
-            raise ValueError("prompt_logprobs needs the prompt computed here, not pulled (kv_transfer_params)")
+        if (params.prompt_logprobs is not None or params.pooling) and remote_kv is not None:
+            raise ValueError("prompt_logprobs and pooling need the prompt computed here, not pulled (kv_transfer_params)")
         if params.structured is not None and self.structured is None:
             raise QuadrantError(f"{self.config.model}: structured outputs need the model's tokenizer")
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -372,6 +372,21 @@ class LLMEngine:
             if req is not None and req.prompt_logprobs is not None:
                 req.prompt_logprobs[first : first + len(records)] = records
 
+    def _keep_pooled(self, out: SchedulerOutput, pooled: Pooled) -> None:
+        """Embeddings: add each chunk's pooled hidden state; a prompt recomputed after a preemption starts over."""
+        by_id = {s.request.request_id: s.request for s in out.scheduled}
+        for rid, (first, count, value) in pooled.items():
+            req = by_id.get(rid)
+            if req is None:
+                continue
+            if first == 0 or req.pooled is None:
+                req.pooled, req.num_pooled = None, 0
+            if req.params.pooling == "mean":
+                req.pooled = value if req.pooled is None else req.pooled + value
+            else:
+                req.pooled = value
+            req.num_pooled = first + count
+
     def _count_verifications(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         stats = self.spec_stats
         for s in out.scheduled:
@@ -404,6 +419,7 @@ class LLMEngine:
         if self.proposer is not None:
             self._count_verifications(out, new_tokens)
         self._keep_prompt_logprobs(out, result.prompt_logprobs)
+        self._keep_pooled(out, result.pooled)
         failed = self._advance_grammars(out, new_tokens)
         outputs = early + failed + self.output.process(out, sampled)
         interval = self.config.parallel.eplb_interval

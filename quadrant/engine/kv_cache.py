@@ -104,8 +104,8 @@ class KVCacheManager:
 
     def find_cached_prefix(self, req: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens (always leaving one token to run)."""
-        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
-            return []  # a scored prompt runs whole: its logprobs need the logits at every token
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None or req.params.pooling:
+            return []  # a scored or embedded prompt runs whole: it reads every token's logits or hidden state
         tokens = req.all_token_ids
         bs = self.block_size
         hits: list[int] = []

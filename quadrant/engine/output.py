@@ -46,6 +46,14 @@ class RequestGroup:
 Finish = Callable[[Request, FinishReason], None]  # Scheduler.finish: frees the request's blocks
 
 
+def _embedding(req: Request) -> list[float] | None:
+    """The prompt's pooled hidden state, L2-normalised, once every prompt token is in it."""
+    if req.pooled is None or req.num_pooled < req.num_prompt_tokens:
+        return None
+    pooled = req.pooled / req.num_prompt_tokens if req.params.pooling == "mean" else req.pooled
+    return (pooled / pooled.norm().clamp_min(1e-12)).tolist()
+
+
 class OutputProcessor:
     def __init__(self, max_model_len: int, finish: Finish) -> None:
         self.max_model_len = max_model_len
@@ -100,7 +108,8 @@ class OutputProcessor:
             metrics["finished"] = now
         first = group.samples[0].request
         return RequestOutput(group.request_id, group.prompt_ids, completions, done, group.num_cached_tokens, metrics,
-                             kv_transfer_params=first.kv_transfer_params, prompt_logprobs=first.prompt_logprobs)
+                             kv_transfer_params=first.kv_transfer_params, prompt_logprobs=first.prompt_logprobs,
+                             embedding=_embedding(first))
 
     def fail(self, request_id: str, error: str) -> RequestOutput | None:
         """End a caller request with an error (its other samples too); None if it is already gone."""

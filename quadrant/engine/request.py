@@ -66,6 +66,9 @@ class Request:
     grammar: Any = None
     # Prompt logprobs (params.prompt_logprobs): one record per prompt token, filled as prefill chunks run.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Embeddings (params.pooling): the pooled final hidden states so far (a sum for "mean"), and of how many tokens.
+    pooled: Any = None
+    num_pooled: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -113,3 +116,4 @@ class RequestOutput:
     kv_transfer_params: dict[str, Any] | None = None  # prefill engines: where a decode engine pulls the prompt's KV
     # params.prompt_logprobs: each prompt token's record (None for the first, which nothing predicts).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    embedding: list[float] | None = None  # params.pooling: the prompt's pooled (mean: L2-normalised) hidden state

@@ -19,7 +19,7 @@ from quadrant.engine.cpu_compiled import CompiledDecode
 from quadrant.engine.cuda_graphs import DecodeGraphs
 from quadrant.engine.kv_cache import allocate_kv_tensors
 from quadrant.engine.spec.verify import verify
-from quadrant.engine.step import (PromptLogprobs, Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest,
+from quadrant.engine.step import (Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest,
                                   WorkerRequests)
 from quadrant.engine.structured import allowed_tokens
 from quadrant.layers.attention import Attention, AttentionMetadata
@@ -124,37 +124,42 @@ class ModelRunner:
         # A row samples when this step reaches its request's last token (and its drafts, if any).
         rows = [i for i, (req, row) in enumerate(batch)
                 if row.num_computed_tokens + row.num_new_tokens == req.num_tokens + len(row.draft_token_ids)]
-        # Rows whose prompt is scored (prompt_logprobs) need logits at every token of their chunk.
-        scored = [i for i, (req, row) in enumerate(batch)
-                  if req.params.prompt_logprobs is not None and row.num_computed_tokens < len(req.prompt_ids)]
-        prompt_logprobs: PromptLogprobs = {}
-        logits = None if scored else self._graph_logits(batch)
+        # Rows whose prompt is scored (prompt_logprobs) or embedded (pooling) read every token of their chunk.
+        whole = [i for i, (req, row) in enumerate(batch) if (req.params.prompt_logprobs is not None or
+                 req.params.pooling) and row.num_computed_tokens < len(req.prompt_ids)]
+        prompt_out = StepOutput()
+        logits = None if whole else self._graph_logits(batch)
         if logits is None:
             # Logits at each sampling row's last token and at each of its drafts.
             sampling = set(rows)
             tails = [1 + len(row.draft_token_ids) if i in sampling else 0 for i, (_, row) in enumerate(batch)]
-            logits = self.forward_logits(batch, tails, scored, prompt_logprobs)
+            logits = self.forward_logits(batch, tails, whole, prompt_out)
         elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
         if not self.samples:
             return StepOutput()
         if logits is None or not rows:
-            return StepOutput(prompt_logprobs=prompt_logprobs)
-        return StepOutput(self._sample(logits, [batch[i] for i in rows], step.token_masks), prompt_logprobs)
+            return prompt_out
+        prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks)
+        return prompt_out
 
-    def forward_logits(self, batch: Batch, tails: list[int], scored: list[int] = (),  # type: ignore[assignment]
-                       prompt_logprobs: PromptLogprobs | None = None) -> torch.Tensor | None:
+    def forward_logits(self, batch: Batch, tails: list[int], whole: list[int] = (),  # type: ignore[assignment]
+                       prompt_out: StepOutput | None = None) -> torch.Tensor | None:
         """Run the batch through the model; the logits [sum(tails), V] fp32 at the last tails[i] tokens
         of each row, in batch order (None, and no LM head, when no row asks for any). The rows in
-        `scored` also get their chunk's prompt-token logprobs, put into `prompt_logprobs`."""
+        `whole` also put their chunk's prompt-token logprobs and pooled hidden states into `prompt_out`."""
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, meta)  # [T, D]
         ends = meta.query_start_loc_cpu[1:]
-        if scored and prompt_logprobs is not None and self.samples:
-            for i in scored:
+        if whole and prompt_out is not None and self.samples:
+            for i in whole:
                 req, row = batch[i]
                 start = int(ends[i]) - row.num_new_tokens
-                prompt_logprobs[req.request_id] = self._score_prompt(hidden[start : int(ends[i])], req, row)
+                chunk = hidden[start : int(ends[i])]
+                if req.params.prompt_logprobs is not None:
+                    prompt_out.prompt_logprobs[req.request_id] = self._score_prompt(chunk, req, row)
+                if req.params.pooling:
+                    prompt_out.pooled[req.request_id] = self._pool(chunk, req, row)
         picks = [t for end, n in zip(ends, tails) for t in range(end - n, end)]
         if not picks:
             return None
@@ -173,6 +178,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[at - 1 - row.num_computed_tokens : end - 1 - row.num_computed_tokens])
             records += logprob_records(logits.float(), req.prompt_ids[at:end], [want] * (end - at))
         return first, records
+
+    @staticmethod
+    def _pool(hidden: torch.Tensor, req: WorkerRequest, row: ScheduledRow) -> tuple[int, int, torch.Tensor]:
+        """The chunk's share of the prompt's pooled hidden state (prompt positions only)."""
+        count = min(row.num_new_tokens, len(req.prompt_ids) - row.num_computed_tokens)
+        rows = hidden[:count].float()
+        pooled = rows.sum(0) if req.params.pooling == "mean" else rows[-1]
+        return row.num_computed_tokens, count, pooled.cpu()
 
     def _sample(self, logits: torch.Tensor, rows: Batch, token_masks: dict[str, torch.Tensor]) -> Sampled:
         """Rows that verify drafts take their tokens from verification, the others one sampled token

@@ -73,11 +73,17 @@ Sampled = dict[str, tuple[list[int], list[TokenLogprob]]]
 PromptLogprobs = dict[str, tuple[int, list[TokenLogprob]]]
 
 
+# request id -> (the first prompt position this chunk pooled, how many, their pooled hidden state [D] fp32 on the
+# CPU: a sum for mean pooling, the last position's for last pooling).
+Pooled = dict[str, tuple[int, int, torch.Tensor]]
+
+
 @dataclass
 class StepOutput:
     # The rows that reached their last token (drafts included). Only the driver worker (rank 0) fills it.
     sampled: Sampled = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs = field(default_factory=dict)
+    pooled: Pooled = field(default_factory=dict)
 
 
 @dataclass

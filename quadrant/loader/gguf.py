@@ -46,6 +46,7 @@ class GGUFModelFile:
                 f"supported: {', '.join(supported_architectures())}"
             )
         self._tensors = {t.name: t for t in self.reader.tensors}
+        self._summary: tuple[str, int] | None = None  # (quantization, parameters), kept past release_tensors
 
     def _check_tensors(self) -> None:
         size = self.path.stat().st_size
@@ -65,7 +66,9 @@ class GGUFModelFile:
                 raise ModelLoadError(f"{self.path}: truncated or corrupt: tensor {t.name} runs past the end of the file")
 
     def release_tensors(self) -> None:
-        """Forget the tensor views into the mapped file, so the mapping can close."""
+        """Forget the tensor views into the mapped file, so the mapping can close (what `describe` reads
+        of the tensors is kept)."""
+        self._summary = (self.quantization(), self.num_parameters())
         self._tensors = {}
         self.reader.tensors = []
         self.reader.data = None  # type: ignore[assignment]
@@ -79,6 +82,8 @@ class GGUFModelFile:
 
     def quantization(self) -> str:
         """The most common tensor type among the 2-D weights, e.g. 'Q4_1'."""
+        if self._summary is not None:
+            return self._summary[0]
         counts: dict[str, int] = {}
         for t in self.reader.tensors:
             if len(t.shape) >= 2:
@@ -87,6 +92,8 @@ class GGUFModelFile:
         return max(counts, key=counts.__getitem__) if counts else "F32"
 
     def num_parameters(self) -> int:
+        if self._summary is not None:
+            return self._summary[1]
         return sum(int(t.n_elements) for t in self.reader.tensors)
 
     def model_config(self) -> ModelConfig:

@@ -32,7 +32,9 @@ from quadrant.serve import protocol as P
 from quadrant.serve.admission import ServerState
 from quadrant.serve.config import ServerConfig
 from quadrant.serve.errors import OpenAIError, install_error_handlers
+from quadrant.serve.embeddings_api import add_embedding_routes
 from quadrant.serve.guard import GuardMiddleware
+from quadrant.serve.ollama_api import add_ollama_routes
 from quadrant.serve.openai_format import Formatter
 from quadrant.serve.streaming import Disconnected, cancel, collect, pump, sse_events
 from quadrant.serve.tokenizer_api import add_tokenizer_routes
@@ -109,6 +111,8 @@ def build_app(config: ServerConfig) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     add_tokenizer_routes(app, state)
+    add_embedding_routes(app, state)
+    add_ollama_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -137,3 +137,25 @@ def test_prompt_logprobs_match_transformers(default_gguf_path, hf_reference, wei
         assert all(len(r.top) == 2 and r.top[0][1] >= r.logprob - 1e-5 for r in records[1:])
         assert [r.token_id for r in records[1:]] == prompt[1:]
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+
+
+def hf_embedding(model, ids: list[int], pooling: str) -> torch.Tensor:
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids])).last_hidden_state[0].float()
+    pooled = hidden.mean(0) if pooling == "mean" else hidden[-1]
+    return pooled / pooled.norm()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_embeddings_match_transformers(default_gguf_path, hf_reference, pooling):
+    # Chunks of 5 tokens: each prompt's pooled state is gathered over several steps, batched together.
+    engine = LLMEngine.from_model(str(default_gguf_path), weight_format="dense",
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=5))
+    texts = ["Paris is the capital of France.", "Embeddings turn text into vectors.", "hi"]
+    ids = [engine.encode(t) for t in texts]
+    outs = run(engine, ids, SamplingParams(max_tokens=0, pooling=pooling))
+    for out, prompt in zip(outs, ids):
+        got = torch.tensor(out.embedding)
+        assert out.outputs[0].token_ids == [] and got.norm().item() == pytest.approx(1.0, abs=1e-5)
+        assert torch.allclose(got, hf_embedding(hf_reference, prompt, pooling), atol=2e-5)
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
