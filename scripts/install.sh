@@ -17,6 +17,13 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 if [ "$1" = "test" ]; then
   "$PY" -m pip install --quiet -e ".[test]"
+  # The chat page's test drives a real Chromium: Debian's package, where apt-get can install it.
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "installing chromium (Debian package) for the browser test"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "chromium could not be installed; the browser test will be skipped"
+  fi
 else
   "$PY" -m pip install --quiet -e .
 fi

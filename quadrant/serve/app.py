@@ -16,11 +16,13 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from quadrant import __version__
@@ -43,6 +45,7 @@ from quadrant.serve.tool_calls import ToolCalling, ToolError
 __all__ = ["ServerConfig", "build_app", "serve"]
 
 log = logging.getLogger("quadrant.serve")
+WEB_ROOT = Path(__file__).parent / "web"
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -109,6 +112,13 @@ def build_app(config: ServerConfig) -> FastAPI:
             if transfer is not None:
                 state.metrics.set_kv_transfer(transfer)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # The chat page: static files of the package, no CDN (serve/web/).
+    app.mount("/web", StaticFiles(directory=WEB_ROOT), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(WEB_ROOT / "index.html")
 
     add_tokenizer_routes(app, state)
     add_embedding_routes(app, state)

@@ -12,6 +12,13 @@ import json
 from typing import Any
 
 PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PREFIXES = ("/web/",)  # the chat page's static files (it asks the user for the key)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path == "/" or path.startswith(PUBLIC_PREFIXES)
+
+
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 
@@ -40,7 +47,7 @@ class GuardMiddleware:
                 return await _send_json(send, _error(403, f"host {host!r} is not allowed; this server only answers "
                                                      "loopback names (start it with --host to open it)",
                                                      "permission_error", "host_not_allowed"))
-        if self.api_key and scope["path"] not in PUBLIC_PATHS:
+        if self.api_key and not is_public(scope["path"]):
             given = raw.get(b"authorization", b"")
             expected = f"Bearer {self.api_key}".encode()
             if not hmac.compare_digest(given, expected):
