@@ -133,7 +133,6 @@ def test_schema_fuzz_every_output_validates(client):
     ({"grammar": "root ::= ("}, "grammar"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
     ({"guided_choice": ["a"], "regex": "a"}, "regex"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"store": True}, "store"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"no_such_field": 1}, "no_such_field"),
