@@ -197,6 +197,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
         table.add_row("speculation: tokens per verifying step", f"{s['acceptance_length']:.2f}")
         table.add_row("speculation: verifications / back-offs", f"{s['verifications']:.0f} / {s['backoffs']:.0f}")
     Console().print(table)
+    if args.plot:
+        from quadrant.benchmark import concurrency_sweep, plot_sweep
+
+        levels = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.concurrency]
+        points = concurrency_sweep(args.model, levels, args.decode_tokens, args.prompt_tokens, engine_kwargs(args))
+        sweep = Table(title="concurrency sweep (all requests at once)")
+        for name in ("concurrent", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"):
+            sweep.add_column(name, justify="right")
+        for p in points:
+            sweep.add_row(str(p.concurrency), f"{p.tokens_per_s:.1f}",
+                          *(f"{_quantile(v, q) * 1000:.0f}" for v in (p.ttft_s, p.tpot_s) for q in (0.5, 0.99)))
+        Console().print(sweep)
+        for path in plot_sweep(points, args.plot, f"quadrant bench {args.model}"):
+            print(f"wrote {path}")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _smoothing_arg(text: str) -> float | str | None:
@@ -472,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-tokens", type=int, default=512)
     s.add_argument("--decode-tokens", type=int, default=128)
     s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--plot", metavar="DIR", default=None,
+                   help="also sweep concurrency 1..N and write throughput.png and latency.png (TTFT/TPOT) into DIR")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("quantize", help="write a quantised copy of a model (safetensors folder)")

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tests.cli.test_cli import quadrant
 
 
@@ -59,3 +61,17 @@ def test_bench_prints_its_table(default_gguf_path):
     for row in ("load to first token", "prompt processing (64 tokens)", "decode, batch 1",
                 "decode, 2 concurrent (aggregate)", "peak resident memory", "tok/s", "GiB"):
         assert row in proc.stdout
+
+
+def test_bench_plot_writes_its_charts(default_gguf_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = quadrant("bench", "smollm2:135m", "--prompt-tokens", "32", "--decode-tokens", "6", "--concurrency", "4",
+                    "--plot", str(tmp_path / "charts"))
+    assert proc.returncode == 0, proc.stderr
+    assert "concurrency sweep" in proc.stdout and "TTFT p99 ms" in proc.stdout
+    for level in ("1", "2", "4"):
+        assert any(line.split("│")[1].strip() == level for line in proc.stdout.splitlines()
+                   if line.count("│") >= 6)  # one row per level
+    for name in ("throughput.png", "latency.png"):
+        png = (tmp_path / "charts" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
