@@ -145,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt is not None else (sys.stdin.read() if not sys.stdin.isatty() else None)
     if not prompt:
         raise QuadrantError('give a prompt: quadrant run MODEL "your question"')
+    _check_max_tokens(args.max_tokens)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     # One answer is over before a compiled decode graph would be: run's steps stay eager.
     engine = LLMEngine.from_model(args.model, **{**engine_kwargs(args), "cpu_compile": False})
@@ -211,6 +212,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         Console().print(sweep)
         for path in plot_sweep(points, args.plot, f"quadrant bench {args.model}"):
             print(f"wrote {path}")
+
+
+def _check_max_tokens(max_tokens: int) -> None:
+    # SamplingParams takes 0 (score the prompt only); an answer wants at least one token.
+    if max_tokens < 1:
+        raise QuadrantError("max_tokens must be an integer >= 1")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -302,6 +309,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from quadrant.interactive import chat_loop
 
+    _check_max_tokens(args.max_tokens)
     chat_loop(args.model, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens,
               engine_kwargs=engine_kwargs(args))
 

@@ -261,14 +261,7 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
             yield {"status": "writing manifest"}
             yield {"status": "success"}
 
-        if body.get("stream", True):
-            return _ndjson(progress())
-        last: dict[str, Any] = {}
-        async for item in progress():
-            last = item
-        if "error" in last:
-            raise OllamaError(500, last["error"])
-        return JSONResponse(last)
+        return await _stream_or_last(progress(), body.get("stream", True) is not False)
 
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
@@ -475,14 +468,19 @@ async def _run(state: ServerState, llm: Any, model: str, ids: list[int], params:
             done["context"] = ids + list(c.token_ids)
         yield done
 
+    return await _stream_or_last(items(), stream)
+
+
+async def _stream_or_last(items: AsyncIterator[dict[str, Any]], stream: bool) -> Response:
+    """NDJSON of every item, or (stream false) the last one alone; an error item becomes a 500."""
     if stream:
-        return _ndjson(items())
-    final: dict[str, Any] = {}
-    async for item in items():
-        final = item
-    if "error" in final:
-        raise OllamaError(500, final["error"])
-    return JSONResponse(final)
+        return _ndjson(items)
+    last: dict[str, Any] = {}
+    async for item in items:
+        last = item
+    if "error" in last:
+        raise OllamaError(500, last["error"])
+    return JSONResponse(last)
 
 
 def _whole_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
