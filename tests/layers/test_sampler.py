@@ -83,10 +83,10 @@ def test_greedy_with_bias_takes_biased_argmax():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0), ("max_tokens", 0),
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0), ("max_tokens", -1),
     ("n", 0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
     ("logprobs", 21), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]), ("logit_bias", {1: 500.0}),
-    ("temperature", "hot"), ("max_tokens", 1.5),
+    ("temperature", "hot"), ("max_tokens", 1.5), ("prompt_logprobs", 21), ("pooling", "max"),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}"):
