@@ -111,6 +111,30 @@ def cmd_list(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_ps(args: argparse.Namespace) -> None:
+    """The models a running server has loaded (its /api/ps)."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    url = f"http://{args.host}:{args.port}/api/ps"
+    headers = {"Authorization": f"Bearer {args.api_key or envs.api_key()}"} if (args.api_key or envs.api_key()) else {}
+    try:
+        models = httpx.get(url, headers=headers, timeout=10).raise_for_status().json()["models"]
+    except httpx.HTTPError as e:
+        raise QuadrantError(f"no quadrant server answered at {url}: {e}") from None
+    table = Table(box=None)
+    for col in ("NAME", "ID", "SIZE", "MEMORY", "CONTEXT", "RUNNING", "UNTIL"):
+        table.add_column(col)
+    for m in models:
+        until = "forever" if m["expires_at"].startswith("9999") else \
+            datetime.fromisoformat(m["expires_at"]).astimezone().strftime("%H:%M:%S")
+        table.add_row(m["name"], (m.get("digest") or "")[:12], _human_bytes(m.get("size") or 0),
+                      _human_bytes(m.get("memory_bytes") or 0), str(m.get("context_length", "")),
+                      str(m.get("running_requests", 0)), until)
+    Console().print(table)
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from quadrant.loader import store
     from quadrant.loader.source import open_model
@@ -364,9 +388,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise QuadrantError("the disaggregated deployment stopped with an error; see the log above")
         return
 
+    from quadrant.serve.model_pool import parse_keep_alive
+
+    extra = {}
+    for item in args.models:
+        name, _, ref = item.partition("=")
+        if not name:
+            raise QuadrantError(f"--models takes NAME=MODEL or a catalogue name, got {item!r}")
+        extra[name] = ref or name
+        open_model(store.resolve(extra[name], pull_missing=True))  # a bad one fails now, in one line
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive, 300.0)
+    except ValueError as e:
+        raise QuadrantError(f"--keep-alive: {e}") from None
     config = ServerConfig(
         model=args.model,
         served_model_name=args.served_model_name,
+        extra_models=extra,
+        serve_pulled=args.serve_pulled and args.role == "both",
+        keep_alive=keep_alive,
+        max_loaded_models=args.max_loaded_models,
         host=args.host,
         port=args.port,
         api_key=args.api_key or envs.api_key(),
@@ -437,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", aliases=["ls"], help="list pulled models")
     s.set_defaults(func=cmd_list)
 
+    s = sub.add_parser("ps", help="models a running server has loaded")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.set_defaults(func=cmd_ps)
+
     s = sub.add_parser("show", help="describe a model")
     s.add_argument("model", help="name, .gguf file or model folder")
     s.set_defaults(func=cmd_show)
@@ -472,6 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-requests", type=int, default=256, help="beyond this backlog, answer 429")
     s.add_argument("--max-body-bytes", type=parse_size, default=4 * 2**20)
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    m = s.add_argument_group("more models (loaded on first request, unloaded when idle)")
+    m.add_argument("--models", nargs="+", default=[], metavar="NAME=MODEL",
+                   help="more models clients may name (NAME=path or catalogue name; a bare name serves it as itself)")
+    m.add_argument("--no-serve-pulled", dest="serve_pulled", action="store_false",
+                   help="serve only MODEL and --models, not every pulled model")
+    m.add_argument("--keep-alive", default="5m", help="how long an idle on-demand model stays loaded (30s, 5m, 1h; "
+                                                     "-1: for good); a request's keep_alive wins")
+    m.add_argument("--max-loaded-models", type=int, default=3,
+                   help="models loaded at once, MODEL included; a new one unloads the least recently used idle one")
     d = s.add_argument_group("prefill/decode disaggregation")
     d.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
                    help="prefill: run prompts and serve their KV to decode workers; decode: pull the KV, then "

@@ -12,6 +12,7 @@ from typing import Any
 
 from quadrant.engine.async_engine import AsyncLLM
 from quadrant.engine.engine import LLMEngine
+from quadrant.errors import QuadrantError
 from quadrant.serve.config import ServerConfig
 from quadrant.serve.errors import OpenAIError
 from quadrant.serve.metrics import ServerMetrics
@@ -19,18 +20,30 @@ from quadrant.serve.metrics import ServerMetrics
 log = logging.getLogger("quadrant.serve")
 
 
+def _engine_bytes(engine: LLMEngine) -> int:
+    try:
+        model, caches = engine.model, engine.runner.kv_caches
+    except QuadrantError:  # the model lives in worker processes
+        return 0
+    tensors = [*model.parameters(), *model.buffers()]
+    cache_bytes = sum(t.numel() * t.element_size() for kv in caches for t in vars(kv).values()
+                      if hasattr(t, "element_size"))
+    return sum(t.numel() * t.element_size() for t in tensors) + cache_bytes
+
+
 class ServerState:
     """What the routes share: the engine once loaded, admission counts, metrics."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
         self.config = config
         self.llm: AsyncLLM | None = None
         self.load_error: BaseException | None = None
-        self.metrics = ServerMetrics()
+        self.metrics = metrics or ServerMetrics()  # one registry per server, shared by its models
         self.max_model_len = 0
         self.max_inflight = 0
         self.active = 0  # admitted requests not yet finished (the event loop is its only writer)
         self.engine_error: BaseException | None = None  # set when the engine died after loading
+        self.memory_bytes = 0  # weights and KV cache of a one-process engine (0 where workers hold them)
         self.on_fatal: Any = None  # set by serve(): stops the server (failed load, dead engine)
 
     def ready(self) -> AsyncLLM:
@@ -67,6 +80,7 @@ class ServerState:
         try:
             engine = LLMEngine.from_model(self.config.model, **self.config.engine_kwargs)
             self.max_model_len = engine.max_model_len
+            self.memory_bytes = _engine_bytes(engine)
             self.max_inflight = engine.config.scheduler.max_num_seqs + self.config.max_queued_requests
             self.llm = AsyncLLM(engine, on_dead=self.engine_died)
             log.info("model %s loaded in %.1fs", self.config.model, engine.load_seconds)

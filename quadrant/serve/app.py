@@ -36,6 +36,7 @@ from quadrant.serve.config import ServerConfig
 from quadrant.serve.errors import OpenAIError, install_error_handlers
 from quadrant.serve.embeddings_api import add_embedding_routes
 from quadrant.serve.guard import GuardMiddleware
+from quadrant.serve.model_pool import ModelPool
 from quadrant.serve.ollama_api import add_ollama_routes
 from quadrant.serve.openai_format import Formatter
 from quadrant.serve.streaming import Disconnected, cancel, collect, pump, sse_events
@@ -49,18 +50,21 @@ WEB_ROOT = Path(__file__).parent / "web"
 
 
 def build_app(config: ServerConfig) -> FastAPI:
-    state = ServerState(config)
+    pool = ModelPool(config)
+    state = pool.primary  # the model named on the command line: loaded at start, never unloaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=state.load, name="quadrant-load", daemon=True)
         loader.start()
+        reaper = asyncio.create_task(pool.reap_forever())
         yield
-        if state.llm is not None:
-            state.llm.shutdown()
+        reaper.cancel()
+        pool.shutdown()
 
     app = FastAPI(title="quadrant", version=__version__, lifespan=lifespan)
     app.state.quadrant = state
+    app.state.models = pool
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        loopback_only=config.host in ("127.0.0.1", "localhost", "::1"))
 
@@ -120,20 +124,21 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def chat_page() -> FileResponse:
         return FileResponse(WEB_ROOT / "index.html")
 
-    add_tokenizer_routes(app, state)
-    add_embedding_routes(app, state)
-    add_ollama_routes(app, state)
+    add_tokenizer_routes(app, pool)
+    add_embedding_routes(app, pool)
+    add_ollama_routes(app, pool)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         state.metrics.requests.labels("/v1/models", "200").inc()
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": P.now(),
-                                            "owned_by": "quadrant", "max_model_len": state.max_model_len or None}]}
+        loaded = {s.name: s.state.max_model_len for s in pool.loaded()}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": P.now(), "owned_by": "quadrant",
+                                            "max_model_len": loaded.get(name) or None} for name in pool.servable()]}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        state = await pool.get(body.model)
         llm = state.ready()
-        state.check_model(body.model)
         _check_supported(body)
         prompts = _prompt_list(body.prompt)
         try:
@@ -150,8 +155,8 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+        state = await pool.get(body.model)
         llm = state.ready()
-        state.check_model(body.model)
         _check_supported(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         extra = _template_kwargs(body.chat_template_kwargs)

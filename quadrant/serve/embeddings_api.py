@@ -19,6 +19,7 @@ from quadrant.errors import QuadrantError
 from quadrant.sampling_params import SamplingParams
 from quadrant.serve.admission import ServerState
 from quadrant.serve.errors import OpenAIError
+from quadrant.serve.model_pool import ModelPool
 
 _MAX_INPUTS = 256
 
@@ -75,10 +76,10 @@ async def _last(stream: Any) -> Any:
     return last
 
 
-def add_embedding_routes(app: FastAPI, state: ServerState) -> None:
+def add_embedding_routes(app: FastAPI, pool: ModelPool) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
-        state.check_model(body.model)
+        state = await pool.get(body.model)
         inputs: list = [body.input] if isinstance(body.input, str) or (
             body.input and isinstance(body.input[0], int)) else list(body.input)
         vectors, tokens = await embed(state, inputs)

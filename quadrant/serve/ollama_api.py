@@ -32,6 +32,7 @@ from quadrant.sampling_params import SamplingParams, StructuredOutput
 from quadrant.serve.admission import ServerState
 from quadrant.serve.embeddings_api import embed
 from quadrant.serve.errors import OpenAIError
+from quadrant.serve.model_pool import ModelPool
 from quadrant.serve.tool_calls import ToolCalling, ToolError
 
 _OPTIONS = {"num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
@@ -158,29 +159,26 @@ def _format(fmt: str | dict[str, Any] | None) -> StructuredOutput | None:
     raise OllamaError(400, f"format: must be 'json' or a JSON schema, got {fmt!r}")
 
 
-def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
+def add_ollama_routes(app: FastAPI, pool: ModelPool) -> None:
     @app.exception_handler(OllamaError)
     async def _ollama_error(request: Request, exc: OllamaError) -> JSONResponse:
-        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        pool.metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-    def ready() -> Any:
+    async def get(name: str, keep_alive: float | str | None = None) -> ServerState:
+        """The model's engine, loaded on demand; keep_alive 0 on the pinned primary is refused."""
+        resolved = pool.resolve(name)
+        if keep_alive in (0, "0", "0s", "0m") and resolved is not None and resolved[0] == pool.config.model_name:
+            raise OllamaError(400, "keep_alive: the server's primary model stays loaded; it cannot unload it")
         try:
-            return state.ready()
+            state = await pool.get(name, keep_alive)
+            state.ready()
         except OpenAIError as e:
             raise OllamaError(e.status, e.message) from None
+        return state
 
-    def check_model(name: str) -> None:
-        if store.canonical_name(name) not in (store.canonical_name(state.config.model_name),
-                                              store.canonical_name(state.config.model)):
-            raise OllamaError(404, f"model '{name}' not found; this server serves '{state.config.model_name}'")
-
-    def check_keep_alive(keep_alive: float | str | None) -> None:
-        if keep_alive in (0, "0", "0s", "0m"):
-            raise OllamaError(400, "keep_alive: this server keeps its one model loaded; it cannot unload it")
-
-    def details() -> dict[str, Any]:
-        engine = ready().engine
+    def details(state: ServerState) -> dict[str, Any]:
+        engine = state.ready().engine
         info = engine.source.describe()
         params = info.get("parameters") or 0
         return {"parent_model": "", "format": "gguf" if engine.source.gguf is not None else "safetensors",
@@ -194,15 +192,15 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/api/tags")
     async def tags() -> dict[str, Any]:
-        served = store.canonical_name(state.config.model_name)
+        loaded = {store.canonical_name(s.name): s.state for s in pool.loaded()}
+        stored = {m.name: m for m in store.list_models()}
         models = []
-        for m in store.list_models():
-            models.append({"name": m.name, "model": m.name, "size": m.size, "digest": m.sha256,
-                           "modified_at": datetime.fromtimestamp(m.pulled_at, timezone.utc).isoformat(),
-                           "details": details() if m.name == served and state.llm is not None else {}})
-        if not any(m["name"] == served for m in models) and state.llm is not None:  # a path or folder
-            models.append({"name": state.config.model_name, "model": state.config.model_name, "size": 0,
-                           "digest": "", "modified_at": _now(), "details": details()})
+        for name in pool.servable():
+            m = stored.get(store.canonical_name(name))
+            state = loaded.get(store.canonical_name(name))
+            models.append({"name": name, "model": name, "size": m.size if m else 0, "digest": m.sha256 if m else "",
+                           "modified_at": datetime.fromtimestamp(m.pulled_at, timezone.utc).isoformat() if m
+                           else _now(), "details": details(state) if state is not None else {}})
         return {"models": models}
 
     @app.post("/api/show")
@@ -211,14 +209,14 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
         name = body.get("model") or body.get("name")
         if not isinstance(name, str):
             raise OllamaError(400, "model: required")
-        check_model(name)
-        engine = ready().engine
+        state = await get(name)
+        engine = state.ready().engine
         info = engine.source.describe()
         tok = engine.tokenizer
         capabilities = ["completion", "embedding"] + (["tools"] if tok is not None and tok.chat_template else [])
         return {"license": info.get("license") or "", "modelfile": "", "parameters": "",
                 "template": (tok.chat_template if tok is not None else None) or "",
-                "details": details(), "capabilities": capabilities,
+                "details": details(state), "capabilities": capabilities,
                 "model_info": {"general.architecture": info["architecture"],
                                "general.parameter_count": info.get("parameters"),
                                f"{info['architecture']}.context_length": state.max_model_len,
@@ -228,13 +226,18 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        if state.llm is None:
-            return {"models": []}
-        stored = store.find_stored(state.config.model) if not store.looks_like_path(state.config.model) else None
-        return {"models": [{"name": state.config.model_name, "model": state.config.model_name,
-                            "size": stored.size if stored else 0, "digest": stored.sha256 if stored else "",
-                            "details": details(), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
-                            "context_length": state.max_model_len}]}
+        out = []
+        for slot in pool.loaded():
+            ref = slot.state.config.model
+            stored = store.find_stored(ref) if not store.looks_like_path(ref) else None
+            expires = slot.expires_at
+            out.append({"name": slot.name, "model": slot.name, "size": stored.size if stored else 0,
+                        "digest": stored.sha256 if stored else "", "details": details(slot.state),
+                        "expires_at": "9999-12-31T23:59:59Z" if expires is None
+                        else datetime.fromtimestamp(expires, timezone.utc).isoformat(),
+                        "size_vram": 0, "context_length": slot.state.max_model_len,
+                        "running_requests": slot.state.active, "memory_bytes": slot.state.memory_bytes})
+        return {"models": out}
 
     @app.post("/api/pull")
     async def pull(request: Request) -> Response:
@@ -266,15 +269,13 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
         body: GenerateRequest = _parse(GenerateRequest, await _json(request))
-        check_model(body.model)
-        check_keep_alive(body.keep_alive)
         for field in ("images", "template", "suffix", "think"):
             if getattr(body, field):
                 raise OllamaError(400, f"{field}: not supported by quadrant")
-        llm = ready()
-        if not body.prompt and not body.context:  # Ollama's way to load a model: answer at once
-            return _answer(body.stream, {"model": body.model, "created_at": _now(), "response": "", "done": True,
-                                         "done_reason": "load"})
+        state = await get(body.model, body.keep_alive)
+        llm = state.ready()
+        if not body.prompt and not body.context:  # Ollama's way to load (or, keep_alive 0, unload) a model
+            return _answer(body.stream, _load_answer(pool, body.model, body.keep_alive, {"response": ""}))
         prompt = body.prompt or ""
         try:
             if body.raw or llm.engine.tokenizer is None or not llm.engine.tokenizer.chat_template:
@@ -286,23 +287,21 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
         except (QuadrantError, ValueError) as e:
             raise OllamaError(400, str(e)) from None
         ids = list(body.context or []) + text_ids
-        params = await _params(llm, body.options, ids, _format(body.format))
+        params = await _params(state, llm, body.options, ids, _format(body.format))
         return await _run(state, llm, body.model, ids, params, body.stream, chat=False, tools=None)
 
     @app.post("/api/chat")
     async def chat(request: Request) -> Response:
         body: ChatRequest = _parse(ChatRequest, await _json(request))
-        check_model(body.model)
-        check_keep_alive(body.keep_alive)
         if body.think:
             raise OllamaError(400, "think: not supported by quadrant")
         if any(m.images for m in body.messages):
             raise OllamaError(400, "messages: images are not supported by quadrant")
-        llm = ready()
+        state = await get(body.model, body.keep_alive)
+        llm = state.ready()
         if not body.messages:
-            return _answer(body.stream, {"model": body.model, "created_at": _now(),
-                                         "message": {"role": "assistant", "content": ""}, "done": True,
-                                         "done_reason": "load"})
+            return _answer(body.stream, _load_answer(pool, body.model, body.keep_alive,
+                                                     {"message": {"role": "assistant", "content": ""}}))
         tok = llm.engine.tokenizer
         try:
             tools = ToolCalling.parse(body.tools, None, True, tok.chat_template if tok is not None else None)
@@ -316,15 +315,14 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
             ids = await llm.call(lambda e: e.chat_prompt(messages, **extra))
         except (QuadrantError, ValueError) as e:
             raise OllamaError(400, f"messages: {e}") from None
-        params = await _params(llm, body.options, ids, _format(body.format))
+        params = await _params(state, llm, body.options, ids, _format(body.format))
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
         return await _run(state, llm, body.model, ids, params, body.stream, chat=True, tools=tools)
 
     async def _embed(request: Request, legacy: bool) -> dict[str, Any]:
         body: EmbedRequest = _parse(EmbedRequest, await _json(request))
-        check_model(body.model)
-        check_keep_alive(body.keep_alive)
+        state = await get(body.model, body.keep_alive)
         if body.options:
             raise OllamaError(400, f"options.{next(iter(body.options))}: embeddings take no options")
         start = time.perf_counter_ns()
@@ -350,8 +348,8 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings_route(request: Request) -> dict[str, Any]:
         return await _embed(request, legacy=True)
 
-    async def _params(llm: Any, options: dict[str, Any] | None, ids: list[int], fmt: StructuredOutput | None
-                      ) -> SamplingParams:
+    async def _params(state: ServerState, llm: Any, options: dict[str, Any] | None, ids: list[int],
+                      fmt: StructuredOutput | None) -> SamplingParams:
         params, limit = sampling_params(options, max(state.max_model_len - len(ids), 1), state.max_model_len)
         if len(ids) >= limit:
             raise OllamaError(400, f"the prompt has {len(ids)} tokens; the context (num_ctx) holds {limit}")
@@ -366,6 +364,17 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
                 raise OllamaError(400, f"format: {e}") from None
             params = replace(params, structured=fmt)
         return params
+
+
+def _load_answer(pool: ModelPool, model: str, keep_alive: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """The answer to an empty request: the model is loaded now; with keep_alive 0 it unloads instead."""
+    reason = "load"
+    if keep_alive in (0, "0", "0s", "0m"):
+        resolved = pool.resolve(model)
+        if resolved is not None:
+            pool.unload(resolved[0])
+            reason = "unload"
+    return {"model": model, "created_at": _now(), **fields, "done": True, "done_reason": reason}
 
 
 async def _json(request: Request) -> dict[str, Any]:

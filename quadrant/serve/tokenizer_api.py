@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quadrant.errors import QuadrantError
 from quadrant.serve import protocol as P
-from quadrant.serve.admission import ServerState
 from quadrant.serve.errors import OpenAIError
+from quadrant.serve.model_pool import ModelPool
 
 
 class TokenizeRequest(BaseModel):
@@ -35,21 +35,17 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
-def add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
-    def tokenizer() -> Any:
+def add_tokenizer_routes(app: FastAPI, pool: ModelPool) -> None:
+    def tokenizer(state: Any) -> Any:
         tok = state.ready().engine.tokenizer
         if tok is None:
             raise OpenAIError(400, "this model has no tokenizer", code="no_tokenizer")
         return tok
 
-    def check_model(name: str | None) -> None:
-        if name is not None:
-            state.check_model(name)
-
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        check_model(body.model)
-        tok = tokenizer()
+        state = await pool.get(body.model)
+        tok = tokenizer(state)
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError(400, "give either prompt or messages", param="prompt")
         if body.messages is not None:
@@ -65,8 +61,8 @@ def add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
-        check_model(body.model)
-        tok = tokenizer()
+        state = await pool.get(body.model)
+        tok = tokenizer(state)
         vocab = state.ready().engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="tokens")
@@ -74,7 +70,8 @@ def add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        tok = tokenizer()
+        state = pool.primary
+        tok = tokenizer(state)
         special = tok.special_tokens
         return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": special.get("eos_token"),
                 "bos_token": special.get("bos_token"), "pad_token": special.get("pad_token"),
