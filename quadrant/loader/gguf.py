@@ -25,7 +25,7 @@ from quadrant.quant.gguf_blocks import SUPPORTED_TYPES, dequantize
 
 
 
-_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
+_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
 # llama.cpp renormalises the top-k expert weights of these architectures whatever the file says;
 # the others read {arch}.expert_weights_norm (default off).
 _RENORMALISING_ARCHS = ("llama", "qwen3moe")

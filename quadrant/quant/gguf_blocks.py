@@ -1,7 +1,7 @@
 """GGUF block (de)quantisers written in torch.
 
-`dequantize` turns a GGUF tensor's stored bytes (F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q4_K,
-Q5_K, Q6_K) into a float tensor; it is what the model loader uses at load time and the
+`dequantize` turns a GGUF tensor's stored bytes (F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q4_K, Q5_K, Q6_K) into a float tensor; it is what the model loader uses at load time and the
 reference that quantised-matmul kernels are tested against. `quantize_q8_0/q4_0/q4_1`
 produce the simple block formats with ggml's reference rounding.
 """
@@ -126,8 +126,30 @@ def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
     return ((d * sc).reshape(n, 16, 1) * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
+def _q5_codes(b: torch.Tensor, qh_at: int, qs_at: int) -> torch.Tensor:
+    """Q5_0/Q5_1's 5-bit codes [n, 32]: element e's low 4 bits from qs (j low, j + 16 high nibble),
+    its 5th bit is bit e of the little-endian uint32 qh."""
+    n = b.shape[0]
+    qh = b[:, qh_at:qh_at + 4].contiguous().view(torch.int32)  # [n, 1]
+    high = (qh >> torch.arange(32, dtype=torch.int32)) & 1  # [n, 32]
+    low = _nibbles(b[:, qs_at:qs_at + 16]).reshape(n, 32).to(torch.int32)
+    return (low | (high << 4)).to(torch.float32)
+
+
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    # f16 d | qh[4] | qs[16]; x = d * (q - 16)
+    return _f16(b, 0) * (_q5_codes(b, 2, 6) - 16.0)
+
+
+def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    # f16 d | f16 m | qh[4] | qs[16]; x = d * q + m
+    return _f16(b, 0) * _q5_codes(b, 4, 8) + _f16(b, 2)
+
+
 _DECODERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     _T.Q8_0: _deq_q8_0,
+    _T.Q5_0: _deq_q5_0,
+    _T.Q5_1: _deq_q5_1,
     _T.Q4_0: _deq_q4_0,
     _T.Q4_1: _deq_q4_1,
     _T.Q4_K: _deq_q4_k,

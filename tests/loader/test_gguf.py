@@ -80,3 +80,27 @@ print((peak - base) * 1024, sum(p.numel() * p.element_size() for p in model.para
     # One full copy plus the mapped file, the tokenizer and one dequantised tensor; a second
     # copy of the weights would put this over 2x.
     assert grown < 2 * weights, (grown, weights)
+
+
+def test_gemma3_catalogue_model_matches_transformers(gemma_gguf_path):
+    """gemma3:270m: pulled from four chunk packages (sha256 of the whole file checked by pull), its
+    Q4_K/Q5_0/Q8_0/Q6_K tensors dequantised, its logits those of transformers on the same file."""
+    from quadrant.loader import store
+
+    transformers = pytest.importorskip("transformers")
+    stored = store.find_stored("gemma3:270m")
+    assert stored is not None and stored.sha256 == store.CATALOGUE["gemma3:270m"].sha256
+    assert stored.size == gemma_gguf_path.stat().st_size == 253113024
+    source = open_model(gemma_gguf_path)
+    # Most of its elements are the 262k-token embedding, stored Q8_0.
+    assert source.config.architecture == "gemma3" and source.describe()["quantization"] == "Q8_0"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gemma_gguf_path.parent, gguf_file=gemma_gguf_path.name, dtype=torch.float32).eval()
+    ours = source.load_model(torch.float32)
+    ids = source.tokenizer().encode("The capital of France is Paris, and the capital of Italy is")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        got = ours.compute_logits(ours(torch.tensor(ids), torch.arange(len(ids)),
+                                       AttentionMetadata.for_packed_sequences([len(ids)])))
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))

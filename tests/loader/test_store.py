@@ -25,7 +25,7 @@ def test_pull_list_resolve_rm(quadrant_home):
 
 
 def test_unknown_name_lists_catalogue(quadrant_home):
-    with pytest.raises(ModelNotFoundError, match=r"'llama9:1t' not found.*pullable: smollm2:135m"):
+    with pytest.raises(ModelNotFoundError, match=r"'llama9:1t' not found.*pullable: gemma3:270m, smollm2:135m"):
         store.resolve("llama9:1t", pull_missing=True)
     with pytest.raises(ModelNotFoundError):
         store.remove("llama9:1t")

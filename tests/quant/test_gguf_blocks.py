@@ -15,7 +15,7 @@ import quadrant.quant.gguf_blocks as gb
 from quadrant.quant.gguf_blocks import SUPPORTED_TYPES, dequantize, quantize_q4_0, quantize_q4_1, quantize_q8_0
 
 T = GGMLQuantizationType
-QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 # Byte offsets of each type's f16 scale fields inside a block. Random bytes there could
 # be NaN/Inf/huge; we overwrite them with small finite values so the comparison means
@@ -24,6 +24,8 @@ F16_FIELDS: dict[T, tuple[int, ...]] = {
     T.Q8_0: (0,),
     T.Q4_0: (0,),
     T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
     T.Q4_K: (0, 2),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
@@ -157,7 +159,7 @@ def test_real_file_tensors(reader: GGUFReader, name: str, qtype: T) -> None:
 
 # --- errors ------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ2_XXS, T.IQ4_NL, T.Q5_0, T.TQ1_0],
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ2_XXS, T.IQ4_NL, T.Q8_1, T.TQ1_0],
                          ids=lambda t: t.name)
 def test_unsupported_type_raises(qtype: T) -> None:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
