@@ -82,3 +82,23 @@ def test_keep_alive_unloads_idle_models(server):
     assert e.value.status_code == 400
     bad = httpx.post(server.url + "/api/generate", json={"model": "second", "prompt": "x", "keep_alive": "soon"})
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
+
+
+def test_a_pulled_model_is_served_on_demand(default_gguf_path, gemma_gguf_path, tmp_path):
+    """As in Ollama, every pulled model is servable: gemma3:270m loads on its first request."""
+    s = start_server(tmp_path, "--keep-alive", "-1")
+    try:
+        listed = [m["id"] for m in httpx.get(s.url + "/v1/models").json()["data"]]
+        assert listed[0] == MODEL and "gemma3:270m" in listed
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="gemma3:270m", prompt="The capital of France is", max_tokens=8,
+                                      temperature=0)
+        assert r.model == "gemma3:270m" and "capital" in r.choices[0].text  # " the capital of the country of France"
+        assert loaded(s) == [MODEL, "gemma3:270m"]
+        ps = {m["name"]: m for m in httpx.get(s.url + "/api/ps").json()["models"]}
+        assert ps["gemma3:270m"]["expires_at"].startswith("9999")  # --keep-alive -1: for good
+        no_template = client.chat.completions.with_raw_response.create  # a base model: no chat template
+        with pytest.raises(openai.BadRequestError, match="chat template"):
+            no_template(model="gemma3:270m", messages=ASK, max_tokens=4)
+    finally:
+        assert s.stop() == 0, s.log()

@@ -23,7 +23,11 @@ def tokenizer(default_gguf_path):
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2:135m"]
+    from quadrant.loader import store
+
+    # The served model first, then every other pulled model (servable on demand).
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smollm2:135m", *sorted(m.name for m in store.list_models() if m.name != "smollm2:135m")]
 
 
 def test_completion_usage_and_finish(client, tokenizer):
