@@ -154,7 +154,7 @@ def test_worker_4xx_is_relayed(router):
     r = post(router.url, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.get(router.url + "/v1/models", timeout=10)
-    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+    assert [m["id"] for m in r.json()["data"]][0] == MODEL  # a worker's list, relayed (then its other pulled models)
 
 
 def test_bad_input_is_an_openai_400(router):
