@@ -30,18 +30,22 @@ def test_default_model_config(default_gguf_path):
     assert "<|im_start|>" in info["chat template"]
 
 
-def test_default_model_logits_match_transformers(default_gguf_path):
+def assert_logits_match_transformers(path, ids: list[int]) -> None:
+    """Our fp32 load of a GGUF against transformers' dequantised load of the same file."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32).eval()
-    ours = open_model(default_gguf_path).load_model(torch.float32)
-    ids = [1, 504, 3458, 282, 4649, 314, 253, 1789, 30, 198, 2683, 8453]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ours = open_model(path).load_model(torch.float32)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
         got = ours.compute_logits(ours(torch.tensor(ids), torch.arange(len(ids)),
                                        AttentionMetadata.for_packed_sequences([len(ids)])))
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_default_model_logits_match_transformers(default_gguf_path):
+    assert_logits_match_transformers(default_gguf_path, [1, 504, 3458, 282, 4649, 314, 253, 1789, 30, 198, 2683, 8453])
 
 
 def test_truncated_gguf_is_a_clear_error(default_gguf_path, tmp_path):
@@ -87,20 +91,11 @@ def test_gemma3_catalogue_model_matches_transformers(gemma_gguf_path):
     Q4_K/Q5_0/Q8_0/Q6_K tensors dequantised, its logits those of transformers on the same file."""
     from quadrant.loader import store
 
-    transformers = pytest.importorskip("transformers")
     stored = store.find_stored("gemma3:270m")
     assert stored is not None and stored.sha256 == store.CATALOGUE["gemma3:270m"].sha256
     assert stored.size == gemma_gguf_path.stat().st_size == 253113024
     source = open_model(gemma_gguf_path)
     # Most of its elements are the 262k-token embedding, stored Q8_0.
     assert source.config.architecture == "gemma3" and source.describe()["quantization"] == "Q8_0"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        gemma_gguf_path.parent, gguf_file=gemma_gguf_path.name, dtype=torch.float32).eval()
-    ours = source.load_model(torch.float32)
     ids = source.tokenizer().encode("The capital of France is Paris, and the capital of Italy is")
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-        got = ours.compute_logits(ours(torch.tensor(ids), torch.arange(len(ids)),
-                                       AttentionMetadata.for_packed_sequences([len(ids)])))
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_logits_match_transformers(gemma_gguf_path, ids)
