@@ -32,7 +32,7 @@ from quadrant.sampling_params import SamplingParams, StructuredOutput
 from quadrant.serve.admission import ServerState
 from quadrant.serve.embeddings_api import embed
 from quadrant.serve.errors import OpenAIError
-from quadrant.serve.model_pool import ModelPool
+from quadrant.serve.model_pool import ModelPool, parse_keep_alive
 from quadrant.serve.tool_calls import ToolCalling, ToolError
 
 _OPTIONS = {"num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
@@ -168,7 +168,7 @@ def add_ollama_routes(app: FastAPI, pool: ModelPool) -> None:
     async def get(name: str, keep_alive: float | str | None = None) -> ServerState:
         """The model's engine, loaded on demand; keep_alive 0 on the pinned primary is refused."""
         resolved = pool.resolve(name)
-        if keep_alive in (0, "0", "0s", "0m") and resolved is not None and resolved[0] == pool.config.model_name:
+        if _unloads(keep_alive) and resolved is not None and resolved[0] == pool.config.model_name:
             raise OllamaError(400, "keep_alive: the server's primary model stays loaded; it cannot unload it")
         try:
             state = await pool.get(name, keep_alive)
@@ -366,10 +366,18 @@ def add_ollama_routes(app: FastAPI, pool: ModelPool) -> None:
         return params
 
 
+def _unloads(keep_alive: Any) -> bool:
+    """Whether a request's keep_alive says to unload (0 in any unit); a malformed one is the pool's 400."""
+    try:
+        return keep_alive is not None and parse_keep_alive(keep_alive, 1.0) == 0
+    except ValueError:
+        return False
+
+
 def _load_answer(pool: ModelPool, model: str, keep_alive: Any, fields: dict[str, Any]) -> dict[str, Any]:
     """The answer to an empty request: the model is loaded now; with keep_alive 0 it unloads instead."""
     reason = "load"
-    if keep_alive in (0, "0", "0s", "0m"):
+    if _unloads(keep_alive):
         resolved = pool.resolve(model)
         if resolved is not None:
             pool.unload(resolved[0])
