@@ -2,7 +2,7 @@
 llama.cpp plain and with its own prompt-lookup decoding, same GGUF, same threads, one run.
 
     python benchmarks/spec_decode.py [--model smollm2:135m] [--max-tokens 128] [--repeats 3]
-                                     [--draft-layers 10] [--find-links DIR]
+                                     [--draft-layers 10] [--eagle-head DIR] [--find-links DIR]
 
 Three chat workloads: copy/edit (rewrite a passage with one name changed), code (rename a
 variable in a function and explain it) and open chat (a question with no text to copy). Each
@@ -91,7 +91,9 @@ def decode_rate(generate: Callable[[int], int], max_tokens: int, repeats: int) -
 
 def bench_quadrant(model: str, messages: dict, max_tokens: int, repeats: int, **options) -> dict[str, Result]:
     llm = LLM(model, **options)
-    llm.engine.compile_decode([1])  # CPU: time compiled plain steps, not the background compile
+    # CPU: time compiled steps, not the background compile; verification steps of 1 + k tokens run
+    # through the graphs of up to 1 + k rows.
+    llm.engine.compile_decode(list(range(1, 2 + options.get("num_speculative_tokens", 0))))
     out = {}
     for name, conversation in messages.items():
         def generate(n: int) -> int:
@@ -134,8 +136,14 @@ def main() -> None:
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="runs per workload; the median counts")
-    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=int, default=7,
+                    help="the longest chain; 7 fills the 8-row compiled CPU graph")
     ap.add_argument("--draft-layers", type=int, default=10, help="the draft: the target's first N layers")
+    ap.add_argument("--eagle-head", default=None,
+                    help="an EAGLE head folder (`quadrant train --eagle MODEL -o DIR`): adds quadrant eagle")
+    ap.add_argument("--methods", nargs="+", default=["ngram", "draft", "eagle"],
+                    choices=["ngram", "draft", "eagle"], help="proposers to run beside plain decoding "
+                                                                "(eagle needs --eagle-head)")
     ap.add_argument("--skip-peer", action="store_true", help="quadrant only (no llama-cpp-python)")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -143,14 +151,18 @@ def main() -> None:
     path = str(store.resolve(args.model, pull_missing=True))
     messages = workloads()
     k = args.num_speculative_tokens
-    ours = {
-        "quadrant plain": bench_quadrant(path, messages, args.max_tokens, args.repeats),
-        f"quadrant ngram k={k}": bench_quadrant(path, messages, args.max_tokens, args.repeats,
-                                                speculative_method="ngram", num_speculative_tokens=k),
-        f"quadrant draft ({args.draft_layers} layers) k={k}": bench_quadrant(
-            path, messages, args.max_tokens, args.repeats, speculative_method="draft", num_speculative_tokens=k,
-            speculative_draft_layers=args.draft_layers),
+    configs = {
+        "plain": ("quadrant plain", {}),
+        "ngram": (f"quadrant ngram k={k}", {"speculative_method": "ngram", "num_speculative_tokens": k}),
+        "draft": (f"quadrant draft ({args.draft_layers} layers) k={k}",
+                  {"speculative_method": "draft", "num_speculative_tokens": k,
+                   "speculative_draft_layers": args.draft_layers}),
+        "eagle": (f"quadrant eagle k={k}", {"speculative_method": "eagle", "num_speculative_tokens": k,
+                                            "speculative_model": args.eagle_head}),
     }
+    methods = [m for m in args.methods if m != "eagle" or args.eagle_head]
+    ours = {configs[m][0]: bench_quadrant(path, messages, args.max_tokens, args.repeats, **configs[m][1])
+            for m in ["plain", *[m for m in methods if m != "plain"]]}
     peers: dict[str, dict[str, Result]] = {}
     if not args.skip_peer:
         llama_cpp = ensure_llama_cpp(args.find_links)

@@ -308,6 +308,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from quadrant.train.config import load_config
     from quadrant.train.trainer import Trainer
 
+    if args.eagle is not None:
+        _train_eagle(args)
+        return
+    if args.config is None:
+        raise QuadrantError("quadrant train needs a config (.toml), or --eagle MODEL -o DIR")
     config = load_config(args.config, dict(args.set or []))
     tokenizer = _tokenizer(config.tokenizer) if config.checkpoint.export else None
     Trainer(config, tokenizer).run()
@@ -317,6 +322,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         # Stop gloo's threads before the interpreter tears down (left running, a process can abort at
         # exit with "terminate called without an active exception" after a successful run).
         dist.destroy_process_group()
+
+
+def _train_eagle(args: argparse.Namespace) -> None:
+    from quadrant.train.eagle import EagleTrainConfig, train_eagle
+
+    if args.config is not None or args.set:
+        raise QuadrantError("--eagle takes no training config: its options are --output, --epochs and --passages")
+    if args.output is None:
+        raise QuadrantError("--eagle needs --output DIR, the head's new folder")
+    options = {"epochs": args.epochs, "num_passages": args.passages}
+    train_eagle(EagleTrainConfig(args.eagle, args.output, **{k: v for k, v in options.items() if v is not None}))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -461,11 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra expert slots over the --ep ranks, for copies of the hottest experts")
     g.add_argument("--eplb-interval", type=int, default=0,
                    help="engine steps between expert rebalances by measured load (0: never)")
-    g.add_argument("--speculative-method", choices=["ngram", "draft"], default=None,
-                   help="speculative decoding: ngram (prompt lookup) or draft (a draft model)")
+    g.add_argument("--speculative-method", choices=["ngram", "draft", "eagle"], default=None,
+                   help="speculative decoding: ngram (prompt lookup), draft (a draft model) or eagle (a draft "
+                        "head from `quadrant train --eagle`, given as --speculative-model)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per step")
     g.add_argument("--speculative-model", default=None,
-                   help="the draft model (default: the target itself, usually with --speculative-draft-layers)")
+                   help="the draft model (default: the target itself, usually with --speculative-draft-layers), "
+                        "or the EAGLE head's folder")
     g.add_argument("--speculative-draft-layers", type=int, default=None,
                    help="keep only the draft model's first N layers")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
@@ -603,10 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-key", default="text", help="JSONL field holding the text")
     s.set_defaults(func=cmd_data_prepare)
 
-    s = sub.add_parser("train", help="train a model from a TOML config (torchrun for several processes)")
-    s.add_argument("config", help="training config (.toml)")
+    s = sub.add_parser("train", help="train a model from a TOML config (torchrun for several processes), "
+                                     "or an EAGLE draft head for a model (--eagle)")
+    s.add_argument("config", nargs="?", help="training config (.toml)")
     s.add_argument("--set", action="append", type=_set_arg, metavar="TABLE.KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    s.add_argument("--eagle", metavar="MODEL", default=None,
+                   help="train an EAGLE draft head for MODEL on its own answers (use it with "
+                        "--speculative-method eagle --speculative-model DIR)")
+    s.add_argument("-o", "--output", default=None, help="--eagle: the head's folder (must not exist)")
+    s.add_argument("--epochs", type=int, default=None, help="--eagle: passes over the conversations")
+    s.add_argument("--passages", type=int, default=None, help="--eagle: chat prompts built from the shipped texts")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write a training checkpoint as a model folder that run/serve load")

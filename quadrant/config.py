@@ -566,14 +566,16 @@ class SpeculativeConfig:
 
     ngram: prompt lookup (the longest n-gram of `prompt_lookup_min..max` tokens ending the sequence,
     found earlier in it, proposes what followed). draft: a smaller model sharing the target's tokenizer
-    (`model`; default the target itself), optionally cut to its first `draft_layers` layers.
+    (`model`; default the target itself), optionally cut to its first `draft_layers` layers. eagle: a
+    one-layer head over the target's hidden states (`model`: its folder, from `quadrant train --eagle`).
     Each request drafts as many tokens as pay for themselves given its measured acceptance and
     `draft_cost`, the cost of one more token in a verifying row relative to a one-token step (None:
-    0.25 on CPU, 0.05 on GPU), and backs off while none do (engine/spec/policy.py); no step
+    the measured times of the compiled CPU decode graphs, which verification steps run through too,
+    else 0.25 on CPU and 0.05 on GPU), and backs off while none do (engine/spec/policy.py); no step
     speculates when more than `max_batch_size` requests decode together.
     """
 
-    method: Literal["none", "ngram", "draft"] = "none"
+    method: Literal["none", "ngram", "draft", "eagle"] = "none"
     num_speculative_tokens: int = 4
     model: str | None = None  # draft: the draft model (catalogue name, .gguf or folder); None: the target
     draft_layers: int | None = None  # draft: keep only the first N layers of the draft model
@@ -583,18 +585,21 @@ class SpeculativeConfig:
     max_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.method == "eagle":
-            raise ValueError("--speculative-method eagle is not built yet; use ngram or draft")
-        if self.method not in ("none", "ngram", "draft"):
-            raise ValueError(f"speculative method must be ngram or draft, got {self.method!r}")
+        if self.method not in ("none", "ngram", "draft", "eagle"):
+            raise ValueError(f"speculative method must be ngram, draft or eagle, got {self.method!r}")
+        if self.method == "eagle" and self.model is None:
+            raise ValueError("--speculative-method eagle needs --speculative-model: a head folder from "
+                             "`quadrant train --eagle MODEL`")
         if not 1 <= self.num_speculative_tokens <= 15:
             raise ValueError(f"num_speculative_tokens must be in [1, 15], got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
         if self.draft_layers is not None and self.draft_layers < 1:
             raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
-        if (self.model is not None or self.draft_layers is not None) and self.method != "draft":
-            raise ValueError("a speculative model or draft layers need --speculative-method draft")
+        if self.model is not None and self.method not in ("draft", "eagle"):
+            raise ValueError("a speculative model needs --speculative-method draft or eagle")
+        if self.draft_layers is not None and self.method != "draft":
+            raise ValueError("draft layers need --speculative-method draft")
         if (self.draft_cost is not None and not 0.0 <= self.draft_cost <= 1.0) or self.max_batch_size < 1:
             raise ValueError("draft_cost must be in [0, 1] and max_batch_size >= 1")
 

@@ -34,3 +34,10 @@ def native_kernels() -> bool:
 def cpu_compile() -> bool:
     """QUADRANT_CPU_COMPILE=0 keeps CPU decode steps eager (no torch.compile'd graphs)."""
     return os.environ.get("QUADRANT_CPU_COMPILE", "1") not in ("0", "false", "no")
+
+
+def small_batch_tokens() -> int | None:
+    """QUADRANT_SMALL_BATCH_TOKENS=N: CPU steps of up to N tokens take the compact decode kernels, larger
+    ones dense GEMMs; unset, the crossover is measured on this machine (quant/formats.py)."""
+    value = os.environ.get("QUADRANT_SMALL_BATCH_TOKENS")
+    return int(value) if value else None

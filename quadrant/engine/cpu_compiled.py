@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 # An eager decode step's time over a compiled one's: the default model on 2 cores, 25 ms against
-# 10 (BENCHMARKS.md). Speculative verification steps run eagerly; the draft policy counts this.
+# 10 (BENCHMARKS.md). Steps past the largest graph run eagerly; the draft policy counts this.
 EAGER_RATIO = 2.5
+# Each extra row's share of a one-row step before a graph's own time is measured: the eager kernels'
+# figure (BENCHMARKS.md); measured graphs on 2 cores came out between 0.13 and 0.7.
+_PRIOR_ROW_COST = 0.25
+_TIME_DECAY = 0.9  # weight of a graph's time history at each new measurement
 
 
 def compile_available() -> bool:
@@ -52,6 +56,7 @@ class CompiledDecode:
         if max_batch > self.sizes[-1] and max_batch < BATCH_SIZES[-1]:
             self.sizes.append(next(s for s in BATCH_SIZES if s >= max_batch))
         self.ready: set[int] = set()
+        self.seconds: dict[int, float] = {}  # padded batch size -> decayed mean time of a step (LM head included)
         self.failed = False
         self._queued: set[int] = set()
         self._lock = threading.Lock()  # guards _queued
@@ -96,12 +101,28 @@ class CompiledDecode:
                 slot_t // self.block_size, slot_t % self.block_size,
                 torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), table_t]
 
-    def eager_ratio(self, rows: int) -> float:
-        """How much dearer an eager step of `rows` decode rows is than the plain step would be now:
-        EAGER_RATIO where that plain step has its graph, else 1 (it would run eagerly too)."""
-        if self.failed or rows > self.sizes[-1]:
-            return 1.0
-        return EAGER_RATIO if next(s for s in self.sizes if s >= rows) in self.ready else 1.0
+    def padded(self, rows: int) -> int | None:
+        """The graph batch size a step of `rows` decode rows runs at; None: past the largest."""
+        return next((s for s in self.sizes if s >= rows), None)
+
+    def record(self, rows: int, seconds: float) -> None:
+        """A compiled step of `rows` decode rows took `seconds` (the speculation policy's cost model)."""
+        bs = self.padded(rows)
+        if bs is not None:
+            old = self.seconds.get(bs)
+            self.seconds[bs] = seconds if old is None else _TIME_DECAY * old + (1 - _TIME_DECAY) * seconds
+
+    def step_cost(self, rows: int) -> float:
+        """A decode-only step of `rows` rows (speculative drafts count as rows), in one-row compiled
+        steps: the measured time of its graph, a prior of 1 + 0.25 per padded row until measured,
+        and EAGER_RATIO times that where no graph takes it (too large, not compiled yet, failed)."""
+        bs = self.padded(rows)
+        one = self.seconds.get(1)
+        if bs is not None and bs in self.ready and not self.failed:
+            if one is not None and bs in self.seconds:
+                return self.seconds[bs] / one
+            return 1.0 + _PRIOR_ROW_COST * (bs - 1)
+        return EAGER_RATIO * (1.0 + _PRIOR_ROW_COST * (rows - 1))
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor | None:

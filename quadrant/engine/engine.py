@@ -31,7 +31,7 @@ from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
-from quadrant.quant.formats import SMALL_BATCH_TOKENS
+from quadrant.quant.formats import small_batch_tokens
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -73,12 +73,14 @@ class LLMEngine:
         self.steps = StepEncoder()
         spec = config.speculative
         self.proposer: Proposer | None = make_proposer(spec, self) if spec.enabled else None
-        # CPU auto weights: past SMALL_BATCH_TOKENS tokens a step runs bf16 GEMMs instead of compact kernels.
+        # CPU auto weights: past small_batch_tokens() tokens a step runs dense GEMMs instead of compact
+        # kernels: without measured step costs, the policy keeps verifying steps within them.
         cpu_auto = self.weight_format == "auto" and config.device.startswith("cpu")
         self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device),
-                                             SMALL_BATCH_TOKENS if cpu_auto else None)
-        if isinstance(self.executor, InProcessExecutor) and self.runner.compiled is not None:
-            self.spec_policy.eager_ratio = self.runner.compiled.eager_ratio  # verification runs eagerly
+                                             small_batch_tokens() if cpu_auto else None)
+        if isinstance(self.executor, InProcessExecutor) and self.runner.compiled is not None and spec.draft_cost is None:
+            self.spec_policy.step_cost = self.runner.compiled.step_cost  # measured compiled step times
+            self.spec_policy.max_step_tokens = None  # those times include the switch to dense GEMMs
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         # Structured outputs need the tokenizer's byte strings; a tokenizer-less model has none.
@@ -158,7 +160,7 @@ class LLMEngine:
                    tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
                    parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
         """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs,
-        speculative), or speculation as vLLM names it: speculative_method (ngram, draft),
+        speculative), or speculation as vLLM names it: speculative_method (ngram, draft, eagle),
         num_speculative_tokens, speculative_model, speculative_draft_layers.
         `parallel` (nodes, rendezvous) wins over the two sizes."""
         if parallel is not None and (tensor_parallel_size, expert_parallel_size) != (1, 1):
@@ -418,6 +420,8 @@ class LLMEngine:
         self.scheduler.update(out, new_tokens)
         if self.proposer is not None:
             self._count_verifications(out, new_tokens)
+            if result.hidden:
+                self.proposer.observe(result.hidden)
         self._keep_prompt_logprobs(out, result.prompt_logprobs)
         self._keep_pooled(out, result.pooled)
         failed = self._advance_grammars(out, new_tokens)

@@ -9,6 +9,7 @@ driver worker) calls the sampler.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -35,10 +36,14 @@ class ModelRunner:
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  backend: str = "torch", graph_batch_sizes: list[int] | None = None,
                  max_model_len: int | None = None, samples: bool = True, compile_decode: int = 0,
-                 compile_at_start: bool = False) -> None:
+                 compile_at_start: bool = False, keep_hidden: bool = False) -> None:
         """`compile_decode`: on CPU, the largest batch size to run decode steps through compiled graphs
         (engine/cpu_compiled.py); 0 keeps every step eager. `compile_at_start`: all those graphs now,
-        before the first step, instead of in the background."""
+        before the first step, instead of in the background. `keep_hidden`: every step returns its
+        rows' final hidden states (an EAGLE head drafts from them); CUDA graphs then stay off, since
+        theirs end in the LM head."""
+        self.keep_hidden = keep_hidden
+        self._hidden: torch.Tensor | None = None  # the last forward's final hidden states [T, D], batch order
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
@@ -61,7 +66,7 @@ class ModelRunner:
         if compile_decode:
             self.compiled = CompiledDecode(self.model, self.block_size, num_blocks, compile_decode)
             self.compiled.compile_all() if compile_at_start else self.compiled.start()
-        if graph_batch_sizes:
+        if graph_batch_sizes and not keep_hidden:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
             max_len = max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, -(-max_len // self.block_size),
@@ -138,6 +143,9 @@ class ModelRunner:
             logits = logits[torch.tensor(rows, device=self.device)]
         if not self.samples:
             return StepOutput()
+        if self.keep_hidden and self._hidden is not None:
+            prompt_out.hidden = self._rows_hidden(batch, self._hidden)
+        self._hidden = None
         if logits is None or not rows:
             return prompt_out
         prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks)
@@ -150,6 +158,8 @@ class ModelRunner:
         `whole` also put their chunk's prompt-token logprobs and pooled hidden states into `prompt_out`."""
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, meta)  # [T, D]
+        if self.keep_hidden:
+            self._hidden = hidden
         ends = meta.query_start_loc_cpu[1:]
         if whole and prompt_out is not None and self.samples:
             for i in whole:
@@ -228,13 +238,17 @@ class ModelRunner:
 
     def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
         """Logits of every row of a decode-only step replayed from a captured graph (or a compiled
-        one on CPU); None if none fits."""
+        one on CPU); None if none fits. On CPU a step that verifies drafts is decode-only too: each of
+        a row's 1 + k tokens runs as a decode row of its own, over the same block table with a context
+        one longer than the token before it. Every layer writes all the step's K/V before attending,
+        so a draft sees the tokens ahead of it, and the graph needs no shape of its own."""
+        if self.compiled is not None and any(row.draft_token_ids for _, row in batch):
+            return self._compiled_verification_logits(batch)
         if any(row.num_new_tokens != 1 for _, row in batch):
             return None
         if self.compiled is not None:
             input_ids, positions, slots, _, seq_lens = self._flatten(batch)
-            hidden = self.compiled.run(input_ids, positions, slots, seq_lens, [req.block_table for req, _ in batch])
-            return None if hidden is None else self.model.compute_logits(hidden)
+            return self._compiled_logits(input_ids, positions, slots, seq_lens, [req.block_table for req, _ in batch])
         if self.graphs is None:
             return None
         if not self.graphs.fits(len(batch), max(len(req.block_table) for req, _ in batch)):
@@ -242,6 +256,42 @@ class ModelRunner:
         input_ids, positions, slots, _, seq_lens = self._flatten(batch)
         tables = [req.block_table for req, _ in batch]
         return self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+
+    def _compiled_verification_logits(self, batch: Batch) -> torch.Tensor | None:
+        """Logits [T, V] of every token of a step whose rows are all decodes, some with drafts (each
+        row's last token and its drafts, in batch order); None if a row is a prefill chunk or the
+        step has more tokens than the largest compiled graph takes."""
+        assert self.compiled is not None
+        if any(row.num_new_tokens != 1 + len(row.draft_token_ids)
+               or row.num_computed_tokens + 1 != req.num_tokens for req, row in batch):
+            return None
+        input_ids, positions, slots, _, _ = self._flatten(batch)
+        tables = [req.block_table for req, row in batch for _ in range(row.num_new_tokens)]
+        return self._compiled_logits(input_ids, positions, slots, [p + 1 for p in positions], tables)
+
+    def _compiled_logits(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                         tables: list[list[int]]) -> torch.Tensor | None:
+        """Logits of decode rows run through a compiled CPU graph, timed for the speculation policy;
+        None while their batch size has no graph."""
+        assert self.compiled is not None
+        start = time.perf_counter()
+        hidden = self.compiled.run(input_ids, positions, slots, seq_lens, tables)
+        if hidden is None:
+            return None
+        logits = self.model.compute_logits(hidden)
+        self.compiled.record(len(input_ids), time.perf_counter() - start)
+        if self.keep_hidden:
+            self._hidden = hidden
+        return logits
+
+    @staticmethod
+    def _rows_hidden(batch: Batch, hidden: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+        """Each row's slice of the step's hidden states [T, D] (rows in batch order), with its first position."""
+        out, at = {}, 0
+        for req, row in batch:
+            out[req.request_id] = (row.num_computed_tokens, hidden[at : at + row.num_new_tokens])
+            at += row.num_new_tokens
+        return out
 
     def capture_graphs(self) -> None:
         if self.graphs is not None:

@@ -78,12 +78,18 @@ PromptLogprobs = dict[str, tuple[int, list[TokenLogprob]]]
 Pooled = dict[str, tuple[int, int, torch.Tensor]]
 
 
+# request id -> (the position of the row's first token this step, the final hidden states [n, D] of its n tokens):
+# what an EAGLE draft head reads (engine/spec/eagle.py). Rows past a rejected draft are stale.
+Hidden = dict[str, tuple[int, torch.Tensor]]
+
+
 @dataclass
 class StepOutput:
     # The rows that reached their last token (drafts included). Only the driver worker (rank 0) fills it.
     sampled: Sampled = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs = field(default_factory=dict)
     pooled: Pooled = field(default_factory=dict)
+    hidden: Hidden = field(default_factory=dict)  # only where the runner keeps hidden states (EAGLE)
 
 
 @dataclass

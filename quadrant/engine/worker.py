@@ -70,10 +70,16 @@ class Worker:
         # CPU: decode steps through compiled graphs (whichever weight kernels their batch size takes).
         compiled = (config.cpu_compile and backend == "torch" and torch.device(config.device).type == "cpu"
                     and self.parallel.world_size == 1 and not config.cache.quantized and compile_available())
+        # Verification steps run through the same graphs, one row per token: a lone request with k drafts
+        # needs k + 1 rows.
+        rows = config.scheduler.max_num_seqs
+        if config.speculative.enabled:
+            rows *= 1 + config.speculative.num_speculative_tokens
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, self.dtype, config.device,
                                   backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker,
-                                  compile_decode=min(BATCH_SIZES[-1], config.scheduler.max_num_seqs) if compiled else 0,
-                                  compile_at_start=config.cpu_compile_at_start)
+                                  compile_decode=min(BATCH_SIZES[-1], rows) if compiled else 0,
+                                  compile_at_start=config.cpu_compile_at_start,
+                                  keep_hidden=config.speculative.method == "eagle")
         self.runner.capture_graphs()
         self.reset_expert_stats()  # warm-up and capture passes routed nothing real
 

@@ -31,6 +31,13 @@ import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+# Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the GEMMs take
+# one 512-bit multiply-add per block: 1.3-1.5x at decode sizes on a 2-core Xeon (BENCHMARKS.md).
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+
+
+def build_flags() -> list[str]:
+    return FLAGS + (AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
 QK = 32  # inputs per activation block (and per 4-bit weight block)
 _Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
 
@@ -51,7 +58,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
+        proc = subprocess.run([compiler, *build_flags(), *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
                               text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
@@ -69,7 +76,7 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         if not _supported_cpu():
             return None
         source = b"".join(path.read_bytes() for path in SOURCES)
-        key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + " ".join(build_flags()).encode()).hexdigest()[:16]
         folder = cache_dir or Path(tempfile.gettempdir()) / "quadrant-kernels"
         target = folder / f"quadrant-cpu-{key}.so"
         try:

@@ -355,8 +355,56 @@ Plan = list[tuple[float, WeightFormat]]
 Kernels = list[tuple[float, WeightFormat, Any]]
 # Up to here compact weights win (decode); beyond, dense GEMMs do. The native 4-bit kernel against
 # fp32 oneDNN on 2 AVX2 cores (SmolLM2's projections): 0.53-0.61x the time at 1 token, 0.76-1.10x
-# at 8, 1.5-1.9x at 16 (it was 16 with torch's int4 kernels and bf16 GEMMs).
+# at 8, 1.5-1.9x at 16 (it was 16 with torch's int4 kernels and bf16 GEMMs). Where oneDNN has
+# native bf16 (AVX512-BF16, AMX) dense GEMMs win from 3-4 tokens, so the crossover is measured.
 SMALL_BATCH_TOKENS = 8
+_CROSSOVER_SIZES = (2, 3, 4, 6, 8)
+_crossover: int | None = None
+_crossover_lock = threading.Lock()
+
+
+def small_batch_tokens() -> int:
+    """The largest CPU step (in tokens) that runs the compact decode kernels: QUADRANT_SMALL_BATCH_TOKENS,
+    else measured once per process on a SmolLM2-sized projection (576 -> 1536), the native 4-bit
+    kernel against the dense prefill GEMM at 2-8 rows (~0.3 s); SMALL_BATCH_TOKENS where the native
+    kernels do not run."""
+    global _crossover
+    from quadrant import envs
+
+    fixed = envs.small_batch_tokens()
+    if fixed is not None:
+        return fixed
+    with _crossover_lock:
+        if _crossover is None:
+            _crossover = _measure_crossover() if native_available(576) else SMALL_BATCH_TOKENS
+        return _crossover
+
+
+@torch.inference_mode()
+def _measure_crossover() -> int:
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 576, generator=g) * 0.02
+    compact, dense = NativeQ4(), Dense(dtype=prefill_dtype())
+    packs = [(compact, compact.pack(weight, None)), (dense, dense.pack(weight, None))]
+    best = 1
+    for rows in _CROSSOVER_SIZES:
+        x = torch.randn(rows, 576, generator=g)
+        times = []
+        for fmt, packed in packs:
+            fmt.apply(x, packed)  # warm-up
+            runs = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for _ in range(4):
+                    fmt.apply(x, packed)
+                runs.append(time.perf_counter() - start)
+            times.append(sorted(runs)[len(runs) // 2])
+        if times[0] > times[1]:
+            break  # dense is faster from here on
+        best = rows
+    return best
 
 
 def get_format(name: str, group_size: int | None = None, device: str | torch.device = "cpu",
@@ -406,7 +454,7 @@ def cpu_plan(source_bits: int, sensitive: bool = False, in_features: int = 0) ->
         decode: WeightFormat = NativeQ4() if native else W4A16()
     else:
         decode = NativeQ8() if native else W8A16()
-    return [(SMALL_BATCH_TOKENS, decode), (float("inf"), Dense(dtype=prefill_dtype()))]
+    return [(small_batch_tokens(), decode), (float("inf"), Dense(dtype=prefill_dtype()))]
 
 
 def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:

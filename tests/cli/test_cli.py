@@ -99,6 +99,14 @@ def test_bad_kv_quant_group_is_one_line(default_gguf_path):
                           "kv quant group")
 
 
+def test_eagle_options_are_checked_in_one_line(tmp_path, default_gguf_path):
+    assert_one_line_error(quadrant("train", "--eagle", "smollm2:135m"), "--eagle needs --output")
+    assert_one_line_error(quadrant("run", "smollm2:135m", "hi", "--speculative-method", "eagle"),
+                          "eagle needs --speculative-model")
+    assert_one_line_error(quadrant("run", "smollm2:135m", "hi", "--speculative-method", "eagle",
+                                   "--speculative-model", str(tmp_path)), "not an EAGLE head")
+
+
 def test_dummy_load_of_an_unknown_architecture_is_one_line():
     assert_one_line_error(quadrant("bench", "no-such-arch", "--load-format", "dummy"), "not a shipped architecture")
 

@@ -16,12 +16,17 @@ transformers = pytest.importorskip("transformers")
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = save_tiny_llama(path, hidden_size=64, intermediate_size=128, num_layers=3, max_positions=512)
+def tiny_llama(tmp_path_factory, num_layers: int):
+    """(folder, transformers model) of a tiny random llama with `num_layers` layers, no EOS."""
+    path = tmp_path_factory.mktemp(f"tiny-llama-{num_layers}")
+    model = save_tiny_llama(path, hidden_size=64, intermediate_size=128, num_layers=num_layers, max_positions=512)
     model.generation_config.eos_token_id = None
     return str(path), model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama(tmp_path_factory, 3)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quadrant import SamplingParams
+from quadrant.config import SpeculativeConfig
 from quadrant.engine.cpu_compiled import CompiledDecode, compile_available
 from tests.engine.conftest import make_engine, run_all
 
@@ -62,6 +64,39 @@ def test_compiled_hidden_states_match_eager(tiny, compiling):
     with torch.inference_mode():
         eager = runner.compiled._forward(*runner.compiled._inputs(*step, 4))[:3]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_verification_steps_run_through_the_decode_graphs(tiny, compiling):
+    """Speculative verification on CPU: each of a row's 1 + k tokens a decode row of the compiled
+    graph. A lone request drafting 3 tokens per step (prompt lookup on a repeated phrase) gives
+    transformers' greedy tokens with its verification steps run at 4 rows."""
+    from tests.engine.conftest import hf_greedy
+
+    phrase = [5, 17, 99, 3, 250, 42, 7, 8]
+    prompt = phrase * 5
+    engine = make_engine(tiny[0], max_num_seqs=1, speculative=SpeculativeConfig("ngram", 3, draft_cost=0.0))
+    assert engine.runner.compiled is not None and engine.runner.compiled.sizes == [1, 2, 4]
+    assert engine.compile_decode([1, 4])
+    ran = count_compiled_steps(engine.runner)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert run_all(engine, [prompt], params) == [hf_greedy(tiny[1], prompt, 24)]
+    assert engine.spec_stats.num_verifications > 0
+    assert 4 in ran  # verification steps (1 + 3 tokens) ran compiled
+    assert set(engine.runner.compiled.seconds) >= {4}  # and were timed for the policy
+
+
+def test_compiled_step_costs_follow_measured_times():
+    """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed, then the
+    graph's measured time over the one-row graph's, and the eager ratio past the largest graph."""
+    compiled = CompiledDecode(object(), 4, 10, 16)
+    compiled.ready = {1, 2, 4, 8, 16}
+    assert compiled.step_cost(3) == pytest.approx(1.75)  # padded to 4 rows
+    compiled.record(1, 0.010)
+    compiled.record(5, 0.030)
+    assert compiled.step_cost(6) == pytest.approx(3.0)  # 8-row graph: 30 ms against 10
+    assert compiled.step_cost(17) == pytest.approx(2.5 * (1 + 0.25 * 16))
+    compiled.ready = {1}
+    assert compiled.step_cost(2) == pytest.approx(2.5 * 1.25)  # no graph yet: eager
 
 
 def test_a_graph_that_cannot_build_leaves_the_eager_path(tiny, prompts, reference, compiling, monkeypatch):

@@ -334,21 +334,25 @@ def test_policy_drafts_less_as_the_batch_grows():
     assert sum(capped.plan(requests[:12]).values()) == 4  # a CPU step stays within the compact kernels' 16 rows
 
 
-def test_policy_counts_the_eager_verification_of_compiled_cpu_decode():
-    """Plain CPU decode steps run compiled graphs, verification steps eagerly (2.5x dearer): a new
-    request (a = 1/2) drafts nothing; a fully accepted one still pays with long chains, not short."""
+def test_policy_plans_over_a_staircase_of_compiled_step_costs():
+    """Compiled CPU graphs pad a step to 1, 2, 4, 8 or 16 rows, so 5 tokens cost what 8 do: a well-
+    accepted lone request capped at 7 drafts fills the 8-row graph, where stopping at the first draft
+    that does not pay would halt at 3; a new request (a = 1/2) fills the 4-row graph (one draft alone
+    does not pay: 1.5 tokens for 1.6 steps); with eager verification nothing pays."""
+    times = {1: 1.0, 2: 1.6, 4: 1.8, 8: 2.9, 16: 3.2}
     req = Request("r", list(range(10)), SamplingParams(max_tokens=200))
-    plain = SpeculationPolicy(SpeculativeConfig("ngram", 15), 1000, draft_cost=0.25)
-    assert plain.plan([req])  # without the ratio the prior pays for a draft or two
     policy = SpeculationPolicy(SpeculativeConfig("ngram", 15), 1000, draft_cost=0.25)
-    policy.eager_ratio = lambda rows: 2.5
-    assert policy.plan([req]) == {}
+    policy.step_cost = lambda n: times[next(s for s in times if s >= n)] if n <= 16 else 2.5 * (1 + 0.25 * (n - 1))
+    assert policy.plan([req]) == {"r": 3}  # 1.875 tokens for 1.8 steps
     policy.states["r"].accepted, policy.states["r"].rejected = 60.0, 0.5  # a long, well-accepted history
-    assert not policy.record("r", 15, 15)  # ~15 tokens for 2.5 x (1 + 0.25 x 15) = 11.9 steps: pays
-    assert policy.plan([req])["r"] > 8  # a long chain: a short one does not repay the eager step
-    short = SpeculationPolicy(SpeculativeConfig("ngram", 4), 1000, draft_cost=0.25)
-    short.eager_ratio = lambda rows: 2.5
-    assert short.record("r", 4, 4)  # 5 tokens for 2.5 x 2 = 5 steps: never more than plain decode
+    assert policy.plan([req])["r"] == 15  # ~16 tokens for 3.2 steps
+    capped = SpeculationPolicy(SpeculativeConfig("ngram", 7), 1000, draft_cost=0.25)
+    capped.step_cost = policy.step_cost
+    capped.states["r"] = policy.states["r"]
+    assert capped.plan([req])["r"] == 7  # not 3: the 8-row graph costs the same for 5 to 8 tokens
+    eager = SpeculationPolicy(SpeculativeConfig("ngram", 4), 1000, draft_cost=0.25)
+    eager.step_cost = lambda n: 1.0 if n == 1 else 2.5 * (1 + 0.25 * (n - 1))  # verification eager
+    assert eager.record("r", 4, 4)  # 5 tokens for 2.5 x 2 = 5 steps: never more than plain decode
 
 
 def test_large_batches_do_not_speculate(tiny, prompts):
@@ -359,9 +363,10 @@ def test_large_batches_do_not_speculate(tiny, prompts):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "eagle"}, "eagle is not built yet"),
+    ({"method": "eagle"}, "eagle needs --speculative-model"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
-    ({"method": "ngram", "model": "x"}, "need --speculative-method draft"),
+    ({"method": "ngram", "model": "x"}, "needs --speculative-method draft or eagle"),
+    ({"method": "ngram", "draft_layers": 2}, "need --speculative-method draft"),
     ({"method": "draft", "draft_layers": 0}, "draft_layers"),
 ])
 def test_bad_speculative_settings_name_the_problem(kwargs, message):

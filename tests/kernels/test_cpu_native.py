@@ -65,6 +65,21 @@ def test_q8_gemm_matches_reference(m, k, n):
     torch.testing.assert_close(out[0].double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.skipif(cn.build_flags() == cn.FLAGS, reason="the AVX2 build is the one tested above")
+def test_the_avx2_build_matches_where_avx512_is_used(tmp_path, monkeypatch):
+    """On an AVX-512 machine the tests above ran the 512-bit kernels; the AVX2 ones (what a machine
+    without AVX-512 builds) are checked here against the same references."""
+    monkeypatch.setattr(cn, "build_flags", lambda: list(cn.FLAGS))
+    monkeypatch.setattr(cn, "_lib", None)
+    monkeypatch.setattr(cn, "_tried", False)
+    lib = cn.library(tmp_path)
+    assert lib is not None
+    for m, k, n in [(1, 96, 7), (3, 576, 96), (17, 160, 33)]:
+        test_q4_gemm_matches_reference(m, k, n, True)
+        test_q8_gemm_matches_reference(m, k, n)
+    assert cn._lib is lib
+
+
 def test_formats_stay_close_to_torch_kernels():
     """The native formats against torch's weight-only kernels of the same weights: they differ by the
     activations' rounding (16 bits per 32 inputs against bf16), well under 1% of the output's scale."""

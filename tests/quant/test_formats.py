@@ -93,6 +93,21 @@ def test_plan_picks_kernels_by_batch_size(wx):
     assert torch.equal(run_kernels(kernels, big), kernels[1][1].apply(big, kernels[1][2]))
 
 
+def test_the_compact_dense_crossover_is_measured_unless_set(monkeypatch):
+    """QUADRANT_SMALL_BATCH_TOKENS fixes the largest step the compact kernels take (tests/conftest.py sets
+    8); unset, it is measured once: 1 (dense from 2 rows) up to 8 where the native kernels run."""
+    from quadrant.quant import formats
+
+    monkeypatch.setenv("QUADRANT_SMALL_BATCH_TOKENS", "5")
+    assert formats.small_batch_tokens() == 5
+    assert cpu_plan(4)[0][0] == 5
+    monkeypatch.delenv("QUADRANT_SMALL_BATCH_TOKENS")
+    monkeypatch.setattr(formats, "_crossover", None)
+    measured = formats.small_batch_tokens()
+    assert measured in ((1, 2, 3, 4, 6, 8) if native_available(576) else (formats.SMALL_BATCH_TOKENS,))
+    assert formats.small_batch_tokens() == measured  # once per process
+
+
 def test_linear_repack_drops_dense_weight(wx):
     w, x = wx
     lin = Linear(128, 96, bias=True)

@@ -24,7 +24,7 @@ from quadrant.engine.request import Request
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.spec.proposer import Drafts
 from quadrant.engine.spec.verify import distribution, greedy_choice
-from quadrant.engine.step import ScheduledRow, WorkerRequest
+from quadrant.engine.step import Hidden, ScheduledRow, WorkerRequest
 
 if TYPE_CHECKING:
     from quadrant.engine.engine import LLMEngine
@@ -75,6 +75,9 @@ class DraftModelProposer:
         return cls(runner, num_blocks)
 
     # -- per request state ---------------------------------------------------------------------
+    def observe(self, hidden: Hidden) -> None:
+        pass  # a draft model reads tokens, not the target's hidden states
+
     def retain(self, live: set[str]) -> None:
         for rid in [r for r in self.states if r not in live]:
             self.free_blocks.extend(self.states.pop(rid).block_table)

@@ -13,6 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from quadrant.engine.request import Request
 from quadrant.engine.spec.proposer import Drafts
+from quadrant.engine.step import Hidden
 
 
 def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
@@ -40,6 +41,9 @@ class NgramProposer:
             if found:
                 drafts[req.request_id] = (found, None)
         return drafts
+
+    def observe(self, hidden: Hidden) -> None:
+        pass  # prompt lookup reads tokens only
 
     def retain(self, live: set[str]) -> None:
         pass  # stateless

@@ -11,10 +11,11 @@ none, and a request with poor acceptance drafts nothing. On CPU a step also stay
 `max_step_tokens` (the batch size up to which the compact-weight kernels run; beyond it the whole
 step switches to bf16 GEMMs, several times dearer).
 
-Where plain decode steps run compiled graphs that verification steps (rows of 1 + k tokens) do
-not (CPU, engine/cpu_compiled.py), a step with drafts also pays the eager path: its cost is
-multiplied by `eager_ratio(num_rows)`, the eager step's time over the compiled one's (about 2.5 for
-the default model on 2 cores), so speculation runs only where acceptance repays that too.
+Where decode steps run compiled graphs (CPU, engine/cpu_compiled.py), the engine sets `step_cost`:
+a step's time by its token count, from the graphs' measured times. Those padded batch sizes make the
+cost a staircase (5 tokens cost what 8 do), so the drafts are ranked greedily as above but the plan
+is the prefix of that ranking with the best expected tokens per unit of cost, not the first prefix
+whose next draft stops paying.
 
 Each request keeps decayed counts of accepted drafts and of rejections (a verification that did not
 take all its drafts saw one) to estimate a. When even a lone request's drafts cannot pay (a about c or
@@ -65,17 +66,15 @@ class SpeculationPolicy:
         self.draft_cost = draft_cost
         self.max_step_tokens = max_step_tokens
         self.states: dict[str, _RequestState] = {}
-        # Rows -> how much dearer a step with drafts is than a plain one beyond its extra tokens
-        # (the eager path against a compiled plain step); None: 1.
-        self.eager_ratio: Callable[[int], float] | None = None
+        # Tokens of a decode-only step -> its time, where the engine measures it (compiled CPU graphs);
+        # None: 1 + draft_cost (tokens - 1) one-token steps.
+        self.step_cost: Callable[[int], float] | None = None
 
-    def cost(self, num_tokens: int, verifying_rows: int | None = None) -> float:
-        """A step of num_tokens tokens, in one-token steps; with `verifying_rows`, a step that verifies
-        drafts for that many requests (so runs eagerly where plain steps are compiled)."""
-        base = 1.0 + self.draft_cost * (num_tokens - 1)
-        if verifying_rows is not None and self.eager_ratio is not None:
-            return base * self.eager_ratio(verifying_rows)
-        return base
+    def cost(self, num_tokens: int) -> float:
+        """The time of a decode-only step of num_tokens tokens (drafts included), in one-token steps."""
+        if self.step_cost is not None:
+            return self.step_cost(num_tokens)
+        return 1.0 + self.draft_cost * (num_tokens - 1)
 
     def plan(self, decoding: list[Request]) -> dict[str, int]:
         """Draft tokens for each decoding request's next step (absent: none)."""
@@ -93,24 +92,27 @@ class SpeculationPolicy:
         rows = len(decoding)
         tokens, expected = rows, float(rows)
         room = self.max_step_tokens - tokens if self.max_step_tokens is not None else len(limits) * 16
-        plan: dict[str, int] = {}
         # Max-heap on the expected tokens the next draft adds: a^(k+1) for a request drafting k so far.
         heap = [(-state.acceptance, rid) for rid, (_, state, _) in limits.items()]  # (-gain, id)
         heapq.heapify(heap)
-        # Drafts are added while they raise the verifying step's goodput; the plan stands only if that
-        # step then beats the plain one (an eager ratio makes short plans lose, long ones may win).
+        order: list[str] = []  # drafts, best first
+        drafted: dict[str, int] = {}
+        plain_rate = rows / self.cost(rows)
+        best_rate, best_len = plain_rate * _CLEAR_GAIN, 0  # a plan must beat plain decoding clearly
         while heap and room > 0:
             neg_gain, rid = heapq.heappop(heap)
-            if (expected - neg_gain) / self.cost(tokens + 1, rows) <= expected / self.cost(tokens, rows) * _CLEAR_GAIN:
-                break  # the best remaining draft does not pay for its share of the step
-            k = plan.get(rid, 0) + 1
-            plan[rid] = k
+            order.append(rid)
             tokens, expected, room = tokens + 1, expected - neg_gain, room - 1
+            rate = expected / self.cost(tokens)
+            if rate > best_rate:
+                best_rate, best_len = rate, len(order)
+            drafted[rid] = drafted.get(rid, 0) + 1
             _, state, limit = limits[rid]
-            if k < limit:
+            if drafted[rid] < limit:
                 heapq.heappush(heap, (neg_gain * state.acceptance, rid))
-        if plan and expected / self.cost(tokens, rows) <= rows / self.cost(rows) * _CLEAR_GAIN:
-            return {}
+        plan: dict[str, int] = {}
+        for rid in order[:best_len]:
+            plan[rid] = plan.get(rid, 0) + 1
         return plan
 
     def record(self, request_id: str, drafted: int, accepted: int) -> bool:
@@ -119,8 +121,9 @@ class SpeculationPolicy:
         state.accepted = _DECAY * state.accepted + accepted
         state.rejected = _DECAY * state.rejected + (1.0 if accepted < drafted else 0.0)
         a, longest = state.acceptance, self.config.num_speculative_tokens
-        # Still pays when a lone request's best chain does (without an eager ratio: its first draft).
-        if max(expected_tokens(a, k) / self.cost(k + 1, 1) for k in range(1, longest + 1)) > _CLEAR_GAIN:
+        # Still pays when a lone request's best chain beats its plain step.
+        plain_rate = 1.0 / self.cost(1)
+        if max(expected_tokens(a, k) / self.cost(k + 1) for k in range(1, longest + 1)) > plain_rate * _CLEAR_GAIN:
             if accepted:
                 state.next_pause = _FIRST_PAUSE  # drafts land again: the next pause starts short
             return False

@@ -15,6 +15,7 @@ import torch
 
 from quadrant.config import SpeculativeConfig
 from quadrant.engine.request import Request
+from quadrant.engine.step import Hidden
 
 if TYPE_CHECKING:
     from quadrant.engine.engine import LLMEngine
@@ -28,6 +29,9 @@ class Proposer(Protocol):
 
     def retain(self, live: set[str]) -> None:
         """Forget every request not in `live` (finished, aborted or preempted)."""
+
+    def observe(self, hidden: Hidden) -> None:
+        """Take a target step's final hidden states (EAGLE reads them; the others ignore them)."""
 
 
 @dataclass
@@ -65,4 +69,8 @@ def make_proposer(config: SpeculativeConfig, engine: LLMEngine) -> Proposer:
         from quadrant.engine.spec.draft import DraftModelProposer
 
         return DraftModelProposer.for_engine(config, engine)
+    if config.method == "eagle":
+        from quadrant.engine.spec.eagle import EagleProposer
+
+        return EagleProposer.for_engine(config, engine)
     raise ValueError(f"no proposer for speculative method {config.method!r}")
