@@ -74,44 +74,30 @@ class Result:
     acceptance_length: float | None = None  # quadrant with speculation
 
 
-def decode_rate(generate: Callable[[int], int], max_tokens: int, repeats: int) -> tuple[int, float]:
-    """(tokens, median decode tokens/s): generate(n) answers with at most n tokens, returning how many."""
-    generate(1)  # warm-up
-    rates, count = [], 0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        generate(1)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        count = generate(max_tokens)
-        total = time.perf_counter() - t
-        rates.append((count - 1) / max(total - first, 1e-9))
-    return count, statistics.median(rates)
+Generate = Callable[[list[dict[str, str]], int], int]  # (conversation, max tokens) -> tokens answered
 
 
-def bench_quadrant(model: str, messages: dict, max_tokens: int, repeats: int, **options) -> dict[str, Result]:
+def quadrant_engine(model: str, **options) -> tuple[Generate, Callable[[], float | None], Callable[[], None]]:
+    """(generate, acceptance length since the last reset, reset) for one quadrant configuration."""
     llm = LLM(model, **options)
     # CPU: time compiled steps, not the background compile; verification steps of 1 + k tokens run
     # through the graphs of up to 1 + k rows.
     llm.engine.compile_decode(list(range(1, 2 + options.get("num_speculative_tokens", 0))))
-    out = {}
-    for name, conversation in messages.items():
-        def generate(n: int) -> int:
-            return len(llm.chat(conversation, SamplingParams(max_tokens=n, temperature=0.0),
-                                use_tqdm=False)[0].outputs[0].token_ids)
 
-        if llm.engine.proposer is not None:
-            generate(1)
-            llm.engine.spec_stats.__init__()  # type: ignore[misc]  # count this workload's steps only
-        tokens, rate = decode_rate(generate, max_tokens, repeats)
-        length = llm.engine.spec_stats.acceptance_length if llm.engine.proposer is not None else None
-        out[name] = Result(tokens, rate, length)
-    llm.engine.shutdown()
-    return out
+    def generate(conversation: list[dict[str, str]], n: int) -> int:
+        return len(llm.chat(conversation, SamplingParams(max_tokens=n, temperature=0.0),
+                            use_tqdm=False)[0].outputs[0].token_ids)
+
+    def length() -> float | None:
+        return llm.engine.spec_stats.acceptance_length if llm.engine.proposer is not None else None
+
+    def reset() -> None:
+        llm.engine.spec_stats.__init__()  # type: ignore[misc]
+
+    return generate, length, reset
 
 
-def bench_llama_cpp(llama_cpp, path: str, messages: dict, max_tokens: int, repeats: int,
-                    lookup: int | None) -> dict[str, Result]:
+def llama_cpp_engine(llama_cpp, path: str, lookup: int | None) -> Generate:
     threads = torch.get_num_threads()
     draft = None
     if lookup is not None:
@@ -120,14 +106,41 @@ def bench_llama_cpp(llama_cpp, path: str, messages: dict, max_tokens: int, repea
         draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
     llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
                           draft_model=draft, verbose=False)
-    out = {}
-    for name, conversation in messages.items():
-        def generate(n: int) -> int:
-            llm.reset()  # no prompt cache between calls: each one prefills, as quadrant's does
-            answer = llm.create_chat_completion(conversation, max_tokens=n, temperature=0.0, top_k=1)
-            return int(answer["usage"]["completion_tokens"])
 
-        out[name] = Result(*decode_rate(generate, max_tokens, repeats))
+    def generate(conversation: list[dict[str, str]], n: int) -> int:
+        llm.reset()  # no prompt cache between calls: each one prefills, as quadrant's does
+        answer = llm.create_chat_completion(conversation, max_tokens=n, temperature=0.0, top_k=1)
+        return int(answer["usage"]["completion_tokens"])
+
+    return generate
+
+
+def interleaved(engines: dict[str, Generate], lengths: dict[str, Callable[[], float | None]],
+                resets: dict[str, Callable[[], None]], messages: dict, max_tokens: int,
+                repeats: int) -> dict[str, dict[str, Result]]:
+    """Each workload's repeats go round the engines in turn (this VM's speed drifts by a third
+    between minutes, so engines timed one after another would compare different machines).
+    Decode tokens/s = (tokens - 1) / (time - time to the first token); the median counts."""
+    out: dict[str, dict[str, Result]] = {name: {} for name in engines}
+    for workload, conversation in messages.items():
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        counts: dict[str, int] = {}
+        for name, generate in engines.items():
+            generate(conversation, 1)  # warm-up
+            if name in resets:
+                resets[name]()  # count this workload's verifications only
+        for _ in range(repeats):
+            for name, generate in engines.items():
+                t = time.perf_counter()
+                generate(conversation, 1)
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                counts[name] = generate(conversation, max_tokens)
+                total = time.perf_counter() - t
+                rates[name].append((counts[name] - 1) / max(total - first, 1e-9))
+        for name in engines:
+            length = lengths[name]() if name in lengths else None
+            out[name][workload] = Result(counts[name], statistics.median(rates[name]), length)
     return out
 
 
@@ -161,23 +174,30 @@ def main() -> None:
                                             "speculative_model": args.eagle_head}),
     }
     methods = [m for m in args.methods if m != "eagle" or args.eagle_head]
-    ours = {configs[m][0]: bench_quadrant(path, messages, args.max_tokens, args.repeats, **configs[m][1])
-            for m in ["plain", *[m for m in methods if m != "plain"]]}
-    peers: dict[str, dict[str, Result]] = {}
+    engines: dict[str, Generate] = {}
+    lengths: dict[str, Callable[[], float | None]] = {}
+    resets: dict[str, Callable[[], None]] = {}
+    for m in ["plain", *[m for m in methods if m != "plain"]]:
+        name, options = configs[m]
+        engines[name], length, resets[name] = quadrant_engine(path, **options)
+        if m != "plain":
+            lengths[name] = length
     if not args.skip_peer:
         llama_cpp = ensure_llama_cpp(args.find_links)
-        peers["llama.cpp plain"] = bench_llama_cpp(llama_cpp, path, messages, args.max_tokens, args.repeats, None)
+        engines["llama.cpp plain"] = llama_cpp_engine(llama_cpp, path, None)
         for n in (2, 10):
-            peers[f"llama.cpp prompt lookup n={n}"] = bench_llama_cpp(llama_cpp, path, messages, args.max_tokens,
-                                                                      args.repeats, n)
+            engines[f"llama.cpp prompt lookup n={n}"] = llama_cpp_engine(llama_cpp, path, n)
+    results = interleaved(engines, lengths, resets, messages, args.max_tokens, args.repeats)
+    ours = {name: r for name, r in results.items() if name.startswith("quadrant")}
+    peers = {name: r for name, r in results.items() if name.startswith("llama.cpp")}
     print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads | "
           f"torch {torch.__version__} | llama-cpp-python {LLAMA_CPP_VERSION} | model {args.model} | batch 1, "
           f"greedy, up to {args.max_tokens} tokens | median of {args.repeats}")
     print(f"{'engine':<36} {'workload':<10} {'tokens':>6} {'decode tok/s':>12} {'acc len':>7} "
           f"{'x plain':>7} {'x llama.cpp':>11} {'x best lookup':>13}")
     plain = ours["quadrant plain"]
-    for engine, results in {**ours, **peers}.items():
-        for name, r in results.items():
+    for engine, rows in {**ours, **peers}.items():
+        for name, r in rows.items():
             peer = peers.get("llama.cpp plain", {}).get(name)
             lookups = [p[name].decode_tps for e, p in peers.items() if "lookup" in e]
             best = max(lookups) if lookups else float("nan")
