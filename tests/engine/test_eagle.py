@@ -6,6 +6,7 @@
   "draft = target": it fails if the head's positions, K/V or chaining are off by one anywhere.
 - A random head, in batches, under preemption and tight token budgets: greedy output identical
   to transformers (verification makes drafts harmless), blocks and hidden states freed.
+- Sampled drafts: the output distribution is the target's (chi-square).
 - A head trained on the tiny target's own continuations agrees with it far more than untrained,
   on held-out sequences: the hidden states reach the head at the right positions.
 - The per-request hidden-state store: stale rows replaced, gaps zero-filled, read rows dropped.
@@ -80,6 +81,15 @@ def test_greedy_identical_with_a_random_head(tiny, random_head, prompts, referen
     engine.step()  # nothing left: the next proposal forgets every finished request
     assert not proposer.features and not proposer.states  # type: ignore[union-attr]
     assert len(proposer.free_blocks) == proposer.runner.kv_caches[0].k.shape[0]  # type: ignore[union-attr]
+
+
+def test_eagle_sampling_is_distributed_as_the_target(tiny, random_head):
+    """Sampled drafts from a head that can only propose even tokens: the residual draws cover the
+    rest, and 2048 4-token samples follow the target's exact distribution (chi-square)."""
+    from tests.engine.test_spec_decode import check_sampled_distribution
+
+    check_sampled_distribution(tiny, SpeculativeConfig("eagle", 2, model=random_head, max_batch_size=4096,
+                                                       draft_cost=0.0))
 
 
 def test_a_trained_head_agrees_with_its_target(tiny):

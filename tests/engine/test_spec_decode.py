@@ -169,11 +169,15 @@ def test_speculative_sampling_matches_target_distribution_end_to_end(tiny):
     """2048 samples of 4 tokens through the engine with a 1-layer draft (often rejected, so the
     residual draws matter), top-k, top-p and a repetition penalty; the 4-token sequences' frequencies
     against their exact probabilities (rare ones pooled)."""
+    check_sampled_distribution(tiny, SpeculativeConfig("draft", 2, draft_layers=1, max_batch_size=4096,
+                                                       draft_cost=0.0))  # never backs off
+
+
+def check_sampled_distribution(tiny, spec: SpeculativeConfig) -> None:
     path, model = tiny
     prompt = [11, 200, 37, 5, 90]
     params = SamplingParams(n=128, max_tokens=4, temperature=0.9, top_k=4, top_p=0.95, repetition_penalty=1.3,
                             ignore_eos=True)
-    spec = SpeculativeConfig("draft", 2, draft_layers=1, max_batch_size=4096, draft_cost=0.0)  # never backs off
     engine = make_engine(path, num_blocks=4096, max_num_seqs=256, speculative=spec)
     for i in range(16):
         engine.add_request(prompt, params, request_id=str(i))
