@@ -141,11 +141,11 @@ class ModelRunner:
             logits = self.forward_logits(batch, tails, whole, prompt_out)
         elif len(rows) < len(batch):
             logits = logits[torch.tensor(rows, device=self.device)]
+        hidden, self._hidden = self._hidden, None  # what this step's forward kept (keep_hidden)
         if not self.samples:
             return StepOutput()
-        if self.keep_hidden and self._hidden is not None:
-            prompt_out.hidden = self._rows_hidden(batch, self._hidden)
-        self._hidden = None
+        if hidden is not None:
+            prompt_out.hidden = self._rows_hidden(batch, hidden)
         if logits is None or not rows:
             return prompt_out
         prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks)

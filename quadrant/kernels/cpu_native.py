@@ -32,14 +32,15 @@ import torch
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the GEMMs take
-# one 512-bit multiply-add per block: 1.3-1.5x at decode sizes on a 2-core Xeon (BENCHMARKS.md).
+# one 512-bit multiply-add per block: 1.2-1.4x a one-row decode step on a 2-core Xeon (BENCHMARKS.md).
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+QK = 32  # inputs per activation block (and per 4-bit weight block)
+_Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
 
 
 def build_flags() -> list[str]:
+    """The compiler flags for this CPU (they also key the cached library)."""
     return FLAGS + (AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
-QK = 32  # inputs per activation block (and per 4-bit weight block)
-_Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None  # a PyDLL once loaded

@@ -70,7 +70,11 @@ class EagleHead(nn.Module):
         state one position earlier -> the head's guess of the target's final hidden state [T, D]."""
         if self._embed is None:
             raise QuadrantError("the EAGLE head has no token embedding: bind the target's first")
-        embeds = self._embed(input_ids).to(features.dtype)
+        return self.from_embeddings(self._embed(input_ids).to(features.dtype), positions, meta, features)
+
+    def from_embeddings(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                        features: torch.Tensor) -> torch.Tensor:
+        """forward() from the tokens' embeddings [T, D] (training computes them once, up front)."""
         x = self.fc(torch.cat([embeds, features], dim=-1))
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         hidden, residual = self.layer(x, None, {"full_attention": (cos, sin)}, meta)

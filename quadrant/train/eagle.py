@@ -157,15 +157,6 @@ def _inputs(corpus: _Corpus, batch: list[int], noise: float, gen: torch.Generato
     return embeds, states, positions, AttentionMetadata.for_packed_sequences(lengths)
 
 
-def _forward(head: EagleHead, embeds: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
-             meta: AttentionMetadata) -> torch.Tensor:
-    x = head.fc(torch.cat([embeds, states], dim=-1))
-    cos, sin = head.rotary.cos_sin(positions, x.dtype)
-    hidden, residual = head.layer(x, None, {"full_attention": (cos, sin)}, meta)
-    out, _ = head.norm(hidden, residual)
-    return out
-
-
 @torch.no_grad()
 def _agreement(head: EagleHead, corpus: _Corpus, held: list[int]) -> tuple[float, float]:
     """Held-out top-1 agreement with the target: the first draft (true states) and the second (fed the
@@ -173,12 +164,12 @@ def _agreement(head: EagleHead, corpus: _Corpus, held: list[int]) -> tuple[float
     first = second = total = 0
     for i in held:
         embeds, states, positions, meta = _inputs(corpus, [i], 0.0, None)
-        guess = _forward(head, embeds, states, positions, meta)
+        guess = head.from_embeddings(embeds, positions, meta, states)
         target = corpus.choices[i]
         pick = head.draft_vocab[head.draft_logits(guess).argmax(-1)]
         first += int((pick == target).sum())
         fed = torch.cat([states[:1], guess[:-1]])  # position p reads the guess made at p - 1
-        pick2 = head.draft_vocab[head.draft_logits(_forward(head, embeds, fed, positions, meta)).argmax(-1)]
+        pick2 = head.draft_vocab[head.draft_logits(head.from_embeddings(embeds, positions, meta, fed)).argmax(-1)]
         second += int((pick2[1:] == target[1:]).sum())
         total += len(target)
     return first / max(total, 1), second / max(total - len(held), 1)
@@ -233,7 +224,7 @@ def fit_head(head: EagleHead, corpus: _Corpus, config: EagleTrainConfig, log: An
             embeds, states, positions, meta = _inputs(corpus, batch, config.noise, gen)
             target_states = torch.cat([corpus.states[i] for i in batch])
             labels = to_draft[torch.cat([corpus.choices[i] for i in batch])]
-            guess = _forward(head, embeds, states, positions, meta)
+            guess = head.from_embeddings(embeds, positions, meta, states)
             reg = F.smooth_l1_loss(guess, target_states)
             logits = head.draft_logits(guess)
             cls = F.cross_entropy(logits, labels, ignore_index=-100)

@@ -21,7 +21,7 @@ import torch
 from quadrant.config import EngineConfig, SpeculativeConfig
 from quadrant.engine.executor import open_source, resolve_weight_format
 from quadrant.engine.request import Request
-from quadrant.engine.runner import ModelRunner
+from quadrant.engine.runner import Batch, ModelRunner
 from quadrant.engine.spec.proposer import Drafts
 from quadrant.engine.spec.verify import distribution, greedy_choice
 from quadrant.engine.step import Hidden, ScheduledRow, WorkerRequest
@@ -38,6 +38,9 @@ class _DraftState:
     num_computed: int = 0  # leading tokens of the request whose K/V the draft holds, known right
     fed: list[int] = field(default_factory=list)  # drafts fed after those: right only if the target accepts them
     generator: torch.Generator | None = None  # seeded requests draw their drafts reproducibly
+
+
+_Row = tuple[Request, int, _DraftState, WorkerRequest]  # a request, its k, its draft state, its mirror
 
 
 class DraftModelProposer:
@@ -110,7 +113,7 @@ class DraftModelProposer:
     # -- proposing -----------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
-        rows: list[tuple[Request, int, _DraftState, WorkerRequest]] = []
+        rows: list[_Row] = []
         for req, k in asks:
             state = self._sync(req)
             # Positions up to the last draft fed (the k-th draft is only sampled, never fed).
@@ -121,35 +124,51 @@ class DraftModelProposer:
             rows.append((req, k, state, mirror))
         if not rows:
             return {}
+        batch, carry = self._first_pass(rows)
         drafts: dict[str, list[int]] = {req.request_id: [] for req, *_ in rows}
         probs: dict[str, list[torch.Tensor]] = {req.request_id: [] for req, *_ in rows}
-        # First pass: what the draft has not seen yet, up to the request's last token.
-        batch = [(mirror, ScheduledRow(req.request_id, state.num_computed, req.num_tokens - state.num_computed))
-                 for req, _, state, mirror in rows]
-        for _, _, state, mirror in rows:
-            state.num_computed = mirror.num_tokens
         active = rows
         while True:
-            logits = self.runner.forward_logits(batch, [1] * len(batch))
-            assert logits is not None
+            logits, carry = self._forward(batch, carry)
             for (req, _, _, mirror), row_logits in zip(active, logits):
                 token, q = self._choose(row_logits, mirror)
                 drafts[req.request_id].append(token)
                 if q is not None:
                     probs[req.request_id].append(q)
-            active = [r for r in active if len(drafts[r[0].request_id]) < r[1]]
-            if not active:
+            keep = [i for i, (req, k, _, _) in enumerate(active) if len(drafts[req.request_id]) < k]
+            if not keep:
                 break
+            active = [active[i] for i in keep]
+            if carry is not None:
+                carry = carry[torch.tensor(keep, device=carry.device)]
             # Then one token at a time: each still-drafting request's newest draft.
             batch = []
             for req, _, state, mirror in active:
                 token = drafts[req.request_id][-1]
                 mirror.output_ids.append(token)
-                state.fed.append(token)
+                self._fed(state, token)
                 batch.append((mirror, ScheduledRow(req.request_id, mirror.num_tokens - 1, 1)))
         return {req.request_id: (drafts[req.request_id],
                                  torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
                 for req, *_ in rows}
+
+    def _first_pass(self, rows: list[_Row]) -> tuple[Batch, torch.Tensor | None]:
+        """The first batch: what the draft has not seen yet, up to each request's last token; and
+        what the draft carries from one forward to the next (a draft model: nothing)."""
+        batch = [(mirror, ScheduledRow(req.request_id, state.num_computed, req.num_tokens - state.num_computed))
+                 for req, _, state, mirror in rows]
+        for _, _, state, mirror in rows:
+            state.num_computed = mirror.num_tokens
+        return batch, None
+
+    def _forward(self, batch: Batch, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, V] at each row's last token, and the carry for the rows' next tokens."""
+        logits = self.runner.forward_logits(batch, [1] * len(batch))
+        assert logits is not None
+        return logits, None
+
+    def _fed(self, state: _DraftState, token: int) -> None:
+        state.fed.append(token)  # kept in the draft's cache if the target accepts it (_sync)
 
     def _choose(self, logits: torch.Tensor, mirror: WorkerRequest) -> tuple[int, torch.Tensor | None]:
         """The next draft token, and for sampled requests the distribution it was drawn from."""

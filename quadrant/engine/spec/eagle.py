@@ -21,11 +21,9 @@ import torch
 
 from quadrant.config import SpeculativeConfig
 from quadrant.engine.executor import InProcessExecutor
-from quadrant.engine.request import Request
-from quadrant.engine.runner import ModelRunner
-from quadrant.engine.spec.draft import DraftModelProposer, _DraftState
-from quadrant.engine.spec.proposer import Drafts
-from quadrant.engine.step import Hidden, ScheduledRow, WorkerRequest
+from quadrant.engine.runner import Batch, ModelRunner
+from quadrant.engine.spec.draft import DraftModelProposer, _DraftState, _Row
+from quadrant.engine.step import Hidden, ScheduledRow
 from quadrant.errors import QuadrantError
 from quadrant.models.eagle import head_config, load_head
 
@@ -93,21 +91,10 @@ class EagleProposer(DraftModelProposer):
         for rid in [r for r in self.features if r not in live]:
             del self.features[rid]
 
-    @torch.inference_mode()
-    def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
-        rows: list[tuple[Request, int, _DraftState, WorkerRequest]] = []
-        for req, k in asks:
-            state = self.states.get(req.request_id) or self._sync(req)  # _sync: a new request's state
-            if not self._reserve(state, req.num_tokens + k - 1):
-                continue
-            mirror = WorkerRequest(req.request_id, req.prompt_ids, list(req.output_ids), req.params,
-                                   state.generator, state.block_table)
-            rows.append((req, k, state, mirror))
-        if not rows:
-            return {}
-        head = self.runner.model
-        like = next(head.parameters())
-        # First pass: the head catches up to each request's last token on the target's hidden states.
+    def _first_pass(self, rows: list[_Row]) -> tuple[Batch, torch.Tensor | None]:
+        """The head catches up to each request's last token on the target's hidden states; it carries
+        those states (then its own guesses) from one forward to the next."""
+        like = next(self.runner.model.parameters())
         batch, feats = [], []
         for req, _, state, mirror in rows:
             first = min(state.num_computed, req.num_tokens - 1)
@@ -115,30 +102,15 @@ class EagleProposer(DraftModelProposer):
             feats.append(self.features.setdefault(req.request_id, _Features())
                          .take(first - 1, req.num_tokens - 1, self.width, like))
             state.num_computed = req.num_tokens  # true hidden states up to here; later positions are guesses
-        features = torch.cat(feats)
-        drafts: dict[str, list[int]] = {req.request_id: [] for req, *_ in rows}
-        probs: dict[str, list[torch.Tensor]] = {req.request_id: [] for req, *_ in rows}
-        active = rows
-        while True:
-            ids, pos, meta = self.runner.prepare(batch)
-            hidden = head(ids, pos, meta, features)
-            last = hidden[torch.tensor(meta.query_start_loc_cpu[1:], device=hidden.device) - 1]
-            logits = head.compute_logits(last)
-            for (req, _, _, mirror), row_logits in zip(active, logits):
-                token, q = self._choose(row_logits, mirror)
-                drafts[req.request_id].append(token)
-                if q is not None:
-                    probs[req.request_id].append(q)
-            keep = [i for i, r in enumerate(active) if len(drafts[r[0].request_id]) < r[1]]
-            if not keep:
-                break
-            features = last[torch.tensor(keep, device=last.device)]  # each head's own guess, fed back
-            active = [active[i] for i in keep]
-            batch = []
-            for req, _, state, mirror in active:
-                token = drafts[req.request_id][-1]
-                mirror.output_ids.append(token)
-                batch.append((mirror, ScheduledRow(req.request_id, mirror.num_tokens - 1, 1)))
-        return {req.request_id: (drafts[req.request_id],
-                                 torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
-                for req, *_ in rows}
+        return batch, torch.cat(feats)
+
+    def _forward(self, batch: Batch, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert carry is not None
+        head = self.runner.model
+        ids, pos, meta = self.runner.prepare(batch)
+        hidden = head(ids, pos, meta, carry)
+        last = hidden[torch.tensor(meta.query_start_loc_cpu[1:], device=hidden.device) - 1]
+        return head.compute_logits(last), last  # each row's guess, fed back with its next token
+
+    def _fed(self, state: _DraftState, token: int) -> None:
+        pass  # K/V the head wrote from its own guesses is rewritten at the next proposal, never kept
