@@ -313,6 +313,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if args.config is None:
         raise QuadrantError("quadrant train needs a config (.toml), or --eagle MODEL -o DIR")
+    eagle_only = [flag for flag, value in (("--output", args.output), ("--epochs", args.epochs),
+                                           ("--passages", args.passages)) if value is not None]
+    if eagle_only:
+        raise QuadrantError(f"{', '.join(eagle_only)} only apply to --eagle; a config sets its own training")
     config = load_config(args.config, dict(args.set or []))
     tokenizer = _tokenizer(config.tokenizer) if config.checkpoint.export else None
     Trainer(config, tokenizer).run()

@@ -101,6 +101,7 @@ def test_bad_kv_quant_group_is_one_line(default_gguf_path):
 
 def test_eagle_options_are_checked_in_one_line(tmp_path, default_gguf_path):
     assert_one_line_error(quadrant("train", "--eagle", "smollm2:135m"), "--eagle needs --output")
+    assert_one_line_error(quadrant("train", "config.toml", "--epochs", "3"), "--epochs only apply to --eagle")
     assert_one_line_error(quadrant("run", "smollm2:135m", "hi", "--speculative-method", "eagle"),
                           "eagle needs --speculative-model")
     assert_one_line_error(quadrant("run", "smollm2:135m", "hi", "--speculative-method", "eagle",
