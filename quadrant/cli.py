@@ -66,6 +66,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         load_format=args.load_format,
         cuda_graphs=not args.enforce_eager,
         cpu_compile=not args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         parallel=parallel_config(args),
         speculative=SpeculativeConfig(args.speculative_method or "none", args.num_speculative_tokens,
                                       args.speculative_model, args.speculative_draft_layers),
@@ -468,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dummy: random weights of the model's shape; MODEL may name a shipped architecture "
                         "(llama-3-8b, smollm2-135m) or a config.json")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU) or compiled graphs (CPU) for decode steps")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlapped scheduling: prepare step N+1 and stream step N-1 out while step N runs "
+                        "(one-process engines without speculation; default off)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
                    help="worker processes that split attention and dense MLPs (must divide the heads)")
     g.add_argument("--ep", "--expert-parallel-size", dest="expert_parallel_size", type=int, default=1,

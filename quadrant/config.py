@@ -631,6 +631,9 @@ class EngineConfig:
     # ... every graph compiled before the engine serves; else batch size 1 in the background and the
     # others when first needed (engine/cpu_compiled.py says why a server compiles first)
     cpu_compile_at_start: bool = False
+    # Overlapped scheduling: step N+1 scheduled, and step N-1's outputs processed, while step N runs.
+    # Needs a one-process engine without speculation or a KV connector. None: $QUADRANT_ASYNC_SCHEDULING (off).
+    async_scheduling: bool | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -41,3 +41,9 @@ def small_batch_tokens() -> int | None:
     ones dense GEMMs; unset, the crossover is measured on this machine (quant/formats.py)."""
     value = os.environ.get("QUADRANT_SMALL_BATCH_TOKENS")
     return int(value) if value else None
+
+
+def async_scheduling() -> bool:
+    """QUADRANT_ASYNC_SCHEDULING=1: engines that support overlapped scheduling use it unless configured
+    otherwise (EngineConfig.async_scheduling, --[no-]async-scheduling); it is off by default."""
+    return os.environ.get("QUADRANT_ASYNC_SCHEDULING", "0") not in ("0", "false", "no")

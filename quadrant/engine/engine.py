@@ -10,12 +10,15 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
+from quadrant import envs
 from quadrant.chat import render_chat
 from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from quadrant.engine.executor import Executor, InProcessExecutor, make_executor, open_source, resolve_weight_format
@@ -26,7 +29,7 @@ from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
-from quadrant.engine.step import Pooled, PromptLogprobs, StepEncoder
+from quadrant.engine.step import Pooled, PromptLogprobs, StepEncoder, StepOutput
 from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
@@ -88,8 +91,29 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model so far (prefix-cache hits excluded)
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # steps launched while the one before still ran (overlapped scheduling)
         self.expert_placement: dict[str, list[int]] = {}  # MoE layer -> expert of each slot, as of the last rebalance
+        self.overlap = self._resolve_overlap()
+        # Steps handed to the executor whose results are not processed yet, oldest first (at most two
+        # with overlap: one running, the next queued behind it).
+        self._in_flight: deque[tuple[SchedulerOutput, Future[StepOutput]]] = deque()
         self.load_seconds = time.perf_counter() - start
+
+    def _resolve_overlap(self) -> bool:
+        """Overlapped scheduling: step N+1 is scheduled, and step N-1's outputs processed, while step N runs
+        on the executor's compute thread. It needs the worker that samples in this process (placeholders
+        stand for the tokens in flight) and steps whose inputs never wait on their predecessor's tokens:
+        not with speculation (drafts extend the last token), a KV connector or expert rebalancing."""
+        wanted = self.config.async_scheduling
+        blockers = [why for why, present in (
+            ("--tp/--ep worker processes", not isinstance(self.executor, InProcessExecutor)),
+            ("speculative decoding", self.proposer is not None),
+            ("--role prefill/decode", self.connector is not None),
+            ("--eplb-interval", bool(self.config.parallel.eplb_interval))) if present]
+        if wanted and blockers:
+            raise QuadrantError(f"--async-scheduling does not combine with {blockers[0]} yet")
+        # Off unless asked for: on 2 CPU cores it gained nothing (BENCHMARKS.md, "Overlapped scheduling").
+        return not blockers and (wanted if wanted is not None else envs.async_scheduling())
 
     def _make_connector(self) -> KVConnector | None:
         """Prefill/decode disaggregation: the KV server (prefill) or puller (decode) beside the KV tensors."""
@@ -282,7 +306,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request and free its KV blocks now; False if it is unknown or already done."""
-        return self.output.abort(request_id)
+        aborted = self.output.abort(request_id)
+        if not self.groups:
+            self._finish_steps(keep=0)  # an idle engine has nothing in flight (what ran is all dropped)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -402,20 +429,76 @@ class LLMEngine:
             stats.num_backoffs += self.spec_policy.record(s.request.request_id, drafted, accepted)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the steps finished since the last call.
+        In order, without overlap that is the step just launched; with it, the one before (the new
+        one runs while the caller streams those out)."""
+        overlap = self.overlap and not self._needs_every_token()
+        outputs = [] if overlap else self._finish_steps(keep=0)
         if self.proposer is not None:
             self._propose()
         out = self.scheduler.schedule()
-        early = self._remote_news() if self.connector is not None else []
-        if out.is_empty:
-            if self.connector is not None and self.scheduler.loading:
+        if self.connector is not None:
+            outputs = self._remote_news() + outputs
+            if out.is_empty and self.scheduler.loading and not self._in_flight:
                 self.connector.wait(0.01)  # nothing to run until a pull ends
-            return early
+        if not out.is_empty:
+            self._launch(out, overlap)
+        outputs += self._finish_steps(keep=1 if overlap and not out.is_empty else 0)
+        if not self.groups:
+            self._finish_steps(keep=0)  # idle engines have nothing in flight (it ran finished requests only)
+        interval = self.config.parallel.eplb_interval
+        if interval and not out.is_empty and self.num_steps % interval == 0:
+            self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it
+        return outputs
+
+    def _needs_every_token(self) -> bool:
+        """A constrained request's next grammar mask depends on its last token: no step may be in flight."""
+        return self.structured is not None and any(
+            r.grammar is not None for r in itertools.chain(self.scheduler.running, self.scheduler.waiting))
+
+    def _launch(self, out: SchedulerOutput, overlap: bool) -> None:
         step = self.steps.encode(out)
         self._grammar_masks(out, step.token_masks)
-        result = self.executor.execute(step)
-        sampled = result.sampled
+        if overlap:
+            self.num_overlapped_steps += bool(self._in_flight)  # launched while another step runs
+            future = self.executor.submit(step)
+        else:
+            future = Future()
+            future.set_result(self.executor.execute(step))
+        self.scheduler.commit(out)
+        self._in_flight.append((out, future))
         self.num_steps += 1
         self.num_computed_tokens += out.num_batched_tokens
+
+    def _finish_steps(self, keep: int) -> list[RequestOutput]:
+        """Process the results of the oldest steps in flight until `keep` remain."""
+        outputs = []
+        while len(self._in_flight) > keep:
+            out, future = self._in_flight.popleft()
+            try:
+                result = future.result()
+            except BaseException:
+                self._abandon_in_flight()
+                raise
+            outputs += self._process(out, result)
+        return outputs
+
+    def _abandon_in_flight(self) -> None:
+        """A step failed: the ones queued behind it ran on state it never finished; wait them out and drop them
+        (the caller fails the requests in flight). The blocks they were writing were already put in the
+        prefix cache: it is emptied."""
+        self.kv.reset_prefix_cache()
+        while self._in_flight:
+            _, future = self._in_flight.popleft()
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the first failure is the one raised
+                pass
+
+    def _process(self, out: SchedulerOutput, result: StepOutput) -> list[RequestOutput]:
+        # A request that finished or was aborted while its step ran takes nothing from it.
+        finished = {s.request.request_id for s in out.scheduled if s.request.is_finished}
+        sampled = {rid: v for rid, v in result.sampled.items() if rid not in finished}
         new_tokens = {rid: tokens for rid, (tokens, _) in sampled.items()}
         self.scheduler.update(out, new_tokens)
         if self.proposer is not None:
@@ -425,11 +508,7 @@ class LLMEngine:
         self._keep_prompt_logprobs(out, result.prompt_logprobs)
         self._keep_pooled(out, result.pooled)
         failed = self._advance_grammars(out, new_tokens)
-        outputs = early + failed + self.output.process(out, sampled)
-        interval = self.config.parallel.eplb_interval
-        if interval and self.num_steps % interval == 0:
-            self.expert_placement = self.executor.rebalance_experts()  # between steps: nothing waits on it
-        return outputs
+        return failed + self.output.process(out, sampled)
 
 
 class LLM:

@@ -1,7 +1,8 @@
 """Executors: how the engine's steps reach the workers that run the model.
 
 The engine (the driver: scheduler, detokeniser, API) only ever calls an executor:
-`execute(StepInput) -> StepOutput`. `InProcessExecutor` holds one Worker in the engine's own
+`execute(StepInput) -> StepOutput`, or `submit(StepInput) -> Future` to schedule the next step while
+this one runs (overlapped scheduling: the in-process worker runs steps on a compute thread of its own). `InProcessExecutor` holds one Worker in the engine's own
 process. `MultiProcessExecutor` spawns tp x ep worker processes joined by torch.distributed
 (gloo on CPU, NCCL on CUDA); the driver sends each step to rank 0 over a pipe, rank 0
 broadcasts it to the other ranks, every rank runs its shard of the model, and rank 0 sends the
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
@@ -50,6 +52,10 @@ class Executor(Protocol):
 
     def execute(self, step: StepInput) -> StepOutput: ...
 
+    def submit(self, step: StepInput) -> Future[StepOutput]:
+        """Start a step and return at once; steps run in the order submitted."""
+        ...
+
     def expert_load(self) -> dict[str, list[int]]: ...
 
     def reset_expert_stats(self) -> None: ...
@@ -59,9 +65,22 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def _compute_thread_setup(threads: int, device: torch.device) -> None:
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread
+
+
+def _done(value: StepOutput) -> Future[StepOutput]:
+    fut: Future[StepOutput] = Future()
+    fut.set_result(value)
+    return fut
+
+
 class InProcessExecutor:
     def __init__(self, config: EngineConfig, source: ModelSource, weight_format: str) -> None:
         self.worker = Worker(config, source, weight_format)
+        self._compute: ThreadPoolExecutor | None = None  # the thread submitted steps run on, made on first use
 
     def available_kv_blocks(self) -> int:
         return self.worker.available_kv_blocks()
@@ -71,6 +90,15 @@ class InProcessExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
+
+    def submit(self, step: StepInput) -> Future[StepOutput]:
+        if self._compute is None:
+            # The compute thread takes the engine thread's thread count (OpenMP's is per thread, and the
+            # compiled decode graphs were traced with it).
+            threads, device = torch.get_num_threads(), torch.device(self.worker.config.device)
+            self._compute = ThreadPoolExecutor(1, "quadrant-compute", initializer=_compute_thread_setup,
+                                               initargs=(threads, device))
+        return self._compute.submit(self.worker.execute, step)
 
     def expert_load(self) -> dict[str, list[int]]:
         return self.worker.expert_load()
@@ -82,7 +110,9 @@ class InProcessExecutor:
         return self.worker.rebalance_experts()
 
     def shutdown(self) -> None:
-        pass
+        if self._compute is not None:
+            self._compute.shutdown(wait=True, cancel_futures=True)
+            self._compute = None
 
 
 class MultiProcessExecutor:
@@ -113,6 +143,11 @@ class MultiProcessExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self._call("execute", step)
+
+    def submit(self, step: StepInput) -> Future[StepOutput]:
+        # Synchronous: the ranks other than 0 learn sampled tokens only from the driver, so the engine
+        # never overlaps steps here (LLMEngine.overlap is off).
+        return _done(self.execute(step))
 
     def expert_load(self) -> dict[str, list[int]]:
         return self._call("expert_load")

@@ -138,15 +138,23 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
-        """Register every block whose tokens are now all computed under its chained hash."""
+        """Register every block whose tokens are all computed (or being computed by a step in flight, which
+        runs before any step that could reuse them) under its chained hash."""
         if self.enable_prefix_caching:
             for i in self._extend_hashes(req):
                 self.pool.register(req.block_table[i], req.block_hashes[i])
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's hash (their K/V may be wrong: a step writing them failed)."""
+        for block in range(self.pool.num_blocks):
+            self.pool._evict(block)
+
     def _extend_hashes(self, req: Request) -> range:
         bs = self.block_size
         start = len(req.block_hashes)
-        full = min(req.num_computed_tokens // bs, len(req.block_table))
+        # Only blocks whose tokens are all known: with overlapped scheduling a step in flight computes
+        # a position whose token (sampled by the step before) is still a placeholder.
+        full = min(min(req.num_computed_tokens, req.num_tokens) // bs, len(req.block_table))
         tokens = req.all_token_ids
         for i in range(start, full):
             parent = req.block_hashes[-1] if req.block_hashes else None

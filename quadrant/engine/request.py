@@ -49,6 +49,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks so far
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     num_preemptions: int = 0
+    # Overlapped scheduling: tokens a step still in flight will sample (the next step is scheduled as if they
+    # were known; the workers fill them in). Never in output_ids: output processing sees real tokens only.
+    num_output_placeholders: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     seed: int | None = None  # this sample's seed (params.seed + its index); the worker owns the generator

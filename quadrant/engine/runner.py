@@ -149,6 +149,7 @@ class ModelRunner:
         if logits is None or not rows:
             return prompt_out
         prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks)
+        self.requests.record(prompt_out.sampled)
         return prompt_out
 
     def forward_logits(self, batch: Batch, tails: list[int], whole: list[int] = (),  # type: ignore[assignment]

@@ -33,6 +33,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens run this step, from request.num_computed_tokens on (drafts included)
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens verified this step
     draft_probs: Any = None  # their draft distributions [k, V] (draft model, sampled requests)
+    samples: bool = False  # the step reaches the request's last token and samples (set by Scheduler.commit)
 
 
 @dataclass
@@ -72,7 +73,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            base = req.num_tokens - req.num_computed_tokens
+            if self._finishes_in_flight(req):
+                i += 1  # the step in flight gives it its last token: nothing more to run
+                continue
+            base = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
             drafts, req.draft_token_ids = req.draft_token_ids, []  # proposed for this step only
             probs, req.draft_probs = req.draft_probs, None
             num_new = min(base + len(drafts), budget)
@@ -98,6 +102,12 @@ class Scheduler:
             self._admit_waiting(out, budget)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         return out
+
+    @staticmethod
+    def _finishes_in_flight(req: Request) -> bool:
+        """Overlapped scheduling: the in-flight step samples the request's max_tokens-th token."""
+        return req.num_output_placeholders > 0 and req.params.max_tokens is not None \
+            and len(req.output_ids) + req.num_output_placeholders >= max(req.params.max_tokens, 1)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         prefilling_groups = {r.group_id for r in [*self.running, *self.loading.values()]
@@ -190,18 +200,36 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def commit(self, out: SchedulerOutput) -> None:
+        """The step was handed to the workers: its tokens count as computed now, and each row that
+        samples holds a placeholder for its token until update() brings it. With overlapped scheduling
+        the next step is scheduled in between, as if those tokens were known."""
+        for s in out.scheduled:
+            req = s.request
+            s.samples = req.num_computed_tokens + s.num_new_tokens >= \
+                req.num_tokens + req.num_output_placeholders + len(s.draft_token_ids)
+            req.num_computed_tokens += s.num_new_tokens
+            req.num_output_placeholders += s.samples
+            if not s.draft_token_ids:  # (a verified row's drafts may yet be rejected)
+                self.kv.cache_full_blocks(req)  # a sibling or a repeated prompt scheduled next reuses them
+
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
-        """Append the step's tokens, advance computed counts, cache full blocks. Whether a request is done
-        is output processing's decision (engine/output.py), which then calls finish().
+        """A committed step's results: its tokens replace the placeholders, full blocks are cached.
+        Whether a request is done is output processing's decision (engine/output.py), which then calls
+        finish(); a request finished (or aborted) while its step ran takes nothing.
 
         A verified row computed its drafts' K/V too; the rejected ones' stay in slots past
         num_computed_tokens, unhashed, and the next step overwrites them (that is the rollback)."""
         for s in out.scheduled:
             req = s.request
+            if s.samples:
+                req.num_output_placeholders -= 1
+            if req.is_finished:
+                continue
             tokens = sampled.get(req.request_id, [])
-            # k drafts verified: all but the last of the returned tokens were drafts accepted.
-            rejected = len(s.draft_token_ids) - max(len(tokens) - 1, 0) if s.draft_token_ids else 0
-            req.num_computed_tokens += s.num_new_tokens - rejected
+            if s.draft_token_ids and req.status == RequestStatus.RUNNING:
+                # k drafts verified: all but the last of the returned tokens were drafts accepted.
+                req.num_computed_tokens -= len(s.draft_token_ids) - max(len(tokens) - 1, 0)
             req.output_ids.extend(tokens)
             self.kv.cache_full_blocks(req)
 

@@ -19,6 +19,9 @@ from quadrant.layers.sampler import TokenLogprob
 from quadrant.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled by a step still in flight (overlapped scheduling)
+
+
 @dataclass
 class NewRequest:
     """A request the workers have not seen: everything they will keep of it."""
@@ -36,7 +39,7 @@ class CachedRequest:
     """A request the workers know: what changed since they last saw it."""
 
     request_id: str
-    new_token_ids: list[int]  # sampled since the last step that ran it
+    new_token_ids: list[int]  # sampled since the last step that ran it (PLACEHOLDER: by the step before this)
     new_block_ids: list[int]  # appended to its block table
     reset_blocks: bool = False  # preempted since: the block table restarts from new_block_ids
 
@@ -111,15 +114,18 @@ class StepEncoder:
         for s in out.scheduled:
             req = s.request
             known = self._sent.get(req.request_id)
+            # Tokens a step in flight will sample go as placeholders: the workers fill them in from their
+            # own sampling (WorkerRequests.apply), and never get them again once known here.
+            output_ids = req.output_ids + [PLACEHOLDER] * req.num_output_placeholders
             if known is None:
-                step.new_requests.append(NewRequest(req.request_id, req.prompt_ids, list(req.output_ids), req.params,
+                step.new_requests.append(NewRequest(req.request_id, req.prompt_ids, output_ids, req.params,
                                                     req.seed, list(req.block_table)))
             else:
                 reset = known.num_preemptions != req.num_preemptions
                 step.cached_requests.append(CachedRequest(
-                    req.request_id, req.output_ids[known.num_output_ids:],
+                    req.request_id, output_ids[known.num_output_ids:],
                     req.block_table[0 if reset else known.num_block_ids:], reset))
-            self._sent[req.request_id] = _Sent(req, len(req.output_ids), len(req.block_table), req.num_preemptions)
+            self._sent[req.request_id] = _Sent(req, len(output_ids), len(req.block_table), req.num_preemptions)
             step.rows.append(ScheduledRow(req.request_id, req.num_computed_tokens, s.num_new_tokens,
                                           s.draft_token_ids, s.draft_probs))
         return step
@@ -162,20 +168,40 @@ class WorkerRequests:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.requests: dict[str, WorkerRequest] = {}
+        # Each request's tokens from the last step that sampled it: what its placeholders stand for.
+        self.last_sampled: dict[str, list[int]] = {}
 
     def apply(self, step: StepInput) -> list[tuple[WorkerRequest, ScheduledRow]]:
         """Take in the step's news; returns the batch's (request, row) pairs in order."""
         for rid in step.finished_request_ids:
             self.requests.pop(rid, None)
+            self.last_sampled.pop(rid, None)
         for new in step.new_requests:
             gen = None if new.seed is None else torch.Generator(device=self.device).manual_seed(new.seed)
-            self.requests[new.request_id] = WorkerRequest(new.request_id, new.prompt_ids, list(new.output_ids),
+            self.requests[new.request_id] = WorkerRequest(new.request_id, new.prompt_ids,
+                                                          self._filled(new.request_id, new.output_ids),
                                                           new.params, gen, list(new.block_ids))
         for cached in step.cached_requests:
             req = self.requests[cached.request_id]
-            req.output_ids.extend(cached.new_token_ids)
+            req.output_ids.extend(self._filled(cached.request_id, cached.new_token_ids))
             if cached.reset_blocks:
                 req.block_table = list(cached.new_block_ids)
             else:
                 req.block_table.extend(cached.new_block_ids)
         return [(self.requests[row.request_id], row) for row in step.rows]
+
+    def _filled(self, request_id: str, token_ids: list[int]) -> list[int]:
+        """The tokens with their trailing placeholders replaced by what the previous step sampled."""
+        n = 0
+        while n < len(token_ids) and token_ids[len(token_ids) - 1 - n] == PLACEHOLDER:
+            n += 1
+        if not n:
+            return list(token_ids)
+        # A failed sample (no token) stands in as 0: the driver fails that request and drops this row's result.
+        sampled = ([0] * n + self.last_sampled.get(request_id, []))[-n:]
+        return token_ids[: len(token_ids) - n] + sampled
+
+    def record(self, sampled: Sampled) -> None:
+        """Keep this step's sampled tokens for the placeholders of the next."""
+        for rid, (tokens, _) in sampled.items():
+            self.last_sampled[rid] = tokens

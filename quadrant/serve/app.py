@@ -105,11 +105,12 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.llm is not None:
-            running, waiting, usage, hits, experts, transfer, spec = await state.llm.call(
+            running, waiting, usage, hits, experts, transfer, spec, steps = await state.llm.call(
                 lambda e: (len(e.scheduler.running), len(e.scheduler.waiting) + len(e.scheduler.loading), e.kv.usage,
                            e.kv.hit_rate, e.expert_load(), e.connector.snapshot() if e.connector else None,
-                           replace(e.spec_stats) if e.proposer is not None else None))
-            state.metrics.set_engine_state(running, waiting, usage, hits)
+                           replace(e.spec_stats) if e.proposer is not None else None,
+                           (e.num_steps, e.num_overlapped_steps)))
+            state.metrics.set_engine_state(running, waiting, usage, hits, *steps)
             state.metrics.set_expert_load(experts)
             if spec is not None:
                 state.metrics.set_speculation(spec)

@@ -41,6 +41,8 @@ class ServerMetrics:
                                  "leases held now", ["what"], registry=r)
         self.kv_transfer_gbps = Gauge("quadrant_kv_transfer_gigabytes_per_second",
                                       "Mean rate of finished KV pulls (decode side)", registry=r)
+        self.steps = Gauge("quadrant_engine_steps", "Engine steps since start: total, and overlapped (launched while "
+                           "the step before still ran: --async-scheduling)", ["what"], registry=r)
         # Speculative decoding (engine/spec/; totals since start, read at scrape time).
         self.spec_tokens = Gauge("quadrant_spec_decode_tokens", "Speculative decoding totals since start: "
                                  "verifications, draft tokens, accepted tokens, back-offs, large-batch steps",
@@ -68,7 +70,10 @@ class ServerMetrics:
             self.observe_finished(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
                                   m["arrival"], m["first_token"], m["finished"])
 
-    def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float) -> None:
+    def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float, steps: int = 0,
+                         overlapped_steps: int = 0) -> None:
+        self.steps.labels(what="total").set(steps)
+        self.steps.labels(what="overlapped").set(overlapped_steps)
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
