@@ -64,7 +64,7 @@ def run_once(allm: AsyncLLM, prompts: list[list[int]], params: SamplingParams) -
     return tokens / seconds, seconds / steps, overlapped / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens: check the script")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.batch_sizes = args.batch_sizes or ([1, 8, 64] if cuda else [1, 4, 16])

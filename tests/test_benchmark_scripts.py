@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def test_gpu_decode_smoke(tmp_path):
     assert any("ShareGPT-like" in n for n in names)
     assert sum("decode attention" in n for n in names) == 4
     assert all(r["ours"] > 0 for r in rows)
+
+
+def test_overlap_smoke(capsys, default_gguf_path):
+    _load("overlap").main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "overlapped scheduling" in out
+    for batch in (1, 2):  # a row per batch size, with its on/off ratio and the share of overlapped steps
+        assert re.search(rf"│\s+{batch} │.*\d\.\d\dx │.*\d+% │", out), out
 
 
 def test_gpu_moe_smoke(capsys):
