@@ -35,7 +35,6 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # one 512-bit multiply-add per block: 1.2-1.4x a one-row decode step on a 2-core Xeon (BENCHMARKS.md).
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
 QK = 32  # inputs per activation block (and per 4-bit weight block)
-_Q4_BLOCK = 20  # bytes: fp16 scale, fp16 min, 16 bytes of codes
 
 
 def build_flags() -> list[str]:
@@ -91,7 +90,7 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
             warnings.warn(f"native CPU kernels unavailable, using torch's ({e})", stacklevel=2)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.q4_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr]
+        lib.q4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
         lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
         lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
         lib.q4_gemm.restype = lib.q8_gemm.restype = lib.paged_decode_f32.restype = ctypes.c_int
@@ -101,9 +100,11 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
 
 @dataclass
 class Q4Blocks:
-    """A [N, K] weight as N rows of K / 32 blocks (fp16 scale, fp16 min, 32 4-bit codes)."""
+    """A [N, K] weight in blocks of 32 inputs: each block's 32 4-bit codes, and apart from them each
+    row's fp16 scales then fp16 mins (weight = code * scale + min)."""
 
-    blocks: torch.Tensor  # uint8 [N, K / 32, 20]
+    codes: torch.Tensor  # uint8 [N, K / 2]: block g's code j in the low nibble of byte 16 g + j, j + 16 in the high
+    scales: torch.Tensor  # fp16 [N, 2, K / 32]
     bias: torch.Tensor | None  # fp32 [N]
     in_features: int
     out_features: int
@@ -125,21 +126,18 @@ def pack_q4(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: to
     n, k = codes.shape
     g = k // QK
     c = codes.to(torch.uint8).reshape(n, g, QK)
-    nibbles = c[..., : QK // 2] | (c[..., QK // 2 :] << 4)  # [N, G, 16]
-    halves = torch.stack([scale.reshape(n, g), lo.reshape(n, g)], -1).to(torch.float16)  # [N, G, 2]
-    blocks = torch.cat([halves.view(torch.uint8), nibbles], -1).contiguous()  # [N, G, 4 + 16]
-    assert blocks.shape[-1] == _Q4_BLOCK
-    return Q4Blocks(blocks, None if bias is None else bias.float().contiguous(), k, n)
+    nibbles = (c[..., : QK // 2] | (c[..., QK // 2 :] << 4)).reshape(n, k // 2).contiguous()
+    scales = torch.stack([scale.reshape(n, g), lo.reshape(n, g)], 1).to(torch.float16).contiguous()  # [N, 2, G]
+    return Q4Blocks(nibbles, scales, None if bias is None else bias.float().contiguous(), k, n)
 
 
 def unpack_q4(packed: Q4Blocks) -> torch.Tensor:
     """The float [N, K] weight the blocks hold (the reference the tests compare against)."""
-    b = packed.blocks
-    n, g, _ = b.shape
-    halves = b[..., :4].contiguous().view(torch.float16).float()  # [N, G, 2]
-    nib = b[..., 4:]
+    n, k = packed.out_features, packed.in_features
+    nib = packed.codes.reshape(n, k // QK, QK // 2)
     codes = torch.cat([nib & 0x0F, nib >> 4], -1).float()  # [N, G, 32]
-    return (codes * halves[..., :1] + halves[..., 1:]).reshape(n, g * QK)
+    scales = packed.scales.float()  # [N, 2, G]
+    return (codes * scales[:, 0, :, None] + scales[:, 1, :, None]).reshape(n, k)
 
 
 def pack_q8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Q8Rows:
@@ -167,8 +165,8 @@ def q4_mm(x: torch.Tensor, packed: Q4Blocks) -> torch.Tensor:
     """x [..., K] -> fp32 [..., N]."""
     lib = _lib or library()
     assert lib is not None
-    return _call(lib.q4_gemm, x, packed.in_features, packed.out_features, packed.blocks.data_ptr(),
-                 packed.out_features, _ptr(packed.bias))
+    return _call(lib.q4_gemm, x, packed.in_features, packed.out_features, packed.codes.data_ptr(),
+                 packed.scales.data_ptr(), packed.out_features, _ptr(packed.bias))
 
 
 def q8_mm(x: torch.Tensor, packed: Q8Rows) -> torch.Tensor:
@@ -184,13 +182,13 @@ def q8_mm(x: torch.Tensor, packed: Q8Rows) -> torch.Tensor:
 # Library API, not torch.library.custom_op: a compiled decode step makes ~200 such calls, and
 # custom_op's per-call checks cost ~10 us each.
 _ops = torch.library.Library("quadrant", "DEF")
-_ops.define("q4_mm(Tensor x, Tensor blocks, Tensor? bias, int in_features, int out_features) -> Tensor")
+_ops.define("q4_mm(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int in_features, int out_features) -> Tensor")
 _ops.define("q8_mm(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_features, int out_features) -> Tensor")
 
 
-def _q4_mm_impl(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                out_features: int) -> torch.Tensor:
-    return q4_mm(x, Q4Blocks(blocks, bias, in_features, out_features))
+def _q4_mm_impl(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                in_features: int, out_features: int) -> torch.Tensor:
+    return q4_mm(x, Q4Blocks(codes, scales, bias, in_features, out_features))
 
 
 def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -203,8 +201,8 @@ _ops.impl("q8_mm", _q8_mm_impl, "CPU")
 
 
 @torch.library.register_fake("quadrant::q4_mm")
-def _q4_mm_shape(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                 out_features: int) -> torch.Tensor:
+def _q4_mm_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
 
 
@@ -214,9 +212,9 @@ def _q8_mm_shape(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
 
 
-def q4_mm_op(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-             out_features: int) -> torch.Tensor:
-    return torch.ops.quadrant.q4_mm(x, blocks, bias, in_features, out_features)
+def q4_mm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+             in_features: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quadrant.q4_mm(x, codes, scales, bias, in_features, out_features)
 
 
 def q8_mm_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

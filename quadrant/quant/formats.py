@@ -287,7 +287,7 @@ class NativeQ4(WeightFormat):
         from quadrant.kernels.cpu_native import q4_mm, q4_mm_op
 
         if torch.compiler.is_compiling():
-            out = q4_mm_op(x, packed.blocks, packed.bias, packed.in_features, packed.out_features)
+            out = q4_mm_op(x, packed.codes, packed.scales, packed.bias, packed.in_features, packed.out_features)
         else:
             out = q4_mm(x, packed)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -25,7 +25,9 @@ def rounded_activations(x: torch.Tensor, top: float = 32767.0) -> torch.Tensor:
     return (q.double() * d.double()).reshape(x.shape)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (1, 96, 7), (3, 576, 96), (17, 160, 33)])
+# Widths of 2, 3, 18 (16 + 2), 5 and 33 (16 + 16 + 1) blocks: the AVX-512 kernel's chunks of 16
+# blocks, its pairs and a last block without a partner.
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (1, 96, 7), (3, 576, 96), (17, 160, 33), (1, 1056, 20), (6, 1056, 5)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_q4_gemm_matches_reference(m, k, n, bias):
     g = torch.Generator().manual_seed(m * k + n)
@@ -74,7 +76,7 @@ def test_the_avx2_build_matches_where_avx512_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(cn, "_tried", False)
     lib = cn.library(tmp_path)
     assert lib is not None
-    for m, k, n in [(1, 96, 7), (3, 576, 96), (17, 160, 33)]:
+    for m, k, n in [(1, 96, 7), (3, 576, 96), (17, 160, 33), (6, 1056, 5)]:
         test_q4_gemm_matches_reference(m, k, n, True)
         test_q8_gemm_matches_reference(m, k, n)
     assert cn._lib is lib
