@@ -93,7 +93,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, path: str) -> None:
 
 
 # Server name -> the `quadrant serve` flags it adds (llama.cpp: its own server).
-SERVERS = {"quadrant": [], "quadrant-ngram": ["--speculative-method", "ngram"], "llama.cpp": [], "llama-server": []}
+SERVERS = {"quadrant": [], "quadrant-ngram": ["--speculative-method", "ngram"],
+           "quadrant-overlap": ["--async-scheduling"], "llama.cpp": [], "llama-server": []}
 PEERS = ("llama-server", "llama.cpp")
 SLOT_CONTEXT = 2048  # llama-server's context per parallel slot: the longest prompt plus output fits
 
@@ -203,7 +204,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     ap.add_argument("--servers", nargs="+", choices=sorted(SERVERS), default=["quadrant", "llama-server", "llama.cpp"],
-                    help="quadrant-ngram: quadrant with n-gram speculative decoding")
+                    help="quadrant-ngram: quadrant with n-gram speculative decoding; quadrant-overlap: with "
+                         "overlapped scheduling (--async-scheduling)")
     ap.add_argument("--llama-server", default=None, help="a llama-server binary (default: build it once)")
     args = ap.parse_args()
     path = str(store.resolve(args.model, pull_missing=True))
