@@ -21,7 +21,8 @@ from tqdm import tqdm
 from quadrant import envs
 from quadrant.chat import render_chat
 from quadrant.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
-from quadrant.engine.executor import Executor, InProcessExecutor, make_executor, open_source, resolve_weight_format
+from quadrant.engine.executor import (Executor, InProcessExecutor, completed, make_executor, open_source,
+                                     resolve_weight_format)
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.output import OutputProcessor, RequestGroup, SampleState
 from quadrant.engine.request import Request, RequestOutput
@@ -463,8 +464,7 @@ class LLMEngine:
             self.num_overlapped_steps += bool(self._in_flight)  # launched while another step runs
             future = self.executor.submit(step)
         else:
-            future = Future()
-            future.set_result(self.executor.execute(step))
+            future = completed(self.executor.execute(step))
         self.scheduler.commit(out)
         self._in_flight.append((out, future))
         self.num_steps += 1

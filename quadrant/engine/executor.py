@@ -1,9 +1,9 @@
 """Executors: how the engine's steps reach the workers that run the model.
 
 The engine (the driver: scheduler, detokeniser, API) only ever calls an executor:
-`execute(StepInput) -> StepOutput`, or `submit(StepInput) -> Future` to schedule the next step while
-this one runs (overlapped scheduling: the in-process worker runs steps on a compute thread of its own). `InProcessExecutor` holds one Worker in the engine's own
-process. `MultiProcessExecutor` spawns tp x ep worker processes joined by torch.distributed
+`execute(StepInput) -> StepOutput`, or `submit(StepInput) -> Future` to schedule the next step
+while this one runs (overlapped scheduling: the in-process worker runs submitted steps on a
+compute thread of its own). `InProcessExecutor` holds one Worker in the engine's own process. `MultiProcessExecutor` spawns tp x ep worker processes joined by torch.distributed
 (gloo on CPU, NCCL on CUDA); the driver sends each step to rank 0 over a pipe, rank 0
 broadcasts it to the other ranks, every rank runs its shard of the model, and rank 0 sends the
 sampled tokens back. Several machines join one rendezvous (`run_headless_workers` on every node
@@ -71,7 +71,8 @@ def _compute_thread_setup(threads: int, device: torch.device) -> None:
         torch.cuda.set_device(device)  # the current device is per thread
 
 
-def _done(value: StepOutput) -> Future[StepOutput]:
+def completed(value: StepOutput) -> Future[StepOutput]:
+    """A step that already ran, as the future submit() would have returned."""
     fut: Future[StepOutput] = Future()
     fut.set_result(value)
     return fut
@@ -147,7 +148,7 @@ class MultiProcessExecutor:
     def submit(self, step: StepInput) -> Future[StepOutput]:
         # Synchronous: the ranks other than 0 learn sampled tokens only from the driver, so the engine
         # never overlaps steps here (LLMEngine.overlap is off).
-        return _done(self.execute(step))
+        return completed(self.execute(step))
 
     def expert_load(self) -> dict[str, list[int]]:
         return self._call("expert_load")

@@ -76,6 +76,11 @@ class BlockPool:
             self.block_hash[block] = block_hash
             self.cached[block_hash] = block
 
+    def forget_hashes(self) -> None:
+        """No block is named by a hash any more (each keeps its K/V and users; nothing is a prefix hit)."""
+        self.block_hash = [None] * self.num_blocks
+        self.cached.clear()
+
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]
         if h is not None:
@@ -146,8 +151,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block's hash (their K/V may be wrong: a step writing them failed)."""
-        for block in range(self.pool.num_blocks):
-            self.pool._evict(block)
+        self.pool.forget_hashes()
 
     def _extend_hashes(self, req: Request) -> range:
         bs = self.block_size

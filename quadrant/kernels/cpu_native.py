@@ -31,8 +31,9 @@ import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-# Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the GEMMs take
-# one 512-bit multiply-add per block: 1.2-1.4x a one-row decode step on a 2-core Xeon (BENCHMARKS.md).
+# Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the 4-bit GEMM
+# takes sixteen blocks' scales as one vector and two blocks per load: 1.79x the AVX2-style loop at one
+# row on a 2-core Xeon (BENCHMARKS.md).
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
 QK = 32  # inputs per activation block (and per 4-bit weight block)
 

@@ -70,8 +70,8 @@ class ServerMetrics:
             self.observe_finished(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
                                   m["arrival"], m["first_token"], m["finished"])
 
-    def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float, steps: int = 0,
-                         overlapped_steps: int = 0) -> None:
+    def set_engine_state(self, running: int, waiting: int, kv_usage: float, hit_rate: float, steps: int,
+                         overlapped_steps: int) -> None:
         self.steps.labels(what="total").set(steps)
         self.steps.labels(what="overlapped").set(overlapped_steps)
         self.running.set(running)
