@@ -124,6 +124,31 @@ def test_abort_mid_step_frees_blocks(tiny, prompts):
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks and not engine._in_flight
 
 
+def test_failed_step_empties_the_prefix_cache(tiny, prompts, monkeypatch):
+    """Blocks are hashed when their step is launched; a step that fails never wrote them, so a later
+    prompt must not hit them."""
+    engine = make_engine(tiny[0], async_scheduling=True)
+    runner, calls = engine.runner, {"n": 0}
+    real = runner.execute
+
+    def fails_third(step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(step)
+
+    monkeypatch.setattr(runner, "execute", fails_third)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, GREEDY, request_id=str(i))
+    with pytest.raises(RuntimeError, match="boom"):
+        while True:
+            engine.step()
+    assert not engine._in_flight and not engine.kv.pool.cached
+    for i in range(len(prompts)):
+        engine.abort_request(str(i))
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+
+
 def test_async_streams_identical_under_concurrent_load(tiny):
     """AsyncLLM over an overlapping engine against one without: concurrent clients, same streams."""
     prompts = _prompts(10, seed=5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -129,6 +131,19 @@ def test_version_and_metrics(server):
                  "quadrant_prefix_cache_hit_rate", "quadrant_time_to_first_token_seconds_bucket",
                  "quadrant_time_per_output_token_seconds_bucket", "quadrant_e2e_request_latency_seconds_bucket"):
         assert name in text
+
+
+def test_metrics_count_engine_steps(server):
+    """quadrant_engine_steps: every step counts; none overlapped on a server without --async-scheduling."""
+    def steps(what: str) -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return float(re.search(rf'^quadrant_engine_steps{{what="{what}"}} (\S+)$', text, re.M).group(1))
+
+    before = steps("total")
+    body = {"model": "smollm2:135m", "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0.0}
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert steps("total") >= before + 3  # the prompt's step and two decode steps at least
+    assert steps("overlapped") == 0
 
 
 def test_stream_n_finishes_each_choice_once(server):
