@@ -264,7 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     r = quantize_model(args.model, args.format, args.output, allow_requantize=args.allow_requantize,
                        group_size=args.group_size, smoothing=_smoothing_arg(args.smoothing), method=args.method,
-                       rotate=args.rotate, tune_steps=args.tune_steps)
+                       rotate=args.rotate, tune_steps=args.tune_steps, thorough=args.thorough)
     print(f"{r.path}: {r.format}, {r.num_quantized} weights quantised, {_human_bytes(r.bytes_out)} written "
           f"({_human_bytes(r.bytes_in)} as float32)")
 
@@ -604,7 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "outliers; the LM head is then stored apart from the embeddings); auto: for w8a8 and w4a8")
     s.add_argument("--tune-steps", type=int, default=None,
                    help="after GPTQ, tune the 4-bit scales, mins and norm gains against the float model on the "
-                        "calibration texts for this many steps (0: off; default: 60 for 4-bit models up to 1B parameters)")
+                        "calibration texts for this many steps (0: off; default: 28, or 60 with --thorough, "
+                        "for 4-bit models up to 1B parameters)")
+    s.add_argument("--thorough", action="store_true",
+                   help="the slower tuning recipe: 60 fp32 steps at a lower rate (~1 point of perplexity better "
+                        "on the default model, ~3x the tuning time)")
     s.add_argument("--allow-requantize", action="store_true",
                    help="quantise an already quantised model (e.g. a Q4_1 GGUF): the errors add up")
     s.set_defaults(func=cmd_quantize)

@@ -172,18 +172,25 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
 def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [Hk, S, D]."""
     num_q, num_k = q.shape[0], k.shape[1]
-    mask = _mask(num_q, num_k, layer.sliding_window, q.device)
+    window = layer.sliding_window
+    # A whole sequence (no cached prefix) is plain causal: `is_causal` instead of an [L, S] mask.
+    plain_causal = num_q == num_k > 1 and (window is None or window >= num_k)
+    mask = None if plain_causal else _mask(num_q, num_k, window, q.device)
     qh, kh, vh = q.transpose(0, 1), k, v  # [H, L|S, D]
     if layer.logit_softcap is None:
+        # 4-D: SDPA's CPU flash kernel takes only batched inputs; 3-D ones (or a mask where is_causal
+        # would do) go to its math path, which made CPU prefill 1.75-2.1x slower (BENCHMARKS.md).
         out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, is_causal=False, scale=layer.scale,
+            qh[None], kh[None], vh[None], attn_mask=mask, is_causal=plain_causal, scale=layer.scale,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
-        )
+        )[0]
     else:
         groups = layer.num_heads // layer.num_kv_heads
         kh, vh = kh.repeat_interleave(groups, 0), vh.repeat_interleave(groups, 0)
         scores = (qh.float() @ kh.float().transpose(1, 2)) * layer.scale
         scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
+        if plain_causal:
+            mask = _mask(num_q, num_k, window, q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = (scores.softmax(-1) @ vh.float()).to(q.dtype)

@@ -282,28 +282,34 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 
         perm = torch.argsort(diag, descending=True)
     else:
         perm = torch.arange(k, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
+    h = h[perm][:, perm]
     # Upper Cholesky factor of H^-1: row i holds column i's error weights on the columns after it.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    out = torch.empty_like(w)
+    # Transposed, [K, N]: each input column's weights lie contiguous, which the loop below reads and
+    # updates one column at a time (strided columns of [N, K] made it several times slower).
+    wt = w.t()[perm].contiguous()
+    out = torch.empty_like(wt)
     scale = lo = torch.empty(0, device=w.device)
+    if act_order:  # each column's grid, in the permuted order
+        col_scales, col_mins = scales.t()[perm // group].contiguous(), mins.t()[perm // group].contiguous()
+    columns = perm.tolist()  # Python ints: the loop below runs once per input column
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        wb = w[:, b0:b1].clone()
+        wb = wt[b0:b1].clone()
         errors = torch.empty_like(wb)
         hb = hinv[b0:b1, b0:b1]
+        pivots = torch.diagonal(hb).tolist()
         for i in range(b1 - b0):
-            col_index = int(perm[b0 + i])
             if act_order:
-                g = col_index // group
-                scale, lo = scales[:, g : g + 1], mins[:, g : g + 1]
-            elif col_index % group == 0:  # in order: the group's grid from its weights as updated so far
-                scale, lo = group_grid(wb[:, i : i + group], diag[perm[b0 + i : b0 + i + group]], shrinks)
-            col = wb[:, i : i + 1]
-            q = round_to_grid(col, scale, lo, max_code)
-            out[:, b0 + i : b0 + i + 1] = q
-            err = (col - q) / hb[i, i]
-            wb[:, i:] -= err @ hb[i : i + 1, i:]
-            errors[:, i : i + 1] = err
-        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
-    return out[:, torch.argsort(perm)].to(weight.dtype)
+                scale, lo = col_scales[b0 + i], col_mins[b0 + i]
+            elif columns[b0 + i] % group == 0:  # in order: the group's grid from its weights as updated so far
+                grid_scale, grid_lo = group_grid(wb[i : i + group].t(), diag[perm[b0 + i : b0 + i + group]], shrinks)
+                scale, lo = grid_scale[:, 0], grid_lo[:, 0]
+            row = wb[i]
+            q = round_to_grid(row, scale, lo, max_code)
+            out[b0 + i] = q
+            err = errors[i]
+            torch.sub(row, q, out=err).div_(pivots[i])
+            wb[i:].addr_(hb[i, i:], err, alpha=-1)
+        wt[b1:].addmm_(hinv[b0:b1, b1:].t(), errors, alpha=-1)
+    return out[torch.argsort(perm)].t().to(weight.dtype)

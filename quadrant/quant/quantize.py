@@ -19,7 +19,7 @@ LM head's own format follows from the model's (`tensor_format`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from quadrant.loader.source import ModelSource
     from quadrant.quant.calibrate import Smoother
     from quadrant.quant.gptq import RoundWeights
-    from quadrant.quant.tune import TuneReport
+    from quadrant.quant.tune import TuneConfig, TuneReport
 
 _PROJECTIONS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
 _SHARD_BYTES = 2 << 30
@@ -66,7 +66,7 @@ class QuantizeReport:
 def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool = False,
                    progress: bool = True, group_size: int = 128,
                    smoothing: float | str | None = "auto", method: str = "auto",
-                   rotate: str = "auto", tune_steps: int | None = None) -> QuantizeReport:
+                   rotate: str = "auto", tune_steps: int | None = None, thorough: bool = False) -> QuantizeReport:
     """Write `model` (name, .gguf or HF folder) quantised to `fmt` as a new safetensors folder `out`.
 
     `smoothing` (w8a8, w4a8): "auto" searches each layer's SmoothQuant strength on the shipped
@@ -76,8 +76,10 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     Hessians fit in 8 GiB (not a large MoE), rtn otherwise. `rotate` ("on", "off", "auto"): rotate
     the residual stream first (`quant/rotate.py`); "auto" does for w8a8 and w4a8, where the model's
     norms allow it. `tune_steps`: after GPTQ, tune the 4-bit folder's scales, mins and norm gains end to end
-    for that many steps (`quant/tune.py`); None: TuneConfig's default where GPTQ ran on a 4-bit format
-    and the model is small enough to tune on a CPU in minutes, 0: never."""
+    for that many steps (`quant/tune.py`); None: the recipe's default where GPTQ ran on a 4-bit format
+    and the model is small enough to tune on a CPU in minutes, 0: never. `thorough`: the slower tuning
+    recipe (`TuneConfig.thorough`) instead of the default one."""
+    from quadrant.quant.tune import TuneConfig
     from quadrant.loader.source import open_pulled
     from quadrant.quant.rotate import RotatedSource, RotationError, rotation_refusal
 
@@ -99,6 +101,8 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"rotate must be auto, on or off, got {rotate!r}")
     if tune_steps is not None and tune_steps < 0:
         raise QuantizeError(f"tune steps must be 0 (off) or more, got {tune_steps}")
+    if thorough and not format_spec(fmt).four_bit:
+        raise QuantizeError(f"--thorough tunes the 4-bit formats (w4a16, w4a8), not {fmt}")
     if method == "gptq" and not source.has_tokenizer():
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
@@ -120,25 +124,28 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         config["quantization_config"]["rotation"] = f"random orthogonal, seed {source.seed}"
     four_bit = format_spec(fmt).four_bit
     tuning_ids = _tuning_ids(source) if four_bit and source.has_tokenizer() else []
-    steps = _tune_steps(source, fmt, calibration, tune_steps, len(tuning_ids))
+    recipe = TuneConfig.thorough() if thorough else TuneConfig()
+    steps = _tune_steps(source, fmt, calibration, tune_steps, len(tuning_ids), recipe.steps)
     if steps:
-        config["quantization_config"]["tuned"] = f"scales, mins and norm gains, {steps} steps on the calibration texts"
+        config["quantization_config"]["tuned"] = (f"scales, mins and norm gains, {steps} steps on the calibration "
+                                                  f"texts (lr {recipe.lr:g}, {recipe.dtype} matmuls)")
     report = QuantizeReport(out, fmt, 0, 0, 0)
 
     def write(folder: Path) -> None:
         _write(source, fmt, folder, tied, progress, group_size, report, calibration)
         if steps:
-            report.tuning = _tune(source, fmt, folder, steps, tuning_ids, progress)
+            report.tuning = _tune(source, fmt, folder, replace(recipe, steps=steps), tuning_ids, progress)
 
     st.write_folder(out, config, source.tokenizer() if source.has_tokenizer() else None, write)
     return report
 
 
-_TUNE_MAX_PARAMS = 1_000_000_000  # "auto" tunes up to here: ~4 s a step for 135M on two CPU cores
+_TUNE_MAX_PARAMS = 1_000_000_000  # "auto" tunes up to here: ~1.8 s a step for 135M on two CPU cores (bf16)
 
 
-def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: int | None, tokens: int) -> int:
-    """How many tuning steps to run: `asked`, or for None the default where it applies (a 4-bit
+def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: int | None, tokens: int,
+                default: int) -> int:
+    """How many tuning steps to run: `asked`, or for None `default` where it applies (a 4-bit
     format rounded by GPTQ, a model of at most _TUNE_MAX_PARAMS). `tokens`: what the tuning texts
     encode to with the model's tokenizer."""
     from quadrant.quant.tune import TuneConfig
@@ -155,7 +162,7 @@ def _tune_steps(source: ModelSource, fmt: str, calibration: Calibration, asked: 
         return asked
     if not four_bit or calibration.hessians is None or tokens < TuneConfig.seq_len:
         return 0
-    return TuneConfig.steps if source.parameter_count() <= _TUNE_MAX_PARAMS else 0
+    return default if source.parameter_count() <= _TUNE_MAX_PARAMS else 0
 
 
 def _tuning_ids(source: ModelSource) -> list[int]:
@@ -165,12 +172,12 @@ def _tuning_ids(source: ModelSource) -> list[int]:
     return [i for path in TUNING_TEXTS for i in tokenizer.encode(path.read_text())]
 
 
-def _tune(source: ModelSource, fmt: str, folder: Path, steps: int, token_ids: list[int],
+def _tune(source: ModelSource, fmt: str, folder: Path, recipe: TuneConfig, token_ids: list[int],
           progress: bool) -> TuneReport:
-    from quadrant.quant.tune import TuneConfig, tune_folder
+    from quadrant.quant.tune import tune_folder
 
     teacher = source.load_model(torch.float32, "cpu", "dense")
-    return tune_folder(folder, teacher, fmt, token_ids, TuneConfig(steps=steps), progress)
+    return tune_folder(folder, teacher, fmt, token_ids, recipe, progress)
 
 
 def _check_shapes(cfg: ModelConfig, fmt: str) -> None:

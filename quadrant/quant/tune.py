@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from quadrant.config import ModelConfig
 from quadrant.layers.attention import AttentionMetadata
+from quadrant.layers.linear import Linear
 from quadrant.layers.norm import RMSNorm
 from quadrant.loader.safetensors import shard_files
 from quadrant.loader.weights import load_weights, resolve_name
@@ -40,10 +41,27 @@ TUNING_TEXTS = (CALIBRATION_TEXT, CALIBRATION_TEXT.with_name("calibration_more.t
 
 @dataclass(frozen=True)
 class TuneConfig:
-    steps: int = 60  # about one pass over TUNING_TEXTS
-    lr: float = 2e-4  # Adam, on each group's log-scale and on its min in units of its step
-    norm_lr: float = 2e-5  # on the norm gains (absolute: they sit near 1)
+    steps: int = 28  # half of TUNING_TEXTS' ~53 windows: the default quantises in under 2 minutes (BENCHMARKS.md)
+    lr: float = 6e-4  # Adam, on each group's log-scale and on its min in units of its step
+    norm_lr: float = 6e-5  # on the norm gains (absolute: they sit near 1)
     seq_len: int = 512  # tokens per step, one calibration window (fewer where the model's context is shorter)
+    # The matmuls' dtype: "auto" is bf16 where the CPU multiplies it natively (AMX, AVX512-BF16:
+    # ~2 s a step on SmolLM2-135M against ~3.5 in fp32), fp32 elsewhere. The stored parameters
+    # and Adam's state stay fp32 either way.
+    dtype: str = "auto"
+
+    @classmethod
+    def thorough(cls) -> "TuneConfig":
+        """The slower recipe (`quadrant quantize --thorough`): about one pass over TUNING_TEXTS in
+        fp32, ~1 point of perplexity better on SmolLM2-135M for ~3x the tuning time."""
+        return cls(steps=60, lr=2e-4, norm_lr=2e-5, dtype="float32")
+
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            from quadrant.quant.formats import prefill_dtype
+
+            return prefill_dtype()
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
 @dataclass
@@ -58,17 +76,18 @@ class StoredGroups(nn.Module):
     """One stored 4-bit weight [.., N, K] as a function of its trainable float parameters:
     codes * (scale * exp(log_gain)) + (min + shift * scale), per group of inputs."""
 
-    codes: torch.Tensor  # uint8 [.., N, G, g]
+    codes: torch.Tensor  # [.., N, G, g], the codes 0-15 held (exactly) in the compute dtype
     scale0: torch.Tensor  # the stored scales [.., N, G]
     min0: torch.Tensor  # the stored mins
 
-    def __init__(self, shard: str | None, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
+    def __init__(self, shard: str | None, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         from quadrant.quant.folder import _unpack_nibbles
 
         codes = _unpack_nibbles(qweight)  # [.., N, K] uint8
         self.shard = shard
-        self.register_buffer("codes", codes.reshape(*scales.shape, -1), persistent=False)
+        self.register_buffer("codes", codes.reshape(*scales.shape, -1).to(dtype), persistent=False)
         self.register_buffer("scale0", scales.float(), persistent=False)
         self.register_buffer("min0", mins.float(), persistent=False)
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale0))
@@ -81,25 +100,51 @@ class StoredGroups(nn.Module):
         return self.min0 + self.shift * self.scale0
 
     def weight(self) -> torch.Tensor:
-        return (self.codes.float() * self.scales()[..., None] + self.mins()[..., None]).flatten(-2)
+        """The weight [.., N, K] in the compute dtype (in fp32 exactly the folder's)."""
+        return _GridRebuild.apply(self.codes, self.scales(), self.mins()).flatten(-2)
+
+
+class _GridRebuild(torch.autograd.Function):
+    """codes * scales + mins per group, in the codes' dtype, with the gradients of scales and mins
+    summed over each group in fp32. Autograd's own version keeps fp32 temporaries of the whole
+    weight and a copy of the codes for every product: a third of a bf16 step."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(codes)
+        return codes * scales.to(codes.dtype)[..., None] + mins.to(codes.dtype)[..., None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        (codes,) = ctx.saved_tensors
+        grad = grad.to(codes.dtype)
+        return None, (grad * codes).sum(-1, dtype=torch.float32), grad.sum(-1, dtype=torch.float32)
 
 
 class GridWeight(nn.Module):
     """A parametrisation of a model weight (dense, merged or stacked experts) whose parts are
-    stored 4-bit weights: the tensor rebuilt from them at every forward."""
+    stored 4-bit weights: the tensor rebuilt from them at every forward. A Linear's weight comes
+    in the compute dtype (autocast multiplies it as it is); MoE experts' stacks in the model's own,
+    since their kernels check that weights and inputs agree."""
 
     def __init__(self, module: nn.Module, parts: list[StoredGroups]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.read_shard = getattr(module, "read_shard", None)
+        self.autocast_reads = isinstance(module, Linear)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        w = original.detach().clone()
-        for part in self.parts:
-            assert isinstance(part, StoredGroups)
-            target = w if part.shard is None else self.read_shard(w, part.shard)  # type: ignore[misc]
-            target.copy_(part.weight())  # autograd follows the copy into the view
-        return w
+        parts = [p for p in self.parts if isinstance(p, StoredGroups)]
+        if len(parts) == 1 and parts[0].shard is None:
+            w = parts[0].weight()
+        else:
+            dtype = parts[0].codes.dtype
+            covered = sum(p.codes.numel() for p in parts) == original.numel()  # every row stored 4-bit
+            w = original.new_empty(original.shape, dtype=dtype) if covered else original.detach().to(dtype, copy=True)
+            for part in parts:
+                target = w if part.shard is None else self.read_shard(w, part.shard)  # type: ignore[misc]
+                target.copy_(part.weight())  # autograd follows the copy into the view
+        return w if self.autocast_reads else w.to(original.dtype)
 
 
 def tune_folder(folder: Path, teacher: nn.Module, fmt: str, token_ids: list[int],
@@ -109,7 +154,8 @@ def tune_folder(folder: Path, teacher: nn.Module, fmt: str, token_ids: list[int]
     mins and norm gains in place."""
     files = {path: load_file(str(path)) for path in shard_files(folder)}
     stored = {name: tensor for tensors in files.values() for name, tensor in tensors.items()}
-    student, groups, norms = tunable_student(teacher, stored, fmt)
+    dtype = config.compute_dtype()
+    student, groups, norms = tunable_student(teacher, stored, fmt, dtype)
     model_config: ModelConfig = teacher.config  # type: ignore[assignment]
     seq_len = min(config.seq_len, model_config.max_position_embeddings)  # a window the model can hold
     windows = [token_ids[i : i + seq_len] for i in range(0, len(token_ids) - seq_len + 1, seq_len)]
@@ -123,9 +169,10 @@ def tune_folder(folder: Path, teacher: nn.Module, fmt: str, token_ids: list[int]
     bar = tqdm(range(config.steps), desc="tune 4-bit grids", unit=" steps", disable=not progress)
     for step in bar:
         window = windows[step % len(windows)]
-        with torch.no_grad():  # the teacher's, window by window: a vocabulary's worth per token is too much to keep
-            target = F.log_softmax(_logits(teacher, window), -1)
-        log_probs = F.log_softmax(_logits(student, window), -1)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad():  # the teacher's, window by window: a vocabulary's worth per token is too much to keep
+                target = F.log_softmax(_logits(teacher, window).float(), -1)
+            log_probs = F.log_softmax(_logits(student, window).float(), -1)
         loss = F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
         optimizer.zero_grad()
         loss.backward()
@@ -149,18 +196,19 @@ def tune_folder(folder: Path, teacher: nn.Module, fmt: str, token_ids: list[int]
                       sum(last) / len(last))
 
 
-def tunable_student(teacher: nn.Module, stored: dict[str, torch.Tensor], fmt: str
+def tunable_student(teacher: nn.Module, stored: dict[str, torch.Tensor], fmt: str,
+                    dtype: torch.dtype = torch.float32
                     ) -> tuple[nn.Module, dict[str, StoredGroups], dict[str, nn.Parameter]]:
     """The folder's model (`stored`: its tensors) as a copy of `teacher` whose 4-bit weights are
-    functions of their trainable StoredGroups ({folder weight name: groups}) and whose norm gains
-    ({folder name: gain}) are trainable; everything else is frozen."""
+    functions of their trainable StoredGroups ({folder weight name: groups}), rebuilt in `dtype`,
+    and whose norm gains ({folder name: gain}) are trainable; everything else is frozen."""
     from quadrant.quant.folder import iter_dequantized
 
     packed = getattr(type(teacher), "packed_modules", {})
     student = type(teacher)(teacher.config)  # built anew: a deep copy drops the loaders' parameter hooks
     load_weights(student, iter_dequantized(iter(stored.items()), fmt))
     student.requires_grad_(False)
-    groups = _parametrize(student, stored, packed)
+    groups = _parametrize(student, stored, packed, dtype)
     if fmt == "w4a8":  # the kernels round each token's activations to int8: tune against that too
         for module in student.modules():
             if hasattr(module, "parametrizations"):
@@ -178,7 +226,7 @@ def _int8_tokens(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[tor
 
 
 def _parametrize(student: nn.Module, stored: dict[str, torch.Tensor],
-                 packed: dict[str, tuple[str, str | None]]) -> dict[str, StoredGroups]:
+                 packed: dict[str, tuple[str, str | None]], dtype: torch.dtype) -> dict[str, StoredGroups]:
     """Every stored 4-bit weight becomes trainable StoredGroups inside its model tensor."""
     modules = dict(student.named_modules())
     by_target: dict[str, list[StoredGroups]] = {}
@@ -188,7 +236,7 @@ def _parametrize(student: nn.Module, stored: dict[str, torch.Tensor],
             continue
         stem = key.removesuffix(".mins")
         target, shard = resolve_name(f"{stem}.weight", packed)
-        part = StoredGroups(shard, stored[f"{stem}.qweight"], stored[f"{stem}.scales"], stored[key])
+        part = StoredGroups(shard, stored[f"{stem}.qweight"], stored[f"{stem}.scales"], stored[key], dtype)
         by_target.setdefault(target, []).append(part)
         groups[f"{stem}.weight"] = part
     for target, parts in by_target.items():

@@ -80,8 +80,16 @@ def test_streams_identical_with_and_without_overlap(tiny, regime):
     else:
         # Under memory pressure the schedules differ (a request that finished while the next step was being
         # scheduled held its blocks a step longer), so n = 2 siblings' tokens may arrive in other outputs;
-        # each sample's whole stream is the same.
-        assert _joined(overlapped) == _joined(plain)
+        # each sample's whole stream is the same. A preempted request is recomputed at other points, by
+        # prefill attention where the other run had decoded: its logprobs may differ in the last bits
+        # (one flipped the 4th decimal), so those compare to 2e-4; every token is exact.
+        joined_plain, joined_overlapped = _joined(plain), _joined(overlapped)
+        assert joined_overlapped.keys() == joined_plain.keys()
+        for rid, samples in joined_plain.items():
+            for mine, theirs in zip(joined_overlapped[rid], samples, strict=True):
+                assert mine[:3] == theirs[:3], rid
+                assert [t for t, _ in mine[3]] == [t for t, _ in theirs[3]], rid
+                assert [lp for _, lp in mine[3]] == pytest.approx([lp for _, lp in theirs[3]], abs=2e-4), rid
     assert set(plain) == {f"r{i}" for i in range(12)}
     assert num_overlapped > 10  # the next step was really launched while one ran
     assert runs[False][1] == 0

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from quadrant.layers.attention import AttentionMetadata  # noqa: E402
 from quadrant.loader.safetensors import iter_tensors  # noqa: E402
 from quadrant.loader.source import open_model  # noqa: E402
-from quadrant.quant.quantize import QuantizeError, quantize_model  # noqa: E402
-from quadrant.quant.tune import TuneConfig, _int8_tokens, tunable_student, tune_folder  # noqa: E402
+from quadrant.quant.quantize import QuantizeError, _pack_nibbles, quantize_model  # noqa: E402
+from quadrant.quant.tune import StoredGroups, TuneConfig, _int8_tokens, tunable_student, tune_folder  # noqa: E402
 from tests.models.test_gguf_archs import _write_gguf  # noqa: E402
 from tests.models.test_moe import _make  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
@@ -74,6 +74,33 @@ def test_tunable_model_is_the_folder(kind, fmt, tmp_path):
     assert _kl(student, folder, _ids(40, 0)) < 1e-10
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_grid_rebuild_matches_autograd(dtype, tol):
+    """StoredGroups' own backward (group sums in fp32) against autograd through the plain formula in
+    float64; in bf16 (the default on CPUs with AMX / AVX512-BF16) within bf16's rounding."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (6, 256), generator=gen, dtype=torch.uint8)
+    qweight = _pack_nibbles(codes)
+    scales = torch.rand(6, 4, generator=gen) * 0.02 + 0.01
+    mins = -torch.rand(6, 4, generator=gen) * 0.1
+    part = StoredGroups(None, qweight, scales, mins, dtype)
+    with torch.no_grad():
+        part.log_gain.normal_(0, 0.1, generator=gen)
+        part.shift.normal_(0, 0.1, generator=gen)
+    upstream = torch.randn(6, 256, generator=gen)
+    (part.weight().float() * upstream).sum().backward()
+
+    log_gain = part.log_gain.detach().double().requires_grad_()
+    shift = part.shift.detach().double().requires_grad_()
+    s = scales.double() * torch.exp(log_gain)
+    ref = (codes.double().view(6, 4, 64) * s[..., None] + (mins.double() + shift * scales.double())[..., None]).view(6, 256)
+    (ref * upstream.double()).sum().backward()
+    assert (part.weight().double() - ref).abs().max() <= tol * ref.abs().max()
+    for got, want in ((part.log_gain.grad, log_gain.grad), (part.shift.grad, shift.grad)):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max()), (got, want)
+
+
 def test_int8_tokens_rounds_each_row_and_passes_gradients_straight():
     x = (torch.randn(5, 64) * torch.logspace(-2, 2, 5)[:, None]).requires_grad_()
     (rounded,) = _int8_tokens(None, (x,))
@@ -111,15 +138,32 @@ def test_tuning_lowers_the_folders_kl_and_keeps_its_codes(tmp_path):
     assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
 
 
+@pytest.mark.parametrize("kind,fmt", [("mixtral", "w4a16"), ("gguf", "w4a8")])
+def test_bf16_tuning_of_moe_folders(kind, fmt, tmp_path):
+    """Tuning with bf16 matmuls (the default where the CPU has them) on MoE folders: the experts'
+    kernels take their stacks in the model's dtype, and the folder's KL still falls."""
+    src = _source(kind, tmp_path)
+    out = tmp_path / "q"
+    quantize_model(str(src), fmt, out, progress=False, group_size=32, smoothing=None, allow_requantize=True)
+    teacher = open_model(src).load_model(torch.float32)
+    ids = _ids(256, 2)
+    kl_before = _kl(open_model(out).load_model(torch.float32, "cpu", fmt), teacher, ids)
+    tune_folder(out, teacher, fmt, ids, TuneConfig(steps=8, lr=3e-3, norm_lr=3e-4, seq_len=128, dtype="bfloat16"))
+    kl_after = _kl(open_model(out).load_model(torch.float32, "cpu", fmt), teacher, ids)
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+
 def test_tuning_is_refused_where_it_cannot_apply(tmp_path):
     src = _source("llama", tmp_path)
     with pytest.raises(QuantizeError, match="4-bit formats"):
         quantize_model(str(src), "w8a8", tmp_path / "a", progress=False, tune_steps=5)
     with pytest.raises(QuantizeError, match="no tokenizer"):
         quantize_model(str(src), "w4a16", tmp_path / "b", progress=False, tune_steps=5)
+    with pytest.raises(QuantizeError, match="--thorough tunes the 4-bit formats"):
+        quantize_model(str(src), "int8", tmp_path / "e", progress=False, thorough=True)
     with pytest.raises(QuantizeError, match="0 \\(off\\) or more"):
         quantize_model(str(src), "w4a16", tmp_path / "c", progress=False, tune_steps=-1)
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abce")
     # Without a tokenizer, "auto" neither rounds by GPTQ nor tunes, and records neither.
     quantize_model(str(src), "w4a16", tmp_path / "d", progress=False)
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]
