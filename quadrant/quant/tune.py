@@ -46,7 +46,7 @@ class TuneConfig:
     norm_lr: float = 6e-5  # on the norm gains (absolute: they sit near 1)
     seq_len: int = 512  # tokens per step, one calibration window (fewer where the model's context is shorter)
     # The matmuls' dtype: "auto" is bf16 where the CPU multiplies it natively (AMX, AVX512-BF16:
-    # ~2 s a step on SmolLM2-135M against ~3.5 in fp32), fp32 elsewhere. The stored parameters
+    # ~1.8 s a step on SmolLM2-135M against ~2.7-3.5 in fp32), fp32 elsewhere. The stored parameters
     # and Adam's state stay fp32 either way.
     dtype: str = "auto"
 
@@ -107,7 +107,7 @@ class StoredGroups(nn.Module):
 class _GridRebuild(torch.autograd.Function):
     """codes * scales + mins per group, in the codes' dtype, with the gradients of scales and mins
     summed over each group in fp32. Autograd's own version keeps fp32 temporaries of the whole
-    weight and a copy of the codes for every product: a third of a bf16 step."""
+    weight and a float copy of the codes for the backward."""
 
     @staticmethod
     def forward(ctx, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
