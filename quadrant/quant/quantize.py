@@ -103,6 +103,10 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
         raise QuantizeError(f"tune steps must be 0 (off) or more, got {tune_steps}")
     if thorough and not format_spec(fmt).four_bit:
         raise QuantizeError(f"--thorough tunes the 4-bit formats (w4a16, w4a8), not {fmt}")
+    if thorough and tune_steps == 0:
+        raise QuantizeError("--thorough is a tuning recipe; it cannot go with --tune-steps 0")
+    if thorough and not source.has_tokenizer():
+        raise QuantizeError(f"{model} has no tokenizer to tune with; leave out --thorough")
     if method == "gptq" and not source.has_tokenizer():
         raise QuantizeError(f"{model} has no tokenizer to calibrate GPTQ with; use --method rtn")
     _check_shapes(source.config, fmt)
@@ -125,10 +129,13 @@ def quantize_model(model: str, fmt: str, out: str | Path, allow_requantize: bool
     four_bit = format_spec(fmt).four_bit
     tuning_ids = _tuning_ids(source) if four_bit and source.has_tokenizer() else []
     recipe = TuneConfig.thorough() if thorough else TuneConfig()
-    steps = _tune_steps(source, fmt, calibration, tune_steps, len(tuning_ids), recipe.steps)
+    # --thorough is an explicit request: it tunes wherever it is accepted, past "auto"'s size limit too.
+    asked = recipe.steps if thorough and tune_steps is None else tune_steps
+    steps = _tune_steps(source, fmt, calibration, asked, len(tuning_ids), recipe.steps)
     if steps:
+        dtype = str(recipe.compute_dtype()).removeprefix("torch.")
         config["quantization_config"]["tuned"] = (f"scales, mins and norm gains, {steps} steps on the calibration "
-                                                  f"texts (lr {recipe.lr:g}, {recipe.dtype} matmuls)")
+                                                  f"texts (lr {recipe.lr:g}, {dtype} matmuls)")
     report = QuantizeReport(out, fmt, 0, 0, 0)
 
     def write(folder: Path) -> None:

@@ -66,6 +66,19 @@ def run_all(engine: LLMEngine, prompts, params=GREEDY, arrivals=None) -> list[li
     return [results[str(i)] for i in range(len(prompts))]
 
 
+def fail_step(monkeypatch, runner, n: int) -> None:
+    """Make `runner`'s n-th step (counting from 1) raise RuntimeError("boom"); the others run."""
+    real, calls = runner.execute, {"n": 0}
+
+    def execute(step):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("boom")
+        return real(step)
+
+    monkeypatch.setattr(runner, "execute", execute)
+
+
 def make_engine(path, num_blocks=256, block_size=4, budget=512, prefix=True, max_num_seqs=64, cache_dtype="auto",
                 quant_group=4, **options):
     """`options`: other EngineConfig fields (attention_backend, cuda_graphs, ...)."""

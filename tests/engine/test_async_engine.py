@@ -9,7 +9,7 @@ import torch
 
 from quadrant import SamplingParams
 from quadrant.engine.async_engine import AsyncLLM
-from tests.engine.conftest import GREEDY, make_engine
+from tests.engine.conftest import GREEDY, fail_step, make_engine
 
 
 @pytest.fixture
@@ -58,17 +58,7 @@ def test_bad_request_raises_in_caller(allm):
 
 
 def test_failed_step_fails_its_requests_only(allm, monkeypatch):
-    runner = allm.engine.runner
-    real = runner.execute
-    calls = {"n": 0}
-
-    def flaky(out):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("boom")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", flaky)
+    fail_step(monkeypatch, allm.engine.runner, 1)
 
     async def main():
         with pytest.raises(RuntimeError, match="generation failed: boom"):

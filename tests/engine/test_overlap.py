@@ -13,7 +13,7 @@ import torch
 from quadrant import SamplingParams
 from quadrant.engine.async_engine import AsyncLLM
 from quadrant.errors import QuadrantError
-from tests.engine.conftest import GREEDY, make_engine, run_all
+from tests.engine.conftest import GREEDY, fail_step, make_engine, run_all
 
 
 def _params(i: int) -> SamplingParams:
@@ -136,16 +136,7 @@ def test_failed_step_empties_the_prefix_cache(tiny, prompts, monkeypatch):
     """Blocks are hashed when their step is launched; a step that fails never wrote them, so a later
     prompt must not hit them."""
     engine = make_engine(tiny[0], async_scheduling=True)
-    runner, calls = engine.runner, {"n": 0}
-    real = runner.execute
-
-    def fails_third(step):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
-        return real(step)
-
-    monkeypatch.setattr(runner, "execute", fails_third)
+    fail_step(monkeypatch, engine.runner, 3)
     for i, p in enumerate(prompts):
         engine.add_request(p, GREEDY, request_id=str(i))
     with pytest.raises(RuntimeError, match="boom"):

@@ -161,6 +161,10 @@ def test_tuning_is_refused_where_it_cannot_apply(tmp_path):
         quantize_model(str(src), "w4a16", tmp_path / "b", progress=False, tune_steps=5)
     with pytest.raises(QuantizeError, match="--thorough tunes the 4-bit formats"):
         quantize_model(str(src), "int8", tmp_path / "e", progress=False, thorough=True)
+    with pytest.raises(QuantizeError, match="cannot go with --tune-steps 0"):
+        quantize_model(str(src), "w4a16", tmp_path / "e", progress=False, thorough=True, tune_steps=0)
+    with pytest.raises(QuantizeError, match="no tokenizer to tune with; leave out --thorough"):
+        quantize_model(str(src), "w4a16", tmp_path / "e", progress=False, thorough=True)
     with pytest.raises(QuantizeError, match="0 \\(off\\) or more"):
         quantize_model(str(src), "w4a16", tmp_path / "c", progress=False, tune_steps=-1)
     assert not any((tmp_path / n).exists() for n in "abce")
@@ -181,7 +185,12 @@ def test_quantize_tunes_and_w4a8_defaults(default_gguf_path, tmp_path):
     report = quantize_model(str(path), "w4a16", tmp_path / "tuned", progress=False, tune_steps=2)
     cfg = json.loads((tmp_path / "tuned" / "config.json").read_text())["quantization_config"]
     assert cfg["rounding"] == "gptq" and cfg["tuned"].startswith("scales, mins and norm gains, 2 steps")
+    assert cfg["tuned"].endswith(f"(lr 0.0006, {str(TuneConfig().compute_dtype()).removeprefix('torch.')} matmuls)")
     assert report.tuning is not None and report.tuning.steps == 2 and report.tuning.tokens >= 512
+    # --thorough: its own recipe, recorded (one step: the recipe, not its length, is what is checked)
+    quantize_model(str(path), "w4a16", tmp_path / "thorough", progress=False, tune_steps=1, thorough=True)
+    cfg = json.loads((tmp_path / "thorough" / "config.json").read_text())["quantization_config"]
+    assert cfg["tuned"] == "scales, mins and norm gains, 1 steps on the calibration texts (lr 0.0002, float32 matmuls)"
     configs = {}
     for rotate in ("auto", "off"):
         quantize_model(str(path), "w4a8", tmp_path / rotate, progress=False, method="rtn", rotate=rotate, tune_steps=0)
