@@ -1,7 +1,7 @@
 """GPU decode: quadrant against the weight-streaming roofline and Hugging Face transformers, in one run.
 
     python benchmarks/gpu_decode.py                  # all workloads, H100-sized (about 6-8 minutes)
-    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention
+    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention (--sweep), profile
     python benchmarks/gpu_decode.py --smoke          # tiny shapes: checks the script itself (CPU works)
 
 Random weights of real architectures (--load-format dummy with the configs shipped in
@@ -15,7 +15,8 @@ quadrant/model_configs), bf16. Measured in the same run:
 4. throughput: 1,000 prompts of ShareGPT-like lengths (fixed-seed log-normal input and
    output lengths), Llama-3-8B shape, all submitted at once: output tokens/s.
 5. decode attention alone (the paged split-KV kernel) at 8k-32k context, batch 32-128,
-   bf16 and fp8 caches: achieved bandwidth against the copy bandwidth.
+   bf16, fp8 and int8 caches: achieved bandwidth (bytes actually read) against the copy bandwidth.
+6. profile (asked for by name): torch.profiler over batch-1 decode steps of the SmolLM2-135M shape.
 Prints one table; --json writes the figures.
 """
 
@@ -68,6 +69,7 @@ class Context:
     bandwidth: float = 0.0  # bytes/s
     rows: list[Row] = field(default_factory=list)
     smoke_config: str | None = None  # config.json of the tiny smoke-test model
+    overlap: bool = False  # overlapped scheduling in the throughput run (and beside the plain batch-1 runs)
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -101,7 +103,7 @@ def streamed_bytes(engine: LLMEngine) -> int:
 
 
 def engine_for(ctx: Context, model: str, max_num_seqs: int = 8, kv_memory: int | None = None,
-               fraction: float | None = None, budget: int = 2048) -> LLMEngine:
+               fraction: float | None = None, budget: int = 2048, overlap: bool = False) -> LLMEngine:
     if ctx.smoke_config:
         model = ctx.smoke_config
     return LLMEngine.from_model(
@@ -109,6 +111,7 @@ def engine_for(ctx: Context, model: str, max_num_seqs: int = 8, kv_memory: int |
         load_format="dummy",
         cache=CacheConfig(kv_cache_memory=kv_memory, memory_fraction=fraction),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+        async_scheduling=overlap,
     )
 
 
@@ -186,6 +189,14 @@ def bench_batch1(ctx: Context, name: str, label: str) -> None:
                         f"{streamed_bytes_note(roofline, ctx)}"))
     hf = transformers_rate(ctx, name, prompt_len, output_len)
     ctx.rows.append(Row(f"{label}, batch 1", rate, hf, "transformers generate", "tok/s"))
+    if ctx.overlap:  # the same decode with the next step scheduled while one runs
+        engine = engine_for(ctx, name, max_num_seqs=1, kv_memory=(64 << 20) if ctx.smoke else (4 << 30),
+                            overlap=True)
+        overlapped = decode_rate(engine, prompt_len, output_len)
+        del engine
+        _free(ctx)
+        ctx.rows.append(Row(f"{label}, batch 1, overlapped scheduling", overlapped, rate, "the same, not overlapped",
+                            "tok/s"))
 
 
 def streamed_bytes_note(roofline: float, ctx: Context) -> str:
@@ -204,7 +215,7 @@ def bench_throughput(ctx: Context) -> None:
     n = 16 if ctx.smoke else 1000
     engine = engine_for(ctx, "llama-3-8b", max_num_seqs=8 if ctx.smoke else 256,
                         fraction=None if ctx.smoke else 0.85, kv_memory=(64 << 20) if ctx.smoke else None,
-                        budget=512 if ctx.smoke else 8192)
+                        budget=512 if ctx.smoke else 8192, overlap=ctx.overlap)
     rng = random.Random(1)
     vocab = engine.model_config.vocab_size
     work = sharegpt_like(n)
@@ -220,26 +231,37 @@ def bench_throughput(ctx: Context) -> None:
     ctx.sync()
     elapsed = time.perf_counter() - t
     output = sum(o for _, o in work)
+    steps = engine.num_steps
     del engine
     _free(ctx)
-    ctx.rows.append(Row(f"Llama-3-8B shape, {n} ShareGPT-like prompts", output / elapsed, 16_000.0,
-                        "SGLang published (H100)", "output tok/s", f"{elapsed:.1f} s wall"))
+    ctx.rows.append(Row(f"Llama-3-8B shape, {n} ShareGPT-like prompts", output / elapsed, 16_215.0,
+                        "SGLang published (H100)", "output tok/s",
+                        f"{elapsed:.1f} s wall, {steps} steps ({elapsed / max(steps, 1) * 1e3:.1f} ms each)"
+                        + (", overlapped scheduling" if ctx.overlap else "")))
 
 
-def bench_attention(ctx: Context) -> None:
-    from quadrant.kernels.paged_decode import num_sms, paged_decode, plan_splits
+TILES = [(64, 8, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3)]  # (tokens, warps, stages) swept
+
+
+def bench_attention(ctx: Context, sweep: bool = False) -> None:
+    """The split-KV decode kernel alone; --sweep also times every tile in TILES (with every code
+    conversion for 8-bit caches) and names the best."""
+    from quadrant.kernels.paged_decode import CONVERSIONS, decode_conversion, decode_tile, num_sms, paged_decode, plan_splits
+    from quadrant.kernels.kv_store import quant_mode
 
     dev = torch.device(ctx.device)
     heads, kv_heads, dim, block = 32, 8, 128, 16
     shapes = [(2, 256), (2, 512)] if ctx.smoke else [(32, 8192), (128, 8192), (32, 32768), (64, 32768)]
-    cache_dtypes = [torch.bfloat16, torch.float8_e4m3fn] if dev.type == "cuda" else [torch.float32, torch.int8]
+    cache_dtypes = [torch.bfloat16, torch.float8_e4m3fn, torch.int8] if dev.type == "cuda" else [torch.float32,
+                                                                                                   torch.int8]
     for batch, ctx_len in shapes:
         for cache_dtype in cache_dtypes:
             quant = cache_dtype in (torch.int8, torch.float8_e4m3fn)
             blocks_per_seq = ctx_len // block
             num_blocks = batch * blocks_per_seq
             k = torch.empty(num_blocks, kv_heads, block, dim, device=dev, dtype=torch.bfloat16 if dev.type == "cuda"
-                            else torch.float32).normal_().to(cache_dtype)
+                            else torch.float32).normal_()
+            k = (k * 20).round().clamp(-127, 127).to(cache_dtype) if cache_dtype == torch.int8 else k.to(cache_dtype)
             v = torch.empty_like(k)
             v.copy_(k)
             scales = (torch.full((num_blocks, kv_heads, 1), 0.01, device=dev),) * 2 if quant else (None, None)
@@ -250,40 +272,86 @@ def bench_attention(ctx: Context) -> None:
                             (torch.bfloat16 if dev.type == "cuda" else torch.float32))
             splits, chunk = plan_splits([ctx_len] * batch, kv_heads, num_sms(dev))
             chunk_t = torch.tensor([chunk], dtype=torch.int32, device=dev)
-
-            def call() -> None:
-                paged_decode(q, k, v, tables, lens, dim**-0.5, splits, chunk_t, scales[0], scales[1],
-                             block if quant else 0)
-
-            call()
-            ctx.sync()
-            reps = 1 if ctx.smoke else 20
-            t = time.perf_counter()
-            for _ in range(reps):
-                call()
-            ctx.sync()
-            per_call = (time.perf_counter() - t) / reps
             read = 2 * k.numel() * k.element_size() + (2 * scales[0].numel() * 4 if quant else 0)
+            default = (*decode_tile(block, k.element_size()), decode_conversion(quant_mode(cache_dtype), dev))
+            convs = CONVERSIONS if quant and dev.type == "cuda" else (0,)
+            variants = [default] + [(*t, c) for t in TILES for c in convs if (*t, c) != default] \
+                if sweep and not ctx.smoke else [default]
+            rates = {}
+            for tile in variants:
+                def call() -> None:
+                    paged_decode(q, k, v, tables, lens, dim**-0.5, splits, chunk_t, scales[0], scales[1],
+                                 block if quant else 0, tile=tile[:3], convert=tile[3])
+
+                try:
+                    call()
+                except Exception as e:  # a swept tile that does not compile (shared memory): skip it, say why
+                    if tile == default:
+                        raise
+                    print(f"tile {tile}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                ctx.sync()
+                reps = 1 if ctx.smoke else 20
+                t = time.perf_counter()
+                for _ in range(reps):
+                    call()
+                ctx.sync()
+                rates[tile] = read / ((time.perf_counter() - t) / reps) / 1e9
             name = str(cache_dtype).replace("torch.", "")
-            ctx.rows.append(Row(f"decode attention, batch {batch}, {ctx_len} ctx, {name} KV", read / per_call / 1e9,
-                                ctx.bandwidth / 1e9, "copy bandwidth", "GB/s", f"{splits} splits of {chunk}"))
+            note = f"{splits} splits of {chunk}, (tokens, warps, stages, conversion) {default}"
+            if len(rates) > 1:
+                best = max(rates, key=rates.get)
+                note += f"; best tile {best}: {rates[best]:,.0f} GB/s; " + ", ".join(
+                    f"{t}: {r:,.0f}" for t, r in rates.items())
+            ctx.rows.append(Row(f"decode attention, batch {batch}, {ctx_len} ctx, {name} KV", rates[default],
+                                ctx.bandwidth / 1e9, "copy bandwidth", "GB/s", note))
             del k, v, scales
             _free(ctx)
+
+
+def profile_decode(ctx: Context, name: str, steps: int = 64) -> None:
+    """Where a batch-1 decode step's time goes: torch.profiler over `steps` steps, the top kernels
+    and host functions by time, and the wall time per step (printed, not a row)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = engine_for(ctx, name, max_num_seqs=1, kv_memory=(64 << 20) if ctx.smoke else (4 << 30))
+    params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True)
+    engine.add_request(list(range(1, 129)), params, request_id="profile")
+    for _ in range(16):  # prefill and the graphs' first replays
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        ctx.sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        ctx.sync()
+        wall = (time.perf_counter() - t) / steps
+    del engine
+    _free(ctx)
+    sort = "cuda_time_total" if ctx.device.startswith("cuda") else "cpu_time_total"
+    print(f"profile {name}: {wall * 1e3:.3f} ms per decode step (profiled; {1 / wall:,.0f} tok/s)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention"],
+    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention", "profile"],
                     default=["batch1", "small", "throughput", "attention"])
+    ap.add_argument("--sweep", action="store_true", help="attention: also time the other kernel tiles")
+    ap.add_argument("--overlap", action="store_true",
+                    help="throughput with overlapped scheduling; batch1/small also time it beside the plain run")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the GPU")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    ctx = Context(args.device, args.smoke, smoke_config=_smoke_config() if args.smoke else None)
+    ctx = Context(args.device, args.smoke, smoke_config=_smoke_config() if args.smoke else None, overlap=args.overlap)
     ctx.bandwidth = copy_bandwidth(ctx)
     stages = {"batch1": lambda: bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape"),
               "small": lambda: bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape"),
-              "throughput": lambda: bench_throughput(ctx), "attention": lambda: bench_attention(ctx)}
+              "throughput": lambda: bench_throughput(ctx), "attention": lambda: bench_attention(ctx, args.sweep),
+              "profile": lambda: profile_decode(ctx, "smollm2-135m")}
     for name, stage in stages.items():
         if name in args.only:
             done = len(ctx.rows)

@@ -5,7 +5,8 @@ fp8 e4m3 (GPU) codes with fp32 scales [num_blocks, kv_heads, block_size // N]. N
 block size, so a scale group is N consecutive positions of one sequence inside one block.
 Tokens arrive a few at a time (a prefill chunk, then one per decode step), so a write
 re-derives its group's scale from the tokens already there plus the new ones and requantises
-the group. `load_kv_tile` is the matching read used inside the attention kernels.
+the group. `load_kv_tile` and `load_kv_scales` are the matching reads inside the attention
+kernels.
 """
 
 from __future__ import annotations
@@ -157,16 +158,48 @@ def round_to_e4m3(x):
 
 
 @triton.jit
-def load_kv_tile(cache, scale, page, head, offset, d, valid, d_mask, c_sb, c_sh, c_st, s_sb, s_sh,
-                 QUANT: tl.constexpr, GROUP: tl.constexpr):
-    """Values of positions (page, offset) [BLOCK_N] of one head, [BLOCK_N, BLOCK_D], fp32 if quantised."""
+def load_kv_tile(cache, page, head, offset, d, valid, d_mask, c_sb, c_sh, c_st):
+    """Stored values of positions (page, offset) [BLOCK_N] of one head, [BLOCK_N, BLOCK_D]: an 8-bit
+    cache's codes as they are (their scales come from load_kv_scales)."""
     page = page.to(tl.int64)  # block tables are int32; a big cache's element offsets are not
     ptrs = cache + page[:, None] * c_sb + head * c_sh + offset[:, None] * c_st + d[None, :]
-    x = tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
-    if QUANT != 0:
-        s = tl.load(scale + page * s_sb + head * s_sh + offset // GROUP, mask=valid, other=0.0)
-        x = x.to(tl.float32) * s[:, None]
-    return x
+    return tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def load_kv_scales(scale, page, head, offset, valid, s_sb, s_sh, GROUP: tl.constexpr):
+    """The fp32 scale of each position (page, offset) [BLOCK_N] of an 8-bit cache: one per GROUP tokens."""
+    page = page.to(tl.int64)
+    return tl.load(scale + page * s_sb + head * s_sh + offset // GROUP, mask=valid, other=0.0)
+
+
+@triton.jit
+def codes_to_f16(x, QUANT: tl.constexpr):
+    """8-bit cache codes -> fp16 with integer and fp16x2 instructions, four codes per 32-bit register
+    (GPU only: inline PTX). The GPU's own conversions (I2F, F2F) issue at a fraction of the ALU rate,
+    and an 8-bit decode kernel converts every byte it reads. Both are exact:
+    int8: (code ^ 0x80) set under the exponent of fp16's 1024, minus 1152;
+    fp8 e4m3 (never NaN here: codes are clamped to +-448): the sign kept, exponent and mantissa moved
+    down one bit into fp16's fields, times 2^8 (the biases' difference), subnormals included."""
+    # The asm text is a literal in each call: a jit function cannot hold a str in a variable.
+    if QUANT == 1:
+        y = tl.inline_asm_elementwise(
+            """{ .reg .b32 t, z, c;
+            xor.b32 t, $2, 0x80808080; mov.b32 z, 0x64646464; mov.b32 c, 0x64806480;
+            prmt.b32 $0, t, z, 0x4140; prmt.b32 $1, t, z, 0x4342;
+            sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }""",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        y = tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, s, z, m;
+            mov.b32 z, 0; mov.b32 m, 0x5C005C00;
+            prmt.b32 a, $2, z, 0x1404; prmt.b32 b, $2, z, 0x3424;
+            shr.b32 s, a, 1; and.b32 a, a, 0x80008000; and.b32 s, s, 0x3F803F80; or.b32 a, a, s;
+            mul.f16x2 $0, a, m;
+            shr.b32 s, b, 1; and.b32 b, b, 0x80008000; and.b32 s, s, 0x3F803F80; or.b32 b, b, s;
+            mul.f16x2 $1, b, m; }""",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    return y
 
 
 @triton.jit

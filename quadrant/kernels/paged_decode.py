@@ -14,7 +14,7 @@ import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
 
 from quadrant.kernels.attention_tile import attend_kv_tile
-from quadrant.kernels.kv_store import check_paged_attention_inputs, dot_dtype, gather_kv
+from quadrant.kernels.kv_store import QUANT_FP8, check_paged_attention_inputs, dot_dtype, gather_kv
 
 MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
 MAX_SPLITS = 32
@@ -83,7 +83,7 @@ def _decode_split_kernel(
     q_sb, q_sh, c_sb, c_sh, c_st, s_sb, s_sh, bt_sb, o_sb, o_sh, p_sb, p_sh, p_ss,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, QGROUP: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT: tl.constexpr, SINGLE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT: tl.constexpr, SINGLE: tl.constexpr, CONV: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -102,6 +102,11 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     qt = tl.load(q + b * q_sb + heads[:, None] * q_sh + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
                  other=0.0)  # [BLOCK_G, BLOCK_D]: the query group of this KV head
+    if CONV != 0:
+        # fp16 dots over 8-bit codes: the query takes the softmax scale first, which keeps it far
+        # inside fp16's range (and fp16 holds more of its digits than bf16 does)
+        qt = (qt.to(tl.float32) * sm_scale).to(tl.float16)
+        sm_scale = 1.0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -110,7 +115,8 @@ def _decode_split_kernel(
         valid = pos < end
         acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, valid[None, :], k_cache, v_cache, k_scale, v_scale,
                                        block_tables + b * bt_sb, kh, pos, valid, d, d_mask, sm_scale, softcap,
-                                       c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP, DOT)
+                                       c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP,
+                                       tl.float16 if CONV != 0 else DOT, CONV)
     has = l_i > 0
     result = acc / tl.where(has, l_i, 1.0)[:, None]
     mask = g_mask[:, None] & d_mask[None, :]
@@ -158,10 +164,14 @@ def paged_decode(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     out: torch.Tensor | None = None,
+    tile: tuple[int, int, int] | None = None,
+    convert: int | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_ref. `num_splits` and `chunk` ([1] int32 on q's device) come
     from plan_splits: the grid has `num_splits` programs per (sequence, KV head), each reading at
-    most `chunk` tokens; num_splits * chunk must cover the longest context."""
+    most `chunk` tokens; num_splits * chunk must cover the longest context. `tile`: (tokens per
+    tile, warps, pipeline stages) instead of decode_tile's choice, `convert` (CONVERSIONS) instead of
+    decode_conversion's: benchmarks sweep both."""
     require_triton()
     bsz, num_heads, dim = q.shape
     num_kv, page = k_cache.shape[1], k_cache.shape[2]
@@ -178,6 +188,10 @@ def paged_decode(
         part_out = torch.empty(bsz, num_heads, num_splits, dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
     scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
+    block_n, warps, stages = tile or decode_tile(page, k_cache.element_size())
+    conv = decode_conversion(mode, q.device) if convert is None else convert
+    if conv and (mode == 0 or triton.knobs.runtime.interpret):
+        raise ValueError("fp16 conversions of the codes are for 8-bit caches on the GPU")
     _decode_split_kernel[(bsz, num_kv, num_splits)](
         q, k_cache, v_cache, scales[0], scales[1], block_tables, seq_lens, chunk, out, part_out, part_lse,
         scale, logit_softcap or 0.0, sliding_window or 0,
@@ -185,9 +199,9 @@ def paged_decode(
         scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads * num_splits, num_splits, 1,
         GROUP=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=max(16, min(64, page * 4)), QUANT=mode, QGROUP=max(group, 1),
-        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), SINGLE=single,
-        num_warps=8, num_stages=2,  # no register spills at head_dim 128 on sm_90 (4 warps spill)
+        PAGE=page, BLOCK_N=block_n, QUANT=mode, QGROUP=max(group, 1),
+        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), SINGLE=single, CONV=conv,
+        num_warps=warps, num_stages=stages,
     )
     if not single:
         _merge_splits_kernel[(bsz, num_heads)](
@@ -195,6 +209,29 @@ def paged_decode(
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
         )
     return out
+
+
+def decode_tile(page: int, element_size: int) -> tuple[int, int, int]:
+    """(tokens per tile, warps, pipeline stages) of the split kernel, from an H100 sweep (BENCHMARKS.md).
+    A 16-bit cache: 64 tokens, 8 warps (no register spills at head_dim 128 on sm_90). An 8-bit cache:
+    128 tokens (the same bytes in flight), 4 warps and 3 stages: 1.05-1.27x over 8 warps and 2 stages."""
+    if element_size >= 2:
+        return max(16, min(64, page * 4)), 8, 2
+    return max(16, min(128, page * 8)), 4, 3
+
+
+# How an 8-bit cache's codes become dot operands: 0, converted to the activations' dtype by Triton's
+# casts; 1, to fp16 by its casts (fp8 e4m3 -> fp16 is one native instruction per pair, where -> bf16
+# goes through fp32); 2, to fp16 with integer and fp16x2 instructions (kv_store.codes_to_f16).
+CONVERSIONS = (0, 1, 2)
+
+
+def decode_conversion(mode: int, device: torch.device) -> int:
+    """The conversion the split kernel uses for a cache of quantisation `mode` on `device`: on an H100,
+    fp16 dots for fp8 (1.05-1.18x), the activations' dtype for int8 (fp16 won only at one of four shapes)."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret:
+        return 0
+    return 1 if mode == QUANT_FP8 else 0
 
 
 def num_sms(device: torch.device) -> int:

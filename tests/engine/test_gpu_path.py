@@ -25,7 +25,7 @@ def make_engine(path, **options):  # type: ignore[no-untyped-def]
     return make_cpu_engine(path, device=KERNEL_DEVICE, **options)
 
 
-@pytest.mark.parametrize("regime", ["graphs", "eager", "small-budget"])
+@pytest.mark.parametrize("regime", ["graphs", "eager", "small-budget", "overlapped"])
 def test_triton_backend_matches_transformers(tiny, prompts, reference, regime):
     path, _ = tiny
     if regime == "graphs":  # decode steps through DecodeGraphs' padded buffers (5 running -> size 8)
@@ -34,10 +34,14 @@ def test_triton_backend_matches_transformers(tiny, prompts, reference, regime):
     elif regime == "eager":
         engine = make_engine(path, attention_backend="triton", cuda_graphs=False)
         assert engine.runner.graphs is None
+    elif regime == "overlapped":  # steps on the compute thread; on a GPU a bare "cuda" device (an H100 found
+        # the thread setting no current device: set_device refuses a device without an index)
+        engine = make_engine(path, attention_backend="triton", async_scheduling=True)
     else:  # many prefill chunks over a cached prefix, decodes mixed in, preemption by a small pool
         engine = make_engine(path, num_blocks=40, budget=7, attention_backend="triton")
     assert run_all(engine, prompts) == reference
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+    assert (engine.num_overlapped_steps > 0) == (regime == "overlapped")
 
 
 def _next_token_logprobs(engine: LLMEngine, prompts: list[list[int]]) -> list[dict[int, float]]:

@@ -31,6 +31,14 @@ def test_compiled_attention_kernels_match_reference(cache_dtype, groups):
     got = paged_decode(q, pc.k_cache, pc.v_cache, pc.block_tables, pc.seq_lens, dim**-0.5, splits,
                        torch.tensor([chunk], dtype=torch.int32, device=dev), pc.k_scale, pc.v_scale, group)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    if cache_dtype is not None:  # every way of turning the 8-bit codes into dot operands
+        from quadrant.kernels.paged_decode import CONVERSIONS
+
+        for conv in CONVERSIONS:
+            again = paged_decode(q, pc.k_cache, pc.v_cache, pc.block_tables, pc.seq_lens, dim**-0.5, splits,
+                                 torch.tensor([chunk], dtype=torch.int32, device=dev), pc.k_scale, pc.v_scale, group,
+                                 convert=conv)
+            torch.testing.assert_close(again.float(), ref.float(), atol=2e-2, rtol=2e-2, msg=f"conversion {conv}")
     qlens = [1, 100, 37, 300]
     starts = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=dev)
     qp = torch.randn(int(starts[-1]), num_kv * groups, dim, device=dev, dtype=torch.bfloat16)
@@ -98,8 +106,9 @@ def _tiny_mixtral(transformers, path) -> None:  # type: ignore[no-untyped-def]
 
 def test_cuda_graph_moe_with_fp8_cache_tracks_eager(tmp_path):
     """A tiny Mixtral through captured decode graphs with an fp8 cache, against the eager torch
-    backend with a full cache: most greedy tokens agree (fp8 moves near-ties), and the router
-    statistics count only real tokens (graph padding rows are routed but not counted)."""
+    backend with the same fp8 cache: most greedy tokens agree (the kernels' rounding moves
+    near-ties of a random-weight model), and the router statistics count only real tokens
+    (graph padding rows are routed but not counted)."""
     transformers = pytest.importorskip("transformers")
     from quadrant import LLM, SamplingParams
     from quadrant.config import CacheConfig
@@ -110,12 +119,14 @@ def test_cuda_graph_moe_with_fp8_cache_tracks_eager(tmp_path):
     graphs = LLM(str(tmp_path), device="cuda", dtype="bfloat16", attention_backend="triton",
                  cache=CacheConfig(num_blocks=128, cache_dtype="fp8"))
     eager = LLM(str(tmp_path), device="cuda", dtype="bfloat16", attention_backend="torch", cuda_graphs=False,
-                cache=CacheConfig(num_blocks=128))
+                cache=CacheConfig(num_blocks=128, cache_dtype="fp8"))
     a = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     agree = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
-    # A random-weight model has many near-ties; an H200 agreed on 90 of 120 tokens (75%).
-    assert agree >= 0.7 * sum(len(p) for p in b)
+    # Against a full-precision cache an H200 agreed on 90 of 120 tokens and an H100 on 82: fp8
+    # itself moves the near-ties. With the same fp8 cache on both sides only rounding differs.
+    print(f"greedy agreement with the eager fp8 run: {agree} of {sum(len(p) for p in b)}")
+    assert agree >= 0.8 * sum(len(p) for p in b)
     engine = graphs.engine
     assert all(sum(c) == 2 * engine.num_computed_tokens for c in engine.expert_load().values())
 
