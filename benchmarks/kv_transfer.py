@@ -1,11 +1,12 @@
-"""KV transfer speed: quadrant's pyzmq transport against a raw loopback TCP socket and memcpy.
+"""KV transfer speed: quadrant's pyzmq and Mooncake transports against a raw loopback TCP socket and memcpy.
 
     python benchmarks/kv_transfer.py [--shape llama-3-8b|smollm2-135m] [--tokens 2048] [--repeats 5]
 
 One prompt's KV blocks (K, V of every layer, as the engine lays them out) move from a prefill
 engine's cache to a decode engine's, in one process over 127.0.0.1: `KVServer` gathers the leased
 blocks and hands them to zmq without a copy, `KVClient` pulls layer ranges over N streams and
-scatters them into its own blocks. The peers move the same bytes in the same run: a raw TCP socket
+scatters them into its own blocks. With Mooncake Transfer Engine installed, the same blocks move again
+by its one-sided reads over TCP (pin over zmq, read, unpin; no gather or scatter). The peers move the same bytes in the same run: a raw TCP socket
 (sendall / recv_into, one stream, no gather or scatter: the loopback's ceiling for one stream) and a
 memcpy (torch copy_ of one contiguous buffer: the memory's ceiling). The ratio that matters is
 ours / raw socket. int8 caches move their blocks with the per-N-token scales.
@@ -25,7 +26,8 @@ from datetime import date
 import torch
 
 from quadrant.config import CacheConfig, ModelConfig
-from quadrant.disagg.protocol import KVLayout
+from quadrant.disagg.mooncake import endpoint_for
+from quadrant.disagg.protocol import KVLayout, KVTransferError
 from quadrant.disagg.transport import KVClient, KVServer, layer_tensors
 from quadrant.engine.kv_cache import allocate_kv_tensors
 
@@ -95,30 +97,46 @@ def run(shape: str, tokens: int, cache_dtype: str, streams: list[int], repeats: 
             t.view(torch.uint8).random_()
     ids = list(range(1, blocks + 1))
     layout = KVLayout.of(model, cache, dtype)
-    server = KVServer(layout, src, pin=lambda tid, blocks, first, digest: True, unpin=lambda tid: None, release=lambda tid: True)
-    client = KVClient(layout, dst)
     nbytes = blocks * cache.bytes_per_block(model, dtype)
     rows = []
-    try:
-        for n in streams:
-            bounds = [(i * model.num_hidden_layers // n, (i + 1) * model.num_hidden_layers // n) for i in range(n)]
+    for transport in ("pyzmq", "mooncake"):
+        endpoints = (None, None)
+        if transport == "mooncake":
+            try:
+                endpoints = (endpoint_for("127.0.0.1", src), endpoint_for("127.0.0.1", dst))
+            except KVTransferError as e:
+                print(f"Mooncake row skipped: {e}")
+                continue
+        for layer in dst:
+            for t in layer_tensors(layer):
+                t.zero_()
+        server = KVServer(layout, src, pin=lambda tid, blocks, first, digest: True, unpin=lambda tid: None,
+                          release=lambda tid: True, mooncake=endpoints[0])
+        client = KVClient(layout, dst, mooncake=endpoints[1])
+        try:
+            for n in streams:
+                bounds = [(i * model.num_hidden_layers // n, (i + 1) * model.num_hidden_layers // n) for i in range(n)]
 
-            def pull() -> None:
-                threads = [threading.Thread(target=client.pull, args=("127.0.0.1", server.port, "t", ids, ids, b))
-                           for b in bounds]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                def pull() -> None:
+                    threads = [threading.Thread(target=client.pull, args=("127.0.0.1", server.port, "t", ids, ids, b))
+                               for b in bounds]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
 
-            pull()  # connect and handshake once
-            seconds = best(pull, repeats)
-            rows.append({"what": f"quadrant pyzmq, {n} stream{'s' * (n > 1)}", "seconds": seconds})
-        assert all(torch.equal(a[1:].view(torch.uint8), b[1:].view(torch.uint8)) for la, lb in zip(src, dst)
-                   for a, b in zip(layer_tensors(la), layer_tensors(lb)))
-    finally:
-        client.close()
-        server.close()
+                pull()  # connect and handshake once
+                seconds = best(pull, repeats)
+                label = "quadrant pyzmq" if transport == "pyzmq" else "quadrant Mooncake TCP reads"
+                rows.append({"what": f"{label}, {n} stream{'s' * (n > 1)}", "seconds": seconds})
+            assert all(torch.equal(a[1:].view(torch.uint8), b[1:].view(torch.uint8)) for la, lb in zip(src, dst)
+                       for a, b in zip(layer_tensors(la), layer_tensors(lb)))
+        finally:
+            client.close()
+            server.close()
+            for e in endpoints:
+                if e is not None:
+                    e.close()
     rows.append({"what": "raw TCP socket, 1 stream", "seconds": raw_socket_seconds(nbytes, repeats)})
     flat_src, flat_dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     flat_src.random_()
@@ -142,9 +160,9 @@ def main() -> None:
     raw = next(r for r in rows if r["what"].startswith("raw"))["gbps"]
     print(f"\nKV transfer, {args.shape} shape, {args.tokens} tokens, cache {args.cache_dtype}: "
           f"{rows[0]['bytes'] / 1e6:.1f} MB ({date.today()}, {platform.machine()}, {os.cpu_count()} cores)")
-    print(f"{'path':<30} {'ms':>9} {'GB/s':>8} {'x raw socket':>13}")
+    print(f"{'path':<40} {'ms':>9} {'GB/s':>8} {'x raw socket':>13}")
     for r in rows:
-        print(f"{r['what']:<30} {r['seconds'] * 1e3:>9.1f} {r['gbps']:>8.2f} {r['gbps'] / raw:>13.2f}")
+        print(f"{r['what']:<40} {r['seconds'] * 1e3:>9.1f} {r['gbps']:>8.2f} {r['gbps'] / raw:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -364,7 +364,8 @@ def _kv_transfer_config(args: argparse.Namespace) -> "KVTransferConfig":
 
     kv_host = args.kv_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
     return KVTransferConfig(role=args.role, kv_host=kv_host, kv_port=args.kv_port, lease_seconds=args.kv_lease_seconds,
-                            num_streams=args.kv_streams, load_failure_policy=args.kv_load_failure_policy)
+                            num_streams=args.kv_streams, load_failure_policy=args.kv_load_failure_policy,
+                            kv_transport=args.kv_transport)
 
 
 def _changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -405,7 +406,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise QuadrantError("--disagg starts its own prefill and decode workers; leave out --role")
         open_model(store.resolve(args.model, pull_missing=True))  # pull once, before the workers start
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if launch_disagg(args.model, args.disagg, args.host, args.port, _changed_flags(args.engine_parser, args)):
+        worker_args = _changed_flags(args.engine_parser, args)
+        if args.kv_transport != "zmq":  # both roles must agree on it
+            worker_args += ["--kv-transport", args.kv_transport]
+        if launch_disagg(args.model, args.disagg, args.host, args.port, worker_args):
             raise QuadrantError("the disaggregated deployment stopped with an error; see the log above")
         return
 
@@ -564,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kv-lease-seconds", type=float, default=60.0,
                    help="prefill: how long a finished prompt's KV waits for a decode worker")
     d.add_argument("--kv-streams", type=int, default=2, help="decode: parallel connections per KV pull")
+    d.add_argument("--kv-transport", choices=["zmq", "mooncake"], default="zmq",
+                   help="how KV blocks move, the same on both sides: zmq (built in) or Mooncake Transfer Engine's "
+                        "one-sided reads (pip install mooncake-transfer-engine-non-cuda; RDMA where built for it)")
     d.add_argument("--kv-load-failure-policy", choices=["recompute", "fail"], default="recompute",
                    help="decode: when a KV pull fails, recompute the prompt here or fail the request")
     d.add_argument("--disagg", metavar="xPyD", default=None,

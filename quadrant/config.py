@@ -546,12 +546,17 @@ class KVTransferConfig:
     num_streams: int = 2  # decode: parallel connections per transfer (each pulls a share of the layers)
     load_failure_policy: Literal["recompute", "fail"] = "recompute"  # decode: a failed pull recomputes or errors
     transfer_timeout: float = 30.0  # decode: seconds each request to a KV server (hello, pull, done) may take
+    # The data plane, on both sides: zmq frames gathered from the cache, or Mooncake Transfer Engine's
+    # one-sided reads of the registered caches (disagg/mooncake.py; optional, TCP here, RDMA where built).
+    kv_transport: Literal["zmq", "mooncake"] = "zmq"
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):
             raise ValueError(f"role must be prefill, decode or both, got {self.role!r}")
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"kv load failure policy must be recompute or fail, got {self.load_failure_policy!r}")
+        if self.kv_transport not in ("zmq", "mooncake"):
+            raise ValueError(f"kv transport must be zmq or mooncake, got {self.kv_transport!r}")
         if not 0 <= self.kv_port < 65536:
             raise ValueError(f"kv port must be in [0, 65536), got {self.kv_port}")
         if self.num_streams < 1 or self.lease_seconds <= 0 or self.transfer_timeout <= 0:

@@ -24,6 +24,13 @@ if [ "$1" = "test" ]; then
       || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
       || echo "chromium could not be installed; the browser test will be skipped"
   fi
+  # Mooncake Transfer Engine (the --kv-transport mooncake tests) links libibverbs, which Debian ships.
+  if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "installing libibverbs1 (Debian package) for Mooncake Transfer Engine"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 >/dev/null 2>&1; } \
+      || echo "libibverbs1 could not be installed; the Mooncake tests will be skipped"
+  fi
 else
   "$PY" -m pip install --quiet -e .
 fi

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from quadrant.config import KVTransferConfig
+from quadrant.disagg.mooncake import endpoint_for
 from quadrant.disagg.protocol import KVLayout, RemoteKV, prompt_digest
 from quadrant.disagg.transport import KVClient, KVServer
 from quadrant.engine.request import Request
@@ -145,12 +146,15 @@ class KVConnector:
         self.leases = LeaseTable(config.lease_seconds)
         self.server: KVServer | None = None
         self.client: KVClient | None = None
+        # The data plane: zmq frames, or Mooncake's one-sided reads of the registered caches.
+        self.mooncake = endpoint_for(config.kv_host, caches) if config.kv_transport == "mooncake" \
+            and config.role != "both" else None
         if config.role == "prefill":
             self.server = KVServer(layout, caches, self.leases.pin, self.leases.unpin, self._release,
-                                   config.kv_host, config.kv_port)
+                                   config.kv_host, config.kv_port, self.mooncake, config.transfer_timeout)
             log.info("KV server listening on %s:%d", config.kv_host, self.server.port)
         elif config.role == "decode":
-            self.client = KVClient(layout, caches, config.transfer_timeout)
+            self.client = KVClient(layout, caches, config.transfer_timeout, self.mooncake)
             self._coordinators = ThreadPoolExecutor(4, thread_name_prefix="quadrant-kv-load")
             self._streams = ThreadPoolExecutor(config.num_streams, thread_name_prefix="quadrant-kv-stream")
         self._loads: set[int] = set()  # id() of the loads in flight (request ids may be reused)
@@ -276,3 +280,5 @@ class KVConnector:
             self._coordinators.shutdown(wait=False, cancel_futures=True)
             self._streams.shutdown(wait=False, cancel_futures=True)
             self.client.close()
+        if self.mooncake is not None:
+            self.mooncake.close()

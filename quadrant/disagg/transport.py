@@ -10,6 +10,10 @@ streams pull disjoint layer ranges at once. A final `done` ends the prefill side
 Every request carries the layout (a stateless handshake: a pull of mismatched blocks is refused
 even after a restart on either side), and a pull names the transfer id, the only key to a lease;
 block ids outside that lease are refused.
+
+With a Mooncake endpoint on both sides (disagg/mooncake.py) the data skips zmq: the hello advertises
+the server's registered tensors, a `pin` holds a lease's blocks (until `unpin`, or `transfer_timeout`
+seconds), and the client reads them one-sidedly in between; zmq carries only the control messages.
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+import uuid
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
 
 from quadrant.disagg.protocol import KVHandshakeError, KVLayout, KVTransferError
 from quadrant.layers.attention import LayerKVCache
+
+if TYPE_CHECKING:
+    from quadrant.disagg.mooncake import MooncakeEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +120,13 @@ class KVServer:
 
     def __init__(self, layout: KVLayout, caches: list[LayerKVCache], pin: PinBlocks,
                  unpin: Callable[[str], None], release: Callable[[str], bool], host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, mooncake: MooncakeEndpoint | None = None, pin_seconds: float = 30.0) -> None:
         self.layout = layout
         self.caches = caches
         self.pin, self.unpin, self.release = pin, unpin, release
+        self.mooncake = mooncake
+        self.pin_seconds = pin_seconds
+        self._pins: dict[str, tuple[str, float]] = {}  # pin token -> (transfer id, deadline): one-sided reads
         self.bytes_sent = 0
         self._staging = StagingBuffers()
         self._ctx = zmq.Context(io_threads=2)
@@ -140,6 +152,7 @@ class KVServer:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
+            self._expire_pins()
             if not poller.poll(100):
                 continue
             ident, raw = self._sock.recv_multipart()[:2]
@@ -162,18 +175,33 @@ class KVServer:
         self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
         op = req.get("op")
         if op == "hello":
-            return {"ok": True, "layout": self.layout.to_dict()}, []
+            mooncake = self.mooncake.describe() if self.mooncake is not None else None
+            return {"ok": True, "layout": self.layout.to_dict(), "mooncake": mooncake}, []
         if op == "done":
             return {"ok": True, "released": self.release(str(req["transfer_id"]))}, []
-        if op != "pull":
+        if op == "unpin":
+            held = self._pins.pop(str(req["pin"]), None)
+            if held is None:  # its deadline passed: the blocks may have changed under the read
+                return {"ok": False, "error": f"the pin expired after {self.pin_seconds:g} s"}, []
+            self.unpin(held[0])
+            return {"ok": True}, []
+        if op not in ("pull", "pin"):
             raise ValueError(f"unknown op {op!r}")
         tid, ids = str(req["transfer_id"]), [int(b) for b in req["block_ids"]]
         first, last = int(req["layers"][0]), int(req["layers"][1])
         if not 0 <= first < last <= len(self.caches):
             raise ValueError(f"layers [{first}, {last}) out of range")
+        if op == "pin" and self.mooncake is None:
+            raise ValueError("this KV server reads no pinned blocks out: it runs without --kv-transport mooncake")
         if not self.pin(tid, ids, int(req["first_block"]), str(req["prompt_digest"])):
             return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
                                           f"(expired, released or unknown)"}, []
+        if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
+            token = uuid.uuid4().hex
+            self._pins[token] = (tid, time.monotonic() + self.pin_seconds)
+            self.bytes_sent += len(ids) * sum(t[:1].numel() * t.element_size() for cache in self.caches[first:last]
+                                              for t in layer_tensors(cache))
+            return {"ok": True, "pin": token}, []
         try:  # the lease cannot expire while its blocks are read
             index = torch.tensor(ids, dtype=torch.long, device=self.caches[0].k.device)
             frames = self._staging.gather([t for cache in self.caches[first:last] for t in layer_tensors(cache)], index)
@@ -181,6 +209,15 @@ class KVServer:
             self.unpin(tid)
         self.bytes_sent += sum(f.nbytes for f in frames)
         return {"ok": True}, frames
+
+    def _expire_pins(self) -> None:
+        """Pins whose reader never unpinned (it died, or stalled): the lease may expire again."""
+        now = time.monotonic()
+        for token, (tid, deadline) in list(self._pins.items()):
+            if deadline <= now:
+                del self._pins[token]
+                self.unpin(tid)
+                log.warning("a one-sided read of transfer %s did not finish in %g s; unpinned", tid, self.pin_seconds)
 
     def close(self) -> None:
         self._stop.set()
@@ -192,10 +229,13 @@ class KVClient:
     """Decode side: pulls blocks from KV servers into `caches`. One zmq socket per (thread, remote):
     each stream thread of the caller keeps its own."""
 
-    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], timeout: float = 30.0) -> None:
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], timeout: float = 30.0,
+                 mooncake: MooncakeEndpoint | None = None) -> None:
         self.layout = layout
         self.caches = caches
+        self.mooncake = mooncake
         self.timeout_ms = int(timeout * 1000)
+        self._peers: dict[tuple[str, int], dict[str, Any] | None] = {}  # a server's Mooncake description
         self._ctx = zmq.Context(io_threads=2)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -230,11 +270,16 @@ class KVClient:
             raise KVTransferError(f"the KV server at {host}:{port} did not answer in {self.timeout_ms / 1000:g} s")
         frames = sock.recv_multipart(copy=False)
         header = json.loads(frames[0].bytes)
+        self._local.header = header  # this thread's last answer (a pin's token)
         if not header.get("ok"):
             error = f"KV server {host}:{port}: {header.get('error')}"
             raise KVHandshakeError(error) if header.get("kind") == "handshake" else KVTransferError(error)
         if "layout" in header:  # the hello's answer: the server's own layout, checked here too
             self.layout.check_compatible(KVLayout.from_dict(header["layout"]))
+            self._peers[(host, port)] = header.get("mooncake")
+            if self.mooncake is not None and header.get("mooncake") is None:
+                raise KVHandshakeError(f"the KV server at {host}:{port} offers no Mooncake reads: start the prefill "
+                                       "worker with --kv-transport mooncake too")
         return frames[1:]
 
     def request(self, host: str, port: int, req: dict[str, Any]) -> list[Any]:
@@ -250,6 +295,8 @@ class KVClient:
              layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "") -> int:
         """Copy blocks `remote_ids` (from position `first_block` of the lease's block table, of the prompt
         named by `prompt_digest`) of layers [first, last) into our blocks `local_ids`; returns bytes moved."""
+        if self.mooncake is not None:
+            return self._read(host, port, transfer_id, remote_ids, local_ids, layers, first_block, prompt_digest)
         frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
                                            "layers": list(layers), "first_block": first_block,
                                            "prompt_digest": prompt_digest})
@@ -267,6 +314,22 @@ class KVClient:
                     raise KVTransferError(f"KV server {host}:{port} sent a tensor of the wrong size")
                 scatter_blocks(dest, runs, src.view(dest.dtype).view(shape).to(dest.device))
                 moved += src.numel()
+        return moved
+
+    def _read(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
+              layers: tuple[int, int], first_block: int, prompt_digest: str) -> int:
+        """pull() over Mooncake: pin the blocks, read them one-sidedly, unpin (which fails if the pin expired)."""
+        assert self.mooncake is not None
+        self._socket(host, port)  # the hello, which brings the server's Mooncake description
+        remote = self._peers[(host, port)]
+        assert remote is not None  # the hello refused a server without one
+        self.request(host, port, {"op": "pin", "transfer_id": transfer_id, "block_ids": remote_ids,
+                                  "layers": list(layers), "first_block": first_block, "prompt_digest": prompt_digest})
+        pin = self._local.header["pin"]
+        try:
+            moved = self.mooncake.read_blocks(remote, layers, remote_ids, local_ids)
+        finally:
+            self.request(host, port, {"op": "unpin", "pin": pin})
         return moved
 
     def close(self) -> None:

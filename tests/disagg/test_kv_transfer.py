@@ -251,3 +251,60 @@ def test_a_reused_request_id_does_not_free_the_new_pull(pair, prompts, reference
     d.add_request(prompts[1], GREEDY, "x", kv2)
     assert finish(d)["x"].outputs[0].token_ids == reference[1]
     wait_for(lambda: d.connector.num_loads_in_flight == 0 and free_blocks(d) == free_before)
+
+
+def _mooncake_or_skip() -> None:
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except ImportError as e:  # the package, or the libibverbs it links against (scripts/install.sh test)
+        pytest.skip(f"Mooncake Transfer Engine not installed here: {e}")
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "int8"])
+def test_mooncake_reads_match_colocated_byte_for_byte(tiny, prompts, reference, cache_dtype):
+    """--kv-transport mooncake: the decode engine reads the leased blocks one-sidedly (Mooncake's TCP
+    transport), scales included; output equals colocated, blocks equal byte for byte, nothing leaks."""
+    _mooncake_or_skip()
+    cache = CacheConfig(num_blocks=64, cache_dtype=cache_dtype, quant_group=4)  # type: ignore[arg-type]
+    p = make(tiny[0], "prefill", cache, kv_transport="mooncake")
+    d = make(tiny[0], "decode", cache, kv_transport="mooncake", load_failure_policy="fail")
+    colocated = make(tiny[0], cache=cache)
+    try:
+        params = prefill(p, prompts)
+        for i, (pr, kv) in enumerate(zip(prompts, params)):
+            d.add_request(pr, GREEDY, str(i), kv)
+            colocated.add_request(pr, GREEDY, str(i))
+        got, want = finish(d), finish(colocated)
+        assert all(got[str(i)].error is None for i in range(len(prompts)))
+        assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == \
+            [want[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+        if cache_dtype == "auto":
+            assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == reference
+        src = params[1]["remote_block_ids"][0]
+        dst = d.kv.pool.cached[hash_block(None, prompts[1][:16])]
+        for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches):
+            for a, b in zip(layer_tensors(layer_p), layer_tensors(layer_d)):
+                assert torch.equal(a[src], b[dst])
+        stats = d.connector.snapshot()
+        assert stats.transfers == len(prompts) and stats.failures == 0 and stats.bytes > 0
+        assert p.connector.snapshot().bytes == stats.bytes  # what was pinned is what was read
+        wait_for(lambda: free_blocks(p) == 64)  # every lease released by the decode side's done
+        assert free_blocks(d) == 64
+        assert not p.connector.server._pins  # every pin undone
+    finally:
+        for e in (p, d, colocated):
+            e.shutdown()
+
+
+def test_mooncake_decode_refuses_a_prefill_without_it(tiny, prompts):
+    _mooncake_or_skip()
+    p = make(tiny[0], "prefill")
+    d = make(tiny[0], "decode", kv_transport="mooncake", load_failure_policy="fail")
+    try:
+        kv = prefill(p, [prompts[0]])[0]
+        d.add_request(prompts[0], GREEDY, "x", kv)
+        out = finish(d)["x"]
+        assert out.error is not None and "--kv-transport mooncake" in out.error
+        assert free_blocks(d) == 64
+    finally:
+        p.shutdown(), d.shutdown()
