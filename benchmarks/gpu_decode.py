@@ -273,7 +273,7 @@ def bench_attention(ctx: Context, sweep: bool = False) -> None:
             splits, chunk = plan_splits([ctx_len] * batch, kv_heads, num_sms(dev))
             chunk_t = torch.tensor([chunk], dtype=torch.int32, device=dev)
             read = 2 * k.numel() * k.element_size() + (2 * scales[0].numel() * 4 if quant else 0)
-            default = (*decode_tile(block, k.element_size()), decode_conversion(quant_mode(cache_dtype), dev))
+            default = (*decode_tile(block, k.element_size(), dev), decode_conversion(quant_mode(cache_dtype), dev, q.dtype))
             convs = CONVERSIONS if quant and dev.type == "cuda" else (0,)
             variants = [default] + [(*t, c) for t in TILES for c in convs if (*t, c) != default] \
                 if sweep and not ctx.smoke else [default]

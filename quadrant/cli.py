@@ -563,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill: run prompts and serve their KV to decode workers; decode: pull the KV, then "
                         "decode; both (default): a colocated server")
     d.add_argument("--kv-host", default=None, help="prefill: address of its KV server (default: --host, or "
-                                                   "127.0.0.1 when --host is 0.0.0.0)")
+                                                   "127.0.0.1 when --host is 0.0.0.0); with --kv-transport mooncake, "
+                                                   "on both roles the address Mooncake advertises")
     d.add_argument("--kv-port", type=int, default=0, help="prefill: port of its KV server (0: any free one)")
     d.add_argument("--kv-lease-seconds", type=float, default=60.0,
                    help="prefill: how long a finished prompt's KV waits for a decode worker")

@@ -150,8 +150,10 @@ class KVConnector:
         self.mooncake = endpoint_for(config.kv_host, caches) if config.kv_transport == "mooncake" \
             and config.role != "both" else None
         if config.role == "prefill":
-            self.server = KVServer(layout, caches, self.leases.pin, self.leases.unpin, self._release,
-                                   config.kv_host, config.kv_port, self.mooncake, config.transfer_timeout)
+            # A pin may outlast a read's own time limit (Mooncake's, about transfer_timeout) and its wait
+            # for the engine's earlier reads.
+            self.server = KVServer(layout, caches, self.leases.pin, self._unpin, self._release,
+                                   config.kv_host, config.kv_port, self.mooncake, 2 * config.transfer_timeout + 10)
             log.info("KV server listening on %s:%d", config.kv_host, self.server.port)
         elif config.role == "decode":
             self.client = KVClient(layout, caches, config.transfer_timeout, self.mooncake)
@@ -179,6 +181,10 @@ class KVConnector:
                           prompt_digest(prompt), first, req.logprobs[0] if req.logprobs else None)
         self.leases.add(transfer_id, req, remote)
         return remote
+
+    def _unpin(self, transfer_id: str) -> None:
+        self.leases.unpin(transfer_id)
+        self.wakeup()  # a lease that expired while read can be freed now
 
     def _release(self, transfer_id: str) -> bool:
         released = self.leases.release(transfer_id)

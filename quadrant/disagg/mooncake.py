@@ -7,7 +7,12 @@ the zmq control socket, reads them straight from the prefill engine's cache into
 read per run of blocks consecutive on both sides, per tensor, in one batch), and unpins. Nothing is
 gathered or staged on either side. The transport is TCP here; builds and machines with RDMA NICs
 take `QUADRANT_MOONCAKE_PROTOCOL=rdma` (and `QUADRANT_MOONCAKE_DEVICE`, the NIC names).
-Peers find each other without a metadata server (Mooncake's P2P handshake).
+Peers find each other without a metadata server (Mooncake's P2P handshake), each at its `--kv-host`
+(set it on decode workers too when they are on other machines).
+
+The lease checks (a pin names its transfer, prompt and blocks) guard what a well-behaved peer reads;
+Mooncake itself lets any peer that reaches its port read any registered address, so it belongs on a
+trusted network, as RDMA fabrics are.
 
 Mooncake is optional: `pip install mooncake-transfer-engine-non-cuda` (CPU caches; the package
 needs libibverbs, Debian's `libibverbs1`) or the CUDA build for GPU caches.
@@ -31,6 +36,8 @@ INSTALL_HINT = ("--kv-transport mooncake needs Mooncake Transfer Engine: pip ins
 
 def paired_runs(remote_ids: list[int], local_ids: list[int]) -> list[tuple[int, int, int]]:
     """(remote first block, local first block, count) of each run that is consecutive on both sides."""
+    if len(remote_ids) != len(local_ids):
+        raise KVTransferError(f"{len(remote_ids)} remote blocks for {len(local_ids)} local ones")
     runs: list[tuple[int, int, int]] = []
     for r, loc in zip(remote_ids, local_ids):
         if runs and runs[-1][0] + runs[-1][2] == r and runs[-1][1] + runs[-1][2] == loc:
@@ -68,7 +75,9 @@ class MooncakeEndpoint:
             raise KVTransferError(f"Mooncake could not register the KV cache's memory (code {rc}); on a GPU use "
                                   "its CUDA build")
         self.session = f"{host}:{self.engine.get_rpc_port()}"
-        self._lock = threading.Lock()  # one batch at a time per engine: its Python binding is not documented as thread-safe
+        # One read at a time per engine (its Python binding is not documented as thread-safe), and no
+        # unregistering under a read: callers hold it around pin, read and unpin.
+        self.lock = threading.Lock()
         log.info("Mooncake Transfer Engine %s (%s) with %d KV tensors registered", self.session, protocol, len(flat))
 
     def describe(self) -> dict[str, Any]:
@@ -97,18 +106,18 @@ class MooncakeEndpoint:
                     lengths.append(n * block_bytes)
         if not lengths:
             return 0
-        with self._lock:
-            rc = self.engine.batch_transfer_sync_read(remote["session"], local_addrs, remote_addrs, lengths)
+        rc = self.engine.batch_transfer_sync_read(remote["session"], local_addrs, remote_addrs, lengths)
         if rc != 0:
             raise KVTransferError(f"Mooncake read from {remote['session']} failed (code {rc})")
         return sum(lengths)
 
     def close(self) -> None:
         flat = [t for layer in self.tensors for t in layer]
-        try:
-            self.engine.batch_unregister_memory([t.data_ptr() for t in flat])
-        except Exception as e:  # noqa: BLE001 - shutting down: nothing to recover
-            log.debug("Mooncake unregister failed: %s", e)
+        with self.lock:  # after any read in flight
+            try:
+                self.engine.batch_unregister_memory([t.data_ptr() for t in flat])
+            except Exception as e:  # noqa: BLE001 - shutting down: nothing to recover
+                log.debug("Mooncake unregister failed: %s", e)
 
 
 def endpoint_for(host: str, caches: list[LayerKVCache]) -> MooncakeEndpoint:

@@ -126,7 +126,7 @@ class KVServer:
         self.pin, self.unpin, self.release = pin, unpin, release
         self.mooncake = mooncake
         self.pin_seconds = pin_seconds
-        self._pins: dict[str, tuple[str, float]] = {}  # pin token -> (transfer id, deadline): one-sided reads
+        self._pins: dict[str, tuple[str, float, int]] = {}  # pin token -> (transfer id, deadline, bytes): one-sided reads
         self.bytes_sent = 0
         self._staging = StagingBuffers()
         self._ctx = zmq.Context(io_threads=2)
@@ -184,6 +184,8 @@ class KVServer:
             if held is None:  # its deadline passed: the blocks may have changed under the read
                 return {"ok": False, "error": f"the pin expired after {self.pin_seconds:g} s"}, []
             self.unpin(held[0])
+            if req.get("read"):
+                self.bytes_sent += held[2]
             return {"ok": True}, []
         if op not in ("pull", "pin"):
             raise ValueError(f"unknown op {op!r}")
@@ -197,11 +199,14 @@ class KVServer:
             return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
                                           f"(expired, released or unknown)"}, []
         if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
+            assert self.mooncake is not None
             token = uuid.uuid4().hex
-            self._pins[token] = (tid, time.monotonic() + self.pin_seconds)
-            self.bytes_sent += len(ids) * sum(t[:1].numel() * t.element_size() for cache in self.caches[first:last]
-                                              for t in layer_tensors(cache))
-            return {"ok": True, "pin": token}, []
+            nbytes = len(ids) * sum(t[:1].numel() * t.element_size() for cache in self.caches[first:last]
+                                    for t in layer_tensors(cache))
+            self._pins[token] = (tid, time.monotonic() + self.pin_seconds, nbytes)
+            # The tensors' addresses ride on every pin: a prefill worker restarted on the same port
+            # (which zmq reconnects to silently) has new ones.
+            return {"ok": True, "pin": token, "mooncake": self.mooncake.describe()}, []
         try:  # the lease cannot expire while its blocks are read
             index = torch.tensor(ids, dtype=torch.long, device=self.caches[0].k.device)
             frames = self._staging.gather([t for cache in self.caches[first:last] for t in layer_tensors(cache)], index)
@@ -213,7 +218,7 @@ class KVServer:
     def _expire_pins(self) -> None:
         """Pins whose reader never unpinned (it died, or stalled): the lease may expire again."""
         now = time.monotonic()
-        for token, (tid, deadline) in list(self._pins.items()):
+        for token, (tid, deadline, _) in list(self._pins.items()):
             if deadline <= now:
                 del self._pins[token]
                 self.unpin(tid)
@@ -235,7 +240,6 @@ class KVClient:
         self.caches = caches
         self.mooncake = mooncake
         self.timeout_ms = int(timeout * 1000)
-        self._peers: dict[tuple[str, int], dict[str, Any] | None] = {}  # a server's Mooncake description
         self._ctx = zmq.Context(io_threads=2)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -276,7 +280,6 @@ class KVClient:
             raise KVHandshakeError(error) if header.get("kind") == "handshake" else KVTransferError(error)
         if "layout" in header:  # the hello's answer: the server's own layout, checked here too
             self.layout.check_compatible(KVLayout.from_dict(header["layout"]))
-            self._peers[(host, port)] = header.get("mooncake")
             if self.mooncake is not None and header.get("mooncake") is None:
                 raise KVHandshakeError(f"the KV server at {host}:{port} offers no Mooncake reads: start the prefill "
                                        "worker with --kv-transport mooncake too")
@@ -318,18 +321,24 @@ class KVClient:
 
     def _read(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
               layers: tuple[int, int], first_block: int, prompt_digest: str) -> int:
-        """pull() over Mooncake: pin the blocks, read them one-sidedly, unpin (which fails if the pin expired)."""
-        assert self.mooncake is not None
-        self._socket(host, port)  # the hello, which brings the server's Mooncake description
-        remote = self._peers[(host, port)]
-        assert remote is not None  # the hello refused a server without one
-        self.request(host, port, {"op": "pin", "transfer_id": transfer_id, "block_ids": remote_ids,
-                                  "layers": list(layers), "first_block": first_block, "prompt_digest": prompt_digest})
-        pin = self._local.header["pin"]
-        try:
-            moved = self.mooncake.read_blocks(remote, layers, remote_ids, local_ids)
-        finally:
-            self.request(host, port, {"op": "unpin", "pin": pin})
+        """pull() over Mooncake: pin the blocks, read them one-sidedly, unpin (which fails if the pin
+        lapsed meanwhile). One read at a time per engine: the pin's clock starts when its read can."""
+        mooncake = self.mooncake
+        assert mooncake is not None
+        with mooncake.lock:
+            self.request(host, port, {"op": "pin", "transfer_id": transfer_id, "block_ids": remote_ids,
+                                      "layers": list(layers), "first_block": first_block,
+                                      "prompt_digest": prompt_digest})
+            header = self._local.header
+            try:
+                moved = mooncake.read_blocks(header["mooncake"], layers, remote_ids, local_ids)
+            except Exception:
+                try:  # best effort: the read's own error is the one to report; a lost unpin lapses
+                    self.request(host, port, {"op": "unpin", "pin": header["pin"]})
+                except KVTransferError as e:
+                    log.info("unpin after a failed read not delivered: %s", e)
+                raise
+            self.request(host, port, {"op": "unpin", "pin": header["pin"], "read": True})
         return moved
 
     def close(self) -> None:

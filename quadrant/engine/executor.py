@@ -97,8 +97,8 @@ class InProcessExecutor:
             # The compute thread takes the engine thread's thread count (OpenMP's is per thread, and the
             # compiled decode graphs were traced with it).
             threads, device = torch.get_num_threads(), torch.device(self.worker.config.device)
-            if device.type == "cuda" and device.index is None:  # a bare "cuda": the engine thread's current GPU
-                device = torch.device("cuda", torch.cuda.current_device())
+            if device.type == "cuda" and device.index is None:  # a bare "cuda": the GPU the weights are on
+                device = next(self.worker.model.parameters()).device
             self._compute = ThreadPoolExecutor(1, "quadrant-compute", initializer=_compute_thread_setup,
                                                initargs=(threads, device))
         return self._compute.submit(self.worker.execute, step)

@@ -42,6 +42,11 @@ def attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scal
     if CONV == 2:
         vt = codes_to_f16(vt, QUANT)
     if QUANT != 0:
-        p = p * load_kv_scales(v_scale, page, kh, offset, valid, s_sb, s_sh, QGROUP)[None, :]
-    acc = acc * alpha[:, None] + dot_as(p, vt, DOT)
+        # Relative to the tile's largest scale: p * scale itself (an fp8 scale is amax / 448, often
+        # ~1e-4) would sink into fp16's subnormals; p * (scale / max) stays in [0, 1] as plain p does.
+        vs = load_kv_scales(v_scale, page, kh, offset, valid, s_sb, s_sh, QGROUP)
+        top = tl.maximum(tl.max(vs, axis=0), 1e-30)
+        acc = acc * alpha[:, None] + dot_as(p * (vs / top)[None, :], vt, DOT) * top
+    else:
+        acc = acc * alpha[:, None] + dot_as(p, vt, DOT)
     return acc, m_new, l_i

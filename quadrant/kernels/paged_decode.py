@@ -4,11 +4,13 @@ Each program takes one (sequence, KV head, split): the whole query group of that
 is packed into the rows of one tile, so every K/V block is read once for the group. A
 sequence's context is cut into chunks of `chunk` tokens; programs past its end exit at
 once, so the grid can stay fixed (CUDA graphs) while the chunk length follows the batch.
-A second kernel merges the splits by their log-sum-exp. 8-bit caches are dequantised
-in the tile loads (kv_store.load_kv_tile).
+A second kernel merges the splits by their log-sum-exp. 8-bit caches enter the dots as their
+codes; their per-token scales multiply score and probability columns (attention_tile).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from quadrant.kernels.triton_import import require_triton, tl, triton
@@ -188,8 +190,8 @@ def paged_decode(
         part_out = torch.empty(bsz, num_heads, num_splits, dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
     scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
-    block_n, warps, stages = tile or decode_tile(page, k_cache.element_size())
-    conv = decode_conversion(mode, q.device) if convert is None else convert
+    block_n, warps, stages = tile or decode_tile(page, k_cache.element_size(), q.device)
+    conv = decode_conversion(mode, q.device, q.dtype) if convert is None else convert
     if conv and (mode == 0 or triton.knobs.runtime.interpret):
         raise ValueError("fp16 conversions of the codes are for 8-bit caches on the GPU")
     _decode_split_kernel[(bsz, num_kv, num_splits)](
@@ -211,13 +213,20 @@ def paged_decode(
     return out
 
 
-def decode_tile(page: int, element_size: int) -> tuple[int, int, int]:
+def decode_tile(page: int, element_size: int, device: torch.device | None = None) -> tuple[int, int, int]:
     """(tokens per tile, warps, pipeline stages) of the split kernel, from an H100 sweep (BENCHMARKS.md).
     A 16-bit cache: 64 tokens, 8 warps (no register spills at head_dim 128 on sm_90). An 8-bit cache:
-    128 tokens (the same bytes in flight), 4 warps and 3 stages: 1.05-1.27x over 8 warps and 2 stages."""
+    128 tokens (the same bytes in flight), 4 warps and 3 stages: 1.05-1.27x over 8 warps and 2 stages.
+    Three stages of 128-token tiles need Hopper's shared memory; older GPUs take two."""
     if element_size >= 2:
         return max(16, min(64, page * 4)), 8, 2
-    return max(16, min(128, page * 8)), 4, 3
+    hopper = device is not None and device.type == "cuda" and _capability_major(device.index) >= 9
+    return max(16, min(128, page * 8)), 4, 3 if hopper else 2
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 # How an 8-bit cache's codes become dot operands: 0, converted to the activations' dtype by Triton's
@@ -226,10 +235,11 @@ def decode_tile(page: int, element_size: int) -> tuple[int, int, int]:
 CONVERSIONS = (0, 1, 2)
 
 
-def decode_conversion(mode: int, device: torch.device) -> int:
-    """The conversion the split kernel uses for a cache of quantisation `mode` on `device`: on an H100,
-    fp16 dots for fp8 (1.05-1.18x), the activations' dtype for int8 (fp16 won only at one of four shapes)."""
-    if device.type != "cuda" or triton.knobs.runtime.interpret:
+def decode_conversion(mode: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The conversion the split kernel uses for a cache of quantisation `mode` on `device` under `dtype`
+    activations: on an H100, fp16 dots for fp8 (1.05-1.18x), the activations' dtype for int8 (fp16
+    won at one of four shapes); fp32 activations keep fp32 dots."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret or dtype == torch.float32:
         return 0
     return 1 if mode == QUANT_FP8 else 0
 

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from quadrant.kernels import kv_store
+pytest.importorskip("triton")
+
+from quadrant.kernels import kv_store  # noqa: E402
 
 _SOURCE = inspect.getsource(getattr(kv_store.codes_to_f16, "fn", kv_store.codes_to_f16))  # interpreted or jit
 ASM = re.findall(r'"""(\{.*?\})"""', _SOURCE, re.S)  # [int8, fp8]
@@ -124,7 +126,7 @@ def test_ptx_conversion_compiles_for_sm90(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
     script = tmp_path / "compile_sm90.py"  # @jit needs its source in a file
     script.write_text(COMPILE)
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton build has no ptxas")
     assert done.returncode == 0, done.stderr[-2000:]
