@@ -84,10 +84,16 @@ def test_parallel_benchmarks_smoke(capsys):
 
 
 def test_kv_transfer_benchmark_smoke():
-    """The KV transfer benchmark moves an int8 prompt's blocks (checked byte for byte inside) and
-    times its peers."""
+    """The KV transfer benchmark moves an int8 prompt's blocks (checked byte for byte inside, over
+    pyzmq and, where it is installed, Mooncake) and times its peers."""
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+
+        mooncake = ["quadrant Mooncake TCP reads, 2 streams"]
+    except ImportError:
+        mooncake = []
     rows = _load("kv_transfer").run("smollm2-135m", 64, "int8", [2], repeats=1)
-    assert [r["what"] for r in rows] == ["quadrant pyzmq, 2 streams", "raw TCP socket, 1 stream",
+    assert [r["what"] for r in rows] == ["quadrant pyzmq, 2 streams", *mooncake, "raw TCP socket, 1 stream",
                                          "memcpy (torch copy_)"]
     assert all(r["gbps"] > 0 and r["bytes"] == rows[0]["bytes"] for r in rows)
 
