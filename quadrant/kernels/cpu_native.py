@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -28,8 +29,11 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
+TORCH_OPS_SOURCE = Path(__file__).parent / "csrc" / "torch_ops.cpp"
+op_kernels = "Python"  # which kernels the quadrant:: ops run on the CPU: "C++" once csrc/torch_ops.cpp is loaded
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the 4-bit GEMM
 # takes sixteen blocks' scales as one vector and two blocks per load: 1.79x the AVX2-style loop at one
@@ -44,6 +48,7 @@ def build_flags() -> list[str]:
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None  # a PyDLL once loaded
+_op_lib: ctypes.CDLL | None = None  # the library whose functions the quadrant:: ops' kernels call
 _tried = False
 
 
@@ -95,8 +100,65 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
         lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
         lib.q4_gemm.restype = lib.q8_gemm.restype = lib.paged_decode_f32.restype = ctypes.c_int
+        _register_op_kernels(lib, folder)
         _lib = lib
         return _lib
+
+
+def _build_torch_ops(target: Path) -> None:
+    """The C++ kernels of the quadrant:: ops (csrc/torch_ops.cpp), against this torch's headers."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++20", "-w",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{d}" for d in cpp_extension.include_paths()), str(TORCH_OPS_SOURCE),
+               *(f"-L{d}" for d in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch", "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
+        os.replace(out, target)
+
+
+def _register_op_kernels(lib: ctypes.CDLL, folder: Path) -> None:
+    """The CPU kernels of the quadrant:: ops: C++ ones (csrc/torch_ops.cpp, built once per machine
+    and torch, ~6 s) that call the C library directly, or, where those cannot be built, the Python
+    functions below (each call then pays ~4.5 us more: the GIL, argument boxing, ctypes). Once per
+    process: a library loaded again (a test's other build) leaves the ops on the first one's kernels."""
+    global _op_lib, op_kernels
+    if _op_lib is not None:
+        return
+    _op_lib = lib  # kept alive: the C++ kernels hold its functions' addresses
+    key = hashlib.sha256(TORCH_OPS_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    target = folder / f"quadrant-torch-ops-{key}.so"
+    failed = target.with_suffix(".failed")  # a build that failed once is not retried at every start
+    try:
+        if os.environ.get("QUADRANT_PYTHON_OP_KERNELS") == "1":
+            raise RuntimeError("QUADRANT_PYTHON_OP_KERNELS=1")
+        if failed.exists():
+            raise RuntimeError(f"an earlier build failed (remove {failed} to retry): {failed.read_text()[:200]}")
+        if not target.exists():
+            try:
+                _build_torch_ops(target)
+            except RuntimeError as e:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(str(e))
+                raise
+        shim = ctypes.CDLL(str(target))  # its static initialisers register the kernels
+        shim.quadrant_set_kernels.argtypes = [ctypes.c_void_p] * 3
+        shim.quadrant_set_kernels(*(ctypes.cast(f, ctypes.c_void_p) for f in
+                                    (lib.q4_gemm, lib.q8_gemm, lib.paged_decode_f32)))
+        op_kernels = "C++"
+    except Exception as e:  # noqa: BLE001 - no compiler, headers or ABI match: the Python kernels do the same
+        _ops.impl("q4_mm", _q4_mm_impl, "CPU")
+        _ops.impl("q8_mm", _q8_mm_impl, "CPU")
+        _ops.impl("paged_decode", paged_decode, "CPU")
+        log.debug("quadrant:: ops run Python kernels (%s)", e)
 
 
 @dataclass
@@ -179,9 +241,10 @@ def q8_mm(x: torch.Tensor, packed: Q8Rows) -> torch.Tensor:
 
 
 # The same GEMMs as torch ops, so torch.compile's graphs (engine/cpu_compiled.py) call them as
-# opaque kernels; eager code calls the functions above directly. Registered through the plain
+# opaque kernels; eager code calls the functions above directly. Defined through the plain
 # Library API, not torch.library.custom_op: a compiled decode step makes ~200 such calls, and
-# custom_op's per-call checks cost ~10 us each.
+# custom_op's per-call checks cost ~10 us each. Their CPU kernels are registered when the library
+# loads (_register_op_kernels): C++ where it builds, else the Python functions here.
 _ops = torch.library.Library("quadrant", "DEF")
 _ops.define("q4_mm(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int in_features, int out_features) -> Tensor")
 _ops.define("q8_mm(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_features, int out_features) -> Tensor")
@@ -197,8 +260,6 @@ def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features))
 
 
-_ops.impl("q4_mm", _q4_mm_impl, "CPU")
-_ops.impl("q8_mm", _q8_mm_impl, "CPU")
 
 
 @torch.library.register_fake("quadrant::q4_mm")
@@ -247,7 +308,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 _ops.define("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
             "float scale) -> Tensor")
-_ops.impl("paged_decode", paged_decode, "CPU")
 
 
 @torch.library.register_fake("quadrant::paged_decode")

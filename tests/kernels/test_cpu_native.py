@@ -99,3 +99,54 @@ def test_custom_ops_trace_in_compiled_code():
     packed = fmt.pack(w, torch.randn(32))
     compiled = torch.compile(lambda t: fmt.apply(t, packed) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), fmt.apply(x, packed) * 2)
+
+
+def test_ops_run_cpp_kernels_where_a_compiler_is():
+    """The quadrant:: ops' CPU kernels are csrc/torch_ops.cpp's (no Python in a compiled decode step's
+    ~150 kernel calls) wherever a C++ compiler builds them, as on every machine these tests run on."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the ops keep their Python kernels")
+    assert cn.op_kernels == "C++"
+
+
+OPS_SCRIPT = """
+import sys, torch
+from quadrant.kernels import cpu_native as cn
+assert cn.library() is not None
+torch.manual_seed(0)
+q4 = cn.pack_q4(torch.randint(0, 16, (48, 96)), torch.rand(48, 3), torch.rand(48, 3) - 0.5, torch.randn(48))
+q8 = cn.pack_q8(torch.randint(-127, 128, (40, 64)), torch.rand(40), None)
+q, k, v = torch.randn(2, 4, 16), torch.randn(6, 2, 4, 16), torch.randn(6, 2, 4, 16)
+tables, lens = torch.tensor([[0, 2, 4], [1, 3, 5]], dtype=torch.int32), torch.tensor([9, 11], dtype=torch.int32)
+x4, x8 = torch.randn(3, 96), torch.randn(2, 5, 64)
+torch.save([cn.op_kernels,
+            torch.ops.quadrant.q4_mm(x4, q4.codes, q4.scales, q4.bias, 96, 48),
+            torch.ops.quadrant.q8_mm(x8, q8.codes, q8.scale, None, 64, 40),
+            torch.ops.quadrant.paged_decode(q, k, v, tables, lens, 0.25),
+            cn.q4_mm(x4, q4), cn.q8_mm(x8, q8), cn.paged_decode(q, k, v, tables, lens, 0.25)], sys.argv[1])
+"""
+
+
+def test_cpp_and_python_op_kernels_give_identical_results(tmp_path):
+    """The two registrations of the ops (each process has one: QUADRANT_PYTHON_OP_KERNELS=1 keeps the
+    Python kernels) return exactly what the ctypes calls return, shapes included."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    results = {}
+    for python_kernels in ("0", "1"):
+        out = tmp_path / f"ops-{python_kernels}.pt"
+        env = {**os.environ, "QUADRANT_PYTHON_OP_KERNELS": python_kernels,
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-c", OPS_SCRIPT, str(out)], env=env, check=True, timeout=600)
+        results[python_kernels] = torch.load(out)
+    cpp, python = results["0"], results["1"]
+    assert python[0] == "Python" and cpp[0] == ("C++" if cn.op_kernels == "C++" else "Python")
+    for ops_out, direct in zip(cpp[1:4], cpp[4:]):
+        assert ops_out.shape == direct.shape and torch.equal(ops_out, direct)
+    for a, b in zip(cpp[1:], python[1:]):
+        assert torch.equal(a, b)
