@@ -1,11 +1,11 @@
 """The optional fast KV data plane: Mooncake Transfer Engine, one-sided reads of registered KV tensors.
 
 With `--kv-transport mooncake` each engine registers its KV tensors (K, V and an 8-bit cache's
-scales, every layer) with a Mooncake Transfer Engine. The prefill engine's KV server advertises its
-engine's session and the tensors' addresses in the hello; a decode engine pins a lease's blocks over
-the zmq control socket, reads them straight from the prefill engine's cache into its own blocks (one
-read per run of blocks consecutive on both sides, per tensor, in one batch), and unpins. Nothing is
-gathered or staged on either side. The transport is TCP here; builds and machines with RDMA NICs
+scales, every layer) with a Mooncake Transfer Engine. A decode engine pins a lease's blocks over the
+zmq control socket (the answer carries the prefill engine's session and its tensors' addresses),
+reads them straight from the prefill engine's cache into its own blocks (one read per run of blocks
+consecutive on both sides, per tensor, in one batch), and unpins. Nothing is gathered or staged on
+either side. The transport is TCP here; builds and machines with RDMA NICs
 take `QUADRANT_MOONCAKE_PROTOCOL=rdma` (and `QUADRANT_MOONCAKE_DEVICE`, the NIC names).
 Peers find each other without a metadata server (Mooncake's P2P handshake), each at its `--kv-host`
 (set it on decode workers too when they are on other machines).
@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 from quadrant.disagg.protocol import KVTransferError
+from quadrant.disagg.transport import block_bytes, layer_tensors
 from quadrant.layers.attention import LayerKVCache
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class MooncakeEndpoint:
     def describe(self) -> dict[str, Any]:
         """What a peer needs to read our blocks: the session and each tensor's (address, block bytes)."""
         return {"session": self.session,
-                "tensors": [[[t.data_ptr(), t[:1].numel() * t.element_size()] for t in layer] for layer in self.tensors]}
+                "tensors": [[[t.data_ptr(), block_bytes(t)] for t in layer] for layer in self.tensors]}
 
     def read_blocks(self, remote: dict[str, Any], layers: tuple[int, int], remote_ids: list[int],
                     local_ids: list[int]) -> int:
@@ -96,14 +97,14 @@ class MooncakeEndpoint:
             ours, theirs = self.tensors[layer], remote["tensors"][layer]
             if len(ours) != len(theirs):
                 raise KVTransferError(f"the peer's layer {layer} has {len(theirs)} KV tensors, ours {len(ours)}")
-            for t, (addr, block_bytes) in zip(ours, theirs):
-                own_bytes = t[:1].numel() * t.element_size()
-                if own_bytes != block_bytes:
-                    raise KVTransferError(f"the peer's KV blocks hold {block_bytes} bytes, ours {own_bytes}")
+            for t, (addr, theirs_size) in zip(ours, theirs):
+                size = block_bytes(t)
+                if size != theirs_size:
+                    raise KVTransferError(f"the peer's KV blocks hold {theirs_size} bytes, ours {size}")
                 for r, loc, n in runs:
-                    local_addrs.append(t.data_ptr() + loc * block_bytes)
-                    remote_addrs.append(addr + r * block_bytes)
-                    lengths.append(n * block_bytes)
+                    local_addrs.append(t.data_ptr() + loc * size)
+                    remote_addrs.append(addr + r * size)
+                    lengths.append(n * size)
         if not lengths:
             return 0
         rc = self.engine.batch_transfer_sync_read(remote["session"], local_addrs, remote_addrs, lengths)
@@ -121,6 +122,4 @@ class MooncakeEndpoint:
 
 
 def endpoint_for(host: str, caches: list[LayerKVCache]) -> MooncakeEndpoint:
-    from quadrant.disagg.transport import layer_tensors
-
     return MooncakeEndpoint(host, [layer_tensors(c) for c in caches])

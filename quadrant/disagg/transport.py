@@ -11,9 +11,10 @@ Every request carries the layout (a stateless handshake: a pull of mismatched bl
 even after a restart on either side), and a pull names the transfer id, the only key to a lease;
 block ids outside that lease are refused.
 
-With a Mooncake endpoint on both sides (disagg/mooncake.py) the data skips zmq: the hello advertises
-the server's registered tensors, a `pin` holds a lease's blocks (until `unpin`, or `transfer_timeout`
-seconds), and the client reads them one-sidedly in between; zmq carries only the control messages.
+With a Mooncake endpoint on both sides (disagg/mooncake.py) the data skips zmq: the hello says the
+server offers Mooncake reads, a `pin` holds a lease's blocks (until `unpin`, or the server's pin
+deadline) and answers with the registered tensors' addresses, and the client reads them one-sidedly
+in between; zmq carries only the control messages.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
     if cache.k_scale is not None and cache.v_scale is not None:
         out += [cache.k_scale, cache.v_scale]
     return out
+
+
+def block_bytes(t: torch.Tensor) -> int:
+    """Bytes of one block of a KV tensor (blocks on its first dimension)."""
+    return t[:1].numel() * t.element_size()
 
 
 def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
@@ -97,7 +103,7 @@ class StagingBuffers:
         bufs = self._sets[turn]
         out = []
         for i, t in enumerate(tensors):
-            nbytes = len(index) * t[:1].numel() * t.element_size()
+            nbytes = len(index) * block_bytes(t)
             if i == len(bufs):
                 bufs.append(torch.empty(0, dtype=torch.uint8))
             if bufs[i].numel() < nbytes:
@@ -175,8 +181,7 @@ class KVServer:
         self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
         op = req.get("op")
         if op == "hello":
-            mooncake = self.mooncake.describe() if self.mooncake is not None else None
-            return {"ok": True, "layout": self.layout.to_dict(), "mooncake": mooncake}, []
+            return {"ok": True, "layout": self.layout.to_dict(), "mooncake": self.mooncake is not None}, []
         if op == "done":
             return {"ok": True, "released": self.release(str(req["transfer_id"]))}, []
         if op == "unpin":
@@ -201,8 +206,7 @@ class KVServer:
         if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
             assert self.mooncake is not None
             token = uuid.uuid4().hex
-            nbytes = len(ids) * sum(t[:1].numel() * t.element_size() for cache in self.caches[first:last]
-                                    for t in layer_tensors(cache))
+            nbytes = len(ids) * sum(block_bytes(t) for cache in self.caches[first:last] for t in layer_tensors(cache))
             self._pins[token] = (tid, time.monotonic() + self.pin_seconds, nbytes)
             # The tensors' addresses ride on every pin: a prefill worker restarted on the same port
             # (which zmq reconnects to silently) has new ones.
@@ -280,7 +284,7 @@ class KVClient:
             raise KVHandshakeError(error) if header.get("kind") == "handshake" else KVTransferError(error)
         if "layout" in header:  # the hello's answer: the server's own layout, checked here too
             self.layout.check_compatible(KVLayout.from_dict(header["layout"]))
-            if self.mooncake is not None and header.get("mooncake") is None:
+            if self.mooncake is not None and not header.get("mooncake"):
                 raise KVHandshakeError(f"the KV server at {host}:{port} offers no Mooncake reads: start the prefill "
                                        "worker with --kv-transport mooncake too")
         return frames[1:]
@@ -313,7 +317,7 @@ class KVClient:
             for frame, dest in zip(frames, dests):
                 shape = (len(local_ids), *dest.shape[1:])
                 src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
-                if src.numel() != dest[:1].numel() * dest.element_size() * len(local_ids):
+                if src.numel() != block_bytes(dest) * len(local_ids):
                     raise KVTransferError(f"KV server {host}:{port} sent a tensor of the wrong size")
                 scatter_blocks(dest, runs, src.view(dest.dtype).view(shape).to(dest.device))
                 moved += src.numel()

@@ -57,18 +57,24 @@ def _supported_cpu() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def _compile(compiler_env: str, compilers: tuple[str, str], args: list[str], target: Path) -> None:
+    """Run the first compiler found (`$compiler_env`, else `compilers` on PATH) with `args` plus
+    `-o`, into a temporary file that replaces `target` atomically: concurrent processes never load a
+    half-written file."""
+    compiler = os.environ.get(compiler_env) or shutil.which(compilers[0]) or shutil.which(compilers[1])
     if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+        raise RuntimeError(f"no compiler ({' or '.join(compilers)}) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *build_flags(), *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
-                              text=True)
+        proc = subprocess.run([compiler, *args, "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
-        os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+        os.replace(out, target)
+
+
+def _build(target: Path) -> None:
+    _compile("CC", ("gcc", "cc"), [*build_flags(), *map(str, SOURCES), "-lm"], target)
 
 
 def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
@@ -109,20 +115,10 @@ def _build_torch_ops(target: Path) -> None:
     """The C++ kernels of the quadrant:: ops (csrc/torch_ops.cpp), against this torch's headers."""
     from torch.utils import cpp_extension
 
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++20", "-w",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{d}" for d in cpp_extension.include_paths()), str(TORCH_OPS_SOURCE),
-               *(f"-L{d}" for d in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch", "-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
-        os.replace(out, target)
+    _compile("CXX", ("g++", "c++"), [
+        "-O2", "-shared", "-fPIC", "-std=c++20", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{d}" for d in cpp_extension.include_paths()), str(TORCH_OPS_SOURCE),
+        *(f"-L{d}" for d in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"], target)
 
 
 def _register_op_kernels(lib: ctypes.CDLL, folder: Path) -> None:
@@ -258,8 +254,6 @@ def _q4_mm_impl(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
 def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int, out_features: int) -> torch.Tensor:
     return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features))
-
-
 
 
 @torch.library.register_fake("quadrant::q4_mm")

@@ -57,6 +57,28 @@ def wait_for(cond, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def decode_beside_colocated(p: LLMEngine, d: LLMEngine, colocated: LLMEngine,
+                            prompts: list[list[int]]) -> tuple[list[dict], dict, dict]:
+    """Prompts prefilled on p, decoded on d from the pulled KV and on colocated from scratch:
+    (kv params, d's outputs, colocated's outputs), outputs keyed "0", "1", ..."""
+    params = prefill(p, prompts)
+    for i, (pr, kv) in enumerate(zip(prompts, params)):
+        d.add_request(pr, GREEDY, str(i), kv)
+        colocated.add_request(pr, GREEDY, str(i))
+    return params, finish(d), finish(colocated)
+
+
+def assert_second_prompts_first_block_moved_exactly(p: LLMEngine, d: LLMEngine, params: list[dict],
+                                                    prompts: list[list[int]]) -> None:
+    """A pulled block is the prefill side's byte for byte, scales included (prompt 1's first block:
+    still in the decode side's prefix cache after the request ended)."""
+    src = params[1]["remote_block_ids"][0]
+    dst = d.kv.pool.cached[hash_block(None, prompts[1][:16])]
+    for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches):
+        for a, b in zip(layer_tensors(layer_p), layer_tensors(layer_d)):
+            assert torch.equal(a[src], b[dst])
+
+
 @pytest.fixture(scope="module")
 def pair(tiny):
     p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
@@ -107,21 +129,12 @@ def test_int8_blocks_travel_with_their_scales(tiny, prompts):
     p, d = make(tiny[0], "prefill", cache), make(tiny[0], "decode", cache)
     colocated = make(tiny[0], cache=cache)
     try:
-        params = prefill(p, prompts)
-        for i, (pr, kv) in enumerate(zip(prompts, params)):
-            d.add_request(pr, GREEDY, str(i), kv)
-            colocated.add_request(pr, GREEDY, str(i))
-        got, want = finish(d), finish(colocated)
+        params, got, want = decode_beside_colocated(p, d, colocated, prompts)
         assert [got[str(i)].outputs[0].token_ids for i in range(5)] == [want[str(i)].outputs[0].token_ids
                                                                         for i in range(5)]
-        # A pulled block is the prefill side's byte for byte, scales included (prompt 1's first block:
-        # still in the decode side's prefix cache after the request ended).
-        src = params[1]["remote_block_ids"][0]
-        dst = d.kv.pool.cached[hash_block(None, prompts[1][:16])]
-        for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches):
-            assert layer_p.k.dtype == torch.int8 and layer_d.k_scale is not None
-            for a, b in zip(layer_tensors(layer_p), layer_tensors(layer_d)):
-                assert torch.equal(a[src], b[dst])
+        assert all(layer_p.k.dtype == torch.int8 and layer_d.k_scale is not None
+                   for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches))
+        assert_second_prompts_first_block_moved_exactly(p, d, params, prompts)
         # Whole 8-bit blocks with their scales moved: under half the bytes of the same blocks in fp32.
         int8_block = cache.bytes_per_block(p.model_config, torch.float32)
         assert d.connector.snapshot().bytes % int8_block == 0
@@ -270,21 +283,13 @@ def test_mooncake_reads_match_colocated_byte_for_byte(tiny, prompts, reference, 
     d = make(tiny[0], "decode", cache, kv_transport="mooncake", load_failure_policy="fail")
     colocated = make(tiny[0], cache=cache)
     try:
-        params = prefill(p, prompts)
-        for i, (pr, kv) in enumerate(zip(prompts, params)):
-            d.add_request(pr, GREEDY, str(i), kv)
-            colocated.add_request(pr, GREEDY, str(i))
-        got, want = finish(d), finish(colocated)
+        params, got, want = decode_beside_colocated(p, d, colocated, prompts)
         assert all(got[str(i)].error is None for i in range(len(prompts)))
         assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == \
             [want[str(i)].outputs[0].token_ids for i in range(len(prompts))]
         if cache_dtype == "auto":
             assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == reference
-        src = params[1]["remote_block_ids"][0]
-        dst = d.kv.pool.cached[hash_block(None, prompts[1][:16])]
-        for layer_p, layer_d in zip(p.runner.kv_caches, d.runner.kv_caches):
-            for a, b in zip(layer_tensors(layer_p), layer_tensors(layer_d)):
-                assert torch.equal(a[src], b[dst])
+        assert_second_prompts_first_block_moved_exactly(p, d, params, prompts)
         stats = d.connector.snapshot()
         assert stats.transfers == len(prompts) and stats.failures == 0 and stats.bytes > 0
         assert p.connector.snapshot().bytes == stats.bytes  # what was pinned is what was read
