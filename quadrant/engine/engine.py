@@ -356,16 +356,39 @@ class LLMEngine:
             self.spec_stats.num_large_batch_steps += 1
             return
         plan = self.spec_policy.plan(decoding)
+        if self.proposer.free:
+            self._shadow_drafts([r for r in decoding if r.request_id not in plan])
         if not plan:
             return
         by_id = {r.request_id: r for r in decoding}
         asks = [(by_id[rid], k) for rid, k in plan.items()]
-        for rid, (tokens, probs) in self.proposer.propose(asks).items():
+        start = time.perf_counter()
+        drafts = self.proposer.propose(asks)
+        step_seconds = self._one_token_step_seconds()
+        if step_seconds is not None and self.config.speculative.draft_cost is None:  # a set draft_cost is the whole model
+            self.spec_policy.observe_drafting(time.perf_counter() - start, max(plan.values()), step_seconds)
+        for rid, (tokens, probs) in drafts.items():
             req = by_id[rid]
             if req.grammar is not None:  # drafts the grammar refuses are never verified
                 keep = StructuredOutputs.valid_prefix(req.grammar, tokens)
                 tokens, probs = tokens[:keep], (probs[:keep] if probs is not None and keep else None)
             req.draft_token_ids, req.draft_probs = tokens, probs
+
+    def _shadow_drafts(self, requests: list[Request]) -> None:
+        """Requests that do not speculate this step: a free proposer's first draft token, checked against
+        the token the step samples (_count_verifications), so the policy learns acceptance from steps
+        that verify nothing: a copy-heavy request starts drafting once its guesses land, without probes."""
+        assert self.proposer is not None
+        guesses = self.proposer.propose([(r, 1) for r in requests])
+        for r in requests:
+            tokens = guesses.get(r.request_id, ([], None))[0]
+            r.shadow_draft = tokens[0] if tokens else None
+
+    def _one_token_step_seconds(self) -> float | None:
+        """A one-token decode step's time, where it is measured: the compiled CPU graph's (None elsewhere,
+        so the policy prices drafts by their verification alone)."""
+        compiled = self.runner.compiled if isinstance(self.executor, InProcessExecutor) else None
+        return None if compiled is None else compiled.seconds.get(1)
 
     def _grammar_masks(self, out: SchedulerOutput, masks: dict[str, torch.Tensor]) -> None:
         """Structured outputs: the allowed-token bitmasks of the constrained rows that sample this step."""
@@ -421,6 +444,9 @@ class LLMEngine:
         stats = self.spec_stats
         for s in out.scheduled:
             tokens = sampled.get(s.request.request_id)
+            guess, s.request.shadow_draft = s.request.shadow_draft, None
+            if guess is not None and tokens and not s.draft_token_ids:
+                self.spec_policy.record_shadow(s.request.request_id, guess == tokens[0])
             if not s.draft_token_ids or not tokens:
                 continue
             drafted, accepted = len(s.draft_token_ids), len(tokens) - 1

@@ -1,12 +1,13 @@
 """Native CPU decode kernels, built once with the system's C compiler and called via ctypes: the
-small-batch GEMMs (csrc/q4q8.c) and decode attention read in place from the paged KV cache
-(csrc/paged_decode.c).
+small-batch GEMMs of 4-bit and int8 weights (csrc/tiled_gemm.c) and decode attention read in
+place from the paged KV cache (csrc/paged_decode.c).
 
 torch's CPU int4 kernel unpacks every weight to a float before multiplying; at decode sizes
 that, not memory, bounds it (6-7 GB/s of weights on a 2-core AVX2 machine whose memory reads
-~30 GB/s). The native kernels round activations to int16 per 32 inputs and multiply integer
-blocks (llama.cpp's method, with 16-bit activations where llama.cpp uses 8). Nothing here is
-required: without a C compiler, on a CPU without AVX2/FMA/F16C, or with
+~30 GB/s). The native kernels round activations to integers per 32 inputs and multiply integer
+blocks (llama.cpp's method), from weights stored in tiles of 8 or 16 output rows, so a multi-row
+step (verification, batched decode) costs little more than a one-row one. Nothing
+here is required: without a C compiler, on a CPU without AVX2/FMA/F16C, or with
 QUADRANT_NATIVE_KERNELS=0 (read by quant/formats.py), the weight formats keep torch's kernels.
 The shared object is cached in the folder the caller names ($QUADRANT_HOME/kernels), keyed by
 the source and flags, so only the first run on a machine compiles (about a second).
@@ -31,25 +32,42 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4q8.c", "paged_decode.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("tiled_gemm.c", "paged_decode.c")]
 TORCH_OPS_SOURCE = Path(__file__).parent / "csrc" / "torch_ops.cpp"
 op_kernels = "Python"  # which kernels the quadrant:: ops run on the CPU: "C++" once csrc/torch_ops.cpp is loaded
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-# Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the 4-bit GEMM
-# takes sixteen blocks' scales as one vector and two blocks per load: 1.79x the AVX2-style loop at one
-# row on a 2-core Xeon (BENCHMARKS.md).
+# Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the kernels take
+# 512-bit vectors: tiles of 16 rows in the 4-bit GEMM, where AVX2 builds take 8.
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
 QK = 32  # inputs per activation block (and per 4-bit weight block)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:  # not Linux: the kernels without VNNI
+        return set()
+
+
 def build_flags() -> list[str]:
-    """The compiler flags for this CPU (they also key the cached library)."""
-    return FLAGS + (AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+    """The compiler flags for this CPU (they also key the cached library). VNNI's vpdpbusd (AVX512-VNNI,
+    or AVX-VNNI on AVX2 laptops' CPUs) is the 4-bit GEMM's multiply; without it, two multiply-adds."""
+    cpu = _cpu_flags()
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return FLAGS + AVX512_FLAGS + (["-mavx512vnni"] if "avx512_vnni" in cpu else [])
+    return FLAGS + (["-mavxvnni"] if "avx_vnni" in cpu else [])
+
+
+def _without_vnni(flags: list[str]) -> list[str]:
+    return [f for f in flags if f not in ("-mavx512vnni", "-mavxvnni")]
+
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None  # a PyDLL once loaded
 _op_lib: ctypes.CDLL | None = None  # the library whose functions the quadrant:: ops' kernels call
 _tried = False
+_tile = 0  # the loaded GEMMs' rows per tile
 
 
 def _supported_cpu() -> bool:
@@ -73,14 +91,20 @@ def _compile(compiler_env: str, compilers: tuple[str, str], args: list[str], tar
         os.replace(out, target)
 
 
-def _build(target: Path) -> None:
-    _compile("CC", ("gcc", "cc"), [*build_flags(), *map(str, SOURCES), "-lm"], target)
+def _build(target: Path, flags: list[str]) -> None:
+    try:
+        _compile("CC", ("gcc", "cc"), [*flags, *map(str, SOURCES), "-lm"], target)
+    except RuntimeError:
+        if flags == _without_vnni(flags):
+            raise
+        # a compiler too old for the VNNI flag (-mavxvnni: GCC 11): the same kernels without it
+        _compile("CC", ("gcc", "cc"), [*_without_vnni(flags), *map(str, SOURCES), "-lm"], target)
 
 
 def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
     """The loaded kernels, building them into cache_dir (default: a folder in the system's temporary
     directory) on first use; None where they cannot run here."""
-    global _lib, _tried
+    global _lib, _tried, _tile
     with _lock:
         if _tried:
             return _lib
@@ -88,12 +112,13 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         if not _supported_cpu():
             return None
         source = b"".join(path.read_bytes() for path in SOURCES)
-        key = hashlib.sha256(source + " ".join(build_flags()).encode()).hexdigest()[:16]
+        flags = build_flags()
+        key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
         folder = cache_dir or Path(tempfile.gettempdir()) / "quadrant-kernels"
         target = folder / f"quadrant-cpu-{key}.so"
         try:
             if not target.exists():
-                _build(target)
+                _build(target, flags)
             # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing
             # it would hand the interpreter to any busy thread (a background compile) for a whole
             # switch interval (5 ms) per matmul.
@@ -106,8 +131,9 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
         lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
         lib.q4_gemm.restype = lib.q8_gemm.restype = lib.paged_decode_f32.restype = ctypes.c_int
+        lib.tile_rows.restype = ctypes.c_int
         _register_op_kernels(lib, folder)
-        _lib = lib
+        _lib, _tile = lib, lib.tile_rows()
         return _lib
 
 
@@ -146,9 +172,9 @@ def _register_op_kernels(lib: ctypes.CDLL, folder: Path) -> None:
                 failed.write_text(str(e))
                 raise
         shim = ctypes.CDLL(str(target))  # its static initialisers register the kernels
-        shim.quadrant_set_kernels.argtypes = [ctypes.c_void_p] * 3
+        shim.quadrant_set_kernels.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int]
         shim.quadrant_set_kernels(*(ctypes.cast(f, ctypes.c_void_p) for f in
-                                    (lib.q4_gemm, lib.q8_gemm, lib.paged_decode_f32)))
+                                    (lib.q4_gemm, lib.q8_gemm, lib.paged_decode_f32)), lib.tile_rows())
         op_kernels = "C++"
     except Exception as e:  # noqa: BLE001 - no compiler, headers or ABI match: the Python kernels do the same
         _ops.impl("q4_mm", _q4_mm_impl, "CPU")
@@ -159,50 +185,87 @@ def _register_op_kernels(lib: ctypes.CDLL, folder: Path) -> None:
 
 @dataclass
 class Q4Blocks:
-    """A [N, K] weight in blocks of 32 inputs: each block's 32 4-bit codes, and apart from them each
-    row's fp16 scales then fp16 mins (weight = code * scale + min)."""
+    """A [N, K] weight in blocks of 32 inputs, stored in tiles of `tile` output rows (csrc/tiled_gemm.c's
+    layout, one vector lane per row): per tile and block, the rows' codes for inputs 4c..4c+3 and
+    4c+16..4c+19 interleaved row by row, then the rows' fp16 scales and fp16 mins (weight = code *
+    scale + min). Rows past N in the last tile are zero."""
 
-    codes: torch.Tensor  # uint8 [N, K / 2]: block g's code j in the low nibble of byte 16 g + j, j + 16 in the high
-    scales: torch.Tensor  # fp16 [N, 2, K / 32]
+    codes: torch.Tensor  # uint8 [N / tile, K / 32, 4, 4 * tile]
+    scales: torch.Tensor  # fp16 [N / tile, K / 32, 2, tile]
     bias: torch.Tensor | None  # fp32 [N]
     in_features: int
     out_features: int
+    tile: int
 
 
 @dataclass
 class Q8Rows:
-    """A [N, K] weight as int8 codes with one fp32 scale per row."""
+    """A [N, K] weight as int8 codes with one fp32 scale per row, stored in tiles of `tile` output rows
+    (csrc/tiled_gemm.c's layout): per tile and block of 32 inputs, the rows' codes for inputs 4c..4c+3
+    interleaved row by row, each plus 128 (unsigned, for vpdpbusd). Rows past N are zero."""
 
-    codes: torch.Tensor  # int8 [N, K]
-    scale: torch.Tensor  # fp32 [N]
+    codes: torch.Tensor  # uint8 [N / tile, K / 32, 8, 4 * tile]
+    scale: torch.Tensor  # fp32 [N / tile * tile]
     bias: torch.Tensor | None
     in_features: int
     out_features: int
+    tile: int
 
 
-def pack_q4(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None) -> Q4Blocks:
-    """codes [N, K] in 0..15, scale and lo [N, K / 32] (weight = code * scale + lo)."""
+def tile_rows() -> int:
+    """The output rows per tile of this machine's GEMMs (8 with AVX2, 16 with AVX-512)."""
+    if (_lib or library()) is None:
+        raise RuntimeError("the native CPU kernels do not run here")
+    return _tile
+
+
+def pack_q4(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None,
+            tile: int | None = None) -> Q4Blocks:
+    """codes [N, K] in 0..15, scale and lo [N, K / 32] (weight = code * scale + lo), into tiles of
+    `tile` rows (default: this machine's kernel's)."""
+    tile = tile or tile_rows()
     n, k = codes.shape
-    g = k // QK
-    c = codes.to(torch.uint8).reshape(n, g, QK)
-    nibbles = (c[..., : QK // 2] | (c[..., QK // 2 :] << 4)).reshape(n, k // 2).contiguous()
-    scales = torch.stack([scale.reshape(n, g), lo.reshape(n, g)], 1).to(torch.float16).contiguous()  # [N, 2, G]
-    return Q4Blocks(nibbles, scales, None if bias is None else bias.float().contiguous(), k, n)
+    g, tiles = k // QK, -(-n // tile)
+    pad = tiles * tile - n
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(tiles, tile, g, 8, 4)
+    # input group j (inputs 4j..4j+3) in the low nibbles of chunk j, group j + 4 in its high ones
+    nibbles = (c[:, :, :, :4] | (c[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [T, G, chunk, row, 4]
+    grid = [torch.nn.functional.pad(t.reshape(n, g).float(), (0, 0, 0, pad)).reshape(tiles, tile, g).transpose(1, 2)
+            for t in (scale, lo)]
+    scales = torch.stack(grid, 2).to(torch.float16).contiguous()  # [T, G, 2, tile]
+    return Q4Blocks(nibbles.reshape(tiles, g, 4, 4 * tile).contiguous(), scales,
+                    None if bias is None else bias.float().contiguous(), k, n, tile)
 
 
 def unpack_q4(packed: Q4Blocks) -> torch.Tensor:
-    """The float [N, K] weight the blocks hold (the reference the tests compare against)."""
-    n, k = packed.out_features, packed.in_features
-    nib = packed.codes.reshape(n, k // QK, QK // 2)
-    codes = torch.cat([nib & 0x0F, nib >> 4], -1).float()  # [N, G, 32]
-    scales = packed.scales.float()  # [N, 2, G]
-    return (codes * scales[:, 0, :, None] + scales[:, 1, :, None]).reshape(n, k)
+    """The float [N, K] weight the tiles hold (the reference the tests compare against)."""
+    n, k, tile = packed.out_features, packed.in_features, packed.tile
+    tiles, g = packed.codes.shape[:2]
+    nib = packed.codes.reshape(tiles, g, 4, tile, 4)
+    codes = torch.cat([nib & 0x0F, nib >> 4], 2).permute(0, 3, 1, 2, 4).reshape(tiles * tile, g, QK).float()
+    scales = packed.scales.float().permute(0, 3, 1, 2).reshape(tiles * tile, g, 2)
+    return (codes * scales[..., 0, None] + scales[..., 1, None]).reshape(tiles * tile, k)[:n]
 
 
-def pack_q8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Q8Rows:
+def pack_q8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> Q8Rows:
+    """codes [N, K] in -127..127, scale [N], into tiles of `tile` rows (default: this machine's kernel's)."""
+    tile = tile or tile_rows()
     n, k = codes.shape
-    return Q8Rows(codes.to(torch.int8).contiguous(), scale.reshape(n).float().contiguous(),
-                  None if bias is None else bias.float().contiguous(), k, n)
+    tiles = -(-n // tile)
+    pad = tiles * tile - n
+    biased = (torch.nn.functional.pad(codes.to(torch.int16), (0, 0, 0, pad)) + 128).to(torch.uint8)
+    tiled = biased.reshape(tiles, tile, k // QK, 8, 4).permute(0, 2, 3, 1, 4)  # [T, G, chunk, row, 4]
+    return Q8Rows(tiled.reshape(tiles, k // QK, 8, 4 * tile).contiguous(),
+                  torch.nn.functional.pad(scale.reshape(n).float(), (0, pad)).contiguous(),
+                  None if bias is None else bias.float().contiguous(), k, n, tile)
+
+
+def unpack_q8(packed: Q8Rows) -> torch.Tensor:
+    """The int8 codes [N, K] the tiles hold."""
+    n, k, tile = packed.out_features, packed.in_features, packed.tile
+    tiles = packed.codes.shape[0]
+    codes = packed.codes.reshape(tiles, k // QK, 8, tile, 4).permute(0, 3, 1, 2, 4).reshape(tiles * tile, k)
+    return (codes.to(torch.int16) - 128).to(torch.int8)[:n]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -220,10 +283,16 @@ def _call(fn: Any, x: torch.Tensor, k: int, n: int, *weights: int | None) -> tor
     return out if x2 is x else out.view(*x.shape[:-1], n)
 
 
+def _check_tile(tile: int) -> None:
+    if tile != _tile:
+        raise ValueError(f"weights packed in tiles of {tile} rows; this machine's kernel takes {_tile}")
+
+
 def q4_mm(x: torch.Tensor, packed: Q4Blocks) -> torch.Tensor:
     """x [..., K] -> fp32 [..., N]."""
     lib = _lib or library()
     assert lib is not None
+    _check_tile(packed.tile)
     return _call(lib.q4_gemm, x, packed.in_features, packed.out_features, packed.codes.data_ptr(),
                  packed.scales.data_ptr(), packed.out_features, _ptr(packed.bias))
 
@@ -232,6 +301,7 @@ def q8_mm(x: torch.Tensor, packed: Q8Rows) -> torch.Tensor:
     """x [..., K] -> fp32 [..., N]."""
     lib = _lib or library()
     assert lib is not None
+    _check_tile(packed.tile)
     return _call(lib.q8_gemm, x, packed.in_features, packed.out_features, packed.codes.data_ptr(),
                  packed.scale.data_ptr(), packed.out_features, _ptr(packed.bias))
 
@@ -248,12 +318,12 @@ _ops.define("q8_mm(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_fe
 
 def _q4_mm_impl(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int, out_features: int) -> torch.Tensor:
-    return q4_mm(x, Q4Blocks(codes, scales, bias, in_features, out_features))
+    return q4_mm(x, Q4Blocks(codes, scales, bias, in_features, out_features, scales.shape[-1]))
 
 
 def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int, out_features: int) -> torch.Tensor:
-    return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features))
+    return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features, codes.shape[-1] // 4))
 
 
 @torch.library.register_fake("quadrant::q4_mm")

@@ -270,9 +270,10 @@ class GpuQ8(WeightFormat):
 @dataclass(frozen=True)
 class NativeQ4(WeightFormat):
     """w4a16's weights (asymmetric groups of 32, GGUF Q4_1's grid) through the native CPU kernel
-    (kernels/cpu_native.py), which rounds activations to int16 per 32 inputs (finer than bf16) and
-    multiplies integer blocks, as llama.cpp multiplies Q4_1 by Q8_1. For decode-sized batches; the
-    plan picks it only where `native_available()` and the input width is a multiple of 32."""
+    (kernels/cpu_native.py), which rounds activations per 32 inputs, to 14 bits for one row (64 times
+    finer than bf16) and to int8 for more (llama.cpp's Q8_1), and multiplies integer blocks. For
+    decode-sized batches; the plan picks it only where `native_available()` and the input width is a
+    multiple of 32."""
 
     name: FormatName = "w4a16"
 
@@ -295,7 +296,7 @@ class NativeQ4(WeightFormat):
 
 @dataclass(frozen=True)
 class NativeQ8(WeightFormat):
-    """`int8` weights (per channel) through the native CPU kernel, activations rounded to int16 per
+    """`int8` weights (per channel) through the native CPU kernel, activations rounded to 14 bits per
     32 inputs (finer than bf16: the LM head's argmax is sensitive, and 8-bit activations there
     turned SmolLM2's "Paris" into "L'Etoile"): the CPU plan's LM head and 8-bit decode kernel."""
 
@@ -353,40 +354,42 @@ FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": I
 # A plan: (max tokens in the batch, format) pairs, tried in order; the last must take any size.
 Plan = list[tuple[float, WeightFormat]]
 Kernels = list[tuple[float, WeightFormat, Any]]
-# Up to here compact weights win (decode); beyond, dense GEMMs do. The native 4-bit kernel against
-# fp32 oneDNN on 2 AVX2 cores (SmolLM2's projections): 0.53-0.61x the time at 1 token, 0.76-1.10x
-# at 8, 1.5-1.9x at 16 (it was 16 with torch's int4 kernels and bf16 GEMMs). Where oneDNN has
-# native bf16 (AVX512-BF16, AMX) dense GEMMs win from 3-4 tokens, so the crossover is measured.
+# Up to here compact weights win (decode, verification, batched decode); beyond, dense GEMMs do. On 2
+# AVX-512 cores (SmolLM2's 576 -> 1536), against bf16 oneDNN: the native 4-bit kernel (int8 activations
+# past one row) takes 0.44x the time at 8 rows, 0.64x at 16, 0.93x at 32; the int8 one (14-bit
+# activations) 0.69x at 8, 0.95x at 16. Machines differ (fp32 where bf16 is emulated, AVX2 tiles of 8),
+# so each crossover is measured.
 SMALL_BATCH_TOKENS = 8
-_CROSSOVER_SIZES = (2, 3, 4, 6, 8)
-_crossover: int | None = None
+_CROSSOVER_SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
+_crossover: dict[int, int] = {}  # weight bits (4 or 8) -> measured crossover
 _crossover_lock = threading.Lock()
 
 
-def small_batch_tokens() -> int:
-    """The largest CPU step (in tokens) that runs the compact decode kernels: QUADRANT_SMALL_BATCH_TOKENS,
-    else measured once per process on a SmolLM2-sized projection (576 -> 1536), the native 4-bit
-    kernel against the dense prefill GEMM at 2-8 rows (~0.3 s); SMALL_BATCH_TOKENS where the native
-    kernels do not run."""
-    global _crossover
+def small_batch_tokens(bits: int = 4) -> int:
+    """The largest CPU step (in tokens) that runs the compact decode kernels of `bits`-bit weights
+    (4, else 8): QUADRANT_SMALL_BATCH_TOKENS, else measured once per process on a SmolLM2-sized
+    projection (576 -> 1536), the native kernel against the dense prefill GEMM at 2-48 rows (~0.3 s);
+    SMALL_BATCH_TOKENS where the native kernels do not run."""
     from quadrant import envs
 
     fixed = envs.small_batch_tokens()
     if fixed is not None:
         return fixed
+    key = 4 if bits <= 4 else 8
     with _crossover_lock:
-        if _crossover is None:
-            _crossover = _measure_crossover() if native_available(576) else SMALL_BATCH_TOKENS
-        return _crossover
+        if key not in _crossover:
+            _crossover[key] = _measure_crossover(NativeQ4() if key == 4 else NativeQ8()) \
+                if native_available(576) else SMALL_BATCH_TOKENS
+        return _crossover[key]
 
 
 @torch.inference_mode()
-def _measure_crossover() -> int:
+def _measure_crossover(compact: WeightFormat) -> int:
     import time
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(1536, 576, generator=g) * 0.02
-    compact, dense = NativeQ4(), Dense(dtype=prefill_dtype())
+    dense = Dense(dtype=prefill_dtype())
     packs = [(compact, compact.pack(weight, None)), (dense, dense.pack(weight, None))]
     best = 1
     for rows in _CROSSOVER_SIZES:
@@ -454,7 +457,7 @@ def cpu_plan(source_bits: int, sensitive: bool = False, in_features: int = 0) ->
         decode: WeightFormat = NativeQ4() if native else W4A16()
     else:
         decode = NativeQ8() if native else W8A16()
-    return [(small_batch_tokens(), decode), (float("inf"), Dense(dtype=prefill_dtype()))]
+    return [(small_batch_tokens(source_bits), decode), (float("inf"), Dense(dtype=prefill_dtype()))]
 
 
 def pack_plan(plan: Plan, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:

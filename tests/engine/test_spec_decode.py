@@ -266,6 +266,28 @@ def test_ngram_lookup_takes_the_latest_longest_match():
     assert lookup(np.array([4, 5, 6, 7]), 3, 1, 3) == []
 
 
+def test_ngram_lookup_matches_a_scan_of_every_window():
+    """The lookup narrows the last token's earlier places one token back at a time; the reference
+    compares every window of each length (what it did before), on 2,000 random short sequences over
+    small vocabularies (many repeats)."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    def scan(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+        for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+            hits = np.flatnonzero((sliding_window_view(tokens[:-1], n) == tokens[len(tokens) - n:]).all(axis=1))
+            if len(hits):
+                return tokens[int(hits[-1]) + n:int(hits[-1]) + n + k].tolist()
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        tokens = rng.integers(0, int(rng.integers(2, 6)), size=int(rng.integers(1, 60)))
+        k, n_min = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+        n_max = n_min + int(rng.integers(0, 4))
+        assert lookup(tokens, k, n_min, n_max) == scan(tokens, k, n_min, n_max)
+
+
 def test_ngram_drafts_and_accepts_on_copied_text(default_gguf_path):
     """The default model asked to copy a list: prompt lookup drafts from it, most drafts are accepted,
     and the text, finish reason and stop string handling are those of plain decoding."""
@@ -357,6 +379,49 @@ def test_policy_plans_over_a_staircase_of_compiled_step_costs():
     eager = SpeculationPolicy(SpeculativeConfig("ngram", 4), 1000, draft_cost=0.25)
     eager.step_cost = lambda n: 1.0 if n == 1 else 2.5 * (1 + 0.25 * (n - 1))  # verification eager
     assert eager.record("r", 4, 4)  # 5 tokens for 2.5 x 2 = 5 steps: never more than plain decode
+
+
+def test_policy_prices_the_proposers_own_forwards():
+    """A model proposer's chain of k drafts is k forwards: measured at a third of a step each, a well-
+    accepted request (a = 0.9) drafts a shorter chain than for free, and at a whole step each (a draft
+    model as costly as the target) it stops drafting and backs off."""
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=200))
+    plans = []
+    for seconds_per_forward in (0.0, 0.003, 0.01):
+        policy = SpeculationPolicy(SpeculativeConfig("draft", 7), 1000, draft_cost=0.1)
+        policy.plan([req])  # the request's state, then a well-accepted history
+        policy.states["r"].accepted, policy.states["r"].rejected = 9.0, 1.0
+        if seconds_per_forward:
+            policy.observe_drafting(seconds_per_forward * 4, forwards=4, step_seconds=0.01)
+        plans.append(policy.plan([req]).get("r", 0))
+    assert plans[0] == 7 and 0 < plans[1] < 7 and plans[2] == 0
+    assert policy.forward_cost == pytest.approx(1.0)
+    assert policy.record("r", 1, 1)  # even an accepted draft does not repay a whole step's forward
+    policy.observe_drafting(0.0, forwards=2, step_seconds=0.01)  # decayed, not replaced
+    assert policy.forward_cost == pytest.approx(0.8)
+
+
+def test_free_guesses_start_drafting():
+    """Where a new request's prior (a = 1/2) does not pay for a verification, a free proposer's
+    unverified guesses, checked against the sampled tokens, are the evidence: hits start the drafting,
+    misses keep it off, and a paused request keeps its pause."""
+    times = {1: 1.0, 2: 2.0, 4: 1.9, 8: 3.2}
+    policy = SpeculationPolicy(SpeculativeConfig("ngram", 7), 1000, draft_cost=0.25)
+    policy.step_cost = lambda n: times[next(s for s in times if s >= n)]
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=200))
+    assert policy.plan([req]) == {}
+    for _ in range(3):
+        policy.record_shadow("r", False)
+    assert policy.plan([req]) == {}
+    for _ in range(8):
+        policy.record_shadow("r", True)
+    assert policy.plan([req])["r"] >= 3
+    while not policy.record("r", 7, 0):
+        pass
+    paused = policy.states["r"].paused_steps
+    for _ in range(8):
+        policy.record_shadow("r", True)
+    assert policy.states["r"].paused_steps == paused and policy.plan([req]) == {}
 
 
 def test_large_batches_do_not_speculate(tiny, prompts):

@@ -1,7 +1,7 @@
-"""The native CPU GEMMs (kernels/csrc/q4q8.c) against a float64 torch reference of the same math:
-activations rounded to int16 per 32 inputs (scale amax / 32767, round half to even), weights from their 4-bit blocks (fp16 scale and min)
-or int8 rows. The integer dot products are exact, so the
-only differences are fp32 summation order: relative 1e-5 of the output's scale."""
+"""The native CPU GEMMs (kernels/csrc/tiled_gemm.c) against a float64 torch reference of the same
+math: activations rounded per 32 inputs to 14-bit integers (scale amax / 8127, round half to even);
+weights from their 4-bit blocks (fp16 scale and min) or int8 rows. The integer dot products are
+exact, so the only differences are fp32 summation order: relative 1e-5 of the output's scale."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from quadrant.quant.grids import int4_groups, int8_per_channel
 pytestmark = pytest.mark.skipif(cn.library() is None, reason="native CPU kernels do not build or run here")
 
 
-def rounded_activations(x: torch.Tensor, top: float = 32767.0) -> torch.Tensor:
-    """x [M, K] as the kernels see it: int16 codes times each 32-block's scale (float64)."""
+def rounded_activations(x: torch.Tensor, top: float = 8127.0) -> torch.Tensor:
+    """x [M, K] as the kernels see it: integer codes times each 32-block's scale (float64)."""
     blocks = x.double().reshape(x.shape[0], -1, cn.QK)
     # The kernel computes the scale and its inverse in fp32, as here.
     d = (x.reshape(x.shape[0], -1, cn.QK).abs().amax(-1, keepdim=True) / top)
@@ -25,9 +25,10 @@ def rounded_activations(x: torch.Tensor, top: float = 32767.0) -> torch.Tensor:
     return (q.double() * d.double()).reshape(x.shape)
 
 
-# Widths of 2, 3, 18 (16 + 2), 5 and 33 (16 + 16 + 1) blocks: the AVX-512 kernel's chunks of 16
-# blocks, its pairs and a last block without a partner.
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (1, 96, 7), (3, 576, 96), (17, 160, 33), (1, 1056, 20), (6, 1056, 5)])
+# Output widths that fill whole tiles (48, 96) and ones that leave the last tile part-empty (7, 33, 20,
+# 5); row counts of one, within one pass of 8 rows and past it (17).
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (1, 96, 7), (3, 576, 96), (17, 160, 33), (1, 1056, 20), (6, 1056, 5),
+                                   (8, 64, 16)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_q4_gemm_matches_reference(m, k, n, bias):
     g = torch.Generator().manual_seed(m * k + n)
@@ -44,16 +45,53 @@ def test_q4_gemm_matches_reference(m, k, n, bias):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-def test_q4_blocks_hold_the_grid():
-    """Packing keeps the codes and the fp16-rounded scale and min of each group of 32."""
-    w = torch.randn(8, 96)
+@pytest.mark.parametrize("tile", [8, 16])
+@pytest.mark.parametrize("n", [8, 13, 32])
+def test_q4_blocks_hold_the_grid(tile, n):
+    """Packing into tiles of either width keeps the codes and the fp16-rounded scale and min of each
+    group of 32, whole tiles or not."""
+    w = torch.randn(n, 96)
     codes, scale, lo = int4_groups(w, cn.QK)
-    weight = cn.unpack_q4(cn.pack_q4(codes.reshape(8, 96), scale, lo, None))
+    packed = cn.pack_q4(codes.reshape(n, 96), scale, lo, None, tile=tile)
+    assert packed.codes.shape == (-(-n // tile), 3, 4, 4 * tile) and packed.scales.shape == (-(-n // tile), 3, 2, tile)
     expected = codes * scale.half().float() + lo.half().float()
-    assert torch.equal(weight, expected.reshape(8, 96))
+    assert torch.equal(cn.unpack_q4(packed), expected.reshape(n, 96))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (5, 576, 130), (8, 96, 9)])
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """Every row is rounded and summed alike at any row count: a row's output is bit-identical alone
+    and among 2-17 rows (a verification step gives what one-row steps give)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 160, generator=g), torch.randn(17, 160, generator=g)
+    for fmt in (NativeQ4(), NativeQ8()):
+        packed = fmt.pack(w, None)
+        alone = torch.cat([fmt.apply(x[i:i + 1], packed) for i in range(17)])
+        for rows in (2, 5, 8, 9, 17):
+            assert torch.equal(fmt.apply(x[:rows], packed), alone[:rows])
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_q8_tiles_hold_the_codes(tile):
+    codes = torch.randint(-127, 128, (13, 64))
+    packed = cn.pack_q8(codes, torch.rand(13), None, tile=tile)
+    assert torch.equal(cn.unpack_q8(packed), codes.to(torch.int8))
+
+
+def test_tiles_of_another_width_are_refused():
+    other = 24 - cn.tile_rows()  # 8 where the kernels take 16, and the reverse
+    q4 = cn.pack_q4(torch.randint(0, 16, (16, 64)), torch.rand(16, 2), torch.rand(16, 2), None, tile=other)
+    q8 = cn.pack_q8(torch.randint(-127, 128, (16, 64)), torch.rand(16), None, tile=other)
+    x = torch.randn(1, 64)
+    for call in (lambda: cn.q4_mm(x, q4), lambda: cn.q8_mm(x, q8)):
+        with pytest.raises(ValueError, match="tiles of"):
+            call()
+    for call in (lambda: torch.ops.quadrant.q4_mm(x, q4.codes, q4.scales, None, 64, 16),
+                 lambda: torch.ops.quadrant.q8_mm(x, q8.codes, q8.scale, None, 64, 16)):
+        with pytest.raises(RuntimeError, match="tiles of"):
+            call()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (5, 576, 130), (8, 96, 9), (11, 64, 16)])
 def test_q8_gemm_matches_reference(m, k, n):
     g = torch.Generator().manual_seed(k + n)
     w = torch.randn(n, k, generator=g)
@@ -67,15 +105,21 @@ def test_q8_gemm_matches_reference(m, k, n):
     torch.testing.assert_close(out[0].double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.skipif(cn.build_flags() == cn.FLAGS, reason="the AVX2 build is the one tested above")
-def test_the_avx2_build_matches_where_avx512_is_used(tmp_path, monkeypatch):
-    """On an AVX-512 machine the tests above ran the 512-bit kernels; the AVX2 ones (what a machine
-    without AVX-512 builds) are checked here against the same references."""
-    monkeypatch.setattr(cn, "build_flags", lambda: list(cn.FLAGS))
-    monkeypatch.setattr(cn, "_lib", None)
-    monkeypatch.setattr(cn, "_tried", False)
+BUILDS = {"AVX2": cn.FLAGS, "AVX-512 without VNNI": cn.FLAGS + cn.AVX512_FLAGS}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_other_builds_match(build, tmp_path, monkeypatch):
+    """The tests above ran this machine's build (AVX-512 with VNNI here); the builds of machines
+    without VNNI (two multiply-adds for vpdpbusd) or without AVX-512 (tiles of 8 rows) are checked
+    against the same references wherever this CPU runs them."""
+    if BUILDS[build] == cn.build_flags() or ("AVX-512" in build and cn.AVX512_FLAGS[0] not in cn.build_flags()):
+        pytest.skip(f"the {build} build is the one tested above, or this CPU cannot run it")
+    monkeypatch.setattr(cn, "build_flags", lambda: list(BUILDS[build]))
+    for name, value in (("_lib", None), ("_tried", False), ("_tile", cn._tile)):
+        monkeypatch.setattr(cn, name, value)
     lib = cn.library(tmp_path)
-    assert lib is not None
+    assert lib is not None and cn.tile_rows() == (16 if "AVX-512" in build else 8)
     for m, k, n in [(1, 96, 7), (3, 576, 96), (17, 160, 33), (6, 1056, 5)]:
         test_q4_gemm_matches_reference(m, k, n, True)
         test_q8_gemm_matches_reference(m, k, n)
@@ -84,7 +128,7 @@ def test_the_avx2_build_matches_where_avx512_is_used(tmp_path, monkeypatch):
 
 def test_formats_stay_close_to_torch_kernels():
     """The native formats against torch's weight-only kernels of the same weights: they differ by the
-    activations' rounding (16 bits per 32 inputs against bf16), well under 1% of the output's scale."""
+    activations' rounding (14 bits per 32 inputs against bf16), well under 1% of the output's scale."""
     w, x = torch.randn(64, 256), torch.randn(4, 256)
     for native, torch_fmt in ((NativeQ4(), W4A16()), (NativeQ8(), W8A16())):
         a = native.apply(x, native.pack(w, None))

@@ -95,17 +95,22 @@ def test_plan_picks_kernels_by_batch_size(wx):
 
 def test_the_compact_dense_crossover_is_measured_unless_set(monkeypatch):
     """QUADRANT_SMALL_BATCH_TOKENS fixes the largest step the compact kernels take (tests/conftest.py sets
-    8); unset, it is measured once: 1 (dense from 2 rows) up to 8 where the native kernels run."""
+    8); unset, it is measured once per weight width: 1 (dense from 2 rows) up to 48 where the native
+    kernels run."""
     from quadrant.quant import formats
 
     monkeypatch.setenv("QUADRANT_SMALL_BATCH_TOKENS", "5")
     assert formats.small_batch_tokens() == 5
-    assert cpu_plan(4)[0][0] == 5
+    assert cpu_plan(4)[0][0] == 5 and cpu_plan(8)[0][0] == 5
     monkeypatch.delenv("QUADRANT_SMALL_BATCH_TOKENS")
-    monkeypatch.setattr(formats, "_crossover", None)
-    measured = formats.small_batch_tokens()
-    assert measured in ((1, 2, 3, 4, 6, 8) if native_available(576) else (formats.SMALL_BATCH_TOKENS,))
-    assert formats.small_batch_tokens() == measured  # once per process
+    monkeypatch.setattr(formats, "_crossover", {})
+    for bits in (4, 8):
+        measured = formats.small_batch_tokens(bits)
+        sizes = (1, *formats._CROSSOVER_SIZES) if native_available(576) else (formats.SMALL_BATCH_TOKENS,)
+        assert measured in sizes
+        assert formats.small_batch_tokens(bits) == measured  # once per process
+        assert cpu_plan(bits)[0][0] == measured
+    assert set(formats._crossover) == {4, 8}
 
 
 def test_linear_repack_drops_dense_weight(wx):

@@ -44,6 +44,8 @@ _Row = tuple[Request, int, _DraftState, WorkerRequest]  # a request, its k, its 
 
 
 class DraftModelProposer:
+    free = False  # every draft token is a forward of the draft model
+
     def __init__(self, runner: ModelRunner, num_blocks: int) -> None:
         self.runner = runner
         self.block_size = runner.block_size

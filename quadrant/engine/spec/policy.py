@@ -17,6 +17,12 @@ cost a staircase (5 tokens cost what 8 do), so the drafts are ranked greedily as
 is the prefix of that ranking with the best expected tokens per unit of cost, not the first prefix
 whose next draft stops paying.
 
+Drafting has its own cost where the proposer runs a model (a draft model, an EAGLE head): a chain of
+k drafts is k proposer forwards, batched across requests. The engine measures it (`observe_drafting`,
+seconds per forward over a one-token step's seconds) and a plan pays it for its longest chain, so a
+proposer whose forwards cost more than its accepted tokens save stops drafting (n-gram lookup costs
+next to nothing).
+
 Each request keeps decayed counts of accepted drafts and of rejections (a verification that did not
 take all its drafts saw one) to estimate a. When even a lone request's drafts cannot pay (a about c or
 less, or no chain repaying the eager ratio), it pauses for a number of steps that doubles at every repeat (4, 8, ... 64), then probes again. Above
@@ -36,6 +42,7 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 4, 64
 _DECAY = 0.8  # weight of the history at each new verification
 _PRIOR_ACCEPTED, _PRIOR_REJECTED = 1.0, 1.0  # a new request starts from a = 1/2: batches of 4+ wait for evidence
 _CLEAR_GAIN = 1.01  # a draft must raise the step's expected tokens per unit of cost by 1%
+_DRAFT_COST_DECAY = 0.8  # weight of the history at each new drafting measurement
 
 
 @dataclass
@@ -69,6 +76,15 @@ class SpeculationPolicy:
         # Tokens of a decode-only step -> its time, where the engine measures it (compiled CPU graphs);
         # None: 1 + draft_cost (tokens - 1) one-token steps.
         self.step_cost: Callable[[int], float] | None = None
+        self.forward_cost = 0.0  # one proposer forward, in one-token steps (decayed mean of measurements)
+
+    def observe_drafting(self, seconds: float, forwards: int, step_seconds: float) -> None:
+        """A propose call took `seconds` for `forwards` chained forwards; a one-token step takes step_seconds."""
+        if forwards < 1 or step_seconds <= 0:
+            return
+        cost = seconds / forwards / step_seconds
+        self.forward_cost = cost if self.forward_cost == 0.0 else \
+            _DRAFT_COST_DECAY * self.forward_cost + (1 - _DRAFT_COST_DECAY) * cost
 
     def cost(self, num_tokens: int) -> float:
         """The time of a decode-only step of num_tokens tokens (drafts included), in one-token steps."""
@@ -99,14 +115,16 @@ class SpeculationPolicy:
         drafted: dict[str, int] = {}
         plain_rate = rows / self.cost(rows)
         best_rate, best_len = plain_rate * _CLEAR_GAIN, 0  # a plan must beat plain decoding clearly
+        longest = 0  # the longest chain drafted so far: the proposer forwards the plan pays
         while heap and room > 0:
             neg_gain, rid = heapq.heappop(heap)
             order.append(rid)
             tokens, expected, room = tokens + 1, expected - neg_gain, room - 1
-            rate = expected / self.cost(tokens)
+            drafted[rid] = drafted.get(rid, 0) + 1
+            longest = max(longest, drafted[rid])
+            rate = expected / (self.cost(tokens) + self.forward_cost * longest)
             if rate > best_rate:
                 best_rate, best_len = rate, len(order)
-            drafted[rid] = drafted.get(rid, 0) + 1
             _, state, limit = limits[rid]
             if drafted[rid] < limit:
                 heapq.heappush(heap, (neg_gain * state.acceptance, rid))
@@ -120,10 +138,7 @@ class SpeculationPolicy:
         state = self.states.setdefault(request_id, _RequestState())
         state.accepted = _DECAY * state.accepted + accepted
         state.rejected = _DECAY * state.rejected + (1.0 if accepted < drafted else 0.0)
-        a, longest = state.acceptance, self.config.num_speculative_tokens
-        # Still pays when a lone request's best chain beats its plain step.
-        plain_rate = 1.0 / self.cost(1)
-        if max(expected_tokens(a, k) / self.cost(k + 1) for k in range(1, longest + 1)) > plain_rate * _CLEAR_GAIN:
+        if self._pays(state.acceptance):
             if accepted:
                 state.next_pause = _FIRST_PAUSE  # drafts land again: the next pause starts short
             return False
@@ -131,6 +146,22 @@ class SpeculationPolicy:
         state.next_pause = min(2 * state.next_pause, _LONGEST_PAUSE)
         state.accepted, state.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED  # the probe starts afresh
         return True
+
+    def record_shadow(self, request_id: str, hit: bool) -> None:
+        """Take an unverified guess's outcome (a free proposer's first draft against the sampled token),
+        as a one-draft verification's: a request whose prior does not pay for a verification starts
+        drafting once its guesses land. A paused request keeps its pause (rare hits on an adversarial
+        prompt would otherwise end it at once)."""
+        state = self.states.setdefault(request_id, _RequestState())
+        if state.paused_steps == 0:
+            state.accepted = _DECAY * state.accepted + hit
+            state.rejected = _DECAY * state.rejected + (not hit)
+
+    def _pays(self, a: float) -> bool:
+        """Whether a lone request's best chain at acceptance a beats its plain step clearly."""
+        chains = (expected_tokens(a, k) / (self.cost(k + 1) + self.forward_cost * k)
+                  for k in range(1, self.config.num_speculative_tokens + 1))
+        return max(chains) > _CLEAR_GAIN / self.cost(1)
 
     def retain(self, live: set[str]) -> None:
         for rid in [r for r in self.states if r not in live]:

@@ -24,6 +24,11 @@ Drafts = dict[str, tuple[list[int], torch.Tensor | None]]  # request id -> (draf
 
 
 class Proposer(Protocol):
+    # Whether drafting costs next to nothing (no model to run): then the engine also drafts one token for
+    # the requests that do not speculate this step, unverified, and checks it against the token the step
+    # samples: evidence of acceptance that costs no verification (policy.record_shadow).
+    free: bool
+
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         """Drafts for each (request, at most k tokens); a request may get none."""
 

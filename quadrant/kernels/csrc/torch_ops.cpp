@@ -1,4 +1,4 @@
-// The native CPU kernels (q4q8.c, paged_decode.c) as C++ kernels of the quadrant:: torch ops, so a
+// The native CPU kernels (tiled_gemm.c, paged_decode.c) as C++ kernels of the quadrant:: torch ops, so a
 // compiled decode step (torch.compile with Inductor's C++ wrapper) calls them through the dispatcher
 // alone: a kernel registered from Python costs ~4.5 us more per call (GIL, argument boxing, ctypes),
 // and a decode step makes ~150 such calls. The C library is built and loaded apart (ctypes); its
@@ -12,7 +12,7 @@
 extern "C" {
 typedef int (*q4_gemm_fn)(const float *, int64_t, int64_t, const uint8_t *, const uint16_t *, int64_t, const float *,
                           float *);
-typedef int (*q8_gemm_fn)(const float *, int64_t, int64_t, const int8_t *, const float *, int64_t, const float *,
+typedef int (*q8_gemm_fn)(const float *, int64_t, int64_t, const uint8_t *, const float *, int64_t, const float *,
                           float *);
 typedef int (*paged_decode_fn)(const float *, const float *, const float *, const int32_t *, int64_t,
                                const int32_t *, int64_t, int64_t, int64_t, int64_t, int64_t, float, float *);
@@ -20,8 +20,10 @@ typedef int (*paged_decode_fn)(const float *, const float *, const float *, cons
 static q4_gemm_fn q4_gemm = nullptr;
 static q8_gemm_fn q8_gemm = nullptr;
 static paged_decode_fn paged_decode_f32 = nullptr;
+static int64_t tile_rows = 0;  // rows per tile of the GEMMs' weight layouts
 
-void quadrant_set_kernels(void *q4, void *q8, void *paged) {
+void quadrant_set_kernels(void *q4, void *q8, void *paged, int tile) {
+    tile_rows = tile;
     q4_gemm = reinterpret_cast<q4_gemm_fn>(q4);
     q8_gemm = reinterpret_cast<q8_gemm_fn>(q8);
     paged_decode_f32 = reinterpret_cast<paged_decode_fn>(paged);
@@ -41,9 +43,14 @@ const float *bias_ptr(const std::optional<at::Tensor> &bias) {
     return bias.has_value() ? bias->data_ptr<float>() : nullptr;
 }
 
+void check_tile(int64_t tile) {
+    TORCH_CHECK(tile == tile_rows, "weights packed in tiles of ", tile, " rows; this machine's kernel takes ", tile_rows);
+}
+
 at::Tensor q4_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
                  const std::optional<at::Tensor> &bias, int64_t in_features, int64_t out_features) {
     TORCH_CHECK(q4_gemm != nullptr, "quadrant's native kernels are not loaded");
+    check_tile(scales.size(-1));
     auto [x2, shape] = rows_of(x, in_features, out_features);
     auto out = at::empty({x2.size(0), out_features}, x2.options());
     int rc = q4_gemm(x2.data_ptr<float>(), x2.size(0), in_features, codes.data_ptr<uint8_t>(),
@@ -56,9 +63,10 @@ at::Tensor q4_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor 
 at::Tensor q8_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scale,
                  const std::optional<at::Tensor> &bias, int64_t in_features, int64_t out_features) {
     TORCH_CHECK(q8_gemm != nullptr, "quadrant's native kernels are not loaded");
+    check_tile(codes.size(-1) / 4);
     auto [x2, shape] = rows_of(x, in_features, out_features);
     auto out = at::empty({x2.size(0), out_features}, x2.options());
-    int rc = q8_gemm(x2.data_ptr<float>(), x2.size(0), in_features, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+    int rc = q8_gemm(x2.data_ptr<float>(), x2.size(0), in_features, codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                      out_features, bias_ptr(bias), out.data_ptr<float>());
     TORCH_CHECK(rc == 0, "native GEMM: out of memory for its activation scratch");
     return out.view(shape);
