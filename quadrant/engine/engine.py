@@ -35,7 +35,7 @@ from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
 from quadrant.errors import QuadrantError
 from quadrant.loader import store
-from quadrant.quant.formats import small_batch_tokens
+from quadrant.quant.formats import compact_rows, small_batch_tokens
 from quadrant.sampling_params import SamplingParams
 from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -80,8 +80,11 @@ class LLMEngine:
         # CPU auto weights: past small_batch_tokens() tokens a step runs dense GEMMs instead of compact
         # kernels: without measured step costs, the policy keeps verifying steps within them.
         cpu_auto = self.weight_format == "auto" and config.device.startswith("cpu")
-        self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device),
-                                             small_batch_tokens() if cpu_auto else None)
+        compact = None
+        if cpu_auto:  # the model's own limit (4-bit and int8 weights switch at different sizes)
+            in_process = isinstance(self.executor, InProcessExecutor)
+            compact = (compact_rows(self.runner.model) if in_process else None) or small_batch_tokens()
+        self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device), compact)
         if isinstance(self.executor, InProcessExecutor) and self.runner.compiled is not None and spec.draft_cost is None:
             self.spec_policy.step_cost = self.runner.compiled.step_cost  # measured compiled step times
             self.spec_policy.max_step_tokens = None  # those times include the switch to dense GEMMs
@@ -362,11 +365,11 @@ class LLMEngine:
             return
         by_id = {r.request_id: r for r in decoding}
         asks = [(by_id[rid], k) for rid, k in plan.items()]
-        start = time.perf_counter()
         drafts = self.proposer.propose(asks)
         step_seconds = self._one_token_step_seconds()
-        if step_seconds is not None and self.config.speculative.draft_cost is None:  # a set draft_cost is the whole model
-            self.spec_policy.observe_drafting(time.perf_counter() - start, max(plan.values()), step_seconds)
+        timed = self.proposer.last_forwards
+        if timed is not None and step_seconds is not None and self.config.speculative.draft_cost is None:
+            self.spec_policy.observe_drafting(*timed, step_seconds)  # a set draft_cost is the whole cost model
         for rid, (tokens, probs) in drafts.items():
             req = by_id[rid]
             if req.grammar is not None:  # drafts the grammar refuses are never verified

@@ -37,7 +37,7 @@ TORCH_OPS_SOURCE = Path(__file__).parent / "csrc" / "torch_ops.cpp"
 op_kernels = "Python"  # which kernels the quadrant:: ops run on the CPU: "C++" once csrc/torch_ops.cpp is loaded
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # Where torch dispatches AVX-512 (it checks the CPU and that the OS saves the registers), the kernels take
-# 512-bit vectors: tiles of 16 rows in the 4-bit GEMM, where AVX2 builds take 8.
+# 512-bit vectors: the GEMMs' weight tiles hold 16 rows, where AVX2 builds' hold 8.
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
 QK = 32  # inputs per activation block (and per 4-bit weight block)
 
@@ -52,7 +52,7 @@ def _cpu_flags() -> set[str]:
 
 def build_flags() -> list[str]:
     """The compiler flags for this CPU (they also key the cached library). VNNI's vpdpbusd (AVX512-VNNI,
-    or AVX-VNNI on AVX2 laptops' CPUs) is the 4-bit GEMM's multiply; without it, two multiply-adds."""
+    or AVX-VNNI on AVX2 laptops' CPUs) is the GEMMs' multiply; without it, two multiply-adds."""
     cpu = _cpu_flags()
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         return FLAGS + AVX512_FLAGS + (["-mavx512vnni"] if "avx512_vnni" in cpu else [])

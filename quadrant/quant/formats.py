@@ -270,10 +270,9 @@ class GpuQ8(WeightFormat):
 @dataclass(frozen=True)
 class NativeQ4(WeightFormat):
     """w4a16's weights (asymmetric groups of 32, GGUF Q4_1's grid) through the native CPU kernel
-    (kernels/cpu_native.py), which rounds activations per 32 inputs, to 14 bits for one row (64 times
-    finer than bf16) and to int8 for more (llama.cpp's Q8_1), and multiplies integer blocks. For
-    decode-sized batches; the plan picks it only where `native_available()` and the input width is a
-    multiple of 32."""
+    (kernels/cpu_native.py), which rounds activations to 14 bits per 32 inputs (64 times finer than
+    bf16) at every row count and multiplies integer blocks. For decode-sized batches; the plan picks
+    it only where `native_available()` and the input width is a multiple of 32."""
 
     name: FormatName = "w4a16"
 
@@ -355,10 +354,9 @@ FORMATS: dict[str, WeightFormat] = {"dense": Dense(), "int8": W8A16(), "w8a8": I
 Plan = list[tuple[float, WeightFormat]]
 Kernels = list[tuple[float, WeightFormat, Any]]
 # Up to here compact weights win (decode, verification, batched decode); beyond, dense GEMMs do. On 2
-# AVX-512 cores (SmolLM2's 576 -> 1536), against bf16 oneDNN: the native 4-bit kernel (int8 activations
-# past one row) takes 0.44x the time at 8 rows, 0.64x at 16, 0.93x at 32; the int8 one (14-bit
-# activations) 0.69x at 8, 0.95x at 16. Machines differ (fp32 where bf16 is emulated, AVX2 tiles of 8),
-# so each crossover is measured.
+# AVX-512 cores (SmolLM2's 576 -> 1536), against bf16 oneDNN: the native 4-bit kernel takes 0.59x the
+# time at 8 rows, 0.81x at 12, 0.95x at 16; the int8 one 0.60x, 0.79x, 1.01x. Machines differ (fp32
+# where bf16 is emulated, AVX2 tiles of 8), so each crossover is measured.
 SMALL_BATCH_TOKENS = 8
 _CROSSOVER_SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 _crossover: dict[int, int] = {}  # weight bits (4 or 8) -> measured crossover
@@ -368,8 +366,8 @@ _crossover_lock = threading.Lock()
 def small_batch_tokens(bits: int = 4) -> int:
     """The largest CPU step (in tokens) that runs the compact decode kernels of `bits`-bit weights
     (4, else 8): QUADRANT_SMALL_BATCH_TOKENS, else measured once per process on a SmolLM2-sized
-    projection (576 -> 1536), the native kernel against the dense prefill GEMM at 2-48 rows (~0.3 s);
-    SMALL_BATCH_TOKENS where the native kernels do not run."""
+    projection (576 -> 1536), the native kernel against the dense prefill GEMM at 2 rows and up, until
+    dense wins (~0.1-0.3 s); SMALL_BATCH_TOKENS where the native kernels do not run."""
     from quadrant import envs
 
     fixed = envs.small_batch_tokens()
@@ -470,6 +468,13 @@ def share_token_scales(kernels: Kernels, group: dist.ProcessGroup) -> None:
     for _, _, packed in kernels:
         if isinstance(packed, (Int8Packed, Int4Packed)):
             packed.amax_group = group
+
+
+def compact_rows(model: torch.nn.Module) -> int | None:
+    """The largest step (in tokens) that every repacked layer of `model` runs through its compact
+    kernels (None: no layer switches to dense GEMMs)."""
+    limits = [kernels[0][0] for m in model.modules() if len(kernels := getattr(m, "kernels", None) or []) > 1]
+    return int(min(limits)) if limits else None
 
 
 def run_kernels(kernels: Kernels, x: torch.Tensor) -> torch.Tensor:

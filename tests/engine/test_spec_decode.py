@@ -384,21 +384,30 @@ def test_policy_plans_over_a_staircase_of_compiled_step_costs():
 def test_policy_prices_the_proposers_own_forwards():
     """A model proposer's chain of k drafts is k forwards: measured at a third of a step each, a well-
     accepted request (a = 0.9) drafts a shorter chain than for free, and at a whole step each (a draft
-    model as costly as the target) it stops drafting and backs off."""
+    model as costly as the target) it stops drafting and backs off, until steps without drafts have
+    forgotten enough of that cost to measure it again."""
     req = Request("r", list(range(10)), SamplingParams(max_tokens=200))
-    plans = []
+    plans, costs = [], []
     for seconds_per_forward in (0.0, 0.003, 0.01):
         policy = SpeculationPolicy(SpeculativeConfig("draft", 7), 1000, draft_cost=0.1)
         policy.plan([req])  # the request's state, then a well-accepted history
         policy.states["r"].accepted, policy.states["r"].rejected = 9.0, 1.0
         if seconds_per_forward:
             policy.observe_drafting(seconds_per_forward * 4, forwards=4, step_seconds=0.01)
+        costs.append(policy.forward_cost)
         plans.append(policy.plan([req]).get("r", 0))
+    assert costs == pytest.approx([0.0, 0.3, 1.0])
     assert plans[0] == 7 and 0 < plans[1] < 7 and plans[2] == 0
-    assert policy.forward_cost == pytest.approx(1.0)
+    assert policy.forward_cost == pytest.approx(0.995)  # the plan that drafted nothing forgot 0.5%
     assert policy.record("r", 1, 1)  # even an accepted draft does not repay a whole step's forward
     policy.observe_drafting(0.0, forwards=2, step_seconds=0.01)  # decayed, not replaced
-    assert policy.forward_cost == pytest.approx(0.8)
+    assert policy.forward_cost == pytest.approx(0.8 * 0.995)
+    policy.states["r"].accepted, policy.states["r"].rejected = 9.0, 1.0
+    policy.states["r"].paused_steps, policy.forward_cost = 0, 2.0  # a reading from a busy moment
+    steps = 0
+    while not policy.plan([req]):  # forgotten a little at each step that drafts nothing: it drafts again
+        steps += 1
+    assert 100 < steps < 400
 
 
 def test_free_guesses_start_drafting():

@@ -13,6 +13,8 @@ lossless verification (verify.py); greedy requests draft greedily.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,10 +45,14 @@ class _DraftState:
 _Row = tuple[Request, int, _DraftState, WorkerRequest]  # a request, its k, its draft state, its mirror
 
 
+_CATCH_UP_TIMED = 16  # a first forward over more tokens than this is left out of the cost measurement
+
+
 class DraftModelProposer:
     free = False  # every draft token is a forward of the draft model
 
     def __init__(self, runner: ModelRunner, num_blocks: int) -> None:
+        self.last_forwards: tuple[float, int] | None = None
         self.runner = runner
         self.block_size = runner.block_size
         self.free_blocks = list(range(num_blocks))
@@ -115,6 +121,8 @@ class DraftModelProposer:
     # -- proposing -----------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
+        start = time.perf_counter()  # the whole call: mirrors and sampling cost as much as forwards here
+        self.last_forwards = None
         rows: list[_Row] = []
         for req, k in asks:
             state = self._sync(req)
@@ -130,6 +138,10 @@ class DraftModelProposer:
         drafts: dict[str, list[int]] = {req.request_id: [] for req, *_ in rows}
         probs: dict[str, list[torch.Tensor]] = {req.request_id: [] for req, *_ in rows}
         active = rows
+        # Timed for the policy's cost per draft: every forward, unless the first catches up on many
+        # tokens (a new request's prompt, a long pause), which would read as a costly proposer.
+        timed = max(row.num_new_tokens for _, row in batch) <= _CATCH_UP_TIMED
+        forwards = 0
         while True:
             logits, carry = self._forward(batch, carry)
             for (req, _, _, mirror), row_logits in zip(active, logits):
@@ -138,7 +150,10 @@ class DraftModelProposer:
                 if q is not None:
                     probs[req.request_id].append(q)
             keep = [i for i, (req, k, _, _) in enumerate(active) if len(drafts[req.request_id]) < k]
+            forwards += 1
             if not keep:
+                if timed:
+                    self.last_forwards = (time.perf_counter() - start, forwards)
                 break
             active = [active[i] for i in keep]
             if carry is not None:

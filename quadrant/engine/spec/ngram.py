@@ -20,6 +20,8 @@ def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
     Candidates are the earlier places of the last token (one vector compare), narrowed one token back at
     a time: a few microseconds on a 2,000-token sequence, where comparing every window per n took ~180."""
     length = len(tokens)
+    if length < 2:
+        return []
     ends = np.flatnonzero(tokens[: length - 1] == tokens[-1])  # where an occurrence may end
     matched = {1: ends}  # n -> ends of earlier occurrences of the last n tokens
     for n in range(2, min(n_max, length - 1) + 1):
@@ -35,6 +37,7 @@ def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
 
 class NgramProposer:
     free = True  # a lookup in the request's own tokens
+    last_forwards: tuple[float, int] | None = None  # no model
 
     def __init__(self, n_min: int, n_max: int) -> None:
         self.n_min, self.n_max = n_min, n_max

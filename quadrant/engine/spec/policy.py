@@ -19,9 +19,9 @@ whose next draft stops paying.
 
 Drafting has its own cost where the proposer runs a model (a draft model, an EAGLE head): a chain of
 k drafts is k proposer forwards, batched across requests. The engine measures it (`observe_drafting`,
-seconds per forward over a one-token step's seconds) and a plan pays it for its longest chain, so a
-proposer whose forwards cost more than its accepted tokens save stops drafting (n-gram lookup costs
-next to nothing).
+seconds per forward over a one-token step's seconds) and a plan pays it for its longest chain,
+so a proposer whose forwards cost more than its accepted tokens save stops drafting (n-gram lookup
+costs next to nothing). Steps that draft nothing forget a little of that cost, so it is measured again.
 
 Each request keeps decayed counts of accepted drafts and of rejections (a verification that did not
 take all its drafts saw one) to estimate a. When even a lone request's drafts cannot pay (a about c or
@@ -43,6 +43,10 @@ _DECAY = 0.8  # weight of the history at each new verification
 _PRIOR_ACCEPTED, _PRIOR_REJECTED = 1.0, 1.0  # a new request starts from a = 1/2: batches of 4+ wait for evidence
 _CLEAR_GAIN = 1.01  # a draft must raise the step's expected tokens per unit of cost by 1%
 _DRAFT_COST_DECAY = 0.8  # weight of the history at each new drafting measurement
+# Each step that drafts nothing for want of paying forgets a little of the proposer's cost, so a high
+# reading (a busy moment) cannot keep drafting off for good: twice the true cost is measured again
+# within ~140 steps.
+_FORWARD_COST_FORGET = 0.995
 
 
 @dataclass
@@ -131,6 +135,8 @@ class SpeculationPolicy:
         plan: dict[str, int] = {}
         for rid in order[:best_len]:
             plan[rid] = plan.get(rid, 0) + 1
+        if not plan and limits:
+            self.forward_cost *= _FORWARD_COST_FORGET
         return plan
 
     def record(self, request_id: str, drafted: int, accepted: int) -> bool:

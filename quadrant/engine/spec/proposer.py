@@ -28,6 +28,9 @@ class Proposer(Protocol):
     # the requests that do not speculate this step, unverified, and checks it against the token the step
     # samples: evidence of acceptance that costs no verification (policy.record_shadow).
     free: bool
+    # (seconds, forwards) of the last propose call's forwards, for the policy's cost per draft; None when
+    # none ran, or the first caught up on many tokens (a new request's prompt: not a draft's cost).
+    last_forwards: tuple[float, int] | None
 
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         """Drafts for each (request, at most k tokens); a request may get none."""

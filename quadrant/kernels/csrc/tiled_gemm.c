@@ -29,6 +29,7 @@
 // quadrant/kernels/cpu_native.py packs them (pack_q4, pack_q8) and builds this file with AVX2 (TILE 8) or
 // AVX-512 (TILE 16), with VNNI where the CPU has it (without, a dpbusd is two multiply-adds).
 
+#include <float.h>
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -126,7 +127,8 @@ static int quantize(const float *x, int64_t M, int64_t K, acts *a) {
             _mm256_storeu_ps(lanes, amax8);
             for (int j = 0; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
             const float d = amax / (float)TOP;
-            const __m256 id = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+            // a block too small for a normal scale (or NaN) rounds to zero: 1 / d would overflow
+            const __m256 id = _mm256_set1_ps(d >= FLT_MIN ? 1.0f / d : 0.0f);
             int32_t q[QK];
             for (int j = 0; j < QK; j += 8)  // round half to even (the default rounding mode)
                 _mm256_storeu_si256((__m256i *)(q + j), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + j), id)));
