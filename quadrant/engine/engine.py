@@ -42,6 +42,7 @@ from quadrant.tokenizer import IncrementalDetokenizer, Tokenizer
 if TYPE_CHECKING:
     from quadrant.disagg.connector import KVConnector
     from quadrant.disagg.protocol import RemoteKV
+    from quadrant.engine.cpu_compiled import CompiledDecode
 
 Prompt = str | list[int]
 
@@ -81,12 +82,12 @@ class LLMEngine:
         # kernels: without measured step costs, the policy keeps verifying steps within them.
         cpu_auto = self.weight_format == "auto" and config.device.startswith("cpu")
         compact = None
-        if cpu_auto:  # the model's own limit (4-bit and int8 weights switch at different sizes)
+        if cpu_auto:  # the model's own limit (4-bit and int8 weights switch at different sizes; None: none do)
             in_process = isinstance(self.executor, InProcessExecutor)
-            compact = (compact_rows(self.runner.model) if in_process else None) or small_batch_tokens()
+            compact = compact_rows(self.runner.model) if in_process else small_batch_tokens()
         self.spec_policy = SpeculationPolicy(spec, self.max_model_len, spec.resolved_draft_cost(config.device), compact)
-        if isinstance(self.executor, InProcessExecutor) and self.runner.compiled is not None and spec.draft_cost is None:
-            self.spec_policy.step_cost = self.runner.compiled.step_cost  # measured compiled step times
+        if self._compiled is not None and spec.draft_cost is None:
+            self.spec_policy.step_cost = self._compiled.step_cost  # measured compiled step times
             self.spec_policy.max_step_tokens = None  # those times include the switch to dense GEMMs
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
@@ -167,9 +168,13 @@ class LLMEngine:
         """Compile the CPU decode graphs for these batch sizes now, on this thread (benchmarks time
         compiled steps, not the background compile); whether all are ready. False where decode steps
         are not compiled (GPU, --enforce-eager, --tp/--ep, no compiler)."""
-        if not isinstance(self.executor, InProcessExecutor) or self.runner.compiled is None:
-            return False
-        return all([self.runner.compiled.compile_now(n) for n in batch_sizes])
+        compiled = self._compiled
+        return compiled is not None and all([compiled.compile_now(n) for n in batch_sizes])
+
+    @property
+    def _compiled(self) -> CompiledDecode | None:
+        """The compiled CPU decode graphs, where this process runs the model and has them."""
+        return self.runner.compiled if isinstance(self.executor, InProcessExecutor) else None
 
     @property
     def groups(self) -> dict[str, RequestGroup]:
@@ -390,8 +395,7 @@ class LLMEngine:
     def _one_token_step_seconds(self) -> float | None:
         """A one-token decode step's time, where it is measured: the compiled CPU graph's (None elsewhere,
         so the policy prices drafts by their verification alone)."""
-        compiled = self.runner.compiled if isinstance(self.executor, InProcessExecutor) else None
-        return None if compiled is None else compiled.seconds.get(1)
+        return None if self._compiled is None else self._compiled.seconds.get(1)
 
     def _grammar_masks(self, out: SchedulerOutput, masks: dict[str, torch.Tensor]) -> None:
         """Structured outputs: the allowed-token bitmasks of the constrained rows that sample this step."""

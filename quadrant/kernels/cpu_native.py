@@ -195,7 +195,10 @@ class Q4Blocks:
     bias: torch.Tensor | None  # fp32 [N]
     in_features: int
     out_features: int
-    tile: int
+
+    @property
+    def tile(self) -> int:
+        return tile_of(self.codes)
 
 
 @dataclass
@@ -209,7 +212,15 @@ class Q8Rows:
     bias: torch.Tensor | None
     in_features: int
     out_features: int
-    tile: int
+
+    @property
+    def tile(self) -> int:
+        return tile_of(self.codes)
+
+
+def tile_of(codes: torch.Tensor) -> int:
+    """The rows per tile of packed codes (both layouts: 4 bytes a row per chunk)."""
+    return codes.shape[-1] // 4
 
 
 def tile_rows() -> int:
@@ -234,7 +245,7 @@ def pack_q4(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: to
             for t in (scale, lo)]
     scales = torch.stack(grid, 2).to(torch.float16).contiguous()  # [T, G, 2, tile]
     return Q4Blocks(nibbles.reshape(tiles, g, 4, 4 * tile).contiguous(), scales,
-                    None if bias is None else bias.float().contiguous(), k, n, tile)
+                    None if bias is None else bias.float().contiguous(), k, n)
 
 
 def unpack_q4(packed: Q4Blocks) -> torch.Tensor:
@@ -257,7 +268,7 @@ def pack_q8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     tiled = biased.reshape(tiles, tile, k // QK, 8, 4).permute(0, 2, 3, 1, 4)  # [T, G, chunk, row, 4]
     return Q8Rows(tiled.reshape(tiles, k // QK, 8, 4 * tile).contiguous(),
                   torch.nn.functional.pad(scale.reshape(n).float(), (0, pad)).contiguous(),
-                  None if bias is None else bias.float().contiguous(), k, n, tile)
+                  None if bias is None else bias.float().contiguous(), k, n)
 
 
 def unpack_q8(packed: Q8Rows) -> torch.Tensor:
@@ -318,12 +329,12 @@ _ops.define("q8_mm(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_fe
 
 def _q4_mm_impl(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int, out_features: int) -> torch.Tensor:
-    return q4_mm(x, Q4Blocks(codes, scales, bias, in_features, out_features, scales.shape[-1]))
+    return q4_mm(x, Q4Blocks(codes, scales, bias, in_features, out_features))
 
 
 def _q8_mm_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int, out_features: int) -> torch.Tensor:
-    return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features, codes.shape[-1] // 4))
+    return q8_mm(x, Q8Rows(codes, scale, bias, in_features, out_features))
 
 
 @torch.library.register_fake("quadrant::q4_mm")

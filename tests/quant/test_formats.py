@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from quadrant.layers.linear import Linear
-from quadrant.quant.formats import (Dense, Int8Dynamic, NativeQ4, NativeQ8, W4A16, W8A16, cpu_plan, int4_groups,
-                                    int8_per_channel, native_available, pack_plan, prefill_dtype, run_kernels,
+from quadrant.quant.formats import (Dense, Int8Dynamic, NativeQ4, NativeQ8, W4A16, W8A16, compact_rows, cpu_plan,
+                                    int4_groups, int8_per_channel, native_available, pack_plan, prefill_dtype, run_kernels,
                                     single_plan)
 
 
@@ -111,6 +111,20 @@ def test_the_compact_dense_crossover_is_measured_unless_set(monkeypatch):
         assert formats.small_batch_tokens(bits) == measured  # once per process
         assert cpu_plan(bits)[0][0] == measured
     assert set(formats._crossover) == {4, 8}
+
+
+def test_compact_rows_is_the_smallest_switch_of_the_layers():
+    """The speculation policy's step limit: the fewest tokens at which any layer of the model switches
+    from its compact kernel to dense GEMMs; layers with one kernel at every size (the LM head) have none."""
+    layers = [Linear(64, 32) for _ in range(3)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.normal_()
+    layers[0].repack([(5, W8A16()), (float("inf"), Dense())])
+    layers[1].repack([(3, W4A16(group_size=32)), (float("inf"), Dense())])
+    layers[2].repack(single_plan("int8"))
+    assert compact_rows(torch.nn.Sequential(*layers)) == 3
+    assert compact_rows(torch.nn.Sequential(layers[2])) is None
 
 
 def test_linear_repack_drops_dense_weight(wx):

@@ -14,7 +14,6 @@ lossless verification (verify.py); greedy requests draft greedily.
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 

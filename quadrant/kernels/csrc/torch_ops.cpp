@@ -43,14 +43,16 @@ const float *bias_ptr(const std::optional<at::Tensor> &bias) {
     return bias.has_value() ? bias->data_ptr<float>() : nullptr;
 }
 
-void check_tile(int64_t tile) {
+// Both weight layouts hold 4 bytes a row per chunk: codes [..., 4 * tile].
+void check_tile(const at::Tensor &codes) {
+    const int64_t tile = codes.size(-1) / 4;
     TORCH_CHECK(tile == tile_rows, "weights packed in tiles of ", tile, " rows; this machine's kernel takes ", tile_rows);
 }
 
 at::Tensor q4_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
                  const std::optional<at::Tensor> &bias, int64_t in_features, int64_t out_features) {
     TORCH_CHECK(q4_gemm != nullptr, "quadrant's native kernels are not loaded");
-    check_tile(scales.size(-1));
+    check_tile(codes);
     auto [x2, shape] = rows_of(x, in_features, out_features);
     auto out = at::empty({x2.size(0), out_features}, x2.options());
     int rc = q4_gemm(x2.data_ptr<float>(), x2.size(0), in_features, codes.data_ptr<uint8_t>(),
@@ -63,7 +65,7 @@ at::Tensor q4_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor 
 at::Tensor q8_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scale,
                  const std::optional<at::Tensor> &bias, int64_t in_features, int64_t out_features) {
     TORCH_CHECK(q8_gemm != nullptr, "quadrant's native kernels are not loaded");
-    check_tile(codes.size(-1) / 4);
+    check_tile(codes);
     auto [x2, shape] = rows_of(x, in_features, out_features);
     auto out = at::empty({x2.size(0), out_features}, x2.options());
     int rc = q8_gemm(x2.data_ptr<float>(), x2.size(0), in_features, codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
