@@ -644,8 +644,10 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
-        if self.kv_transfer.role != "both" and self.parallel.world_size > 1:
-            raise ValueError("--role prefill/decode runs one-process engines so far (no --tp/--ep)")
+        if self.kv_transfer.role != "both" and self.kv_transfer.kv_transport == "mooncake" \
+                and self.parallel.world_size > 1:
+            raise ValueError("--kv-transport mooncake reads KV tensors in place, and --tp/--ep worker processes "
+                             "keep theirs to themselves: use --kv-transport zmq with them")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format != "auto":

@@ -26,7 +26,8 @@ import threading
 from typing import Any
 
 from quadrant.disagg.protocol import KVTransferError
-from quadrant.disagg.transport import block_bytes, layer_tensors
+from quadrant.disagg.transport import layer_tensors
+from quadrant.engine.kv_cache import block_bytes
 from quadrant.layers.attention import LayerKVCache
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ import torch
 import zmq
 
 from quadrant.disagg.protocol import KVHandshakeError, KVLayout, KVTransferError
+from quadrant.engine.kv_cache import block_bytes, block_runs, scatter_blocks
 from quadrant.layers.attention import LayerKVCache
 
 if TYPE_CHECKING:
@@ -40,40 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # transfer id, requested block ids, their position in the lease's block table, the prompt digest the
-# puller expects -> whether they may be read now (and a pin until `unpin`)
-PinBlocks = Callable[[str, list[int], int, str], bool]
+# puller expects -> None if they may not be read now, else (a pin until `unpin`) the caches to read
+# them from and their blocks there
+PinBlocks = Callable[[str, list[int], int, str], tuple[list[LayerKVCache], list[int]] | None]
 _SEND_WAIT_MS = 5000  # a reply zmq has not sent in this long (a stalled peer) gives up its staging buffers
 
 
 def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
     """The tensors one layer's blocks live in, in wire order (scales only for an 8-bit cache)."""
-    out = [cache.k, cache.v]
-    if cache.k_scale is not None and cache.v_scale is not None:
-        out += [cache.k_scale, cache.v_scale]
-    return out
-
-
-def block_bytes(t: torch.Tensor) -> int:
-    """Bytes of one block of a KV tensor (blocks on its first dimension)."""
-    return t[:1].numel() * t.element_size()
-
-
-def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
-    """(position in ids, first block, count) of each run of consecutive block ids."""
-    runs: list[tuple[int, int, int]] = []
-    for i, b in enumerate(ids):
-        if runs and runs[-1][1] + runs[-1][2] == b:
-            pos, first, n = runs[-1]
-            runs[-1] = (pos, first, n + 1)
-        else:
-            runs.append((i, b, 1))
-    return runs
-
-
-def scatter_blocks(dest: torch.Tensor, runs: list[tuple[int, int, int]], src: torch.Tensor) -> None:
-    """dest[ids[i]] = src[i], one slice copy per run of consecutive ids (index_copy_ on int8 is 20x slower)."""
-    for pos, first, n in runs:
-        dest[first:first + n].copy_(src[pos:pos + n])
+    return cache.tensors()
 
 
 class StagingBuffers:
@@ -122,9 +98,10 @@ class StagingBuffers:
 
 
 class KVServer:
-    """Prefill side: serves leased blocks from `caches` on tcp://host:port (port 0: a free one)."""
+    """Prefill side: serves leased blocks on tcp://host:port (port 0: a free one); `pin` says where
+    each lease's blocks are (`caches`, the engine's own KV tensors, or a lease's host copy)."""
 
-    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], pin: PinBlocks,
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None, pin: PinBlocks,
                  unpin: Callable[[str], None], release: Callable[[str], bool], host: str = "127.0.0.1",
                  port: int = 0, mooncake: MooncakeEndpoint | None = None, pin_seconds: float = 30.0) -> None:
         self.layout = layout
@@ -196,24 +173,26 @@ class KVServer:
             raise ValueError(f"unknown op {op!r}")
         tid, ids = str(req["transfer_id"]), [int(b) for b in req["block_ids"]]
         first, last = int(req["layers"][0]), int(req["layers"][1])
-        if not 0 <= first < last <= len(self.caches):
+        if not 0 <= first < last <= self.layout.num_layers:
             raise ValueError(f"layers [{first}, {last}) out of range")
         if op == "pin" and self.mooncake is None:
             raise ValueError("this KV server reads no pinned blocks out: it runs without --kv-transport mooncake")
-        if not self.pin(tid, ids, int(req["first_block"]), str(req["prompt_digest"])):
+        where = self.pin(tid, ids, int(req["first_block"]), str(req["prompt_digest"]))
+        if where is None:
             return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
                                           f"(expired, released or unknown)"}, []
+        caches, rows = where
         if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
             assert self.mooncake is not None
             token = uuid.uuid4().hex
-            nbytes = len(ids) * sum(block_bytes(t) for cache in self.caches[first:last] for t in layer_tensors(cache))
+            nbytes = len(ids) * sum(block_bytes(t) for cache in caches[first:last] for t in layer_tensors(cache))
             self._pins[token] = (tid, time.monotonic() + self.pin_seconds, nbytes)
             # The tensors' addresses ride on every pin: a prefill worker restarted on the same port
             # (which zmq reconnects to silently) has new ones.
             return {"ok": True, "pin": token, "mooncake": self.mooncake.describe()}, []
         try:  # the lease cannot expire while its blocks are read
-            index = torch.tensor(ids, dtype=torch.long, device=self.caches[0].k.device)
-            frames = self._staging.gather([t for cache in self.caches[first:last] for t in layer_tensors(cache)], index)
+            index = torch.tensor(rows, dtype=torch.long, device=caches[0].k.device)
+            frames = self._staging.gather([t for cache in caches[first:last] for t in layer_tensors(cache)], index)
         finally:
             self.unpin(tid)
         self.bytes_sent += sum(f.nbytes for f in frames)
@@ -235,10 +214,10 @@ class KVServer:
 
 
 class KVClient:
-    """Decode side: pulls blocks from KV servers into `caches`. One zmq socket per (thread, remote):
-    each stream thread of the caller keeps its own."""
+    """Decode side: pulls blocks from KV servers into `caches` (or the caches a pull names). One zmq
+    socket per (thread, remote): each stream thread of the caller keeps its own."""
 
-    def __init__(self, layout: KVLayout, caches: list[LayerKVCache], timeout: float = 30.0,
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None, timeout: float = 30.0,
                  mooncake: MooncakeEndpoint | None = None) -> None:
         self.layout = layout
         self.caches = caches
@@ -299,15 +278,19 @@ class KVClient:
             raise
 
     def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
-             layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "") -> int:
+             layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "",
+             caches: list[LayerKVCache] | None = None) -> int:
         """Copy blocks `remote_ids` (from position `first_block` of the lease's block table, of the prompt
-        named by `prompt_digest`) of layers [first, last) into our blocks `local_ids`; returns bytes moved."""
+        named by `prompt_digest`) of layers [first, last) into blocks `local_ids` of `caches` (default:
+        the client's); returns bytes moved."""
         if self.mooncake is not None:
             return self._read(host, port, transfer_id, remote_ids, local_ids, layers, first_block, prompt_digest)
+        caches = caches if caches is not None else self.caches
+        assert caches is not None, "a pull needs caches to write into"
         frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
                                            "layers": list(layers), "first_block": first_block,
                                            "prompt_digest": prompt_digest})
-        dests = [t for cache in self.caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
+        dests = [t for cache in caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
         if len(frames) != len(dests):
             raise KVTransferError(f"KV server {host}:{port} sent {len(frames)} tensors, expected {len(dests)}")
         runs = block_runs(local_ids)

@@ -129,7 +129,9 @@ class LLMEngine:
         from quadrant.disagg.protocol import KVLayout
 
         layout = KVLayout.of(self.model_config, self.config.cache, getattr(torch, self.config.dtype))
-        connector = KVConnector(transfer, layout, self.runner.kv_caches)
+        # Worker processes (--tp/--ep) keep their KV tensors: the connector stages blocks through the executor.
+        in_process = isinstance(self.executor, InProcessExecutor)
+        connector = KVConnector(transfer, layout, self.runner.kv_caches if in_process else None, self.executor)
         self._connector_finalizer = weakref.finalize(self, connector.shutdown)
         return connector
 

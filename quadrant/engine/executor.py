@@ -58,6 +58,12 @@ class Executor(Protocol):
 
     def expert_load(self) -> dict[str, list[int]]: ...
 
+    def read_kv_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        """Host copies of KV blocks with all the model's heads, per layer (Worker.read_kv_blocks)."""
+        ...
+
+    def write_kv_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None: ...
+
     def reset_expert_stats(self) -> None: ...
 
     def rebalance_experts(self) -> dict[str, list[int]]: ...
@@ -105,6 +111,14 @@ class InProcessExecutor:
 
     def expert_load(self) -> dict[str, list[int]]:
         return self.worker.expert_load()
+
+    def read_kv_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        data = self.worker.read_kv_blocks(block_ids)
+        assert data is not None
+        return data
+
+    def write_kv_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None:
+        self.worker.write_kv_blocks(block_ids, data)
 
     def reset_expert_stats(self) -> None:
         self.worker.reset_expert_stats()
@@ -154,6 +168,12 @@ class MultiProcessExecutor:
 
     def expert_load(self) -> dict[str, list[int]]:
         return self._call("expert_load")
+
+    def read_kv_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        return self._call("read_kv_blocks", block_ids)
+
+    def write_kv_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None:
+        self._call("write_kv_blocks", block_ids, data)
 
     def reset_expert_stats(self) -> None:
         self._call("reset_expert_stats")

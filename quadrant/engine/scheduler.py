@@ -249,6 +249,7 @@ class Scheduler:
             self.waiting.remove(req)
         if req.do_remote_decode and reason != FinishReason.ABORT and self.connector is not None \
                 and self.connector.server is not None:
-            req.kv_transfer_params = self.connector.hold(req).to_dict()  # its blocks wait for the decode side
-        else:
-            self.kv.free(req)
+            req.kv_transfer_params = self.connector.hold(req).to_dict()
+            if self.connector.holds_blocks:
+                return  # its blocks wait for the decode side
+        self.kv.free(req)

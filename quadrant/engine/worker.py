@@ -17,6 +17,7 @@ import torch.distributed as dist
 from quadrant.config import EngineConfig
 from quadrant.engine.cpu_compiled import BATCH_SIZES, compile_available
 from quadrant.engine.cuda_graphs import default_batch_sizes
+from quadrant.engine.kv_cache import join_kv_heads, kv_head_slice, read_blocks, write_blocks
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.step import StepInput, StepOutput
 from quadrant.layers.attention import AttentionMetadata
@@ -32,6 +33,7 @@ class Worker:
         self.config = config
         self.parallel = parallel or ParallelState()
         self.model_config = source.config.shard(self.parallel.tp_size)  # this rank's heads and widths
+        self.num_kv_heads = source.config.num_key_value_heads  # the whole model's, over the tp ranks
         self.dtype = getattr(torch, config.dtype)
         if config.load_format == "dummy":
             self.model: Any = source.load_dummy_model(self.dtype, config.device, parallel=self.parallel)
@@ -86,6 +88,27 @@ class Worker:
     def execute(self, step: StepInput) -> StepOutput:
         assert self.runner is not None, "init_cache first"
         return self.runner.execute(step)
+
+    def read_kv_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]] | None:
+        """Host copies of KV blocks `block_ids` with all the model's KV heads, per layer (a prefill engine's
+        finished prompt, for a decode engine). The tp ranks' head shards travel to rank 0, which joins
+        them; the other ranks return None (expert-parallel ranks hold copies of the same heads)."""
+        assert self.runner is not None, "init_cache first"
+        local = read_blocks(self.runner.kv_caches, block_ids)
+        p = self.parallel
+        if p.world_size == 1:
+            return local
+        shards: list[Any] | None = [None] * p.world_size if p.is_driver_worker else None
+        dist.gather_object(local if p.ep_rank == 0 else None, shards, dst=0, group=p.control_group)
+        if shards is None:
+            return None
+        return join_kv_heads(shards[:p.tp_size], self.num_kv_heads)  # ranks 0..tp-1 are expert-parallel rank 0
+
+    def write_kv_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None:
+        """The inverse of read_kv_blocks: every rank keeps its own heads of `data` (all the model's)."""
+        assert self.runner is not None, "init_cache first"
+        p = self.parallel
+        write_blocks(self.runner.kv_caches, block_ids, data, kv_head_slice(self.num_kv_heads, p.tp_rank, p.tp_size))
 
     def experts(self) -> dict[str, Experts]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, Experts)}

@@ -31,6 +31,20 @@ class LayerKVCache:
     def block_size(self) -> int:
         return self.k.shape[2]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors its blocks live in, blocks first and KV heads second in each (scales only if 8-bit)."""
+        out = [self.k, self.v]
+        if self.k_scale is not None and self.v_scale is not None:
+            out += [self.k_scale, self.v_scale]
+        return out
+
+    @classmethod
+    def of_tensors(cls, tensors: list[torch.Tensor], group: int = 0) -> "LayerKVCache":
+        """The inverse of tensors()."""
+        if len(tensors) == 4:
+            return cls(tensors[0], tensors[1], tensors[2], tensors[3], group=group)
+        return cls(tensors[0], tensors[1])
+
 
 class AttentionBackend(Protocol):
     """Writes a step's K/V into the cache, then attends; see layers/attn_backends.py."""

@@ -99,6 +99,25 @@ def test_mooncake_transport_between_worker_processes(workers, tmp_path):
         decode.stop()
 
 
+def test_prefill_worker_with_tensor_parallel_processes(workers, tmp_path):
+    """`--role prefill --tp 3` (SmolLM2-135M: 9 heads, 3 KV heads; three worker processes): its blocks,
+    joined from the ranks' head shards, decode on the one-process decode worker as a colocated server
+    answers."""
+    decode, colocated = workers[1], workers[2]
+    prefill = start_server(tmp_path, *DENSE, "--role", "prefill", "--tp", "3", env={"OMP_NUM_THREADS": "1"})
+    try:
+        for prompt in PROMPTS:
+            body = {"model": "smollm2:135m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+            first = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+            got = completion(decode.url, {**body, "kv_transfer_params": first["kv_transfer_params"]})
+            assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+        metrics = httpx.get(prefill.url + "/metrics").text
+        assert 'quadrant_kv_transfer{what="active_leases"} 0.0' in metrics  # every copy released
+        assert 'quadrant_kv_transfer{what="leases_released"} 3.0' in metrics
+    finally:
+        prefill.stop()
+
+
 def test_streamed_decode_with_token_ids(workers):
     prefill, decode, colocated = workers[:3]
     body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Name three colours."}],

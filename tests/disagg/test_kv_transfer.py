@@ -248,7 +248,7 @@ def test_a_lease_serves_only_its_own_prompt_and_blocks(pair, prompts, reference)
     assert finish(d)["forged"].outputs[0].token_ids == reference[0]
     assert d.connector.snapshot().failures == failures + 1
     assert p.connector.leases.pin(kv_b["transfer_id"], kv_b["remote_block_ids"][::-1], 0,
-                                  kv_b["prompt_digest"]) is False  # reordered blocks
+                                  kv_b["prompt_digest"]) is None  # reordered blocks
     bad = {**kv_a, "first_token_id": 10**6}
     with pytest.raises(ValueError, match="token ids must be in"):
         d.add_request(prompts[0], GREEDY, "bad-token", bad)
