@@ -33,10 +33,12 @@ import torch
 
 from quadrant.config import KVTransferConfig
 from quadrant.disagg.mooncake import endpoint_for
-from quadrant.disagg.protocol import KVLayout, KVTransferError, RemoteKV, prompt_digest
-from quadrant.disagg.transport import KVClient, KVServer
+from quadrant.disagg.leases import Lease, LeaseTable
+from quadrant.disagg.protocol import KVLayout, KVTransferError, RemoteKV, logprob_record, prompt_digest
+from quadrant.disagg.transport import KVClient, KVServer, Wait
 from quadrant.engine.request import Request
 from quadrant.layers.attention import LayerKVCache
+from quadrant.layers.sampler import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,6 @@ class WorkerBlocks(Protocol):
 
 
 @dataclass
-class _Lease:
-    request: Request | None  # whose blocks to free when the lease ends (None: they are free already)
-    block_ids: tuple[int, ...]  # the prompt's blocks, in order
-    prompt_digest: str  # of the prompt they hold: a pull must name it
-    deadline: float
-    readers: int = 0  # pulls reading the blocks right now: the lease cannot expire under them
-    copy: list[LayerKVCache] | None = None  # staged: host copies of the blocks, in the prompt's order
-
-
-@dataclass
 class TransferStats:
     """Counters for /metrics (both sides)."""
 
@@ -70,80 +62,11 @@ class TransferStats:
     lease_expiries: int = 0
     leases_released: int = 0
     active_leases: int = 0
+    early_reads: int = 0  # prefill: pulls answered while their prompt was still being computed (overlapped)
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
-
-
-class LeaseTable:
-    """Prefill side: blocks of finished prompts, waiting for the decode side (thread-safe)."""
-
-    def __init__(self, lease_seconds: float) -> None:
-        self.lease_seconds = lease_seconds
-        self._lock = threading.Lock()
-        self._leases: dict[str, _Lease] = {}
-        self._to_free: list[Request] = []
-        self.expiries = 0
-        self.released = 0
-
-    def add(self, transfer_id: str, req: Request | None, remote: RemoteKV,
-            copy: list[LayerKVCache] | None = None) -> None:
-        with self._lock:
-            self._leases[transfer_id] = _Lease(req, remote.block_ids, remote.prompt_digest,
-                                               time.monotonic() + self.lease_seconds, copy=copy)
-
-    def pin(self, transfer_id: str, block_ids: list[int], first_block: int, digest: str) -> _Lease | None:
-        """Only the lease's own blocks, in their order, for the prompt they hold may be read."""
-        with self._lock:
-            lease = self._leases.get(transfer_id)
-            if lease is None or digest != lease.prompt_digest or first_block < 0 \
-                    or list(lease.block_ids[first_block:first_block + len(block_ids)]) != block_ids:
-                return None
-            lease.readers += 1
-            return lease
-
-    def unpin(self, transfer_id: str) -> None:
-        with self._lock:
-            lease = self._leases.get(transfer_id)
-            if lease is not None:
-                lease.readers -= 1
-
-    def release(self, transfer_id: str) -> bool:
-        """The decode side has the blocks: free them (on the engine thread's next drain)."""
-        with self._lock:
-            lease = self._leases.pop(transfer_id, None)
-            if lease is None:
-                return False
-            self._free(lease)
-            self.released += 1
-            return True
-
-    def _free(self, lease: _Lease) -> None:
-        if lease.request is not None:
-            self._to_free.append(lease.request)
-
-    def take_freeable(self, now: float | None = None) -> list[Request]:
-        """Requests whose blocks may be freed now: released, or expired (and not being read)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            for tid, lease in list(self._leases.items()):
-                if lease.deadline <= now and lease.readers == 0:
-                    del self._leases[tid]
-                    self._free(lease)
-                    self.expiries += 1
-                    log.warning("KV lease %s expired: no decode engine pulled its blocks in time", tid)
-            out, self._to_free = self._to_free, []
-            return out
-
-    def next_deadline(self) -> float | None:
-        """The next expiry that housekeeping can act on (a lease being read waits for its reader)."""
-        with self._lock:
-            return min((lease.deadline for lease in self._leases.values() if not lease.readers), default=None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._leases)
 
 
 @dataclass
@@ -151,9 +74,11 @@ class _Load:
     request: Request
     remote: RemoteKV
     local_ids: list[int]
-    remote_ids: list[int]
+    remote_ids: list[int] | None  # None: the blocks at positions first_block, ... (overlapped)
+    first_block: int  # position of the first pulled block in the prompt (the ones before were local hits)
     error: str | None = None
     staging: list[LayerKVCache] | None = None  # staged: the pulled blocks, for the workers
+    first: tuple[int, TokenLogprob | None] | None = None  # overlapped: the first token, from the final done
 
 
 class KVConnector:
@@ -176,6 +101,7 @@ class KVConnector:
         self.stats = TransferStats()
         self.engine_id = uuid.uuid4().hex[:12]
         self.leases = LeaseTable(config.lease_seconds)
+        self._stepping: list[Lease] = []  # expected leases in the step running now (prefill)
         self.server: KVServer | None = None
         self.client: KVClient | None = None
         # The data plane: zmq frames, or Mooncake's one-sided reads of the registered caches.
@@ -207,11 +133,57 @@ class KVConnector:
         return self.caches is not None
 
     # -- prefill side ----------------------------------------------------------------------------
+    def expect(self, req: Request) -> None:
+        """An overlapped transfer's prompt (req.kv_transfer_id) arrived: decode engines may pull it while
+        it is computed. ValueError if the id is in use."""
+        assert self.server is not None and req.kv_transfer_id is not None
+        self.leases.expect(req.kv_transfer_id, req, prompt_digest(req.prompt_ids), self.caches is not None)
+
+    def cancel(self, req: Request) -> bool:
+        """An expected prompt's request ended unfinished. True: a pull reads its blocks, which the lease
+        frees afterwards; False: the caller frees them."""
+        assert req.kv_transfer_id is not None
+        taken = self.leases.cancel(req.kv_transfer_id, req)
+        self._notify()  # parked pulls learn it now
+        return taken
+
+    def refuse(self, transfer_id: str) -> None:
+        """An overlapped prefill was refused before it was queued: its parked pulls are refused too."""
+        if self.server is not None:
+            self.leases.refuse(transfer_id)
+            self._notify()
+
+    def start_step(self, scheduled: list[tuple[Request, int]]) -> None:
+        """The engine launches a step (request, tokens it computes): expected prompts among them progress."""
+        if self.server is not None and len(self.leases):
+            self._stepping = self.leases.start_step(scheduled)
+
+    def layer_done(self) -> None:
+        """One more layer of the running step has written its K/V (the model calls this, in order)."""
+        if not self._stepping:
+            return
+        event = None
+        if self.caches is not None and self.caches[0].k.is_cuda:  # written once the GPU gets there
+            event = torch.cuda.Event()
+            event.record()
+        self.leases.layer_done(self._stepping, event)
+        self._notify()
+
+    def end_step(self) -> None:
+        if self._stepping:
+            self.leases.end_step(self._stepping)
+            self._stepping = []
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.server is not None:
+            self.server.notify()
+
     def hold(self, req: Request) -> RemoteKV:
         """Keep a finished prompt's KV for a decode engine; the caller must not free its blocks if
         `holds_blocks` (else it frees them now: the lease has a copy)."""
         assert self.server is not None, "only a prefill engine holds KV for others"
-        transfer_id = f"{self.engine_id}-{uuid.uuid4().hex}"
+        transfer_id = req.kv_transfer_id or f"{self.engine_id}-{uuid.uuid4().hex}"
         prompt = req.prompt_ids
         blocks = tuple(req.block_table[:-(-len(prompt) // self.layout.block_size)])  # the prompt's, not the output's
         first = req.output_ids[0] if req.output_ids else None
@@ -223,26 +195,31 @@ class KVConnector:
             assert self.workers is not None
             data = self.workers.read_kv_blocks(list(blocks))
             self.leases.add(transfer_id, None, remote, [LayerKVCache.of_tensors(t, self.layout.quant_group) for t in data])
+        self._notify()  # a parked done (overlapped) gets the first token now
         return remote
 
-    def _pin(self, transfer_id: str, block_ids: list[int], first_block: int,
-             digest: str) -> tuple[list[LayerKVCache], list[int]] | None:
+    def _pin(self, transfer_id: str, block_ids: list[int] | None, first_block: int, count: int, digest: str,
+             layers_end: int) -> tuple[list[LayerKVCache], list[int]] | Wait | None:
         """Where the server reads a lease's blocks: the cache's own, or the lease's copy."""
-        lease = self.leases.pin(transfer_id, block_ids, first_block, digest)
-        if lease is None:
-            return None
+        pinned = self.leases.pin(transfer_id, block_ids, first_block, count, digest, layers_end)
+        if pinned is None or isinstance(pinned, Wait):
+            return pinned
+        lease, rows = pinned
+        if lease.block_ids is None:
+            with self._lock:
+                self.stats.early_reads += 1
         if lease.copy is None:
             assert self.caches is not None
-            return self.caches, block_ids
-        return lease.copy, list(range(first_block, first_block + len(block_ids)))
+            return self.caches, rows
+        return lease.copy, rows
 
     def _unpin(self, transfer_id: str) -> None:
         self.leases.unpin(transfer_id)
         self.wakeup()  # a lease that expired while read can be freed now
 
-    def _release(self, transfer_id: str) -> bool:
+    def _release(self, transfer_id: str) -> RemoteKV | Wait | None:
         released = self.leases.release(transfer_id)
-        if released:
+        if isinstance(released, RemoteKV):
             self.wakeup()
         return released
 
@@ -256,9 +233,11 @@ class KVConnector:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     # -- decode side -----------------------------------------------------------------------------
-    def start_load(self, req: Request, remote: RemoteKV, local_ids: list[int], remote_ids: list[int]) -> None:
-        """Pull `remote_ids` from the prefill engine into our `local_ids` in the background."""
-        load = _Load(req, remote, local_ids, remote_ids)
+    def start_load(self, req: Request, remote: RemoteKV, local_ids: list[int], remote_ids: list[int] | None,
+                   first_block: int) -> None:
+        """Pull `remote_ids` (None: the blocks from position `first_block` on) from the prefill engine into
+        our `local_ids` in the background."""
+        load = _Load(req, remote, local_ids, remote_ids, first_block)
         with self._lock:
             self._loads.add(id(load))
         self._coordinators.submit(self._run_load, load)
@@ -273,7 +252,11 @@ class KVConnector:
         if load.error is None:
             try:  # best effort: the blocks are here; a lost `done` only lets the lease run out
                 client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
-            except Exception as e:  # noqa: BLE001
+                answer = client.last_header
+                if remote.overlapped and answer.get("first_token_id") is not None:
+                    token = int(answer["first_token_id"])
+                    load.first = token, logprob_record(token, answer.get("first_token_logprob"))
+            except Exception as e:  # noqa: BLE001 - overlapped: without the first token, the last prompt token runs here
                 log.info("KV done for %s not delivered (%s); its lease will expire", remote.transfer_id, e)
         with self._lock:
             self._loads.discard(id(load))
@@ -287,16 +270,17 @@ class KVConnector:
         start = time.perf_counter()
         remote = load.remote
         try:
-            first_block = len(remote.block_ids) - len(load.remote_ids)  # the leading blocks were local hits
             n = self.layout.num_layers
-            k = min(self.config.num_streams, n)
+            # A share of the layers per stream; overlapped, smaller groups in layer order, each pulled as soon
+            # as the prefill engine has written it.
+            k = min(self.config.num_streams * (4 if remote.overlapped else 1), n)
             bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
             local_ids = load.local_ids
             if self.caches is None:  # staged: pull into host blocks 0..n-1; the engine thread hands them on
-                load.staging = self._host_blocks(len(load.remote_ids))
-                local_ids = list(range(len(load.remote_ids)))
+                load.staging = self._host_blocks(len(local_ids))
+                local_ids = list(range(len(local_ids)))
             futures = [self._streams.submit(self.client.pull, remote.host, remote.port, remote.transfer_id,
-                                            load.remote_ids, local_ids, b, first_block, remote.prompt_digest,
+                                            load.remote_ids, local_ids, b, load.first_block, remote.prompt_digest,
                                             load.staging)
                        for b in bounds]
             wait(futures)
@@ -322,9 +306,10 @@ class KVConnector:
                                          *(torch.empty(s, dtype=torch.float32) for s in scales)], lay.quant_group)
                 for _ in range(lay.num_layers)]
 
-    def take_finished_loads(self) -> list[tuple[Request, str | None]]:
-        """Pulls that ended since the last call: (request, None) or (request, the error). Called on the
-        engine thread, which (staged) hands the pulled blocks to the workers here."""
+    def take_finished_loads(self) -> list[tuple[Request, str | None, tuple[int, TokenLogprob | None] | None]]:
+        """Pulls that ended since the last call: (request, None or the error, the first token if an
+        overlapped transfer brought one). Called on the engine thread, which (staged) hands the pulled
+        blocks to the workers here."""
         with self._lock:
             done, self._done = self._done, []
             self._event.clear()
@@ -333,7 +318,7 @@ class KVConnector:
                 assert self.workers is not None
                 self.workers.write_kv_blocks(load.local_ids, [c.tensors() for c in load.staging])
             load.staging = None
-        return [(load.request, load.error) for load in done]
+        return [(load.request, load.error, load.first) for load in done]
 
     @property
     def num_loads_in_flight(self) -> int:
@@ -347,7 +332,8 @@ class KVConnector:
     # -- both ------------------------------------------------------------------------------------
     def snapshot(self) -> TransferStats:
         with self._lock:
-            s = TransferStats(**{k: getattr(self.stats, k) for k in ("bytes", "seconds", "transfers", "failures")})
+            s = TransferStats(**{k: getattr(self.stats, k)
+                                 for k in ("bytes", "seconds", "transfers", "failures", "early_reads")})
         if self.server is not None:
             s.bytes = self.server.bytes_sent
         s.lease_expiries, s.leases_released, s.active_leases = self.leases.expiries, self.leases.released, \

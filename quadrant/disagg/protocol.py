@@ -5,6 +5,12 @@ shape, element dtype and the 8-bit cache's scale group. The decode side sends it
 hello; the prefill side refuses any difference, naming each field, because blocks of another
 layout would be read as garbage without any error. `RemoteKV` is what a prefill engine hands back
 for one finished prompt (the response's `kv_transfer_params`), and the decode request carries it.
+
+Overlapped transfers (layer by layer while the prompt is computed): the router names the transfer
+itself and sends the prompt to both engines at once, the prefill one with `{"do_remote_decode":
+true, "transfer_id": T}`, the decode one with only T and the prefill engine's KV address
+(`RemoteKV.overlapped`): no block ids (pulls name positions in the prompt), no first token (it comes
+with the final `done`), and the prompt's length and digest from the decode engine's own tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from quadrant.config import CacheConfig, ModelConfig
 from quadrant.errors import QuadrantError
 from quadrant.layers.sampler import TokenLogprob
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: positional pulls, parked requests and their wait pings, the first token on done
 
 
 class KVHandshakeError(QuadrantError, ValueError):
@@ -86,7 +92,7 @@ class RemoteKV:
     transfer_id: str  # unguessable: it is the only key to the leased blocks
     host: str
     port: int
-    block_ids: tuple[int, ...]  # the prefill engine's blocks of the prompt, in order
+    block_ids: tuple[int, ...] | None  # the prefill engine's blocks of the prompt, in order (None: overlapped)
     num_tokens: int  # prompt tokens whose K/V they hold
     prompt_digest: str  # prompt_digest() of those tokens
     # The first token, sampled by the prefill engine from the prompt's last position, as a colocated
@@ -94,11 +100,16 @@ class RemoteKV:
     first_token: int | None = None
     first_logprob: TokenLogprob | None = None
 
+    @property
+    def overlapped(self) -> bool:
+        """Named before the prompt was computed: pulled by position, waiting for each layer."""
+        return self.block_ids is None
+
     def to_dict(self) -> dict[str, Any]:
         lp = self.first_logprob
         return {"transfer_id": self.transfer_id, "remote_host": self.host, "remote_port": self.port,
-                "remote_block_ids": list(self.block_ids), "num_tokens": self.num_tokens,
-                "prompt_digest": self.prompt_digest, "first_token_id": self.first_token,
+                "remote_block_ids": None if self.block_ids is None else list(self.block_ids),
+                "num_tokens": self.num_tokens, "prompt_digest": self.prompt_digest, "first_token_id": self.first_token,
                 "first_token_logprob": None if lp is None else {"logprob": lp.logprob, "top": lp.top}}
 
     @classmethod
@@ -106,21 +117,45 @@ class RemoteKV:
         """From a request's kv_transfer_params; ValueError naming what is wrong."""
         if not isinstance(d, dict):
             raise ValueError("kv_transfer_params must be an object")
+        if "transfer_id" not in d:
+            raise ValueError("kv_transfer_params lacks 'transfer_id'")
+        tid = check_transfer_id(d["transfer_id"])
+        ids = d.get("remote_block_ids")
+        if ids is None and d.get("first_token_id") is not None:
+            raise ValueError("kv_transfer_params: an overlapped transfer (no remote_block_ids) takes no first_token_id")
         try:
-            ids = d["remote_block_ids"]
             first = d.get("first_token_id")
             lp = d.get("first_token_logprob")
-            record = None
-            if first is not None and lp is not None:
-                record = TokenLogprob(int(first), float(lp["logprob"]), [(int(t), float(x)) for t, x in lp["top"]])
-            remote = cls(str(d["transfer_id"]), str(d["remote_host"]), int(d["remote_port"]),
-                         tuple(int(b) for b in ids), int(d["num_tokens"]), str(d["prompt_digest"]),
+            record = None if first is None else logprob_record(int(first), lp)
+            if ids is None:  # overlapped: the decode engine fills in its own prompt's length and digest
+                num, digest = int(d.get("num_tokens") or 0), str(d.get("prompt_digest") or "")
+            else:
+                num, digest = int(d["num_tokens"]), str(d["prompt_digest"])
+            remote = cls(tid, str(d["remote_host"]), int(d["remote_port"]),
+                         None if ids is None else tuple(int(b) for b in ids), num, digest,
                          None if first is None else int(first), record)
         except KeyError as e:
             raise ValueError(f"kv_transfer_params lacks {e.args[0]!r}") from None
         except (TypeError, ValueError, IndexError):
             raise ValueError("kv_transfer_params: remote_port, num_tokens, remote_block_ids and first_token_id "
                              "must be integers (first_token_logprob: {logprob, top})") from None
-        if not 0 < remote.port < 65536 or remote.num_tokens < 1 or any(b < 0 for b in remote.block_ids):
+        if not 0 < remote.port < 65536 or (ids is not None and remote.num_tokens < 1) \
+                or any(b < 0 for b in remote.block_ids or ()):
             raise ValueError("kv_transfer_params: port, num_tokens or block ids out of range")
         return remote
+
+
+def logprob_record(token: int, d: Any) -> TokenLogprob | None:
+    """A first token's logprob record from its wire form ({logprob, top}; None: none was asked for)."""
+    if d is None:
+        return None
+    return TokenLogprob(token, float(d["logprob"]), [(int(t), float(x)) for t, x in d["top"]])
+
+
+def check_transfer_id(value: Any) -> str:
+    """A transfer id a client may choose (the router does, for overlapped transfers): 16 to 128 letters,
+    digits, '-' or '_'. It is the only key to the blocks: a short or guessable one is refused."""
+    tid = str(value)
+    if not 16 <= len(tid) <= 128 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in tid):
+        raise ValueError("kv_transfer_params: transfer_id must be 16 to 128 letters, digits, '-' or '_'")
+    return tid

@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class RouterState:
         self.slow_checks.pop(worker.url, None)
         if r.status_code != 200:
             return self.fail(worker, f"/health answered {r.status_code}")
+        worker.kv_address = _kv_address(r)
         try:
             m = await self.client.get(worker.url + "/metrics", timeout=timeout)
             if m.status_code == 200:
@@ -261,6 +263,32 @@ class RouterState:
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         return params if isinstance(params, dict) else None
 
+    def start_overlapped_prefill(self, path: str, body: dict[str, Any], chat: bool
+                                 ) -> tuple[dict[str, Any], asyncio.Task[None]] | None:
+        """Send the prompt to a prefill worker that names its KV server, under a transfer id chosen here, and
+        return the kv_transfer_params for the decode step (sent at once: it pulls while the prompt is
+        computed) with the prefill step's task; None if no healthy prefill worker names its KV server.
+        The prefill step is not retried elsewhere: if it fails, the decode worker computes the prompt."""
+        workers = [w for w in self.pools["prefill"].healthy() if w.kv_address is not None]
+        if not workers:
+            return None
+        worker = choose_prefill(workers, prompt_text(body, chat), self.cache, self.config.balance_threshold)
+        assert worker.kv_address is not None
+        transfer_id = uuid.uuid4().hex
+        pbody = prefill_body(body, chat)
+        pbody["kv_transfer_params"]["transfer_id"] = transfer_id
+        task = asyncio.create_task(self._overlapped_prefill(worker, path, pbody))
+        host, port = worker.kv_address
+        return {"transfer_id": transfer_id, "remote_host": host, "remote_port": port}, task
+
+    async def _overlapped_prefill(self, worker: Worker, path: str, body: dict[str, Any]) -> None:
+        try:
+            await self.prefill(worker, path, body)
+        except WorkerFailed as e:
+            self.fail(worker, str(e))  # the decode worker's pulls fail too, and it computes the prompt
+        except Rejected as e:  # the worker refused the prompt, and its parked pulls with it
+            log.info("prefill worker %s refused an overlapped prefill: %s", worker.url, e.message)
+
     async def open_stream(self, worker: Worker, path: str, body: dict[str, Any]) -> Upstream:
         worker.in_flight += 1
         worker.num_requests += 1
@@ -280,6 +308,15 @@ class RouterState:
             _check_status(r)
             raise WorkerFailed(f"answered {r.status_code}")
         return upstream
+
+
+def _kv_address(health: httpx.Response) -> tuple[str, int] | None:
+    """A prefill worker's KV server, as its /health names it (None: not named, or not a prefill worker)."""
+    try:
+        kv = health.json().get("kv")
+        return (str(kv["host"]), int(kv["port"])) if isinstance(kv, dict) else None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def _read_gauges(worker: Worker, text: str) -> None:
@@ -303,8 +340,10 @@ class StreamRelay:
     again on another worker, after it the unfinished choices are resumed (StreamTracker)."""
 
     def __init__(self, state: RouterState, path: str, body: dict[str, Any], upstream_body: dict[str, Any],
-                 chat: bool, upstream: Upstream, tried: list[str], arrival: float) -> None:
+                 chat: bool, upstream: Upstream, tried: list[str], arrival: float,
+                 prefill_task: asyncio.Task[None] | None = None) -> None:
         self.state, self.path, self.upstream_body = state, path, upstream_body
+        self.prefill_task = prefill_task  # an overlapped prefill step, cancelled if the stream ends first
         self.upstream = upstream
         self.tracker = StreamTracker(body, chat)
         self.tried = tried  # decode workers that failed this request
@@ -362,6 +401,8 @@ class StreamRelay:
                 yield event
         finally:
             await self.upstream.close()
+            if self.prefill_task is not None:
+                self.prefill_task.cancel()
             state.metrics.in_flight.dec()
             state.metrics.requests.labels(self.path, self.status).inc()
             if self.first is not None:
@@ -541,14 +582,19 @@ def build_router_app(config: RouterConfig) -> FastAPI:
             raise OpenAIError(400, "stream must be true or false", param="stream", code="invalid_value")
         state.metrics.in_flight.inc()
         relayed = False
+        prefill_task: asyncio.Task[None] | None = None
         try:
             kv_params = None
             # The worker takes kv_transfer_params with one prompt only: a batch of prompts skips the
             # prefill step and its decode worker computes the prompts itself.
             if num_prompts(body, chat) == 1:
-                pbody = prefill_body(body, chat)
-                kv_params = await _until_disconnect(request, state.with_retries(
-                    "prefill", prompt_text(body, chat), lambda w: state.prefill(w, path, pbody)))
+                overlapped = state.start_overlapped_prefill(path, body, chat) if state.config.overlap_kv else None
+                if overlapped is not None:
+                    kv_params, prefill_task = overlapped
+                else:
+                    pbody = prefill_body(body, chat)
+                    kv_params = await _until_disconnect(request, state.with_retries(
+                        "prefill", prompt_text(body, chat), lambda w: state.prefill(w, path, pbody)))
             dbody = decode_body(body, kv_params, stream)
             if not stream:
                 r = await _until_disconnect(request, state.with_retries(
@@ -558,13 +604,15 @@ def build_router_app(config: RouterConfig) -> FastAPI:
             tried: list[str] = []
             upstream = await _until_disconnect(request, state.with_retries(
                 "decode", "", lambda w: state.open_stream(w, path, dbody), tried))
-            relay = StreamRelay(state, path, body, dbody, chat, upstream, tried, arrival)
+            relay = StreamRelay(state, path, body, dbody, chat, upstream, tried, arrival, prefill_task)
             relayed = True  # the relay's end lowers the in-flight gauge and counts the request
             return StreamingResponse(relay.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         finally:
             if not relayed:
                 state.metrics.in_flight.dec()
+                if prefill_task is not None:
+                    prefill_task.cancel()  # (done already, unless the client left first)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -27,6 +27,9 @@ class RouterConfig:
     max_body_bytes: int = 4 * 2**20
     ttft_slo: float = 2.0  # seconds: streams within both SLOs count towards goodput in /metrics
     tpot_slo: float = 0.1  # seconds per output token
+    # Send the prompt to the prefill and the decode worker at once; the decode worker pulls the KV layer by
+    # layer while the prefill worker computes it (else: the decode step starts when the prefill step ends).
+    overlap_kv: bool = True
 
     def __post_init__(self) -> None:
         self.prefill_urls = [normalize_url(u) for u in self.prefill_urls]
@@ -62,10 +65,14 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpot-slo", type=float, default=0.1, help="seconds per output token (see --ttft-slo)")
     parser.add_argument("--balance-threshold", type=int, default=4,
                         help="requests by which the worker holding a prompt's prefix may exceed the least loaded")
+    parser.add_argument("--no-kv-overlap", dest="overlap_kv", action="store_false",
+                        help="start a request's decode step only when its prefill step has ended (default: both "
+                             "at once, the KV pulled layer by layer while the prompt is computed)")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(prefill_urls=args.prefill, decode_urls=args.decode, host=args.host, port=args.port,
                         health_interval=args.health_interval, request_timeout=args.request_timeout,
                         max_retries=args.max_retries, api_key=args.api_key or envs.api_key(),
-                        balance_threshold=args.balance_threshold, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+                        balance_threshold=args.balance_threshold, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo,
+                        overlap_kv=args.overlap_kv)

@@ -32,6 +32,7 @@ class Worker:
     in_flight: int = 0  # steps the router sent and has not seen end: fresher than the scraped gauges
     num_requests: int = 0  # steps sent since registration
     last_error: str | None = None  # why it was last marked unhealthy
+    kv_address: tuple[str, int] | None = None  # a prefill worker's KV server, from its /health (overlapped transfers)
 
     @property
     def load(self) -> int:

@@ -11,6 +11,12 @@ Every request carries the layout (a stateless handshake: a pull of mismatched bl
 even after a restart on either side), and a pull names the transfer id, the only key to a lease;
 block ids outside that lease are refused.
 
+Overlapped transfers (protocol.RemoteKV.overlapped) pull by position while the prefill engine still
+computes the prompt: a request whose layers are not written yet is parked, answered once they are
+(the engine's progress wakes the server), and pinged every half second meanwhile, so that the
+puller tells a waiting server from a dead one within seconds. The final `done` waits for the first
+token and carries it.
+
 With a Mooncake endpoint on both sides (disagg/mooncake.py) the data skips zmq: the hello says the
 server offers Mooncake reads, a `pin` holds a lease's blocks (until `unpin`, or the server's pin
 deadline) and answers with the registered tensors' addresses, and the client reads them one-sidedly
@@ -26,12 +32,13 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
 
-from quadrant.disagg.protocol import KVHandshakeError, KVLayout, KVTransferError
+from quadrant.disagg.protocol import KVHandshakeError, KVLayout, KVTransferError, RemoteKV
 from quadrant.engine.kv_cache import block_bytes, block_runs, scatter_blocks
 from quadrant.layers.attention import LayerKVCache
 
@@ -40,11 +47,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# transfer id, requested block ids, their position in the lease's block table, the prompt digest the
-# puller expects -> None if they may not be read now, else (a pin until `unpin`) the caches to read
-# them from and their blocks there
-PinBlocks = Callable[[str, list[int], int, str], tuple[list[LayerKVCache], list[int]] | None]
 _SEND_WAIT_MS = 5000  # a reply zmq has not sent in this long (a stalled peer) gives up its staging buffers
+_PING_SECONDS = 0.5  # a parked request's server says "still waiting" this often
+_SILENCE_MS = 5000  # after a ping, this long without another message means the server is gone
+_CONNECT_MS = 3000  # a KV server not connected in this long is unreachable
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not ready yet: the server parks the request for at most `seconds`."""
+
+    seconds: float
+
+
+# transfer id, requested block ids (None: by position), their position in the lease's block table,
+# how many, the prompt digest the puller expects, the end of the layer range -> None if they may not be
+# read, Wait if not yet, else (a pin until `unpin`) the caches to read them from and their blocks there
+PinBlocks = Callable[[str, list[int] | None, int, int, str, int], "tuple[list[LayerKVCache], list[int]] | Wait | None"]
+# transfer id -> the held prompt's RemoteKV (released), Wait (its prompt is still being computed) or None
+ReleaseLease = Callable[[str], "RemoteKV | Wait | None"]
+
+
+@dataclass
+class _Parked:
+    ident: bytes
+    request: dict[str, Any]
+    deadline: float
+    next_ping: float
 
 
 def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
@@ -102,7 +131,7 @@ class KVServer:
     each lease's blocks are (`caches`, the engine's own KV tensors, or a lease's host copy)."""
 
     def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None, pin: PinBlocks,
-                 unpin: Callable[[str], None], release: Callable[[str], bool], host: str = "127.0.0.1",
+                 unpin: Callable[[str], None], release: ReleaseLease, host: str = "127.0.0.1",
                  port: int = 0, mooncake: MooncakeEndpoint | None = None, pin_seconds: float = 30.0) -> None:
         self.layout = layout
         self.caches = caches
@@ -127,40 +156,100 @@ class KVServer:
             self._ctx.destroy(linger=0)
             raise KVTransferError(f"the KV server cannot listen on {host}:{port}: {e}") from None
         self.host = host
+        # Other threads' news (a layer written, a prompt done) wakes the server for its parked requests.
+        self._parked: list[_Parked] = []
+        wake_addr = f"inproc://quadrant-kv-wake-{uuid.uuid4().hex}"
+        self._wake = self._ctx.socket(zmq.PULL)
+        self._wake.bind(wake_addr)
+        self._wake_push = self._ctx.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.SNDHWM, 1)
+        self._wake_push.connect(wake_addr)
+        self._wake_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="quadrant-kv-server", daemon=True)
         self._thread.start()
 
+    def notify(self) -> None:
+        """Something a parked request may wait for happened (any thread)."""
+        with self._wake_lock:
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is queued already
+
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake, zmq.POLLIN)
         while not self._stop.is_set():
             self._expire_pins()
-            if not poller.poll(100):
-                continue
-            ident, raw = self._sock.recv_multipart()[:2]
-            try:
-                header, frames = self._handle(json.loads(raw))
-            except KVHandshakeError as e:
-                header, frames = {"ok": False, "error": str(e), "kind": "handshake"}, []
-            except Exception as e:  # noqa: BLE001 - a bad request must not stop the server
-                header, frames = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
-            parts = [ident, json.dumps(header).encode(), *frames]
-            # Track every part: pyzmq copies small ones, whose trackers are done at once, so the last
-            # part's tracker alone would let a staging buffer be reused while a large part is still queued.
-            trackers = [self._sock.send(part, zmq.SNDMORE if i < len(parts) - 1 else 0, copy=False, track=True)
-                        for i, part in enumerate(parts)]
-            if frames:
-                self._staging.track(trackers)
+            ready = dict(poller.poll(20 if self._parked else 100))
+            if self._wake in ready:
+                while True:
+                    try:
+                        self._wake.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if self._sock in ready:
+                ident, raw = self._sock.recv_multipart()[:2]
+                try:
+                    req = json.loads(raw)
+                except ValueError:
+                    req = None
+                self._answer(_Parked(ident, req, 0.0, 0.0), new=True)
+            if self._parked:
+                parked, self._parked = self._parked, []
+                for p in parked:
+                    self._answer(p, new=False)
         self._sock.close(linger=0)
 
-    def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    def _answer(self, p: _Parked, new: bool) -> None:
+        """Answer a request, or park it (again) while what it asks for is not ready."""
+        try:
+            if not isinstance(p.request, dict):
+                raise ValueError("a KV request is a JSON object")
+            result = self._handle(p.request)
+        except KVHandshakeError as e:
+            result = {"ok": False, "error": str(e), "kind": "handshake"}, []
+        except Exception as e:  # noqa: BLE001 - a bad request must not stop the server
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        if isinstance(result, Wait):
+            now = time.monotonic()
+            if new:
+                p.deadline, p.next_ping = now + result.seconds, now + _PING_SECONDS
+            if now < p.deadline:
+                if now >= p.next_ping:
+                    self._send(p.ident, {"ok": True, "wait": True}, [])
+                    p.next_ping = now + _PING_SECONDS
+                self._parked.append(p)
+                return
+            result = {"ok": False, "error": f"transfer {p.request.get('transfer_id')}: its prompt's KV was not "
+                                            f"ready in {result.seconds:g} s"}, []
+        self._send(p.ident, *result)
+
+    def _send(self, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        parts = [ident, json.dumps(header).encode(), *frames]
+        # Track every part: pyzmq copies small ones, whose trackers are done at once, so the last
+        # part's tracker alone would let a staging buffer be reused while a large part is still queued.
+        trackers = [self._sock.send(part, zmq.SNDMORE if i < len(parts) - 1 else 0, copy=False, track=True)
+                    for i, part in enumerate(parts)]
+        if frames:
+            self._staging.track(trackers)
+
+    def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[Any]] | Wait:
         self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
         op = req.get("op")
         if op == "hello":
             return {"ok": True, "layout": self.layout.to_dict(), "mooncake": self.mooncake is not None}, []
         if op == "done":
-            return {"ok": True, "released": self.release(str(req["transfer_id"]))}, []
+            released = self.release(str(req["transfer_id"]))
+            if isinstance(released, Wait):
+                return released
+            answer: dict[str, Any] = {"ok": True, "released": released is not None}
+            if released is not None:  # the first token rides along (an overlapped pull has not seen it)
+                wire = released.to_dict()
+                answer.update(first_token_id=wire["first_token_id"], first_token_logprob=wire["first_token_logprob"])
+            return answer, []
         if op == "unpin":
             held = self._pins.pop(str(req["pin"]), None)
             if held is None:  # its deadline passed: the blocks may have changed under the read
@@ -171,13 +260,17 @@ class KVServer:
             return {"ok": True}, []
         if op not in ("pull", "pin"):
             raise ValueError(f"unknown op {op!r}")
-        tid, ids = str(req["transfer_id"]), [int(b) for b in req["block_ids"]]
+        tid = str(req["transfer_id"])
+        ids = None if req.get("block_ids") is None else [int(b) for b in req["block_ids"]]
+        count = len(ids) if ids is not None else int(req["count"])
         first, last = int(req["layers"][0]), int(req["layers"][1])
         if not 0 <= first < last <= self.layout.num_layers:
             raise ValueError(f"layers [{first}, {last}) out of range")
         if op == "pin" and self.mooncake is None:
             raise ValueError("this KV server reads no pinned blocks out: it runs without --kv-transport mooncake")
-        where = self.pin(tid, ids, int(req["first_block"]), str(req["prompt_digest"]))
+        where = self.pin(tid, ids, int(req["first_block"]), count, str(req["prompt_digest"]), last)
+        if isinstance(where, Wait):
+            return where
         if where is None:
             return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
                                           f"(expired, released or unknown)"}, []
@@ -185,11 +278,11 @@ class KVServer:
         if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
             assert self.mooncake is not None
             token = uuid.uuid4().hex
-            nbytes = len(ids) * sum(block_bytes(t) for cache in caches[first:last] for t in layer_tensors(cache))
+            nbytes = count * sum(block_bytes(t) for cache in caches[first:last] for t in layer_tensors(cache))
             self._pins[token] = (tid, time.monotonic() + self.pin_seconds, nbytes)
             # The tensors' addresses ride on every pin: a prefill worker restarted on the same port
             # (which zmq reconnects to silently) has new ones.
-            return {"ok": True, "pin": token, "mooncake": self.mooncake.describe()}, []
+            return {"ok": True, "pin": token, "mooncake": self.mooncake.describe(), "block_ids": rows}, []
         try:  # the lease cannot expire while its blocks are read
             index = torch.tensor(rows, dtype=torch.long, device=caches[0].k.device)
             frames = self._staging.gather([t for cache in caches[first:last] for t in layer_tensors(cache)], index)
@@ -210,7 +303,8 @@ class KVServer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._ctx.destroy(linger=0)
+        with self._wake_lock:
+            self._ctx.destroy(linger=0)
 
 
 class KVClient:
@@ -234,6 +328,10 @@ class KVClient:
         if sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # Queue nothing for a server not connected: a send to one that is gone fails within seconds
+            # instead of waiting out the whole timeout (an overlapped pull is sent before the prompt is).
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDTIMEO, min(self.timeout_ms, _CONNECT_MS))
             sock.connect(f"tcp://{host}:{port}")
             socks[(host, port)] = sock
             with self._lock:
@@ -252,11 +350,19 @@ class KVClient:
             sock.close(linger=0)
 
     def _call(self, sock: zmq.Socket, host: str, port: int, req: dict[str, Any]) -> list[Any]:
-        sock.send(json.dumps({**req, "layout": self.layout.to_dict()}).encode())
-        if not sock.poll(self.timeout_ms):
-            raise KVTransferError(f"the KV server at {host}:{port} did not answer in {self.timeout_ms / 1000:g} s")
-        frames = sock.recv_multipart(copy=False)
-        header = json.loads(frames[0].bytes)
+        try:
+            sock.send(json.dumps({**req, "layout": self.layout.to_dict()}).encode())
+        except zmq.Again:
+            raise KVTransferError(f"the KV server at {host}:{port} cannot be reached") from None
+        timeout = self.timeout_ms
+        while True:
+            if not sock.poll(timeout):
+                raise KVTransferError(f"the KV server at {host}:{port} did not answer in {timeout / 1000:g} s")
+            frames = sock.recv_multipart(copy=False)
+            header = json.loads(frames[0].bytes)
+            if not header.get("wait"):
+                break
+            timeout = min(self.timeout_ms, _SILENCE_MS)  # it waits for the prompt, and says so every half second
         self._local.header = header  # this thread's last answer (a pin's token)
         if not header.get("ok"):
             error = f"KV server {host}:{port}: {header.get('error')}"
@@ -277,19 +383,24 @@ class KVClient:
             self._drop(host, port)
             raise
 
-    def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
+    @property
+    def last_header(self) -> dict[str, Any]:
+        """This thread's last answer's header."""
+        return self._local.header
+
+    def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int] | None, local_ids: list[int],
              layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "",
              caches: list[LayerKVCache] | None = None) -> int:
-        """Copy blocks `remote_ids` (from position `first_block` of the lease's block table, of the prompt
-        named by `prompt_digest`) of layers [first, last) into blocks `local_ids` of `caches` (default:
-        the client's); returns bytes moved."""
+        """Copy blocks `remote_ids` (None: those at positions first_block, ... of the lease's block table,
+        as many as local_ids; else checked to be there) of the prompt named by `prompt_digest`, layers
+        [first, last), into blocks `local_ids` of `caches` (default: the client's); returns bytes moved."""
         if self.mooncake is not None:
             return self._read(host, port, transfer_id, remote_ids, local_ids, layers, first_block, prompt_digest)
         caches = caches if caches is not None else self.caches
         assert caches is not None, "a pull needs caches to write into"
         frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
-                                           "layers": list(layers), "first_block": first_block,
-                                           "prompt_digest": prompt_digest})
+                                           "count": len(local_ids), "layers": list(layers),
+                                           "first_block": first_block, "prompt_digest": prompt_digest})
         dests = [t for cache in caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
         if len(frames) != len(dests):
             raise KVTransferError(f"KV server {host}:{port} sent {len(frames)} tensors, expected {len(dests)}")
@@ -306,7 +417,7 @@ class KVClient:
                 moved += src.numel()
         return moved
 
-    def _read(self, host: str, port: int, transfer_id: str, remote_ids: list[int], local_ids: list[int],
+    def _read(self, host: str, port: int, transfer_id: str, remote_ids: list[int] | None, local_ids: list[int],
               layers: tuple[int, int], first_block: int, prompt_digest: str) -> int:
         """pull() over Mooncake: pin the blocks, read them one-sidedly, unpin (which fails if the pin
         lapsed meanwhile). One read at a time per engine: the pin's clock starts when its read can."""
@@ -314,11 +425,12 @@ class KVClient:
         assert mooncake is not None
         with mooncake.lock:
             self.request(host, port, {"op": "pin", "transfer_id": transfer_id, "block_ids": remote_ids,
-                                      "layers": list(layers), "first_block": first_block,
+                                      "count": len(local_ids), "layers": list(layers), "first_block": first_block,
                                       "prompt_digest": prompt_digest})
             header = self._local.header
-            try:
-                moved = mooncake.read_blocks(header["mooncake"], layers, remote_ids, local_ids)
+            try:  # the server names the blocks it pinned (a positional pin learns them here)
+                moved = mooncake.read_blocks(header["mooncake"], layers, [int(b) for b in header["block_ids"]],
+                                             local_ids)
             except Exception:
                 try:  # best effort: the read's own error is the one to report; a lost unpin lapses
                     self.request(host, port, {"op": "unpin", "pin": header["pin"]})

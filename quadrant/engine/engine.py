@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
+from dataclasses import replace
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
@@ -132,6 +133,8 @@ class LLMEngine:
         # Worker processes (--tp/--ep) keep their KV tensors: the connector stages blocks through the executor.
         in_process = isinstance(self.executor, InProcessExecutor)
         connector = KVConnector(transfer, layout, self.runner.kv_caches if in_process else None, self.executor)
+        if in_process and transfer.role == "prefill":
+            self.runner.on_layer_stored = connector.layer_done  # overlapped pulls follow the prefill layer by layer
         self._connector_finalizer = weakref.finalize(self, connector.shutdown)
         return connector
 
@@ -243,7 +246,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             where = "the model's context" if self.max_model_len == self.model_config.max_position_embeddings else "the KV cache"
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; {where} holds {self.max_model_len}")
-        remote_kv, do_remote_decode = self.parse_kv_transfer(kv_transfer, prompt_ids, params)
+        remote_kv, do_remote_decode, transfer_id = self.parse_kv_transfer(kv_transfer, prompt_ids, params)
         if (params.prompt_logprobs is not None or params.pooling) and remote_kv is not None:
             raise ValueError("prompt_logprobs and pooling need the prompt computed here, not pulled (kv_transfer_params)")
         if params.structured is not None and self.structured is None:
@@ -273,6 +276,9 @@ class LLMEngine:
                 req.prompt_logprobs = [None] * len(prompt_ids)
             if i == 0:  # siblings reuse the first sample's pulled blocks through the prefix cache
                 req.remote_kv, req.do_remote_decode = remote_kv, do_remote_decode
+                if transfer_id is not None and self.connector is not None:
+                    req.kv_transfer_id = transfer_id
+                    self.connector.expect(req)  # ValueError if the id is taken: before anything is queued
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
             samples.append(SampleState(req, detok))
             self.scheduler.add(req)
@@ -280,25 +286,36 @@ class LLMEngine:
         return request_id
 
     def parse_kv_transfer(self, kv_transfer: dict[str, Any] | None, prompt_ids: list[int],
-                          params: SamplingParams) -> tuple[RemoteKV | None, bool]:
-        """(where to pull the prompt's KV from, whether to keep it for a decode engine); ValueError if malformed.
-        Reads only the configuration: callable from any thread."""
+                          params: SamplingParams) -> tuple[RemoteKV | None, bool, str | None]:
+        """(where to pull the prompt's KV from, whether to keep it for a decode engine, the transfer id it
+        is pulled by while computed: overlapped); ValueError if malformed. Reads only the configuration:
+        callable from any thread."""
         role = self.config.kv_transfer.role
         if not kv_transfer or role == "both":
-            return None, False  # computed here, as a colocated engine does
+            return None, False, None  # computed here, as a colocated engine does
         if not isinstance(kv_transfer, dict):
             raise ValueError("kv_transfer_params must be an object")
+        from quadrant.disagg.protocol import RemoteKV, check_transfer_id, prompt_digest
+
         if role == "prefill":
             if not kv_transfer.get("do_remote_decode"):
-                return None, False
+                return None, False, None
             if params.n != 1:
                 raise ValueError("kv_transfer_params: a prefill for remote decode takes n = 1")
-            return None, True
+            if kv_transfer.get("transfer_id") is None:
+                return None, True, None
+            if params.max_tokens != 1:  # it must end with the step that finishes its prompt, where pulls read it
+                raise ValueError("kv_transfer_params: an overlapped prefill (with a transfer_id) takes max_tokens = 1")
+            return None, True, check_transfer_id(kv_transfer["transfer_id"])
         if "transfer_id" not in kv_transfer:
-            return None, False
-        from quadrant.disagg.protocol import RemoteKV, prompt_digest
-
+            return None, False, None
         remote = RemoteKV.from_dict(kv_transfer)
+        if remote.overlapped:  # named before the prompt was computed: it is this request's own
+            given = remote.num_tokens, remote.prompt_digest
+            remote = replace(remote, num_tokens=len(prompt_ids), prompt_digest=prompt_digest(prompt_ids))
+            if given[0] and given[0] != remote.num_tokens or given[1] and given[1] != remote.prompt_digest:
+                raise ValueError("kv_transfer_params were made for another prompt (its tokens differ from this request's)")
+            return remote, False, None
         vocab = self.model_config.vocab_size
         record = remote.first_logprob
         if remote.first_token is not None and (not 0 <= remote.first_token < vocab or (record is not None and any(
@@ -306,10 +323,11 @@ class LLMEngine:
             raise ValueError(f"kv_transfer_params: token ids must be in [0, {vocab})")
         if remote.num_tokens != len(prompt_ids) or remote.prompt_digest != prompt_digest(prompt_ids):
             raise ValueError("kv_transfer_params were made for another prompt (its tokens differ from this request's)")
+        assert remote.block_ids is not None
         if len(remote.block_ids) != -(-len(prompt_ids) // self.kv.block_size):
             raise ValueError(f"kv_transfer_params: {len(remote.block_ids)} blocks cannot hold a prompt of "
                              f"{len(prompt_ids)} tokens in blocks of {self.kv.block_size}")
-        return remote, False
+        return remote, False, None
 
     def expert_load(self) -> dict[str, list[int]]:
         """Router statistics: MoE layer name -> tokens routed to each of its experts so far."""
@@ -498,6 +516,12 @@ class LLMEngine:
         if overlap:
             self.num_overlapped_steps += bool(self._in_flight)  # launched while another step runs
             future = self.executor.submit(step)
+        elif self.connector is not None:  # (never overlapped) prompts pulled while computed follow the step
+            self.connector.start_step([(s.request, s.num_new_tokens) for s in out.scheduled])
+            try:
+                future = completed(self.executor.execute(step))
+            finally:
+                self.connector.end_step()
         else:
             future = completed(self.executor.execute(step))
         self.scheduler.commit(out)

@@ -65,6 +65,7 @@ class Request:
     # prefill engine keeps it for a decode engine (`do_remote_decode`) and says where in `kv_transfer_params`.
     remote_kv: RemoteKV | None = None
     do_remote_decode: bool = False
+    kv_transfer_id: str | None = None  # prefill, overlapped: the id decode engines pull it by while it is computed
     kv_transfer_params: dict[str, Any] | None = None
     # Structured outputs (engine/structured.py): the grammar matcher, advanced over output_ids (driver only).
     grammar: Any = None

@@ -10,6 +10,7 @@ driver worker) calls the sampler.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class ModelRunner:
         rows' final hidden states (an EAGLE head drafts from them); CUDA graphs then stay off, since
         theirs end in the LM head."""
         self.keep_hidden = keep_hidden
+        self.on_layer_stored: Callable[[], None] | None = None  # see AttentionMetadata.on_layer_stored
         self._hidden: torch.Tensor | None = None  # the last forward's final hidden states [T, D], batch order
         self.model: Any = model  # a models/ causal LM: forward + compute_logits
         self.block_size = cache_config.block_size
@@ -158,6 +160,7 @@ class ModelRunner:
         of each row, in batch order (None, and no LM head, when no row asks for any). The rows in
         `whole` also put their chunk's prompt-token logprobs and pooled hidden states into `prompt_out`."""
         ids, pos, meta = self.prepare(batch)
+        meta.on_layer_stored = self.on_layer_stored
         hidden = self.model(ids, pos, meta)  # [T, D]
         if self.keep_hidden:
             self._hidden = hidden

@@ -157,7 +157,8 @@ class Scheduler:
             req.output_ids.append(remote.first_token)
             self.arrived.append((req, remote.first_logprob))
         n = len(req.block_table)
-        self.connector.start_load(req, remote, req.block_table[len(hits):], list(remote.block_ids[len(hits):n]))
+        remote_ids = None if remote.block_ids is None else list(remote.block_ids[len(hits):n])
+        self.connector.start_load(req, remote, req.block_table[len(hits):], remote_ids, len(hits))
         return True
 
     def drain_connector(self) -> None:
@@ -166,12 +167,17 @@ class Scheduler:
             return
         for req in self.connector.take_released():
             self.kv.free(req)
-        for req, error in self.connector.take_finished_loads():
+        for req, error, first in self.connector.take_finished_loads():
             if self.loading.get(req.request_id) is req:  # (the id may have been reused since an abort)
                 del self.loading[req.request_id]
             if req.is_finished:  # aborted while the pull was writing into its blocks: free them only now
                 self.kv.free(req)
                 continue
+            # An overlapped pull learns the first token at its end (and without it runs the last prompt token).
+            if error is None and first is not None and not req.output_ids and \
+                    (req.params.logprobs is None or first[1] is not None):
+                req.output_ids.append(first[0])
+                self.arrived.append((req, first[1]))
             if error is None:
                 # With the first token known, it runs next; without, the last prompt token runs for its logits.
                 req.num_computed_tokens = req.num_prompt_tokens - (0 if req.output_ids else 1)
@@ -247,9 +253,14 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.do_remote_decode and reason != FinishReason.ABORT and self.connector is not None \
-                and self.connector.server is not None:
+        prefill = self.connector is not None and self.connector.server is not None
+        if req.do_remote_decode and reason != FinishReason.ABORT and prefill:
+            assert self.connector is not None
             req.kv_transfer_params = self.connector.hold(req).to_dict()
             if self.connector.holds_blocks:
                 return  # its blocks wait for the decode side
+        elif req.kv_transfer_id is not None and prefill:
+            assert self.connector is not None
+            if self.connector.cancel(req):
+                return  # a pull is reading them: the lease frees them when it ends
         self.kv.free(req)

@@ -7,6 +7,7 @@ tensors; model code only passes q, k, v and the metadata through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,6 +74,9 @@ class AttentionMetadata:
     # Decode rows over block tables padded to a fixed width (compiled CPU steps): the torch backend
     # always masks by seq_lens and reads no host-side lengths.
     padded_decode: bool = False
+    # Called after each layer has written its K/V (eager steps of a prefill engine: decode engines pull a
+    # prompt layer by layer while the later layers run).
+    on_layer_stored: Callable[[], None] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -122,4 +126,6 @@ class Attention(nn.Module):
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
         if self.kv_cache is not None and meta.slot_mapping is not None:
             self.backend.store(self.kv_cache, k, v, meta)
+            if meta.on_layer_stored is not None:
+                meta.on_layer_stored()
         return self.backend.forward(self, q, k, v, meta)

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,9 @@ def build_app(config: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         if not state.llm.is_running:
             return JSONResponse({"status": "error", "error": f"engine stopped: {state.engine_error}"}, status_code=503)
+        connector = state.llm.engine.connector
+        if connector is not None and connector.server is not None:  # a router sends overlapped transfers here
+            return JSONResponse({"status": "ok", "kv": {"host": connector.config.kv_host, "port": connector.kv_port}})
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
@@ -140,6 +143,10 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         state = await pool.get(body.model)
         llm = state.ready()
+        with _refusing_transfer_on_error(llm, body):
+            return await _completion(request, state, llm, body)
+
+    async def _completion(request: Request, state: ServerState, llm: AsyncLLM, body: P.CompletionRequest) -> Response:
         _check_supported(body)
         prompts = _prompt_list(body.prompt)
         try:
@@ -158,6 +165,11 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         state = await pool.get(body.model)
         llm = state.ready()
+        with _refusing_transfer_on_error(llm, body):
+            return await _chat_completion(request, state, llm, body)
+
+    async def _chat_completion(request: Request, state: ServerState, llm: AsyncLLM,
+                               body: P.ChatCompletionRequest) -> Response:
         _check_supported(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         extra = _template_kwargs(body.chat_template_kwargs)
@@ -181,6 +193,20 @@ def build_app(config: ServerConfig) -> FastAPI:
                             tools=tools)
 
     return app
+
+
+@contextmanager
+def _refusing_transfer_on_error(llm: AsyncLLM, body: P._SamplingFields) -> Iterator[None]:
+    """A prefill worker that turns away an overlapped prefill (the router already sent the decode worker
+    its transfer id) says so to the pulls parked for it, which then recompute at once."""
+    try:
+        yield
+    except BaseException:
+        kv = body.kv_transfer_params
+        connector = llm.engine.connector
+        if connector is not None and isinstance(kv, dict) and kv.get("do_remote_decode") and kv.get("transfer_id"):
+            connector.refuse(str(kv["transfer_id"]))  # (a no-op if the engine took it: its lease ends with it)
+        raise
 
 
 def _check_supported(body: P._SamplingFields) -> None:

@@ -38,7 +38,8 @@ class ServerMetrics:
         # Disaggregation (read from the KV connector at scrape time; totals since start).
         self.kv_transfer = Gauge("quadrant_kv_transfer", "KV transfer totals since start: bytes pulled (decode) or "
                                  "served (prefill), pulls, failed pulls, lease expiries, leases released, "
-                                 "leases held now", ["what"], registry=r)
+                                 "leases held now, reads answered while their prompt was still computed",
+                                 ["what"], registry=r)
         self.kv_transfer_gbps = Gauge("quadrant_kv_transfer_gigabytes_per_second",
                                       "Mean rate of finished KV pulls (decode side)", registry=r)
         self.steps = Gauge("quadrant_engine_steps", "Engine steps since start: total, and overlapped (launched while "
@@ -85,7 +86,8 @@ class ServerMetrics:
                 self.expert_tokens.labels(layer=layer, expert=str(expert)).set(n)
 
     def set_kv_transfer(self, stats: TransferStats) -> None:
-        for what in ("bytes", "transfers", "failures", "lease_expiries", "leases_released", "active_leases"):
+        for what in ("bytes", "transfers", "failures", "lease_expiries", "leases_released", "active_leases",
+                     "early_reads"):
             self.kv_transfer.labels(what=what).set(getattr(stats, what))
         self.kv_transfer_gbps.set(stats.gbps)
 

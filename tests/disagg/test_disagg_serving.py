@@ -14,6 +14,7 @@ import asyncio
 import json
 import signal
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -155,6 +156,42 @@ def test_bad_kv_transfer_params_are_a_400(workers):
     assert httpx.get(decode.url + "/health").status_code == 200
 
 
+def test_overlapped_prefill_refused_by_the_prefill_worker_is_computed_by_the_decode_worker(workers):
+    """The router sent the decode worker the transfer id; the prefill worker turned the prompt away (here:
+    n = 2): the decode worker's parked pulls are refused at once and it computes the prompt itself."""
+    prefill, decode, colocated = workers[:3]
+    body = {"model": "smollm2:135m", "prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0}
+    transfer_id = uuid.uuid4().hex
+    kv_host, kv_port = httpx.get(prefill.url + "/health").json()["kv"].values()
+    failures = metric(decode.url, "quadrant_kv_transfer", what="failures")
+    with ThreadPoolExecutor(1) as pool:
+        start = time.monotonic()
+        pending = pool.submit(completion, decode.url, {**body, "kv_transfer_params": {
+            "transfer_id": transfer_id, "remote_host": kv_host, "remote_port": kv_port}})
+        refused = httpx.post(prefill.url + "/v1/completions", json={**body, "n": 2, "max_tokens": 1, "kv_transfer_params": {
+            "do_remote_decode": True, "transfer_id": transfer_id}})
+        assert refused.status_code == 400
+        got = pending.result(timeout=60)
+    assert time.monotonic() - start < 8  # not the 10 s a pull waits for a transfer its server never heard of
+    assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+    assert metric(decode.url, "quadrant_kv_transfer", what="failures") == failures + 1
+
+
+def test_router_without_overlap_equals_colocated(workers, tmp_path):
+    """--no-kv-overlap: the decode step starts when the prefill step has answered (the transfer is named
+    by the prefill worker)."""
+    prefill, decode, colocated = workers[:3]
+    router = start_router(tmp_path, [prefill], [decode], "--no-kv-overlap")
+    try:
+        early = metric(prefill.url, "quadrant_kv_transfer", what="early_reads")
+        body = {"model": "smollm2:135m", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0}
+        assert completion(router.url, body)["choices"][0]["text"] == \
+            completion(colocated.url, body)["choices"][0]["text"]
+        assert metric(prefill.url, "quadrant_kv_transfer", what="early_reads") == early
+    finally:
+        stop_router(router)
+
+
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: list[int], i: int) -> dict:
     text, finish, usage = "", None, None
     async with client.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
@@ -191,11 +228,14 @@ def test_router_streams_survive_a_decode_worker_killed(workers):
             decode2.proc.send_signal(signal.SIGKILL)
             return list(await asyncio.gather(*tasks))
 
+    early = metric(prefill.url, "quadrant_kv_transfer", what="early_reads")
     got = asyncio.run(run())
     for g, w in zip(got, want):
         assert g["text"] == w["choices"][0]["text"]
         assert g["finish_reason"] == "length" and g["usage"]["completion_tokens"] == 32
     assert metric(router.url, "quadrant_router_resumed_streams_total") > 0
+    # The router sent each prompt to both pools at once: layers were pulled while their prompt was computed.
+    assert metric(prefill.url, "quadrant_kv_transfer", what="early_reads") > early
 
 
 def test_router_crash_and_restart_leak_nothing(workers, tmp_path):

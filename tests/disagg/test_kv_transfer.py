@@ -247,8 +247,8 @@ def test_a_lease_serves_only_its_own_prompt_and_blocks(pair, prompts, reference)
     d.add_request(prompts[0], GREEDY, "forged", forged)
     assert finish(d)["forged"].outputs[0].token_ids == reference[0]
     assert d.connector.snapshot().failures == failures + 1
-    assert p.connector.leases.pin(kv_b["transfer_id"], kv_b["remote_block_ids"][::-1], 0,
-                                  kv_b["prompt_digest"]) is None  # reordered blocks
+    ids = kv_b["remote_block_ids"]
+    assert p.connector.leases.pin(kv_b["transfer_id"], ids[::-1], 0, len(ids), kv_b["prompt_digest"], 1) is None
     bad = {**kv_a, "first_token_id": 10**6}
     with pytest.raises(ValueError, match="token ids must be in"):
         d.add_request(prompts[0], GREEDY, "bad-token", bad)
@@ -313,3 +313,125 @@ def test_mooncake_decode_refuses_a_prefill_without_it(tiny, prompts):
         assert free_blocks(d) == 64
     finally:
         p.shutdown(), d.shutdown()
+
+
+# -- overlapped transfers: pulled layer by layer while the prefill engine computes the prompt --------
+def overlapped(p: LLMEngine, transfer_id: str) -> dict:
+    """What the router sends a decode engine before the prompt is computed: the transfer and where."""
+    return {"transfer_id": transfer_id, "remote_host": "127.0.0.1", "remote_port": p.connector.kv_port}
+
+
+def run_both(p: LLMEngine, d: LLMEngine, timeout: float = 30.0) -> dict:
+    """Step both engines (one thread, as two processes would interleave) until both are done; d's outputs."""
+    done = {}
+    deadline = time.monotonic() + timeout
+    while p.has_unfinished_requests() or d.has_unfinished_requests():
+        assert time.monotonic() < deadline, "requests did not finish"
+        if p.has_unfinished_requests():
+            p.step()
+        for out in d.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def test_overlapped_transfer_equals_colocated_and_brings_the_first_token(tiny, prompts, reference):
+    """The decode engine asks first (its pulls park on the prefill engine's server, the transfer not
+    yet known there), then the prompts reach the prefill engine; the pulls are answered as its layers are
+    written, the final done brings the first token (the decode engine runs none of the prompt), and no
+    block or lease is left on either side."""
+    import uuid
+
+    p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
+    try:
+        ids = [uuid.uuid4().hex for _ in prompts]
+        for i, (pr, tid) in enumerate(zip(prompts, ids)):
+            d.add_request(pr, GREEDY, str(i), overlapped(p, tid))
+        for _ in range(3):
+            d.step()  # pulls out, parked on the server: the prompts have not reached the prefill engine
+        for i, (pr, tid) in enumerate(zip(prompts, ids)):
+            p.add_request(pr, SamplingParams(max_tokens=1, temperature=0.0), f"p{i}",
+                          {"do_remote_decode": True, "transfer_id": tid})
+        got = run_both(p, d)
+        assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == reference
+        # The decode engine computed only its decode steps: every first token came from the prefill side.
+        assert d.num_computed_tokens == len(prompts) * (GREEDY.max_tokens - 1)
+        snap_p, snap_d = p.connector.snapshot(), d.connector.snapshot()
+        assert snap_d.failures == 0 and snap_d.transfers == len(prompts)
+        assert snap_p.early_reads > 0  # some layers were read while their prompt was still computed
+        wait_for(lambda: free_blocks(p) == 64 and p.connector.snapshot().active_leases == 0)
+        assert free_blocks(d) == 64
+    finally:
+        p.shutdown(), d.shutdown()
+
+
+def test_overlapped_prefill_aborted_recomputes_on_the_decode_side(tiny, prompts, reference):
+    import uuid
+
+    p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
+    try:
+        tid = uuid.uuid4().hex
+        p.add_request(prompts[2], SamplingParams(max_tokens=1, temperature=0.0), "p",
+                      {"do_remote_decode": True, "transfer_id": tid})
+        d.add_request(prompts[2], GREEDY, "d", overlapped(p, tid))
+        d.step()
+        p.abort_request("p")  # before any step: its expected lease ends; the parked pulls are refused
+        assert finish(d)["d"].outputs[0].token_ids == reference[2]
+        assert d.connector.snapshot().failures == 1
+        assert free_blocks(p) == 64 and p.connector.snapshot().active_leases == 0 and free_blocks(d) == 64
+    finally:
+        p.shutdown(), d.shutdown()
+
+
+def test_overlapped_params_are_checked(tiny, pair, prompts):
+    import uuid
+
+    p, d = pair
+    tid = uuid.uuid4().hex
+    with pytest.raises(ValueError, match="max_tokens = 1"):
+        p.add_request(prompts[0], GREEDY, "x", {"do_remote_decode": True, "transfer_id": tid})
+    with pytest.raises(ValueError, match="transfer_id must be"):
+        p.add_request(prompts[0], SamplingParams(max_tokens=1), "y", {"do_remote_decode": True, "transfer_id": "short"})
+    p.add_request(prompts[0], SamplingParams(max_tokens=1), "z", {"do_remote_decode": True, "transfer_id": tid})
+    with pytest.raises(ValueError, match="already in use"):
+        p.add_request(prompts[0], SamplingParams(max_tokens=1), "w", {"do_remote_decode": True, "transfer_id": tid})
+    p.abort_request("z")
+    with pytest.raises(ValueError, match="another prompt"):
+        d.add_request(prompts[0], GREEDY, "v", {**overlapped(p, tid), "num_tokens": len(prompts[0]) + 1})
+    with pytest.raises(ValueError, match="takes no first_token_id"):
+        d.add_request(prompts[0], GREEDY, "u", {**overlapped(p, tid), "first_token_id": 3})
+
+
+def test_a_lease_is_read_layer_by_layer_as_the_step_writes_it():
+    """The lease table's view of an overlapped prompt: in the step that finishes it, layer k is readable
+    once k layers are written; a chunk that does not finish it is not read early (the request could
+    still be preempted), nor is the prompt between that step's end and the request's."""
+    from quadrant.disagg.leases import LeaseTable
+    from quadrant.disagg.protocol import RemoteKV
+    from quadrant.disagg.transport import Wait
+    from quadrant.engine.request import Request
+
+    tid = "t" * 16
+    table = LeaseTable(60.0)
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=1))
+    req.kv_transfer_id, req.block_table = tid, [7, 3, 5]
+    table.expect(tid, req, "digest", in_place=True)
+    pin = lambda layers_end: table.pin(tid, None, 0, 3, "digest", layers_end)  # noqa: E731
+    assert isinstance(pin(1), Wait)
+    leases = table.start_step([(req, 6)])  # a first chunk
+    table.layer_done(leases)
+    assert isinstance(pin(1), Wait)
+    table.end_step(leases)
+    req.num_computed_tokens = 6
+    leases = table.start_step([(req, 4)])  # the last chunk: layer by layer
+    table.layer_done(leases)
+    assert pin(1) == (leases[0], [7, 3, 5]) and isinstance(pin(2), Wait)
+    table.unpin(tid)
+    table.end_step(leases)
+    assert isinstance(pin(1), Wait) and isinstance(table.release(tid), Wait)  # done waits for the first token
+    assert table.pin(tid, None, 0, 3, "other", 1) is None  # another prompt's digest
+    table.add(tid, req, RemoteKV(tid, "h", 1, (7, 3, 5), 10, "digest", 42))
+    assert pin(3) == (leases[0], [7, 3, 5]) and table.pin(tid, None, 1, 3, "digest", 1) is None  # past its blocks
+    table.unpin(tid)
+    assert table.release(tid).first_token == 42 and table.take_freeable() == [req]
+    assert table.pin(tid, None, 0, 3, "digest", 1) is None  # ended: refused at once, not parked

@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quadrant import SamplingParams
 from quadrant.config import CacheConfig, KVTransferConfig, SchedulerConfig
 from quadrant.disagg.connector import KVConnector
 from quadrant.disagg.protocol import KVLayout, KVTransferError
 from quadrant.engine.kv_cache import join_kv_heads, kv_head_slice
 from quadrant.engine.engine import LLMEngine
 from tests.disagg.test_kv_transfer import decode_beside_colocated, free_blocks, prefill, wait_for
-from tests.engine.conftest import prompts, reference, tiny  # noqa: F401 - fixtures
+from tests.engine.conftest import GREEDY, prompts, reference, tiny  # noqa: F401 - fixtures
 from tests.models.test_moe import _make as make_moe
 
 pytest.importorskip("zmq")
@@ -122,3 +123,22 @@ def test_mooncake_with_worker_processes_is_refused_clearly(tiny, engines):
     layout = KVLayout.of(engines["p1"].model_config, CacheConfig(), torch.float32)
     with pytest.raises(KVTransferError, match="--kv-transport zmq"):
         KVConnector(KVTransferConfig(role="decode", kv_transport="mooncake"), layout, None, engines["p2"].executor)
+
+
+def test_overlapped_pull_from_a_tp_prefill_waits_for_its_copy(engines, prompts, reference):
+    """A --tp prefill engine copies a prompt's blocks out of its workers when the prompt is done: an
+    overlapped pull waits for that copy, then decodes as a colocated engine does."""
+    import uuid
+
+    from tests.disagg.test_kv_transfer import overlapped, run_both
+
+    p, d = engines["p2"], engines["d1"]
+    ids = [uuid.uuid4().hex for _ in prompts]
+    for i, (pr, tid) in enumerate(zip(prompts, ids)):
+        d.add_request(pr, GREEDY, f"o{i}", overlapped(p, tid))
+        p.add_request(pr, SamplingParams(max_tokens=1, temperature=0.0), f"po{i}",
+                      {"do_remote_decode": True, "transfer_id": tid})
+    got = run_both(p, d)
+    assert [got[f"o{i}"].outputs[0].token_ids for i in range(len(prompts))] == reference
+    assert p.connector.snapshot().early_reads == 0  # nothing is read before the copy exists
+    wait_for(lambda: free_blocks(p) == 64 and p.connector.snapshot().active_leases == 0)
