@@ -110,8 +110,8 @@ def run(shape: str, tokens: int, cache_dtype: str, streams: list[int], repeats: 
         for layer in dst:
             for t in layer_tensors(layer):
                 t.zero_()
-        server = KVServer(layout, src, pin=lambda tid, blocks, first, digest: True, unpin=lambda tid: None,
-                          release=lambda tid: True, mooncake=endpoints[0])
+        server = KVServer(layout, pin=lambda tid, blocks, first, count, digest, end: (src, blocks),
+                          unpin=lambda tid: None, release=lambda tid: None, mooncake=endpoints[0])
         client = KVClient(layout, dst, mooncake=endpoints[1])
         try:
             for n in streams:

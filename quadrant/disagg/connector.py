@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +41,7 @@ from quadrant.layers.attention import LayerKVCache
 from quadrant.layers.sampler import TokenLogprob
 
 log = logging.getLogger(__name__)
+_MAX_LOADS = 64  # pulls a decode engine runs at once (more wait for a coordinator)
 
 
 class WorkerBlocks(Protocol):
@@ -102,6 +103,7 @@ class KVConnector:
         self.engine_id = uuid.uuid4().hex[:12]
         self.leases = LeaseTable(config.lease_seconds)
         self._stepping: list[Lease] = []  # expected leases in the step running now (prefill)
+        self._lock = threading.Lock()  # (before the server thread, which takes it)
         self.server: KVServer | None = None
         self.client: KVClient | None = None
         # The data plane: zmq frames, or Mooncake's one-sided reads of the registered caches.
@@ -110,16 +112,16 @@ class KVConnector:
         if config.role == "prefill":
             # A pin may outlast a read's own time limit (Mooncake's, about transfer_timeout) and its wait
             # for the engine's earlier reads.
-            self.server = KVServer(layout, caches, self._pin, self._unpin, self._release,
+            self.server = KVServer(layout, self._pin, self._unpin, self._release, self._abandon,
                                    config.kv_host, config.kv_port, self.mooncake, 2 * config.transfer_timeout + 10)
             log.info("KV server listening on %s:%d", config.kv_host, self.server.port)
         elif config.role == "decode":
             self.client = KVClient(layout, caches, config.transfer_timeout, self.mooncake)
-            self._coordinators = ThreadPoolExecutor(4, thread_name_prefix="quadrant-kv-load")
+            # One per load in flight: an overlapped load's coordinator waits (idle, in zmq) for its prompt.
+            self._coordinators = ThreadPoolExecutor(_MAX_LOADS, thread_name_prefix="quadrant-kv-load")
             self._streams = ThreadPoolExecutor(config.num_streams, thread_name_prefix="quadrant-kv-stream")
         self._loads: set[int] = set()  # id() of the loads in flight (request ids may be reused)
         self._done: list[_Load] = []
-        self._lock = threading.Lock()
         self._event = threading.Event()
 
     @property
@@ -217,6 +219,10 @@ class KVConnector:
         self.leases.unpin(transfer_id)
         self.wakeup()  # a lease that expired while read can be freed now
 
+    def _abandon(self, transfer_id: str) -> None:
+        self.leases.abandon(transfer_id)
+        self.wakeup()  # a held lease can be freed now
+
     def _release(self, transfer_id: str) -> RemoteKV | Wait | None:
         released = self.leases.release(transfer_id)
         if isinstance(released, RemoteKV):
@@ -246,23 +252,35 @@ class KVConnector:
         assert self.client is not None
         remote, client = load.remote, self.client
         # A request that ended already (aborted, or done on its first token) needs no blocks, but the
-        # prefill side's lease is still released.
+        # prefill side's lease is still ended.
         if not load.request.is_finished:
             self._pull(load)
-        if load.error is None:
-            try:  # best effort: the blocks are here; a lost `done` only lets the lease run out
-                client.request(remote.host, remote.port, {"op": "done", "transfer_id": remote.transfer_id})
-                answer = client.last_header
-                if remote.overlapped and answer.get("first_token_id") is not None:
-                    token = int(answer["first_token_id"])
-                    load.first = token, logprob_record(token, answer.get("first_token_logprob"))
-            except Exception as e:  # noqa: BLE001 - overlapped: without the first token, the last prompt token runs here
-                log.info("KV done for %s not delivered (%s); its lease will expire", remote.transfer_id, e)
+        gone = load.request.is_finished
+        if remote.overlapped and (gone or load.error is not None):
+            self._tell(remote, "abandon")  # an expected prompt is then freed once computed, not after a lease
+        elif load.error is None:
+            answer = self._tell(remote, "done", give_up=lambda: load.request.is_finished)
+            if remote.overlapped and answer is not None and answer.get("first_token_id") is not None:
+                token = answer["first_token_id"]
+                try:
+                    load.first = int(token), logprob_record(int(token), answer.get("first_token_logprob"))
+                except (TypeError, ValueError, KeyError) as e:  # the last prompt token then runs here
+                    log.warning("KV done for %s carried a malformed first token: %s", remote.transfer_id, e)
         with self._lock:
             self._loads.discard(id(load))
             self._done.append(load)
         self._event.set()
         self.wakeup()
+
+    def _tell(self, remote: RemoteKV, op: str, give_up: Callable[[], bool] | None = None) -> dict | None:
+        """Best effort: `done` (the blocks are here) or `abandon`; a lost one only lets the lease run out."""
+        assert self.client is not None
+        try:
+            self.client.request(remote.host, remote.port, {"op": op, "transfer_id": remote.transfer_id}, give_up)
+            return self.client.last_header
+        except Exception as e:  # noqa: BLE001
+            log.info("KV %s for %s not delivered (%s); its lease will expire", op, remote.transfer_id, e)
+            return None
 
     def _pull(self, load: _Load) -> None:
         """The blocks over the streams, a share of the layers each; a failure is left in load.error."""
@@ -276,15 +294,26 @@ class KVConnector:
             k = min(self.config.num_streams * (4 if remote.overlapped else 1), n)
             bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
             local_ids = load.local_ids
+            give_up = lambda: load.request.is_finished  # noqa: E731 - aborted meanwhile: stop waiting
+            if remote.overlapped:  # until the prompt's last step starts, here: not in the shared streams
+                self.client.request(remote.host, remote.port, {"op": "wait", "transfer_id": remote.transfer_id,
+                                                               "first_block": load.first_block,
+                                                               "prompt_digest": remote.prompt_digest}, give_up)
             if self.caches is None:  # staged: pull into host blocks 0..n-1; the engine thread hands them on
                 load.staging = self._host_blocks(len(local_ids))
                 local_ids = list(range(len(local_ids)))
             futures = [self._streams.submit(self.client.pull, remote.host, remote.port, remote.transfer_id,
                                             load.remote_ids, local_ids, b, load.first_block, remote.prompt_digest,
-                                            load.staging)
+                                            load.staging, give_up)
                        for b in bounds]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                f.cancel()  # after a failure, the ones not started yet
             wait(futures)
-            moved = sum(f.result() for f in futures)  # the first failure raises here
+            errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
+            if errors:
+                raise errors[0]
+            moved = sum(f.result() for f in futures)
         except Exception as e:  # noqa: BLE001 - reported to the scheduler, which applies the policy
             load.error = f"{type(e).__name__}: {e}"
             log.warning("KV pull of %s failed: %s", load.request.request_id, load.error)

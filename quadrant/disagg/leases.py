@@ -7,7 +7,9 @@ prompt is computed and the engine reports its progress (`start_step`, `layer_don
 the step that finishes the prompt, a positional pull is ready once the layers it asks for are written,
 while later layers still run. (Earlier chunks are not read early: until that step the request could
 still be preempted and its blocks reused.) An expected lease does not expire (its request frees the
-blocks); it turns into a held one when the request finishes, right after that step.
+blocks): it turns into a held one when the request finishes, right after that step, or ends with it
+(scheduler.finish cancels it whatever the reason). A decode engine that no longer wants a transfer
+abandons it: an expected lease then ends as soon as its prompt is done.
 
 Thread-safe: the engine thread updates, the KV server thread reads.
 """
@@ -48,7 +50,8 @@ class Lease:
     step_end: int = 0  # tokens the running step computes up to (0: none running)
     step_layers: int = 0  # layers that step has written
     events: list[Any] = field(default_factory=list)  # CUDA: an event per layer written, recorded after it
-    cancelled: bool = False  # its request was aborted while a pull read it: freed when the pull ends
+    cancelled: bool = False  # ended while a pull read it (aborted, released): freed when the pull ends
+    abandoned: bool = False  # expected, and the decode side gave up on it: ends when its prompt is done
 
     def ready(self, layers_end: int) -> bool:
         """Whether layers [0, layers_end) hold the whole prompt (and will until the lease ends)."""
@@ -88,7 +91,8 @@ class LeaseTable:
                                                           remote.num_tokens, 0.0, in_place=copy is None)
             lease.request, lease.block_ids, lease.copy, lease.remote = req, remote.block_ids, copy, remote
             lease.step_end = 0
-            lease.deadline = time.monotonic() + self.lease_seconds
+            # An abandoned one is freed at the next drain: nobody will pull it.
+            lease.deadline = 0.0 if lease.abandoned else time.monotonic() + self.lease_seconds
 
     def cancel(self, transfer_id: str, req: Request) -> bool:
         """An expected lease's request ended without its prompt done (aborted, failed). True: a pull is
@@ -103,13 +107,25 @@ class LeaseTable:
             self._end(transfer_id)
             return False
 
+    def abandon(self, transfer_id: str) -> None:
+        """The decode side gave up on the transfer (its request ended): a held lease is released, an
+        expected one ends when its prompt is done, an unknown one is refused when it comes."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is None:
+                self._remember_ended(transfer_id)
+            elif lease.block_ids is None:
+                lease.abandoned = True
+            elif not lease.cancelled:
+                lease.deadline = 0.0  # no expiry counted: see take_freeable
+                lease.cancelled = True
+
     def refuse(self, transfer_id: str) -> None:
         """The prefill engine turned the transfer's prompt away (a 4xx before it was queued): pulls parked
         for it are refused now, not after UNKNOWN_WAIT_SECONDS."""
         with self._lock:
-            if transfer_id not in self._leases and transfer_id not in self._ended:
-                self._leases[transfer_id] = Lease(None, None, "", 0, 0.0)  # (_end takes it off again)
-                self._end(transfer_id)
+            if transfer_id not in self._leases:
+                self._remember_ended(transfer_id)
 
     def start_step(self, scheduled: list[tuple[Request, int]]) -> list[Lease]:
         """A step starts with these (request, new tokens); the expected leases among them."""
@@ -143,7 +159,7 @@ class LeaseTable:
                 if lease.deadline <= now and lease.readers == 0:
                     self._end(tid)
                     self._free(lease)
-                    if not lease.cancelled:
+                    if not lease.cancelled and not lease.abandoned:
                         self.expiries += 1
                         log.warning("KV lease %s expired: no decode engine pulled its blocks in time", tid)
             out, self._to_free = self._to_free, []
@@ -160,7 +176,7 @@ class LeaseTable:
             if lease is None:
                 positional = block_ids is None and transfer_id not in self._ended
                 return Wait(UNKNOWN_WAIT_SECONDS) if positional else None
-            if lease.cancelled or digest != lease.prompt_digest or first_block < 0 or count < 0:
+            if lease.cancelled or lease.abandoned or digest != lease.prompt_digest or first_block < 0 or count < 0:
                 return None
             if lease.block_ids is None:
                 if block_ids is not None:
@@ -195,14 +211,20 @@ class LeaseTable:
                 return None
             if lease.block_ids is None:
                 return Wait(self.lease_seconds)
-            self._end(transfer_id)
-            self._free(lease)
             self.released += 1
+            if lease.readers:  # another reader (a decode step retried elsewhere) is not done: free after it
+                lease.deadline, lease.cancelled = 0.0, True
+            else:
+                self._end(transfer_id)
+                self._free(lease)
             return lease.remote
 
     # -- both --------------------------------------------------------------------------------------
     def _end(self, transfer_id: str) -> None:
         del self._leases[transfer_id]
+        self._remember_ended(transfer_id)
+
+    def _remember_ended(self, transfer_id: str) -> None:
         self._ended[transfer_id] = None
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)

@@ -1,4 +1,4 @@
-"""The reference KV transport: pyzmq over TCP, blocks read straight from the KV tensors.
+"""The reference KV transport: pyzmq over TCP, blocks read straight from the KV tensors (or a lease's host copy).
 
 The prefill engine runs a `KVServer` (one ROUTER socket, one thread): a decode engine's `KVClient`
 (DEALER sockets, one per stream) sends a hello with its KV layout, then pulls a leased prompt's
@@ -14,8 +14,11 @@ block ids outside that lease are refused.
 Overlapped transfers (protocol.RemoteKV.overlapped) pull by position while the prefill engine still
 computes the prompt: a request whose layers are not written yet is parked, answered once they are
 (the engine's progress wakes the server), and pinged every half second meanwhile, so that the
-puller tells a waiting server from a dead one within seconds. The final `done` waits for the first
-token and carries it.
+puller tells a waiting server from a dead one within seconds; a `ready` ping precedes the answer, whose
+data may take long to arrive. A `wait` request (a load's first) is answered once the step that
+finishes the prompt has started, so a load's pulls do not sit in the puller's streams for the whole
+prefill. The final `done` waits for the first token and carries it; `abandon` ends a transfer the
+puller no longer wants (its request was aborted).
 
 With a Mooncake endpoint on both sides (disagg/mooncake.py) the data skips zmq: the hello says the
 server offers Mooncake reads, a `pin` holds a lease's blocks (until `unpin`, or the server's pin
@@ -55,7 +58,7 @@ _CONNECT_MS = 3000  # a KV server not connected in this long is unreachable
 
 @dataclass(frozen=True)
 class Wait:
-    """Not ready yet: the server parks the request for at most `seconds`."""
+    """Not ready yet: the server parks the request until `seconds` after the latest such answer."""
 
     seconds: float
 
@@ -71,9 +74,11 @@ ReleaseLease = Callable[[str], "RemoteKV | Wait | None"]
 @dataclass
 class _Parked:
     ident: bytes
-    request: dict[str, Any]
-    deadline: float
-    next_ping: float
+    request: Any
+    parked: bool = False
+    since: float = 0.0  # when it was first parked
+    deadline: float = 0.0
+    next_ping: float = 0.0
 
 
 def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
@@ -93,9 +98,10 @@ class StagingBuffers:
         self._sets: list[list[torch.Tensor]] = [[], []]
         self._trackers: list[list[Any]] = [[], []]
         self._turn = 0
+        self._stream: Any = None  # CUDA: gathers run on a stream of their own (see gather)
 
     def gather(self, tensors: list[torch.Tensor], index: torch.Tensor) -> list[Any]:
-        """Blocks `index` of each tensor, as host buffers zmq can send without copying."""
+        """Blocks `index` (a host tensor) of each tensor, as host buffers zmq can send without copying."""
         turn, self._turn = self._turn, 1 - self._turn
         try:
             for tracker in self._trackers[turn]:
@@ -117,7 +123,12 @@ class StagingBuffers:
             if t.device.type == "cpu":
                 torch.index_select(t, 0, index, out=dest)
             else:
-                dest.copy_(t.index_select(0, index))
+                # Not on the engine's stream, where the copy would queue behind the whole step it is
+                # running: the layers read have been written (their events are done, leases.Lease.ready).
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(t.device)
+                with torch.cuda.stream(self._stream):
+                    dest.copy_(t.index_select(0, index.to(t.device)))
             out.append(dest.view(torch.uint8).numpy())
         return out
 
@@ -128,14 +139,13 @@ class StagingBuffers:
 
 class KVServer:
     """Prefill side: serves leased blocks on tcp://host:port (port 0: a free one); `pin` says where
-    each lease's blocks are (`caches`, the engine's own KV tensors, or a lease's host copy)."""
+    each lease's blocks are (the engine's own KV tensors, or a lease's host copy)."""
 
-    def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None, pin: PinBlocks,
-                 unpin: Callable[[str], None], release: ReleaseLease, host: str = "127.0.0.1",
-                 port: int = 0, mooncake: MooncakeEndpoint | None = None, pin_seconds: float = 30.0) -> None:
+    def __init__(self, layout: KVLayout, pin: PinBlocks, unpin: Callable[[str], None], release: ReleaseLease,
+                 abandon: Callable[[str], None] = lambda tid: None, host: str = "127.0.0.1", port: int = 0,
+                 mooncake: MooncakeEndpoint | None = None, pin_seconds: float = 30.0) -> None:
         self.layout = layout
-        self.caches = caches
-        self.pin, self.unpin, self.release = pin, unpin, release
+        self.pin, self.unpin, self.release, self.abandon = pin, unpin, release, abandon
         self.mooncake = mooncake
         self.pin_seconds = pin_seconds
         self._pins: dict[str, tuple[str, float, int]] = {}  # pin token -> (transfer id, deadline, bytes): one-sided reads
@@ -176,6 +186,8 @@ class KVServer:
                 self._wake_push.send(b"", zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a wake-up is queued already
+            except zmq.ZMQError:
+                pass  # closed: nothing waits any more
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -196,27 +208,34 @@ class KVServer:
                     req = json.loads(raw)
                 except ValueError:
                     req = None
-                self._answer(_Parked(ident, req, 0.0, 0.0), new=True)
+                self._answer(_Parked(ident, req))
             if self._parked:
                 parked, self._parked = self._parked, []
                 for p in parked:
-                    self._answer(p, new=False)
+                    self._answer(p)
         self._sock.close(linger=0)
 
-    def _answer(self, p: _Parked, new: bool) -> None:
+    def _answer(self, p: _Parked) -> None:
         """Answer a request, or park it (again) while what it asks for is not ready."""
         try:
             if not isinstance(p.request, dict):
                 raise ValueError("a KV request is a JSON object")
-            result = self._handle(p.request)
+            if p.parked:  # the data may take long: the puller waits for it with its full timeout
+                result = self._handle(p.request, ready=lambda: self._send(p.ident, {"ok": True, "wait": True,
+                                                                                      "ready": True}, []))
+            else:
+                result = self._handle(p.request)
         except KVHandshakeError as e:
             result = {"ok": False, "error": str(e), "kind": "handshake"}, []
         except Exception as e:  # noqa: BLE001 - a bad request must not stop the server
             result = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
         if isinstance(result, Wait):
             now = time.monotonic()
-            if new:
-                p.deadline, p.next_ping = now + result.seconds, now + _PING_SECONDS
+            if not p.parked:
+                p.parked, p.since, p.next_ping = True, now, now + _PING_SECONDS
+            # A transfer this server did not know when the pull came may since have reached the engine,
+            # whose lease allows it longer.
+            p.deadline = max(p.deadline, p.since + result.seconds)
             if now < p.deadline:
                 if now >= p.next_ping:
                     self._send(p.ident, {"ok": True, "wait": True}, [])
@@ -224,7 +243,7 @@ class KVServer:
                 self._parked.append(p)
                 return
             result = {"ok": False, "error": f"transfer {p.request.get('transfer_id')}: its prompt's KV was not "
-                                            f"ready in {result.seconds:g} s"}, []
+                                            "ready in time"}, []
         self._send(p.ident, *result)
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
@@ -236,7 +255,10 @@ class KVServer:
         if frames:
             self._staging.track(trackers)
 
-    def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[Any]] | Wait:
+    def _handle(self, req: dict[str, Any], ready: Callable[[], None] | None = None
+                ) -> tuple[dict[str, Any], list[Any]] | Wait:
+        """The answer to one request (header, frames), or Wait. `ready` is called once the blocks a
+        pull asks for are pinned, before they are gathered."""
         self.layout.check_compatible(KVLayout.from_dict(req.get("layout")))  # type: ignore[arg-type]
         op = req.get("op")
         if op == "hello":
@@ -250,6 +272,9 @@ class KVServer:
                 wire = released.to_dict()
                 answer.update(first_token_id=wire["first_token_id"], first_token_logprob=wire["first_token_logprob"])
             return answer, []
+        if op == "abandon":
+            self.abandon(str(req["transfer_id"]))
+            return {"ok": True}, []
         if op == "unpin":
             held = self._pins.pop(str(req["pin"]), None)
             if held is None:  # its deadline passed: the blocks may have changed under the read
@@ -258,14 +283,17 @@ class KVServer:
             if req.get("read"):
                 self.bytes_sent += held[2]
             return {"ok": True}, []
-        if op not in ("pull", "pin"):
+        if op not in ("pull", "pin", "wait"):
             raise ValueError(f"unknown op {op!r}")
         tid = str(req["transfer_id"])
-        ids = None if req.get("block_ids") is None else [int(b) for b in req["block_ids"]]
-        count = len(ids) if ids is not None else int(req["count"])
-        first, last = int(req["layers"][0]), int(req["layers"][1])
-        if not 0 <= first < last <= self.layout.num_layers:
-            raise ValueError(f"layers [{first}, {last}) out of range")
+        if op == "wait":  # until the prompt's last step has started (or it is done): no blocks, no layers
+            ids, count, first, last = None, 0, 0, 0
+        else:
+            ids = None if req.get("block_ids") is None else [int(b) for b in req["block_ids"]]
+            count = len(ids) if ids is not None else int(req["count"])
+            first, last = int(req["layers"][0]), int(req["layers"][1])
+            if not 0 <= first < last <= self.layout.num_layers:
+                raise ValueError(f"layers [{first}, {last}) out of range")
         if op == "pin" and self.mooncake is None:
             raise ValueError("this KV server reads no pinned blocks out: it runs without --kv-transport mooncake")
         where = self.pin(tid, ids, int(req["first_block"]), count, str(req["prompt_digest"]), last)
@@ -275,6 +303,11 @@ class KVServer:
             return {"ok": False, "error": f"transfer {tid} is not held here for that prompt and those blocks "
                                           f"(expired, released or unknown)"}, []
         caches, rows = where
+        if op == "wait":
+            self.unpin(tid)
+            return {"ok": True}, []
+        if ready is not None:
+            ready()
         if op == "pin":  # the peer reads the blocks itself; they stay pinned until it unpins (or the deadline)
             assert self.mooncake is not None
             token = uuid.uuid4().hex
@@ -284,7 +317,7 @@ class KVServer:
             # (which zmq reconnects to silently) has new ones.
             return {"ok": True, "pin": token, "mooncake": self.mooncake.describe(), "block_ids": rows}, []
         try:  # the lease cannot expire while its blocks are read
-            index = torch.tensor(rows, dtype=torch.long, device=caches[0].k.device)
+            index = torch.tensor(rows, dtype=torch.long)
             frames = self._staging.gather([t for cache in caches[first:last] for t in layer_tensors(cache)], index)
         finally:
             self.unpin(tid)
@@ -304,6 +337,7 @@ class KVServer:
         self._stop.set()
         self._thread.join(5)
         with self._wake_lock:
+            self._wake_push.close(linger=0)
             self._ctx.destroy(linger=0)
 
 
@@ -311,7 +345,7 @@ class KVClient:
     """Decode side: pulls blocks from KV servers into `caches` (or the caches a pull names). One zmq
     socket per (thread, remote): each stream thread of the caller keeps its own."""
 
-    def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None, timeout: float = 30.0,
+    def __init__(self, layout: KVLayout, caches: list[LayerKVCache] | None = None, timeout: float = 30.0,
                  mooncake: MooncakeEndpoint | None = None) -> None:
         self.layout = layout
         self.caches = caches
@@ -349,7 +383,8 @@ class KVClient:
         if sock is not None:
             sock.close(linger=0)
 
-    def _call(self, sock: zmq.Socket, host: str, port: int, req: dict[str, Any]) -> list[Any]:
+    def _call(self, sock: zmq.Socket, host: str, port: int, req: dict[str, Any],
+              give_up: Callable[[], bool] | None = None) -> list[Any]:
         try:
             sock.send(json.dumps({**req, "layout": self.layout.to_dict()}).encode())
         except zmq.Again:
@@ -362,7 +397,10 @@ class KVClient:
             header = json.loads(frames[0].bytes)
             if not header.get("wait"):
                 break
-            timeout = min(self.timeout_ms, _SILENCE_MS)  # it waits for the prompt, and says so every half second
+            if give_up is not None and give_up():
+                raise KVTransferError("given up: the request no longer needs the blocks")
+            # It waits for the prompt and says so every half second; once it says ready, the data follows.
+            timeout = self.timeout_ms if header.get("ready") else min(self.timeout_ms, _SILENCE_MS)
         self._local.header = header  # this thread's last answer (a pin's token)
         if not header.get("ok"):
             error = f"KV server {host}:{port}: {header.get('error')}"
@@ -374,11 +412,12 @@ class KVClient:
                                        "worker with --kv-transport mooncake too")
         return frames[1:]
 
-    def request(self, host: str, port: int, req: dict[str, Any]) -> list[Any]:
-        """One request on this thread's socket to host:port (handshaking first if it is new)."""
+    def request(self, host: str, port: int, req: dict[str, Any], give_up: Callable[[], bool] | None = None) -> list[Any]:
+        """One request on this thread's socket to host:port (handshaking first if it is new); while the
+        server says it waits, `give_up()` true ends it with KVTransferError."""
         sock = self._socket(host, port)
         try:
-            return self._call(sock, host, port, req)
+            return self._call(sock, host, port, req, give_up)
         except KVTransferError:
             self._drop(host, port)
             raise
@@ -390,17 +429,18 @@ class KVClient:
 
     def pull(self, host: str, port: int, transfer_id: str, remote_ids: list[int] | None, local_ids: list[int],
              layers: tuple[int, int], first_block: int = 0, prompt_digest: str = "",
-             caches: list[LayerKVCache] | None = None) -> int:
+             caches: list[LayerKVCache] | None = None, give_up: Callable[[], bool] | None = None) -> int:
         """Copy blocks `remote_ids` (None: those at positions first_block, ... of the lease's block table,
         as many as local_ids; else checked to be there) of the prompt named by `prompt_digest`, layers
         [first, last), into blocks `local_ids` of `caches` (default: the client's); returns bytes moved."""
         if self.mooncake is not None:
-            return self._read(host, port, transfer_id, remote_ids, local_ids, layers, first_block, prompt_digest)
+            return self._read(host, port, transfer_id, remote_ids, local_ids, layers, first_block, prompt_digest,
+                              give_up)
         caches = caches if caches is not None else self.caches
         assert caches is not None, "a pull needs caches to write into"
         frames = self.request(host, port, {"op": "pull", "transfer_id": transfer_id, "block_ids": remote_ids,
                                            "count": len(local_ids), "layers": list(layers),
-                                           "first_block": first_block, "prompt_digest": prompt_digest})
+                                           "first_block": first_block, "prompt_digest": prompt_digest}, give_up)
         dests = [t for cache in caches[layers[0]:layers[1]] for t in layer_tensors(cache)]
         if len(frames) != len(dests):
             raise KVTransferError(f"KV server {host}:{port} sent {len(frames)} tensors, expected {len(dests)}")
@@ -418,15 +458,18 @@ class KVClient:
         return moved
 
     def _read(self, host: str, port: int, transfer_id: str, remote_ids: list[int] | None, local_ids: list[int],
-              layers: tuple[int, int], first_block: int, prompt_digest: str) -> int:
+              layers: tuple[int, int], first_block: int, prompt_digest: str,
+              give_up: Callable[[], bool] | None) -> int:
         """pull() over Mooncake: pin the blocks, read them one-sidedly, unpin (which fails if the pin
-        lapsed meanwhile). One read at a time per engine: the pin's clock starts when its read can."""
+        lapsed meanwhile). One read at a time per engine: the pin's clock starts when its read can. (An
+        overlapped pin may wait in here, but only for layers of a prefill step already running: its
+        load's `wait` came first.)"""
         mooncake = self.mooncake
         assert mooncake is not None
         with mooncake.lock:
             self.request(host, port, {"op": "pin", "transfer_id": transfer_id, "block_ids": remote_ids,
                                       "count": len(local_ids), "layers": list(layers), "first_block": first_block,
-                                      "prompt_digest": prompt_digest})
+                                      "prompt_digest": prompt_digest}, give_up)
             header = self._local.header
             try:  # the server names the blocks it pinned (a positional pin learns them here)
                 moved = mooncake.read_blocks(header["mooncake"], layers, [int(b) for b in header["block_ids"]],

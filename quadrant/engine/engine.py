@@ -493,6 +493,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if self.connector is not None:
             outputs = self._remote_news() + outputs
+            if any(s.request.is_finished for s in out.scheduled):  # a first token that came with its KV ended it
+                out.scheduled = [s for s in out.scheduled if not s.request.is_finished]
+                out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
             if out.is_empty and self.scheduler.loading and not self._in_flight:
                 self.connector.wait(0.01)  # nothing to run until a pull ends
         if not out.is_empty:

@@ -94,12 +94,12 @@ class Worker:
         finished prompt, for a decode engine). The tp ranks' head shards travel to rank 0, which joins
         them; the other ranks return None (expert-parallel ranks hold copies of the same heads)."""
         assert self.runner is not None, "init_cache first"
-        local = read_blocks(self.runner.kv_caches, block_ids)
         p = self.parallel
+        local = read_blocks(self.runner.kv_caches, block_ids) if p.ep_rank == 0 else None
         if p.world_size == 1:
             return local
         shards: list[Any] | None = [None] * p.world_size if p.is_driver_worker else None
-        dist.gather_object(local if p.ep_rank == 0 else None, shards, dst=0, group=p.control_group)
+        dist.gather_object(local, shards, dst=0, group=p.control_group)
         if shards is None:
             return None
         return join_kv_heads(shards[:p.tp_size], self.num_kv_heads)  # ranks 0..tp-1 are expert-parallel rank 0

@@ -38,7 +38,8 @@ class ServerMetrics:
         # Disaggregation (read from the KV connector at scrape time; totals since start).
         self.kv_transfer = Gauge("quadrant_kv_transfer", "KV transfer totals since start: bytes pulled (decode) or "
                                  "served (prefill), pulls, failed pulls, lease expiries, leases released, "
-                                 "leases held now, reads answered while their prompt was still computed",
+                                 "leases open now (held, or waiting for their prompt), layer ranges read while their prompt was still "
+                                 "computed",
                                  ["what"], registry=r)
         self.kv_transfer_gbps = Gauge("quadrant_kv_transfer_gigabytes_per_second",
                                       "Mean rate of finished KV pulls (decode side)", registry=r)

@@ -352,12 +352,18 @@ def test_overlapped_transfer_equals_colocated_and_brings_the_first_token(tiny, p
         for i, (pr, tid) in enumerate(zip(prompts, ids)):
             p.add_request(pr, SamplingParams(max_tokens=1, temperature=0.0), f"p{i}",
                           {"do_remote_decode": True, "transfer_id": tid})
+        # One more whose first token ends it (max_tokens 1): it never reaches a decode step.
+        one = uuid.uuid4().hex
+        d.add_request(prompts[3], SamplingParams(max_tokens=1, temperature=0.0), "one", overlapped(p, one))
+        p.add_request(prompts[3], SamplingParams(max_tokens=1, temperature=0.0), "p-one",
+                      {"do_remote_decode": True, "transfer_id": one})
         got = run_both(p, d)
         assert [got[str(i)].outputs[0].token_ids for i in range(len(prompts))] == reference
+        assert got["one"].outputs[0].token_ids == reference[3][:1]
         # The decode engine computed only its decode steps: every first token came from the prefill side.
         assert d.num_computed_tokens == len(prompts) * (GREEDY.max_tokens - 1)
         snap_p, snap_d = p.connector.snapshot(), d.connector.snapshot()
-        assert snap_d.failures == 0 and snap_d.transfers == len(prompts)
+        assert snap_d.failures == 0 and snap_d.transfers == len(prompts) + 1
         assert snap_p.early_reads > 0  # some layers were read while their prompt was still computed
         wait_for(lambda: free_blocks(p) == 64 and p.connector.snapshot().active_leases == 0)
         assert free_blocks(d) == 64
@@ -435,3 +441,42 @@ def test_a_lease_is_read_layer_by_layer_as_the_step_writes_it():
     table.unpin(tid)
     assert table.release(tid).first_token == 42 and table.take_freeable() == [req]
     assert table.pin(tid, None, 0, 3, "digest", 1) is None  # ended: refused at once, not parked
+
+
+def test_overlapped_request_aborted_on_the_decode_side_abandons_the_transfer(tiny, prompts):
+    """The decode request is aborted while its load waits for the prompt: the load gives up at the next
+    ping, frees its blocks, and abandons the transfer; the prefill engine then frees the prompt's blocks
+    as soon as it is computed instead of holding them for a lease nobody will pull."""
+    import uuid
+
+    p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
+    try:
+        tid = uuid.uuid4().hex
+        p.add_request(prompts[4], SamplingParams(max_tokens=1, temperature=0.0), "p",
+                      {"do_remote_decode": True, "transfer_id": tid})
+        d.add_request(prompts[4], GREEDY, "d", overlapped(p, tid))
+        d.step()  # its load asks to wait for the prompt's last step
+        d.abort_request("d")
+        wait_for(lambda: free_blocks(d) == 64 and d.connector.num_loads_in_flight == 0)
+        wait_for(lambda: p.connector.leases._leases[tid].abandoned)
+        finish(p)
+        assert free_blocks(p) == 64 and p.connector.snapshot().active_leases == 0
+        assert p.connector.snapshot().lease_expiries == 0
+    finally:
+        p.shutdown(), d.shutdown()
+
+
+def test_a_released_lease_waits_for_its_other_readers():
+    from quadrant.disagg.leases import LeaseTable
+    from quadrant.disagg.protocol import RemoteKV
+    from quadrant.engine.request import Request
+
+    tid = "u" * 16
+    table = LeaseTable(60.0)
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=1))
+    table.add(tid, req, RemoteKV(tid, "h", 1, (7, 3, 5), 10, "digest", 42))
+    assert table.pin(tid, [7, 3], 0, 2, "digest", 1) is not None  # a second reader, mid-read
+    assert table.release(tid).first_token == 42  # the first reader is done
+    assert table.take_freeable() == [] and table.pin(tid, [7], 0, 1, "digest", 1) is None
+    table.unpin(tid)
+    assert table.take_freeable() == [req] and table.expiries == 0 and len(table) == 0
