@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,6 +123,7 @@ class KVConnector:
         self._loads: set[int] = set()  # id() of the loads in flight (request ids may be reused)
         self._done: list[_Load] = []
         self._event = threading.Event()
+        self._closed = False
 
     @property
     def kv_port(self) -> int:
@@ -140,6 +141,7 @@ class KVConnector:
         it is computed. ValueError if the id is in use."""
         assert self.server is not None and req.kv_transfer_id is not None
         self.leases.expect(req.kv_transfer_id, req, prompt_digest(req.prompt_ids), self.caches is not None)
+        self._notify()  # pulls parked for a transfer not known till now wait for its prompt from here on
 
     def cancel(self, req: Request) -> bool:
         """An expected prompt's request ended unfinished. True: a pull reads its blocks, which the lease
@@ -306,10 +308,10 @@ class KVConnector:
                                             load.remote_ids, local_ids, b, load.first_block, remote.prompt_digest,
                                             load.staging, give_up)
                        for b in bounds]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            self._wait(futures, FIRST_EXCEPTION)
             for f in futures:
-                f.cancel()  # after a failure, the ones not started yet
-            wait(futures)
+                f.cancel()  # after a failure, the ones not started yet (a cancelled future never counts as done)
+            self._wait([f for f in futures if not f.cancelled()], ALL_COMPLETED)
             errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
             if errors:
                 raise errors[0]
@@ -324,6 +326,13 @@ class KVConnector:
             self.stats.bytes += moved
             self.stats.seconds += time.perf_counter() - start
             self.stats.transfers += 1
+
+    def _wait(self, futures: list[Future], return_when: str) -> None:
+        """concurrent.futures.wait, but ended by shutdown (which cancels queued pulls without telling waiters)."""
+        while not wait(futures, 1.0, return_when).done and not self._closed:
+            pass
+        if self._closed:
+            raise KVTransferError("the engine is shutting down")
 
     def _host_blocks(self, n: int) -> list[LayerKVCache]:
         """Empty host blocks of this engine's layout, all the model's heads."""
@@ -370,6 +379,7 @@ class KVConnector:
         return s
 
     def shutdown(self) -> None:
+        self._closed = True
         if self.server is not None:
             self.server.close()
         if self.client is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -194,26 +195,38 @@ class KVServer:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
         while not self._stop.is_set():
-            self._expire_pins()
-            ready = dict(poller.poll(20 if self._parked else 100))
-            if self._wake in ready:
-                while True:
-                    try:
-                        self._wake.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            if self._sock in ready:
-                ident, raw = self._sock.recv_multipart()[:2]
-                try:
-                    req = json.loads(raw)
-                except ValueError:
-                    req = None
-                self._answer(_Parked(ident, req))
-            if self._parked:
-                parked, self._parked = self._parked, []
-                for p in parked:
-                    self._answer(p)
+            try:
+                self._serve_once(poller)
+            except Exception:  # noqa: BLE001 - the server outlives any one request's failure
+                log.exception("KV server: a request failed outside its handler")
+                time.sleep(0.01)
         self._sock.close(linger=0)
+
+    def _serve_once(self, poller: zmq.Poller) -> None:
+        self._expire_pins()
+        # Parked requests are tried again when the engine says something changed, and at their next
+        # ping or deadline.
+        due = min((min(p.next_ping, p.deadline) for p in self._parked), default=math.inf)
+        wait_ms = 100 if due == math.inf else min(100, max(1, int((due - time.monotonic()) * 1000)))
+        ready = dict(poller.poll(wait_ms))
+        woken = self._wake in ready
+        if woken:
+            while True:
+                try:
+                    self._wake.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        if self._sock in ready:
+            ident, raw = self._sock.recv_multipart()[:2]
+            try:
+                req = json.loads(raw)
+            except ValueError:
+                req = None
+            self._answer(_Parked(ident, req))
+        if self._parked and (woken or time.monotonic() >= due):
+            parked, self._parked = self._parked, []
+            for p in parked:
+                self._answer(p)
 
     def _answer(self, p: _Parked) -> None:
         """Answer a request, or park it (again) while what it asks for is not ready."""

@@ -192,6 +192,28 @@ def test_router_without_overlap_equals_colocated(workers, tmp_path):
         stop_router(router)
 
 
+def test_overlapped_prefill_on_a_dead_worker_is_computed_by_the_decode_worker(workers, tmp_path):
+    """The router still believes in a prefill worker that was killed (no health check since): the prefill
+    step fails, the decode worker's pull finds nobody there within seconds and computes the prompt
+    itself, exactly; the router marks the worker unhealthy."""
+    decode, colocated = workers[1], workers[2]
+    victim = start_server(tmp_path, *DENSE, "--role", "prefill", env={"OMP_NUM_THREADS": "1"})
+    router = start_router(tmp_path, [victim], [decode], "--health-interval", "600")
+    try:
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        failures = metric(decode.url, "quadrant_kv_transfer", what="failures")
+        body = {"model": "smollm2:135m", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+        got = completion(router.url, body)
+        assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+        assert metric(decode.url, "quadrant_kv_transfer", what="failures") == failures + 1
+        (state,) = [w for w in httpx.get(router.url + "/workers").json()["data"] if w["role"] == "prefill"]
+        assert not state["healthy"] and state["last_error"]
+    finally:
+        stop_router(router)
+        victim.stop()
+
+
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: list[int], i: int) -> dict:
     text, finish, usage = "", None, None
     async with client.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
