@@ -161,6 +161,8 @@ class KVConnector:
         """The engine launches a step (request, tokens it computes): expected prompts among them progress."""
         if self.server is not None and len(self.leases):
             self._stepping = self.leases.start_step(scheduled)
+            if self._stepping:
+                self._notify()  # a load waiting for its prompt's last step may go on
 
     def layer_done(self) -> None:
         """One more layer of the running step has written its K/V (the model calls this, in order)."""
@@ -170,8 +172,8 @@ class KVConnector:
         if self.caches is not None and self.caches[0].k.is_cuda:  # written once the GPU gets there
             event = torch.cuda.Event()
             event.record()
-        self.leases.layer_done(self._stepping, event)
-        self._notify()
+        if self.leases.layer_done(self._stepping, event):
+            self._notify()  # (only at the layer counts pulls wait for: each wake-up takes the GIL from the step)
 
     def end_step(self) -> None:
         if self._stepping:

@@ -50,16 +50,18 @@ class Lease:
     step_end: int = 0  # tokens the running step computes up to (0: none running)
     step_layers: int = 0  # layers that step has written
     events: list[Any] = field(default_factory=list)  # CUDA: an event per layer written, recorded after it
+    wanted: set[int] = field(default_factory=set)  # layer counts parked pulls wait for (when to wake the server)
     cancelled: bool = False  # ended while a pull read it (aborted, released): freed when the pull ends
     abandoned: bool = False  # expected, and the decode side gave up on it: ends when its prompt is done
 
-    def ready(self, layers_end: int) -> bool:
-        """Whether layers [0, layers_end) hold the whole prompt (and will until the lease ends)."""
+    def ready(self, layers_end: int) -> bool | None:
+        """Whether layers [0, layers_end) hold the whole prompt (and will until the lease ends); None:
+        written by the host, but the GPU may not have got there yet."""
         if self.block_ids is not None:
             return True
-        if not self.in_place or self.step_end != self.num_tokens:
-            return False  # a --tp/--ep engine's copy is taken when the prompt is done
-        return layers_end <= self.step_layers and (not self.events or self.events[layers_end - 1].query())
+        if not self.in_place or self.step_end != self.num_tokens or layers_end > self.step_layers:
+            return False  # (a --tp/--ep engine's copy is taken when the prompt is done)
+        return True if not self.events or layers_end == 0 or self.events[layers_end - 1].query() else None
 
 
 class LeaseTable:
@@ -138,12 +140,14 @@ class LeaseTable:
                     out.append(lease)
         return out
 
-    def layer_done(self, leases: list[Lease], event: Any = None) -> None:
+    def layer_done(self, leases: list[Lease], event: Any = None) -> bool:
+        """One more layer written; whether a parked pull waits for exactly this many."""
         with self._lock:
             for lease in leases:
                 lease.step_layers += 1
                 if event is not None:
                     lease.events.append(event)
+            return any(lease.step_layers in lease.wanted for lease in leases)
 
     def end_step(self, leases: list[Lease]) -> None:
         """The step ended: until their requests finish (right after), its prompts are not read."""
@@ -181,8 +185,10 @@ class LeaseTable:
             if lease.block_ids is None:
                 if block_ids is not None:
                     return None  # block ids are named only for a held prompt
-                if not lease.ready(layers_end):
-                    return Wait(self.lease_seconds)
+                ready = lease.ready(layers_end)
+                if not ready:
+                    lease.wanted.add(layers_end)
+                    return Wait(self.lease_seconds, soon=ready is None)
                 assert lease.request is not None
                 rows = list(lease.request.block_table[first_block:first_block + count])
             else:

@@ -55,6 +55,7 @@ _SEND_WAIT_MS = 5000  # a reply zmq has not sent in this long (a stalled peer) g
 _PING_SECONDS = 0.5  # a parked request's server says "still waiting" this often
 _SILENCE_MS = 5000  # after a ping, this long without another message means the server is gone
 _CONNECT_MS = 3000  # a KV server not connected in this long is unreachable
+_SOON_SECONDS = 0.002  # Wait.soon: a GPU layer's event is polled this often
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Wait:
     """Not ready yet: the server parks the request until `seconds` after the latest such answer."""
 
     seconds: float
+    soon: bool = False  # written, but its GPU work may not have run yet: try again in a few milliseconds
 
 
 # transfer id, requested block ids (None: by position), their position in the lease's block table,
@@ -80,6 +82,7 @@ class _Parked:
     since: float = 0.0  # when it was first parked
     deadline: float = 0.0
     next_ping: float = 0.0
+    retry_at: float = math.inf  # Wait.soon: when to try again without a wake-up
 
 
 def layer_tensors(cache: LayerKVCache) -> list[torch.Tensor]:
@@ -206,7 +209,7 @@ class KVServer:
         self._expire_pins()
         # Parked requests are tried again when the engine says something changed, and at their next
         # ping or deadline.
-        due = min((min(p.next_ping, p.deadline) for p in self._parked), default=math.inf)
+        due = min((min(p.next_ping, p.deadline, p.retry_at) for p in self._parked), default=math.inf)
         wait_ms = 100 if due == math.inf else min(100, max(1, int((due - time.monotonic()) * 1000)))
         ready = dict(poller.poll(wait_ms))
         woken = self._wake in ready
@@ -249,6 +252,7 @@ class KVServer:
             # A transfer this server did not know when the pull came may since have reached the engine,
             # whose lease allows it longer.
             p.deadline = max(p.deadline, p.since + result.seconds)
+            p.retry_at = now + _SOON_SECONDS if result.soon else math.inf
             if now < p.deadline:
                 if now >= p.next_ping:
                     self._send(p.ident, {"ok": True, "wait": True}, [])

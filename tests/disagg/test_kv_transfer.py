@@ -480,3 +480,33 @@ def test_a_released_lease_waits_for_its_other_readers():
     assert table.take_freeable() == [] and table.pin(tid, [7], 0, 1, "digest", 1) is None
     table.unpin(tid)
     assert table.take_freeable() == [req] and table.expiries == 0 and len(table) == 0
+
+
+def test_a_gpu_layer_is_read_once_its_event_has_completed():
+    """On CUDA a layer counts as written when the host has queued it; the read waits for its event (here a
+    stand-in with CUDA events' query(): no GPU on this machine) and asks to be tried again soon."""
+    from quadrant.disagg.leases import LeaseTable
+    from quadrant.disagg.transport import Wait
+    from quadrant.engine.request import Request
+
+    class Event:
+        done = False
+
+        def query(self) -> bool:
+            return self.done
+
+    tid = "g" * 16
+    table = LeaseTable(60.0)
+    req = Request("r", list(range(8)), SamplingParams(max_tokens=1))
+    req.kv_transfer_id, req.block_table = tid, [4, 2]
+    table.expect(tid, req, "digest", in_place=True)
+    leases = table.start_step([(req, 8)])
+    event = Event()
+    assert table.layer_done(leases, event) is False  # nobody waits for one layer yet
+    first = table.pin(tid, None, 0, 2, "digest", 1)
+    assert isinstance(first, Wait) and first.soon
+    assert table.layer_done(leases, Event()) is False and table.layer_done(leases, Event()) is False
+    assert isinstance(table.pin(tid, None, 0, 2, "digest", 4), Wait) and not table.pin(tid, None, 0, 2, "digest", 4).soon
+    assert table.layer_done(leases, Event()) is True  # a pull waits for 4 layers
+    event.done = True
+    assert table.pin(tid, None, 0, 2, "digest", 1) == (leases[0], [4, 2])
