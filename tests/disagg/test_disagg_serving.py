@@ -58,6 +58,15 @@ def completion(url: str, body: dict) -> dict:
     return r.json()
 
 
+def decode_like_colocated(prefill, decode, colocated) -> None:
+    """Each prompt prefilled on `prefill`, its KV decoded on `decode`: the colocated server's text."""
+    for prompt in PROMPTS:
+        body = {"model": "smollm2:135m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        first = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        got = completion(decode.url, {**body, "kv_transfer_params": first["kv_transfer_params"]})
+        assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+
+
 def test_prefill_then_decode_equals_colocated(workers):
     prefill, decode, colocated = workers[:3]
     for prompt in PROMPTS:
@@ -87,11 +96,7 @@ def test_mooncake_transport_between_worker_processes(workers, tmp_path):
     with ThreadPoolExecutor(2) as pool:
         prefill, decode = pool.map(lambda r: start_server(tmp_path, *DENSE, *r, env={"OMP_NUM_THREADS": "1"}), roles)
     try:
-        for prompt in PROMPTS:
-            body = {"model": "smollm2:135m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-            first = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
-            got = completion(decode.url, {**body, "kv_transfer_params": first["kv_transfer_params"]})
-            assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+        decode_like_colocated(prefill, decode, colocated)
         assert 'quadrant_kv_transfer{what="transfers"} 3.0' in httpx.get(decode.url + "/metrics").text
         assert 'quadrant_kv_transfer{what="failures"} 0.0' in httpx.get(decode.url + "/metrics").text
         assert 'quadrant_kv_transfer{what="active_leases"} 0.0' in httpx.get(prefill.url + "/metrics").text
@@ -107,11 +112,7 @@ def test_prefill_worker_with_tensor_parallel_processes(workers, tmp_path):
     decode, colocated = workers[1], workers[2]
     prefill = start_server(tmp_path, *DENSE, "--role", "prefill", "--tp", "3", env={"OMP_NUM_THREADS": "1"})
     try:
-        for prompt in PROMPTS:
-            body = {"model": "smollm2:135m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-            first = completion(prefill.url, {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
-            got = completion(decode.url, {**body, "kv_transfer_params": first["kv_transfer_params"]})
-            assert got["choices"][0]["text"] == completion(colocated.url, body)["choices"][0]["text"]
+        decode_like_colocated(prefill, decode, colocated)
         metrics = httpx.get(prefill.url + "/metrics").text
         assert 'quadrant_kv_transfer{what="active_leases"} 0.0' in metrics  # every copy released
         assert 'quadrant_kv_transfer{what="leases_released"} 3.0' in metrics

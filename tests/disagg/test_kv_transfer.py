@@ -5,6 +5,7 @@ scales, the handshake, leases (release and expiry, no block leaked on either sid
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 import torch
@@ -321,6 +322,15 @@ def overlapped(p: LLMEngine, transfer_id: str) -> dict:
     return {"transfer_id": transfer_id, "remote_host": "127.0.0.1", "remote_port": p.connector.kv_port}
 
 
+def start_overlapped(p: LLMEngine, d: LLMEngine, prompt: list[int]) -> str:
+    """One prompt sent to both engines at once, as "p" and "d", and one decode step; the transfer id."""
+    tid = uuid.uuid4().hex
+    p.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), "p", {"do_remote_decode": True, "transfer_id": tid})
+    d.add_request(prompt, GREEDY, "d", overlapped(p, tid))
+    d.step()
+    return tid
+
+
 def run_both(p: LLMEngine, d: LLMEngine, timeout: float = 30.0) -> dict:
     """Step both engines (one thread, as two processes would interleave) until both are done; d's outputs."""
     done = {}
@@ -340,8 +350,6 @@ def test_overlapped_transfer_equals_colocated_and_brings_the_first_token(tiny, p
     yet known there), then the prompts reach the prefill engine; the pulls are answered as its layers are
     written, the final done brings the first token (the decode engine runs none of the prompt), and no
     block or lease is left on either side."""
-    import uuid
-
     p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
     try:
         ids = [uuid.uuid4().hex for _ in prompts]
@@ -372,15 +380,9 @@ def test_overlapped_transfer_equals_colocated_and_brings_the_first_token(tiny, p
 
 
 def test_overlapped_prefill_aborted_recomputes_on_the_decode_side(tiny, prompts, reference):
-    import uuid
-
     p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
     try:
-        tid = uuid.uuid4().hex
-        p.add_request(prompts[2], SamplingParams(max_tokens=1, temperature=0.0), "p",
-                      {"do_remote_decode": True, "transfer_id": tid})
-        d.add_request(prompts[2], GREEDY, "d", overlapped(p, tid))
-        d.step()
+        start_overlapped(p, d, prompts[2])
         p.abort_request("p")  # before any step: its expected lease ends; the parked pulls are refused
         assert finish(d)["d"].outputs[0].token_ids == reference[2]
         assert d.connector.snapshot().failures == 1
@@ -390,8 +392,6 @@ def test_overlapped_prefill_aborted_recomputes_on_the_decode_side(tiny, prompts,
 
 
 def test_overlapped_params_are_checked(tiny, pair, prompts):
-    import uuid
-
     p, d = pair
     tid = uuid.uuid4().hex
     with pytest.raises(ValueError, match="max_tokens = 1"):
@@ -447,15 +447,9 @@ def test_overlapped_request_aborted_on_the_decode_side_abandons_the_transfer(tin
     """The decode request is aborted while its load waits for the prompt: the load gives up at the next
     ping, frees its blocks, and abandons the transfer; the prefill engine then frees the prompt's blocks
     as soon as it is computed instead of holding them for a lease nobody will pull."""
-    import uuid
-
     p, d = make(tiny[0], "prefill"), make(tiny[0], "decode")
     try:
-        tid = uuid.uuid4().hex
-        p.add_request(prompts[4], SamplingParams(max_tokens=1, temperature=0.0), "p",
-                      {"do_remote_decode": True, "transfer_id": tid})
-        d.add_request(prompts[4], GREEDY, "d", overlapped(p, tid))
-        d.step()  # its load asks to wait for the prompt's last step
+        tid = start_overlapped(p, d, prompts[4])  # its load asks to wait for the prompt's last step
         d.abort_request("d")
         wait_for(lambda: free_blocks(d) == 64 and d.connector.num_loads_in_flight == 0)
         wait_for(lambda: p.connector.leases._leases[tid].abandoned)
