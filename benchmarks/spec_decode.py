@@ -3,6 +3,7 @@ llama.cpp plain and with its own prompt-lookup decoding, same GGUF, same threads
 
     python benchmarks/spec_decode.py [--model smollm2:135m] [--max-tokens 128] [--repeats 3]
                                      [--draft-layers 10] [--eagle-head DIR] [--find-links DIR]
+                                     [--methods ngram ngram-tree draft eagle] [--tree-branches 3]
 
 Three chat workloads: copy/edit (rewrite a passage with one name changed), code (rename a
 variable in a function and explain it) and open chat (a question with no text to copy). Each
@@ -12,6 +13,10 @@ quadrant already leads, does not flatter the figure). llama.cpp runs through lla
 (installed on demand, never a dependency; `--find-links` points pip at a prebuilt wheel), with
 `LlamaPromptLookupDecoding` at num_pred_tokens 2 (its documented CPU setting) and 10 (its default).
 Prints tokens/s, acceptance length and the ratios to plain quadrant and to llama.cpp.
+
+ngram-tree drafts token trees of up to `--tree-branches` continuations in the same k tokens. On the
+CPU its verification steps run eagerly (the compiled decode graphs verify chains only), so there its
+acceptance length against ngram's, not its speed, is the figure that carries over to a GPU.
 """
 
 from __future__ import annotations
@@ -155,8 +160,9 @@ def main() -> None:
     ap.add_argument("--eagle-head", default=None,
                     help="an EAGLE head folder (`quadrant train --eagle MODEL -o DIR`): adds quadrant eagle")
     ap.add_argument("--methods", nargs="+", default=["ngram", "draft", "eagle"],
-                    choices=["ngram", "draft", "eagle"], help="proposers to run beside plain decoding "
-                                                                "(eagle needs --eagle-head)")
+                    choices=["ngram", "ngram-tree", "draft", "eagle"],
+                    help="proposers to run beside plain decoding (eagle needs --eagle-head)")
+    ap.add_argument("--tree-branches", type=int, default=3, help="ngram-tree: continuations per draft tree")
     ap.add_argument("--skip-peer", action="store_true", help="quadrant only (no llama-cpp-python)")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -167,6 +173,9 @@ def main() -> None:
     configs = {
         "plain": ("quadrant plain", {}),
         "ngram": (f"quadrant ngram k={k}", {"speculative_method": "ngram", "num_speculative_tokens": k}),
+        "ngram-tree": (f"quadrant ngram tree({args.tree_branches}) k={k}",
+                       {"speculative_method": "ngram", "num_speculative_tokens": k,
+                        "speculative_tree_branches": args.tree_branches}),
         "draft": (f"quadrant draft ({args.draft_layers} layers) k={k}",
                   {"speculative_method": "draft", "num_speculative_tokens": k,
                    "speculative_draft_layers": args.draft_layers}),

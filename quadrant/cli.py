@@ -69,7 +69,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         async_scheduling=args.async_scheduling,
         parallel=parallel_config(args),
         speculative=SpeculativeConfig(args.speculative_method or "none", args.num_speculative_tokens,
-                                      args.speculative_model, args.speculative_draft_layers),
+                                      args.speculative_model, args.speculative_draft_layers,
+                                      tree_branches=args.speculative_tree_branches),
     )
 
 
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the EAGLE head's folder")
     g.add_argument("--speculative-draft-layers", type=int, default=None,
                    help="keep only the draft model's first N layers")
+    g.add_argument("--speculative-tree-branches", type=int, default=1,
+                   help="ngram: draft token trees holding up to N distinct continuations, verified at once "
+                        "(for GPUs, where extra tokens in a step are nearly free; 1: chains)")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -588,6 +588,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     draft_cost: float | None = None
     max_batch_size: int = 32
+    tree_branches: int = 1  # ngram: distinct continuations a draft tree may hold (1: chains)
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "ngram", "draft", "eagle"):
@@ -607,6 +608,11 @@ class SpeculativeConfig:
             raise ValueError("draft layers need --speculative-method draft")
         if (self.draft_cost is not None and not 0.0 <= self.draft_cost <= 1.0) or self.max_batch_size < 1:
             raise ValueError("draft_cost must be in [0, 1] and max_batch_size >= 1")
+        if not 1 <= self.tree_branches <= 8:
+            raise ValueError(f"speculative tree branches must be in [1, 8], got {self.tree_branches}")
+        if self.tree_branches > 1 and self.method != "ngram":
+            raise ValueError("token trees (--speculative-tree-branches > 1) are drafted by --speculative-method "
+                             "ngram only; draft models and EAGLE heads draft chains")
 
     def resolved_draft_cost(self, device: str) -> float:
         if self.draft_cost is not None:
@@ -664,6 +670,9 @@ class EngineConfig:
             raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load format must be auto or dummy, got {self.load_format!r}")
+        if self.speculative.tree_branches > 1 and self.cache.quantized:
+            raise ValueError("token trees move accepted K/V between slots, which 8-bit caches' shared scales do not "
+                             "allow: use --kv-cache-dtype auto or --speculative-tree-branches 1")
 
     @property
     def resolved_backend(self) -> str:

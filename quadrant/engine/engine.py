@@ -31,6 +31,7 @@ from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
+from quadrant.engine.spec.tree import depths, first_chain
 from quadrant.engine.step import Pooled, PromptLogprobs, StepEncoder, StepOutput
 from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
@@ -49,7 +50,8 @@ Prompt = str | list[int]
 
 
 _SPECULATIVE_OPTIONS = {"speculative_method": "method", "num_speculative_tokens": "num_speculative_tokens",
-                        "speculative_model": "model", "speculative_draft_layers": "draft_layers"}
+                        "speculative_model": "model", "speculative_draft_layers": "draft_layers",
+                        "speculative_tree_branches": "tree_branches"}
 
 
 class PromptTooLongError(QuadrantError, ValueError):
@@ -78,6 +80,10 @@ class LLMEngine:
                                    config.kv_transfer.load_failure_policy == "recompute")
         self.steps = StepEncoder()
         spec = config.speculative
+        if spec.tree_branches > 1 and any(self.model_config.layer_sliding_window(i) is not None
+                                          for i in range(self.model_config.num_hidden_layers)):
+            raise QuadrantError("token trees need full attention in every layer, and this model has sliding-window "
+                                "layers: use --speculative-tree-branches 1")
         self.proposer: Proposer | None = make_proposer(spec, self) if spec.enabled else None
         # CPU auto weights: past small_batch_tokens() tokens a step runs dense GEMMs instead of compact
         # kernels: without measured step costs, the policy keeps verifying steps within them.
@@ -199,7 +205,7 @@ class LLMEngine:
                    parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
         """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs,
         speculative), or speculation as vLLM names it: speculative_method (ngram, draft, eagle),
-        num_speculative_tokens, speculative_model, speculative_draft_layers.
+        num_speculative_tokens, speculative_model, speculative_draft_layers, speculative_tree_branches.
         `parallel` (nodes, rendezvous) wins over the two sizes."""
         if parallel is not None and (tensor_parallel_size, expert_parallel_size) != (1, 1):
             raise ValueError("give the parallel sizes once: in `parallel` or as tensor/expert_parallel_size")
@@ -395,12 +401,14 @@ class LLMEngine:
         timed = self.proposer.last_forwards
         if timed is not None and step_seconds is not None and self.config.speculative.draft_cost is None:
             self.spec_policy.observe_drafting(*timed, step_seconds)  # a set draft_cost is the whole cost model
-        for rid, (tokens, probs) in drafts.items():
+        for rid, draft in drafts.items():
             req = by_id[rid]
+            tokens, probs, parents = draft.tokens, draft.probs, draft.parents
             if req.grammar is not None:  # drafts the grammar refuses are never verified
-                keep = StructuredOutputs.valid_prefix(req.grammar, tokens)
-                tokens, probs = tokens[:keep], (probs[:keep] if probs is not None and keep else None)
-            req.draft_token_ids, req.draft_probs = tokens, probs
+                # (its masks follow one line of tokens: a tree keeps its first chain)
+                keep = StructuredOutputs.valid_prefix(req.grammar, tokens[: first_chain(parents)] if parents else tokens)
+                tokens, probs, parents = tokens[:keep], (probs[:keep] if probs is not None and keep else None), None
+            req.draft_token_ids, req.draft_probs, req.draft_parents = tokens, probs, parents
 
     def _shadow_drafts(self, requests: list[Request]) -> None:
         """Requests that do not speculate this step: a free proposer's first draft token, checked against
@@ -409,8 +417,8 @@ class LLMEngine:
         assert self.proposer is not None
         guesses = self.proposer.propose([(r, 1) for r in requests])
         for r in requests:
-            tokens = guesses.get(r.request_id, ([], None))[0]
-            r.shadow_draft = tokens[0] if tokens else None
+            guess = guesses.get(r.request_id)
+            r.shadow_draft = guess.tokens[0] if guess is not None and guess.tokens else None
 
     def _one_token_step_seconds(self) -> float | None:
         """A one-token decode step's time, where it is measured: the compiled CPU graph's (None elsewhere,
@@ -478,9 +486,12 @@ class LLMEngine:
                 continue
             drafted, accepted = len(s.draft_token_ids), len(tokens) - 1
             stats.num_verifications += 1
+            stats.num_tree_verifications += s.draft_parents is not None
             stats.num_draft_tokens += drafted
             stats.num_accepted_tokens += accepted
-            stats.num_backoffs += self.spec_policy.record(s.request.request_id, drafted, accepted)
+            # A tree's acceptance, for the policy, is along its deepest line: a rejection is a path cut short.
+            longest = max(depths(s.draft_parents)) if s.draft_parents is not None else drafted
+            stats.num_backoffs += self.spec_policy.record(s.request.request_id, longest, accepted)
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step; return the outputs of the steps finished since the last call.

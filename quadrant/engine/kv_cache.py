@@ -265,3 +265,17 @@ def write_blocks(caches: list[LayerKVCache], block_ids: list[int], data: list[li
         for dest, src in zip(cache.tensors(), layer, strict=True):
             part = src if heads is None else src[:, heads]
             scatter_blocks(dest, runs, part.to(dest.device, non_blocking=True))
+
+
+def move_kv_slots(caches: list[LayerKVCache], moves: list[tuple[int, int]], block_size: int) -> None:
+    """Copy the K/V at slot `src` to slot `dst` for each (src, dst), in every layer: a verified token tree's
+    accepted nodes into a chain's slots. All sources are read before any destination is written."""
+    assert all(cache.k_scale is None for cache in caches), "8-bit caches share scales between slots"
+    device = caches[0].k.device
+    src = torch.tensor([m[0] for m in moves], dtype=torch.long, device=device)
+    dst = torch.tensor([m[1] for m in moves], dtype=torch.long, device=device)
+    src_index = (src // block_size, slice(None), src % block_size)  # [n, Hk, D] of a [blocks, Hk, page, D] tensor
+    dst_index = (dst // block_size, slice(None), dst % block_size)
+    for cache in caches:
+        for t in (cache.k, cache.v):
+            t[dst_index] = t[src_index]

@@ -60,6 +60,7 @@ class Request:
     # the draft's distribution [k, V] each was drawn from, for lossless rejection sampling.
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: Any = None
+    draft_parents: list[int] | None = None  # a token tree's parent indices (engine/spec/tree.py); None: a chain
     shadow_draft: int | None = None  # a free proposer's unverified guess at the next token (policy evidence)
     # Disaggregation (quadrant/disagg/): a decode engine pulls the prompt's KV from `remote_kv`; a
     # prefill engine keeps it for a decode engine (`do_remote_decode`) and says where in `kv_transfer_params`.

@@ -19,8 +19,9 @@ from torch import nn
 from quadrant.config import CacheConfig, ModelConfig
 from quadrant.engine.cpu_compiled import CompiledDecode
 from quadrant.engine.cuda_graphs import DecodeGraphs
-from quadrant.engine.kv_cache import allocate_kv_tensors
-from quadrant.engine.spec.verify import verify
+from quadrant.engine.kv_cache import allocate_kv_tensors, move_kv_slots
+from quadrant.engine.spec.tree import ancestor_masks, depths
+from quadrant.engine.spec.verify import verify, verify_tree
 from quadrant.engine.step import (Sampled, ScheduledRow, StepInput, StepOutput, WorkerRequest,
                                   WorkerRequests)
 from quadrant.engine.structured import allowed_tokens
@@ -76,6 +77,8 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
+        if any(row.draft_parents is not None for _, row in batch):
+            self._tree_positions(batch, positions, starts)
         width = max(len(req.block_table) for req, _ in batch)
         tables = [req.block_table + [0] * (width - len(req.block_table)) for req, _ in batch]
         dev = self.device
@@ -92,6 +95,8 @@ class ModelRunner:
             slot_offset=slot_mapping % self.block_size,
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
+        if any(row.draft_parents is not None for _, row in batch):
+            meta.tree_start, meta.tree_mask = self._tree_masks(batch, starts, seq_lens)
         if self.backend is TRITON_BACKEND and meta.max_query_len == 1:
             from quadrant.kernels.paged_decode import num_sms, plan_splits
 
@@ -122,9 +127,33 @@ class ModelRunner:
             seq_lens.append(end)
         return input_ids, positions, slots, starts, seq_lens
 
+    @staticmethod
+    def _tree_positions(batch: Batch, positions: list[int], starts: list[int]) -> None:
+        """A tree node runs at its depth past the row's last token, not at its index."""
+        for b, (_, row) in enumerate(batch):
+            if row.draft_parents is not None:
+                end, n = starts[b + 1], len(row.draft_parents)
+                last = positions[end - n - 1]
+                positions[end - n : end] = [last + d for d in depths(row.draft_parents)]
+
+    def _tree_masks(self, batch: Batch, starts: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """AttentionMetadata.tree_start [B] and tree_mask [T]: tree rows attend within their span by
+        ancestry; every other token's bits are all set and its row's span starts past its context."""
+        span_starts = list(seq_lens)
+        bits = [-1] * starts[-1]
+        for b, (_, row) in enumerate(batch):
+            if row.draft_parents is not None:
+                n = len(row.draft_parents)
+                span_starts[b] = seq_lens[b] - n - 1
+                bits[starts[b + 1] - n - 1 : starts[b + 1]] = ancestor_masks(row.draft_parents)
+        return (torch.tensor(span_starts, dtype=torch.int32, device=self.device),
+                torch.tensor(bits, dtype=torch.int64, device=self.device))
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step; the output has (sampled token, logprob record) for the rows that sample."""
+        if step.kv_moves:
+            move_kv_slots(self.kv_caches, step.kv_moves, self.block_size)
         batch = self.requests.apply(step)
         if not batch:
             return StepOutput()
@@ -233,10 +262,14 @@ class ModelRunner:
             if req.request_id in token_masks:
                 span = span.masked_fill(~allowed_tokens(token_masks[req.request_id].to(self.device), span.shape[-1]),
                                         float("-inf"))
-            accepted = verify(span, row.draft_token_ids, row.draft_probs, req, self.generator)
+            if row.draft_parents is None:
+                accepted = verify(span, row.draft_token_ids, row.draft_probs, req, self.generator)
+                used = list(range(len(accepted)))
+            else:
+                accepted, used = verify_tree(span, row.draft_token_ids, row.draft_parents, req, self.generator)
             want = req.params.logprobs
-            kept_records = logprob_records(raw[: len(accepted)], accepted, [want] * len(accepted)) \
-                if want is not None and accepted else []
+            kept_records = logprob_records(raw[torch.tensor(used, device=raw.device)], accepted,
+                                           [want] * len(accepted)) if want is not None and accepted else []
             sampled[req.request_id] = (accepted, kept_records)
         return sampled
 
@@ -246,6 +279,8 @@ class ModelRunner:
         a row's 1 + k tokens runs as a decode row of its own, over the same block table with a context
         one longer than the token before it. Every layer writes all the step's K/V before attending,
         so a draft sees the tokens ahead of it, and the graph needs no shape of its own."""
+        if any(row.draft_parents is not None for _, row in batch):
+            return None  # a tree's rows attend by ancestry: the eager path's masks
         if self.compiled is not None and any(row.draft_token_ids for _, row in batch):
             return self._compiled_verification_logits(batch)
         if any(row.num_new_tokens != 1 for _, row in batch):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from quadrant.config import SchedulerConfig
 from quadrant.engine.kv_cache import KVCacheManager
 from quadrant.engine.request import FinishReason, Request, RequestStatus
+from quadrant.engine.spec.tree import accepted_path, path_moves
 from quadrant.layers.sampler import TokenLogprob
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens run this step, from request.num_computed_tokens on (drafts included)
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens verified this step
     draft_probs: Any = None  # their draft distributions [k, V] (draft model, sampled requests)
+    draft_parents: list[int] | None = None  # the drafts form a token tree (engine/spec/tree.py); None: a chain
     samples: bool = False  # the step reaches the request's last token and samples (set by Scheduler.commit)
 
 
@@ -41,6 +43,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # in batch order
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)  # request ids preempted this step
+    # KV cache slots to copy (from, to) before the step runs: the accepted path of a token tree moved to
+    # where a chain would have put it (the previous step verified it).
+    kv_moves: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -61,6 +66,7 @@ class Scheduler:
         self.failed_loads: list[tuple[Request, str]] = []  # for the engine to fail (taken by take_remote_news)
         # Pulled requests that came with the prefill engine's first token: for the engine to emit.
         self.arrived: list[tuple[Request, TokenLogprob | None]] = []
+        self.kv_moves: list[tuple[int, int]] = []  # for the next step that runs (SchedulerOutput.kv_moves)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -79,6 +85,7 @@ class Scheduler:
             base = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
             drafts, req.draft_token_ids = req.draft_token_ids, []  # proposed for this step only
             probs, req.draft_probs = req.draft_probs, None
+            parents, req.draft_parents = req.draft_parents, None
             num_new = min(base + len(drafts), budget)
             while not self.kv.allocate(req, num_new):
                 if num_new > base:  # short of blocks: verify no drafts rather than preempt anyone
@@ -91,8 +98,10 @@ class Scheduler:
                     break
             else:
                 kept = max(0, num_new - base)  # a tight budget verifies fewer drafts
+                # A tree's nodes come parents first, so a cut tree is still a tree.
                 out.scheduled.append(ScheduledRequest(req, num_new, drafts[:kept],
-                                                      probs[:kept] if kept and probs is not None else None))
+                                                      probs[:kept] if kept and probs is not None else None,
+                                                      parents[:kept] if kept and parents is not None else None))
                 budget -= num_new
                 i += 1
                 continue
@@ -101,6 +110,8 @@ class Scheduler:
         if not out.preempted:
             self._admit_waiting(out, budget)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        if out.scheduled:
+            out.kv_moves, self.kv_moves = self.kv_moves, []
         return out
 
     @staticmethod
@@ -198,7 +209,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        req.draft_token_ids, req.draft_probs = [], None
+        req.draft_token_ids, req.draft_probs, req.draft_parents = [], None, None
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
@@ -225,7 +236,9 @@ class Scheduler:
         finish(); a request finished (or aborted) while its step ran takes nothing.
 
         A verified row computed its drafts' K/V too; the rejected ones' stay in slots past
-        num_computed_tokens, unhashed, and the next step overwrites them (that is the rollback)."""
+        num_computed_tokens, unhashed, and the next step overwrites them (that is the rollback). A tree's
+        accepted nodes are moved into a chain's slots by the next step that runs (kv_moves), before any
+        step can read them."""
         for s in out.scheduled:
             req = s.request
             if s.samples:
@@ -236,8 +249,19 @@ class Scheduler:
             if s.draft_token_ids and req.status == RequestStatus.RUNNING:
                 # k drafts verified: all but the last of the returned tokens were drafts accepted.
                 req.num_computed_tokens -= len(s.draft_token_ids) - max(len(tokens) - 1, 0)
+                if s.draft_parents is not None and len(tokens) > 1:
+                    self._move_tree_path(req, s, tokens[:-1])
             req.output_ids.extend(tokens)
             self.kv.cache_full_blocks(req)
+
+    def _move_tree_path(self, req: Request, s: ScheduledRequest, accepted: list[int]) -> None:
+        """Queue the copies that put a verified tree's accepted nodes where a chain's would be."""
+        assert s.draft_parents is not None
+        path = accepted_path(s.draft_parents, s.draft_token_ids, accepted)
+        first = req.num_computed_tokens - len(accepted)  # index of the first draft node
+        bs, table = self.kv.block_size, req.block_table
+        slot = lambda i: table[(first + i) // bs] * bs + (first + i) % bs  # noqa: E731
+        self.kv_moves += [(slot(src), slot(dst)) for src, dst in path_moves(path)]
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End a request (stopped, at length, or aborted) and release its blocks at once."""

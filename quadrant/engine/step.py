@@ -53,6 +53,7 @@ class ScheduledRow:
     # distributions they were drawn from; None: each draft was certain (n-gram), or greedy.
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    draft_parents: list[int] | None = None  # the drafts form a token tree (engine/spec/tree.py); None: a chain
 
 
 @dataclass
@@ -64,6 +65,9 @@ class StepInput:
     # Structured outputs: request id -> the allowed tokens at its last token and after each of its
     # drafts, int32 bitmasks [k + 1, ceil(V / 32)] (engine/structured.py); rows without one are free.
     token_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # KV cache slots to copy (from, to) in every layer before the step runs: verified token trees' accepted
+    # nodes moved to a chain's slots (Scheduler.update).
+    kv_moves: list[tuple[int, int]] = field(default_factory=list)
 
 
 # request id -> (the tokens this step added, in order: one, or with speculation the accepted drafts and
@@ -110,7 +114,7 @@ class StepEncoder:
         self._sent: dict[str, _Sent] = {}
 
     def encode(self, out: SchedulerOutput) -> StepInput:
-        step = StepInput(finished_request_ids=self._forget_finished())
+        step = StepInput(finished_request_ids=self._forget_finished(), kv_moves=out.kv_moves)
         for s in out.scheduled:
             req = s.request
             known = self._sent.get(req.request_id)
@@ -127,7 +131,7 @@ class StepEncoder:
                     req.block_table[0 if reset else known.num_block_ids:], reset))
             self._sent[req.request_id] = _Sent(req, len(output_ids), len(req.block_table), req.num_preemptions)
             step.rows.append(ScheduledRow(req.request_id, req.num_computed_tokens, s.num_new_tokens,
-                                          s.draft_token_ids, s.draft_probs))
+                                          s.draft_token_ids, s.draft_probs, s.draft_parents))
         return step
 
     def _forget_finished(self) -> list[str]:

@@ -2,7 +2,8 @@
 
 The chunk's own K/V are already in the cache (written by kv_store first), so a query at
 position p attends to cached positions 0..p of its sequence: the prefix from earlier
-chunks or prefix-cache hits, then the chunk itself. One program per (sequence, block of
+chunks or prefix-cache hits, then the chunk itself; a speculative token tree's row attends within
+its span by ancestry (per-query bits). One program per (sequence, block of
 queries, query head); key tiles beyond the block's last query are never read. Decode
 rows (one query) of a mixed batch run here too.
 """
@@ -29,8 +30,13 @@ def varlen_prefill_ref(
     group: int = 0,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    tree_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D], the last q_len positions of each sequence; returns [T, Hq, D] in fp32 math."""
+    """q: [T, Hq, D], the last q_len positions of each sequence; returns [T, Hq, D] in fp32 math.
+    tree_start [B] / tree_mask [T]: speculative token trees (AttentionMetadata)."""
+    from quadrant.layers.attn_backends import tree_allowed
+
     num_heads = q.shape[1]
     num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -52,6 +58,8 @@ def varlen_prefill_ref(
         allowed = k_pos <= q_pos
         if sliding_window:
             allowed &= k_pos > q_pos - sliding_window
+        if tree_start is not None and tree_mask is not None and int(tree_start[b]) < n:
+            allowed &= tree_allowed(tree_mask[qs:qe], int(tree_start[b]), n)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[qs:qe] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
     return out
@@ -59,12 +67,12 @@ def varlen_prefill_ref(
 
 @triton.jit
 def _prefill_kernel(
-    q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, seq_lens, out,
+    q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, seq_lens, out, tree_start, tree_mask,
     sm_scale, softcap, window,
     q_st, q_sh, c_sb, c_sh, c_st, s_sb, s_sh, bt_sb, o_st, o_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, QGROUP: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT: tl.constexpr, TREE: tl.constexpr,
 ):
     b = tl.program_id(0)
     mb = tl.program_id(1)
@@ -85,6 +93,9 @@ def _prefill_kernel(
         hi = tl.minimum(seq_len, prefix + (mb + 1) * BLOCK_M)  # keys past the last query are never needed
         # Branch-free: a runtime `if` may not rebind a plain-int variable in compiled Triton.
         lo = tl.where(window > 0, tl.maximum(prefix + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+        if TREE:  # a token tree's row: keys from its span on are attended by the query's ancestor bits
+            span = tl.load(tree_start + b)
+            bits = tl.load(tree_mask + q_start + m, mask=m_mask, other=0)  # [BLOCK_M] int64
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -93,6 +104,10 @@ def _prefill_kernel(
             valid = pos < hi
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
             allowed = allowed & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
+            if TREE:
+                shift = tl.maximum(pos - span, 0).to(tl.int64)
+                ancestor = ((bits[:, None] >> shift[None, :]) & 1) != 0
+                allowed = allowed & (ancestor | (pos < span)[None, :])
             acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scale,
                                            block_tables + b * bt_sb, kh, pos, valid, d, d_mask, sm_scale, softcap,
                                            c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP, DOT)
@@ -116,6 +131,8 @@ def varlen_prefill(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     out: torch.Tensor | None = None,
+    tree_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of varlen_prefill_ref; `max_query_len` sizes the grid."""
     require_triton()
@@ -135,14 +152,18 @@ def varlen_prefill(
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     scales = (k_scale, v_scale) if k_scale is not None and v_scale is not None else (k_cache, v_cache)
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
+    tree = tree_start is not None and tree_mask is not None
+    if tree_start is not None and tree_mask is not None:
+        assert tree_start.shape == (num_seqs,) and tree_mask.shape == (num_tokens,) and tree_mask.dtype == torch.int64
     _prefill_kernel[grid](
         q, k_cache, v_cache, scales[0], scales[1], block_tables, query_start_loc, seq_lens, out,
+        tree_start if tree else seq_lens, tree_mask if tree else seq_lens,
         scale, logit_softcap or 0.0, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, QUANT=mode, QGROUP=max(group, 1),
-        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype),
+        SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), TREE=tree,
         num_warps=8, num_stages=2,
     )
     return out

@@ -74,6 +74,12 @@ class AttentionMetadata:
     # Decode rows over block tables padded to a fixed width (compiled CPU steps): the torch backend
     # always masks by seq_lens and reads no host-side lengths.
     padded_decode: bool = False
+    # Token trees (engine/spec/tree.py): each row's index where its tree span (its last token and the
+    # draft nodes) starts, its context length for rows without one [B] int32; and per token the ancestor
+    # bits over its row's span [T] int64 (bit j: the span's j-th token). Keys in a span are attended only
+    # where the query's bit is set; the rest of the context as usual.
+    tree_start: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
     # Called after each layer has written its K/V (eager steps of a prefill engine: decode engines pull a
     # prompt layer by layer while the later layers run).
     on_layer_stored: Callable[[], None] | None = None

@@ -6,8 +6,8 @@ tensor and attended with grouped-query matmuls under a length (and sliding-windo
 on an fp32 CPU cache the native kernel (kernels/csrc/paged_decode.c) reads the blocks in
 place instead.
 Prefill chunks run one sequence at a time through SDPA, causal with the mask offset by the
-cached prefix. Without a cache (training, scoring) each sequence attends causally to its
-own tokens. 8-bit caches are dequantised as they are gathered.
+cached prefix, or by ancestry within a speculative token tree. Without a cache (training,
+scoring) each sequence attends causally to its own tokens. 8-bit caches are dequantised as they are gathered.
 
 `TritonBackend` (CUDA; CPU under the interpreter) runs kernels/: split-KV paged decode for
 decode-only batches, varlen flash prefill for everything else, quantise-on-write stores.
@@ -68,7 +68,8 @@ class TritonBackend:
         from quadrant.kernels.varlen_prefill import varlen_prefill
 
         return varlen_prefill(q, kv.k, kv.v, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                              meta.max_query_len, layer.scale, kv.k_scale, kv.v_scale, kv.group, window, softcap)
+                              meta.max_query_len, layer.scale, kv.k_scale, kv.v_scale, kv.group, window, softcap,
+                              tree_start=meta.tree_start, tree_mask=meta.tree_mask)
 
 
 TORCH_BACKEND = TorchBackend()
@@ -99,6 +100,7 @@ def torch_attention(
                                               meta.seq_lens[:num_decodes], max(meta.seq_lens_cpu[:num_decodes]))
         else:
             num_decodes = 0
+    spans = meta.tree_start.tolist() if meta.tree_start is not None and use_cache else None
     for i in range(num_decodes, num_seqs):
         qs, qe = starts[i], starts[i + 1]
         if qe == qs:
@@ -108,8 +110,22 @@ def torch_attention(
             k_ctx, v_ctx = _gather_context(layer, meta.block_tables[i], seq_len, q.dtype)  # type: ignore[index]
         else:
             k_ctx, v_ctx = k[qs:qe].transpose(0, 1).to(q.dtype), v[qs:qe].transpose(0, 1).to(q.dtype)
-        out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx)
+        tree = None
+        if spans is not None and spans[i] < seq_len:
+            assert meta.tree_mask is not None
+            tree = tree_allowed(meta.tree_mask[qs:qe], spans[i], seq_len)
+        out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx, tree)
     return out
+
+
+def tree_allowed(bits: torch.Tensor, span_start: int, num_k: int) -> torch.Tensor:
+    """Boolean [L, S] mask of a token tree's row (True = attend): keys before the span all, keys in it by
+    the query's ancestor bits [L] int64 (AttentionMetadata.tree_mask). The row's queries are its span,
+    so ancestry implies causality."""
+    k_pos = torch.arange(num_k, device=bits.device)
+    shift = (k_pos - span_start).clamp(min=0)
+    in_tree = ((bits[:, None] >> shift[None, :]) & 1) != 0
+    return in_tree | (k_pos < span_start)[None, :]
 
 
 def _attend_equal(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -169,13 +185,15 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     return out.view(bsz, num_heads, dim)
 
 
-def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [Hk, S, D]."""
+def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            tree: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [Hk, S, D]; `tree`: a token
+    tree row's [L, S] mask instead of the causal one (tree_allowed)."""
     num_q, num_k = q.shape[0], k.shape[1]
     window = layer.sliding_window
     # A whole sequence (no cached prefix) is plain causal: `is_causal` instead of an [L, S] mask.
-    plain_causal = num_q == num_k > 1 and (window is None or window >= num_k)
-    mask = None if plain_causal else _mask(num_q, num_k, window, q.device)
+    plain_causal = num_q == num_k > 1 and (window is None or window >= num_k) and tree is None
+    mask = tree if tree is not None else None if plain_causal else _mask(num_q, num_k, window, q.device)
     qh, kh, vh = q.transpose(0, 1), k, v  # [H, L|S, D]
     if layer.logit_softcap is None:
         # 4-D: SDPA's CPU flash kernel takes only batched inputs; 3-D ones (or a mask where is_causal

@@ -93,7 +93,8 @@ class ServerMetrics:
         self.kv_transfer_gbps.set(stats.gbps)
 
     def set_speculation(self, stats: SpecStats) -> None:
-        for what in ("verifications", "draft_tokens", "accepted_tokens", "backoffs", "large_batch_steps"):
+        for what in ("verifications", "tree_verifications", "draft_tokens", "accepted_tokens", "backoffs",
+                     "large_batch_steps"):
             self.spec_tokens.labels(what=what).set(getattr(stats, f"num_{what}"))
         self.spec_acceptance_rate.set(stats.acceptance_rate)
         self.spec_acceptance_length.set(stats.acceptance_length)

@@ -113,3 +113,37 @@ def test_kernels_reject_bad_metadata():
     with pytest.raises(ValueError, match="does not fit"):
         varlen_prefill(torch.randn(5, 3, 16), pc.k_cache, pc.v_cache, pc.block_tables,
                        torch.tensor([0, 5], dtype=torch.int32), pc.seq_lens, 5, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_prefill_token_tree_rows(dtype):
+    """A speculative token tree's row (root + 5 nodes, two branches) beside a plain chunk: each node
+    attends to the context before the tree and to its own ancestors only. The reference against a
+    direct per-query softmax over exactly those keys; the kernel against the reference."""
+    from quadrant.engine.spec.tree import ancestor_masks
+    from quadrant.kernels.kv_store import gather_kv
+
+    parents = [-1, -1, 0, 1, 1]  # root -> {0, 1}; 0 -> 2; 1 -> {3, 4}
+    ctx, qlens, num_heads, num_kv, dim, block = [20, 33], [6, 5], 4, 2, 32, 8
+    pc = make_paged_case(ctx, num_kv, dim, block, dtype, seed=11)
+    starts = torch.tensor([0, 6, 11], dtype=torch.int32)
+    q = torch.randn(11, num_heads, dim).to(dtype)
+    tree_start = torch.tensor([ctx[0] - 6, ctx[1]], dtype=torch.int32)  # the plain row: no span
+    tree_mask = torch.tensor(ancestor_masks(parents) + [-1] * 5, dtype=torch.int64)
+    args = (q, pc.k_cache, pc.v_cache, pc.block_tables, starts, pc.seq_lens)
+    ref = varlen_prefill_ref(*args, dim**-0.5, tree_start=tree_start, tree_mask=tree_mask)
+    plain = varlen_prefill_ref(*args, dim**-0.5)
+    torch.testing.assert_close(ref[6:], plain[6:])  # the plain chunk is untouched
+    keys = gather_kv(pc.k_cache, None, 0, pc.block_tables[:1].long(), ctx[0], torch.float32)[0]  # [Hk, S, D]
+    values = gather_kv(pc.v_cache, None, 0, pc.block_tables[:1].long(), ctx[0], torch.float32)[0]
+    ancestors = [[0]]
+    for i, p in enumerate(parents):
+        ancestors.append(ancestors[p + 1] + [i + 1])
+    for r, line in enumerate(ancestors):
+        index = torch.tensor(list(range(ctx[0] - 6)) + [ctx[0] - 6 + j for j in line])
+        k, v = keys[:, index].repeat_interleave(2, 0), values[:, index].repeat_interleave(2, 0)  # GQA 2
+        probs = (q[r].float()[:, None, :] @ k.transpose(1, 2) * dim**-0.5).softmax(-1)  # [Hq, 1, S']
+        torch.testing.assert_close(ref[r].float(), (probs @ v)[:, 0], atol=TOL[dtype], rtol=TOL[dtype])
+    assert not torch.allclose(ref[:6].float(), plain[:6].float())  # the mask changed something
+    got = varlen_prefill(*args, 6, dim**-0.5, tree_start=tree_start, tree_mask=tree_mask)
+    torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])

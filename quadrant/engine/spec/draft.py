@@ -23,7 +23,7 @@ from quadrant.config import EngineConfig, SpeculativeConfig
 from quadrant.engine.executor import open_source, resolve_weight_format
 from quadrant.engine.request import Request
 from quadrant.engine.runner import Batch, ModelRunner
-from quadrant.engine.spec.proposer import Drafts
+from quadrant.engine.spec.proposer import Draft, Drafts
 from quadrant.engine.spec.verify import distribution, greedy_choice
 from quadrant.engine.step import Hidden, ScheduledRow, WorkerRequest
 
@@ -164,8 +164,8 @@ class DraftModelProposer:
                 mirror.output_ids.append(token)
                 self._fed(state, token)
                 batch.append((mirror, ScheduledRow(req.request_id, mirror.num_tokens - 1, 1)))
-        return {req.request_id: (drafts[req.request_id],
-                                 torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
+        return {req.request_id: Draft(drafts[req.request_id],
+                                      torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
                 for req, *_ in rows}
 
     def _first_pass(self, rows: list[_Row]) -> tuple[Batch, torch.Tensor | None]:

@@ -4,6 +4,10 @@ Copying and editing (summaries quoting their source, code refactors, structured 
 long runs of the prompt; when the last n tokens appeared before, the tokens after them there are a
 free, often right, guess. Tries n from prompt_lookup_max down to prompt_lookup_min; the most recent
 earlier occurrence wins (it is likeliest to continue as now). No model, no state between steps.
+
+With `branches` > 1 the draft is a token tree (tree.py): the continuations of several earlier
+occurrences (longest n first, then most recent), each weighing half the one before, merged into a trie
+whose best-weighted nodes fill the request's draft budget.
 """
 
 from __future__ import annotations
@@ -11,14 +15,27 @@ from __future__ import annotations
 import numpy as np
 
 from quadrant.engine.request import Request
-from quadrant.engine.spec.proposer import Drafts
+from quadrant.engine.spec.proposer import Draft, Drafts
+from quadrant.engine.spec.tree import is_chain, merge_branches
 from quadrant.engine.step import Hidden
 
 
+# Tree drafts: the weight of each further occurrence relative to the one before, and of each node relative
+# to its parent (a deep node of the best continuation is worth less than a shallow one of the second).
+_BRANCH_WEIGHT, _DEPTH_DECAY = 0.5, 0.8
+
+
 def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of tokens' last n-gram (largest n first).
-    Candidates are the earlier places of the last token (one vector compare), narrowed one token back at
-    a time: a few microseconds on a 2,000-token sequence, where comparing every window per n took ~180."""
+    """Up to k tokens that followed the latest earlier occurrence of tokens' last n-gram (largest n first)."""
+    found = occurrences(tokens, n_min, n_max, 1)
+    return tokens[found[0] : found[0] + k].tolist() if found else []
+
+
+def occurrences(tokens: np.ndarray, n_min: int, n_max: int, limit: int) -> list[int]:
+    """Where the continuations of up to `limit` earlier occurrences of tokens' last n-gram start, best
+    first: the largest n, then the most recent. Candidates are the earlier places of the last token (one
+    vector compare), narrowed one token back at a time: a few microseconds on a 2,000-token sequence,
+    where comparing every window per n took ~180."""
     length = len(tokens)
     if length < 2:
         return []
@@ -28,26 +45,49 @@ def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
         prev = matched[n - 1]
         prev = prev[prev >= n - 1]
         matched[n] = prev[tokens[prev - (n - 1)] == tokens[length - n]]
+    starts: list[int] = []
     for n in range(min(n_max, length - 1), n_min - 1, -1):
-        if len(matched[n]):
-            start = int(matched[n][-1]) + 1
-            return tokens[start : start + k].tolist()
-    return []
+        for end in matched[n][::-1].tolist():  # most recent first
+            if end + 1 not in starts:  # (an occurrence of n tokens also ends one of n - 1)
+                starts.append(end + 1)
+                if len(starts) == limit:
+                    return starts
+    return starts
+
+
+def lookup_tree(tokens: np.ndarray, k: int, n_min: int, n_max: int, branches: int) -> tuple[list[int], list[int]]:
+    """A tree of up to k nodes (tokens, parents) from the continuations of up to `branches` distinct
+    earlier occurrences; empty when the last n-gram never occurred before."""
+    weights: dict[tuple[int, ...], float] = {}
+    weight = 1.0
+    for start in occurrences(tokens, n_min, n_max, 4 * branches):  # repeats merge: look a little further
+        continuation = tuple(tokens[start : start + k].tolist())
+        if continuation and (continuation in weights or len(weights) < branches):
+            weights[continuation] = weights.get(continuation, 0.0) + weight
+        weight *= _BRANCH_WEIGHT
+    return merge_branches([(w, c) for c, w in weights.items()], k, _DEPTH_DECAY)
 
 
 class NgramProposer:
     free = True  # a lookup in the request's own tokens
     last_forwards: tuple[float, int] | None = None  # no model
 
-    def __init__(self, n_min: int, n_max: int) -> None:
+    def __init__(self, n_min: int, n_max: int, branches: int = 1) -> None:
         self.n_min, self.n_max = n_min, n_max
+        self.branches = branches
 
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         drafts: Drafts = {}
         for req, k in asks:
-            found = lookup(np.asarray(req.all_token_ids, dtype=np.int64), k, self.n_min, self.n_max)
+            tokens = np.asarray(req.all_token_ids, dtype=np.int64)
+            if self.branches > 1 and k > 1:
+                found, parents = lookup_tree(tokens, k, self.n_min, self.n_max, self.branches)
+                if found:
+                    drafts[req.request_id] = Draft(found, parents=None if is_chain(parents) else parents)
+                continue
+            found = lookup(tokens, k, self.n_min, self.n_max)
             if found:
-                drafts[req.request_id] = (found, None)
+                drafts[req.request_id] = Draft(found)
         return drafts
 
     def observe(self, hidden: Hidden) -> None:

@@ -20,7 +20,18 @@ from quadrant.engine.step import Hidden
 if TYPE_CHECKING:
     from quadrant.engine.engine import LLMEngine
 
-Drafts = dict[str, tuple[list[int], torch.Tensor | None]]  # request id -> (draft tokens, their q [k, V] or None)
+
+
+@dataclass
+class Draft:
+    """One request's drafts: a chain, or a token tree (spec/tree.py) where `parents` is given."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # [k, V]: the distributions a chain was drawn from; None: certain drafts
+    parents: list[int] | None = None  # each node's parent index (-1: the request's last token); None: a chain
+
+
+Drafts = dict[str, Draft]  # request id -> its drafts
 
 
 class Proposer(Protocol):
@@ -48,6 +59,7 @@ class SpecStats:
     verifying row adds per step (accepted drafts + the target's own), the speed-up's upper bound."""
 
     num_verifications: int = 0  # request-steps that verified drafts
+    num_tree_verifications: int = 0  # of them, those whose drafts formed a token tree (not a chain)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_backoffs: int = 0  # times a request stopped speculating for low acceptance
@@ -62,7 +74,8 @@ class SpecStats:
         return 1.0 + self.num_accepted_tokens / self.num_verifications if self.num_verifications else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"verifications": self.num_verifications, "draft_tokens": self.num_draft_tokens,
+        return {"verifications": self.num_verifications, "tree_verifications": self.num_tree_verifications,
+                "draft_tokens": self.num_draft_tokens,
                 "accepted_tokens": self.num_accepted_tokens, "backoffs": self.num_backoffs,
                 "large_batch_steps": self.num_large_batch_steps, "acceptance_rate": self.acceptance_rate,
                 "acceptance_length": self.acceptance_length}
@@ -72,7 +85,7 @@ def make_proposer(config: SpeculativeConfig, engine: LLMEngine) -> Proposer:
     if config.method == "ngram":
         from quadrant.engine.spec.ngram import NgramProposer
 
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max, config.tree_branches)
     if config.method == "draft":
         from quadrant.engine.spec.draft import DraftModelProposer
 

@@ -9,6 +9,12 @@ from max(p - q, 0), renormalised; when all are kept, a bonus token is drawn from
 is certain (q is one-hot on x): kept with probability p(x), else replaced by a draw from p without x.
 Either way every output token is distributed exactly as plain sampling would draw it.
 
+A token tree (tree.py) is walked from its root: at each node the target chooses among the node's
+children. Greedy keeps the child equal to the target's choice. Sampled trees hold certain drafts (one
+per distinct token), tried one after another: child x is kept with probability p(x), else x leaves p,
+which is renormalised for the next; when none is kept the token is drawn from what remains of p. Each
+outcome keeps exactly p's probability, as with a single certain draft.
+
 p is the target's distribution at that position after every sampling option (logit bias, penalties
 counted over the sequence as it would stand there, temperature, top-k, top-p, min-p): the one
 layers/sampler.py draws from without speculation. The draft model builds q the same way.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from quadrant.engine.spec.tree import children
 from quadrant.layers.sampler import SamplingState, adjusted_logits, filter_logits
 
 
@@ -81,3 +88,52 @@ def verify(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | 
         tokens.append(int(torch.multinomial(residual, 1, generator=gen)))
         return tokens
     raise AssertionError("unreachable: the loop returns at its last position")
+
+
+def verify_tree(logits: torch.Tensor, tokens: list[int], parents: list[int], req: SamplingState,
+                generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+    """logits: [n + 1, V] fp32, the target's at the last token (row 0) and at each node (row 1 + i).
+
+    Returns the accepted nodes' tokens followed by one of the target's, and the logits row each was
+    chosen at (for its logprobs); empty lists when the target's distribution is not usable.
+    """
+    history = list(req.output_ids)
+    out: list[int] = []
+    rows: list[int] = []
+    gen = req.generator if req.generator is not None else generator
+    node = -1
+    while True:
+        row = node + 1
+        options = children(parents, tokens, node)  # token -> child node
+        if req.params.greedy:
+            token = greedy_choice(logits[row], req, history)
+            if token is None:
+                return [], []
+        else:
+            p = distribution(logits[row], req, history)
+            if p is None:
+                return [], []
+            token = _choose_among(p, list(options), gen)
+        out.append(token)
+        rows.append(row)
+        if token not in options:
+            return out, rows
+        history.append(token)
+        node = options[token]
+
+
+def _choose_among(p: torch.Tensor, candidates: list[int], gen: torch.Generator | None) -> int:
+    """A token distributed as p, trying the certain drafts `candidates` first (each kept with its
+    probability under what remains of p)."""
+    for x in candidates:
+        mass = float(p.sum())
+        if mass <= 0.0:
+            break
+        u = float(torch.rand((), generator=gen, device=p.device))
+        if u * mass < float(p[x]):
+            return x
+        p = p.clone()
+        p[x] = 0.0
+    if float(p.sum()) <= 0.0:  # every token p allows was a candidate, and each was refused by rounding
+        return candidates[-1]
+    return int(torch.multinomial(p, 1, generator=gen))

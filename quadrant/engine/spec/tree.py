@@ -1,0 +1,103 @@
+"""Token trees: several draft continuations verified in one target forward.
+
+A tree is its nodes' tokens and parents in topological order: `parents[i]` is the index of node i's
+parent, -1 for the request's last token (the root). A chain is the tree whose parents are
+[-1, 0, 1, ...]; it is sent as no parents at all. In the verifying row, node i runs at index
+`last + 1 + i` (its KV slot) and position `last + depth(i)` (its rotary position), and attends to the
+sequence up to its root and to its own ancestors only: `ancestor_masks` gives those as one int64 per
+row token, bit j standing for the row's j-th token (0: the root).
+
+After verification the accepted nodes, a root-to-leaf path, hold their K/V at their node indices;
+`path_moves` says which slots must move so the path lies at last + 1, last + 2, ... like a chain's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Nodes of one tree at most: a row's ancestor bits fit one int64 (root + 63 nodes).
+MAX_TREE_NODES = 63
+
+
+def is_chain(parents: Sequence[int]) -> bool:
+    return all(p == i - 1 for i, p in enumerate(parents))
+
+
+def depths(parents: Sequence[int]) -> list[int]:
+    """Each node's depth: 1 for the root's children."""
+    out: list[int] = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
+
+
+def ancestor_masks(parents: Sequence[int]) -> list[int]:
+    """For the root and each node: bit j set where row token j (0: the root, 1 + i: node i) is the token
+    itself or one of its ancestors; the attention a token of the row may pay within the row."""
+    assert len(parents) <= MAX_TREE_NODES, "a tree's row must fit one int64 of ancestor bits"
+    masks = [1]
+    for i, p in enumerate(parents):
+        masks.append(masks[p + 1] | (1 << (i + 1)))
+    # As signed int64: the top bit (node 62) would overflow a torch.int64 tensor otherwise.
+    return [m - (1 << 64) if m >= 1 << 63 else m for m in masks]
+
+
+def children(parents: Sequence[int], tokens: Sequence[int], node: int) -> dict[int, int]:
+    """token -> child index of `node` (-1: the root); the first child wins where tokens repeat."""
+    out: dict[int, int] = {}
+    for i, p in enumerate(parents):
+        if p == node and tokens[i] not in out:
+            out[tokens[i]] = i
+    return out
+
+
+def accepted_path(parents: Sequence[int], tokens: Sequence[int], accepted: Sequence[int]) -> list[int]:
+    """The nodes the accepted draft tokens were, root downwards."""
+    path, node = [], -1
+    for token in accepted:
+        node = children(parents, tokens, node)[token]
+        path.append(node)
+    return path
+
+
+def first_chain(parents: Sequence[int]) -> int:
+    """How many leading nodes form a chain from the root (node i's parent being i - 1)."""
+    n = 0
+    while n < len(parents) and parents[n] == n - 1:
+        n += 1
+    return n
+
+
+def path_moves(path: Sequence[int]) -> list[tuple[int, int]]:
+    """(from node index, to node index) for each accepted node not already where a chain's would be.
+    path[j] >= j (topological order), so moving them in order never overwrites one still to move."""
+    return [(node, j) for j, node in enumerate(path) if node != j]
+
+
+def merge_branches(branches: Sequence[tuple[float, Sequence[int]]], budget: int,
+                   decay: float) -> tuple[list[int], list[int]]:
+    """A tree of at most `budget` nodes from weighted continuations (weight, tokens): their trie, whose
+    node weight is the summed weight of the continuations through it; the nodes kept are those of the
+    highest weight x decay^depth (a parent always outranks its children), emitted in the order kept."""
+    trie: dict[tuple[int, int], int] = {}  # (parent trie node, token) -> trie node
+    weight: list[float] = []
+    parent: list[int] = []
+    token: list[int] = []
+    depth: list[int] = []
+    for w, continuation in branches:
+        node = -1
+        for t in continuation:
+            key = (node, t)
+            if key not in trie:
+                trie[key] = len(weight)
+                weight.append(0.0)
+                parent.append(node)
+                token.append(t)
+                depth.append(1 if node < 0 else depth[node] + 1)
+            node = trie[key]
+            weight[node] += w
+    # A child's weight never exceeds its parent's and it is one level deeper, so sorting by score (ties:
+    # shallower first, then first made) keeps every node's parent ahead of it.
+    order = sorted(range(len(weight)), key=lambda n: (-weight[n] * decay ** depth[n], depth[n], n))[:budget]
+    index = {n: i for i, n in enumerate(order)}
+    return [token[n] for n in order], [index[parent[n]] if parent[n] >= 0 else -1 for n in order]
