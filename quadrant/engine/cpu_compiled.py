@@ -71,7 +71,8 @@ class CompiledDecode:
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot_block: torch.Tensor,
-                 slot_offset: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+                 slot_offset: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor, tree_start: torch.Tensor,
+                 tree_mask: torch.Tensor) -> torch.Tensor:
         bs, width = tables.shape
         meta = AttentionMetadata(
             query_start_loc=torch.arange(bs + 1, dtype=torch.int32),
@@ -85,12 +86,16 @@ class CompiledDecode:
             slot_block=slot_block,
             slot_offset=slot_offset,
             padded_decode=True,
+            tree_start=tree_start,
+            tree_mask=tree_mask,
         )
         return self.model(ids, positions, meta)
 
     def _inputs(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                tables: list[list[int]], bs: int) -> list[torch.Tensor]:
+                tables: list[list[int]], bs: int, tree: tuple[list[int], list[int]] | None = None) -> list[torch.Tensor]:
         pad = bs - len(input_ids)
+        # Token trees: each row's span start and ancestor bits; other rows' spans start past their context.
+        tree_start, tree_mask = tree if tree is not None else (seq_lens, [-1] * len(seq_lens))
         width = max(2, max(len(t) for t in tables))  # >= 2: a width of 1 would be specialised
         slots = slots + [self.scratch_slot] * pad
         slot_t = torch.tensor(slots, dtype=torch.long)
@@ -99,7 +104,8 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(table_t, 1)
         return [torch.tensor(input_ids + [0] * pad), torch.tensor(positions + [0] * pad),
                 slot_t // self.block_size, slot_t % self.block_size,
-                torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), table_t]
+                torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), table_t,
+                torch.tensor(tree_start + [1] * pad, dtype=torch.int32), torch.tensor(tree_mask + [-1] * pad)]
 
     def padded(self, rows: int) -> int | None:
         """The graph batch size a step of `rows` decode rows runs at; None: past the largest."""
@@ -125,9 +131,10 @@ class CompiledDecode:
         return EAGER_RATIO * (1.0 + _PRIOR_ROW_COST * (rows - 1))
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor | None:
+            tables: list[list[int]], tree: tuple[list[int], list[int]] | None = None) -> torch.Tensor | None:
         """Final hidden states [n, D] of a decode-only step, or None (run it eagerly) while its batch
-        size has no graph yet; the first such miss starts that graph's compile."""
+        size has no graph yet; the first such miss starts that graph's compile. `tree`: each row's
+        token-tree span start and ancestor bits (AttentionMetadata.tree_start / tree_mask)."""
         n = len(input_ids)
         if self.failed or n > self.sizes[-1]:
             return None
@@ -135,7 +142,7 @@ class CompiledDecode:
         if bs not in self.ready:
             self._queue(bs)
             return None
-        return self._compiled(*self._inputs(input_ids, positions, slots, seq_lens, tables, bs))[:n]
+        return self._compiled(*self._inputs(input_ids, positions, slots, seq_lens, tables, bs, tree))[:n]
 
     def _queue(self, bs: int) -> None:
         with self._lock:

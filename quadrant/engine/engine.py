@@ -29,6 +29,7 @@ from quadrant.engine.output import OutputProcessor, RequestGroup, SampleState
 from quadrant.engine.request import Request, RequestOutput
 from quadrant.engine.runner import ModelRunner
 from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from quadrant.engine.spec.ngram import NgramProposer
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
 from quadrant.engine.spec.tree import depths, first_chain
@@ -96,6 +97,11 @@ class LLMEngine:
         if self._compiled is not None and spec.draft_cost is None:
             self.spec_policy.step_cost = self._compiled.step_cost  # measured compiled step times
             self.spec_policy.max_step_tokens = None  # those times include the switch to dense GEMMs
+        if self._compiled is not None and isinstance(self.proposer, NgramProposer) and spec.tree_branches > 1:
+            # A graph of 8 rows costs the same for 5 tokens as for 8: a tree's other branches fill the rows
+            # its best continuation leaves padded (exact for a lone request), never more.
+            graphs = self._compiled
+            self.proposer.room = lambda best: (graphs.padded(1 + best) or 1 + best) - 1
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)
         # Structured outputs need the tokenizer's byte strings; a tokenizer-less model has none.

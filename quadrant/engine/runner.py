@@ -279,12 +279,10 @@ class ModelRunner:
         a row's 1 + k tokens runs as a decode row of its own, over the same block table with a context
         one longer than the token before it. Every layer writes all the step's K/V before attending,
         so a draft sees the tokens ahead of it, and the graph needs no shape of its own."""
-        if any(row.draft_parents is not None for _, row in batch):
-            return None  # a tree's rows attend by ancestry: the eager path's masks
         if self.compiled is not None and any(row.draft_token_ids for _, row in batch):
             return self._compiled_verification_logits(batch)
         if any(row.num_new_tokens != 1 for _, row in batch):
-            return None
+            return None  # (token trees included: the varlen kernel's tree masks)
         if self.compiled is not None:
             input_ids, positions, slots, _, seq_lens = self._flatten(batch)
             return self._compiled_logits(input_ids, positions, slots, seq_lens, [req.block_table for req, _ in batch])
@@ -304,17 +302,27 @@ class ModelRunner:
         if any(row.num_new_tokens != 1 + len(row.draft_token_ids)
                or row.num_computed_tokens + 1 != req.num_tokens for req, row in batch):
             return None
-        input_ids, positions, slots, _, _ = self._flatten(batch)
+        input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
         tables = [req.block_table for req, row in batch for _ in range(row.num_new_tokens)]
-        return self._compiled_logits(input_ids, positions, slots, [p + 1 for p in positions], tables)
+        # Each token attends to the sequence up to its own index (its slot); a tree node also only to its
+        # ancestors (the mask), and runs at its depth's position.
+        lengths = [end - row.num_new_tokens + 1 + j for end, (_, row) in zip(seq_lens, batch)
+                   for j in range(row.num_new_tokens)]
+        tree = None
+        if any(row.draft_parents is not None for _, row in batch):
+            self._tree_positions(batch, positions, starts)
+            spans, bits = self._tree_masks(batch, starts, seq_lens)
+            tree = ([s for s, (_, row) in zip(spans.tolist(), batch) for _ in range(row.num_new_tokens)],
+                    bits.tolist())
+        return self._compiled_logits(input_ids, positions, slots, lengths, tables, tree)
 
     def _compiled_logits(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                         tables: list[list[int]]) -> torch.Tensor | None:
+                         tables: list[list[int]], tree: tuple[list[int], list[int]] | None = None) -> torch.Tensor | None:
         """Logits of decode rows run through a compiled CPU graph, timed for the speculation policy;
         None while their batch size has no graph."""
         assert self.compiled is not None
         start = time.perf_counter()
-        hidden = self.compiled.run(input_ids, positions, slots, seq_lens, tables)
+        hidden = self.compiled.run(input_ids, positions, slots, seq_lens, tables, tree)
         if hidden is None:
             return None
         logits = self.model.compute_logits(hidden)

@@ -129,7 +129,8 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
         lib.q8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
-        lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr]
+        lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                         ctypes.c_float, ptr]
         lib.q4_gemm.restype = lib.q8_gemm.restype = lib.paged_decode_f32.restype = ctypes.c_int
         lib.tile_rows.restype = ctypes.c_int
         _register_op_kernels(lib, folder)
@@ -360,9 +361,11 @@ def q8_mm_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: to
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                 seq_lens: torch.Tensor, scale: float, tree_start: torch.Tensor | None = None,
+                 tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention from a paged fp32 cache, in place: q [B, Hq, D] fp32, K/V caches
-    [num_blocks, Hk, block_size, D] fp32, block_tables [B, W] and seq_lens [B] int32 -> [B, Hq, D]."""
+    [num_blocks, Hk, block_size, D] fp32, block_tables [B, W] and seq_lens [B] int32 -> [B, Hq, D].
+    tree_start [B] int32 / tree_mask [B] int64: rows of speculative token trees (AttentionMetadata)."""
     lib = _lib or library()
     assert lib is not None
     q = q.contiguous()
@@ -370,9 +373,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     lens = seq_lens.to(torch.int32).contiguous()
     bsz, num_heads, dim = q.shape
     _, num_kv, block_size, _ = k_cache.shape
+    starts = tree_start.to(torch.int32).contiguous() if tree_start is not None else None
+    bits = tree_mask.to(torch.int64).contiguous() if tree_mask is not None else None
     out = torch.empty_like(q)
     rc = lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                              lens.data_ptr(), bsz, num_heads, num_kv, block_size, dim, scale, out.data_ptr())
+                              lens.data_ptr(), starts.data_ptr() if starts is not None else None,
+                              bits.data_ptr() if bits is not None else None, bsz, num_heads, num_kv, block_size, dim,
+                              scale, out.data_ptr())
     if rc == 1:
         raise MemoryError("native paged decode: out of memory for its score scratch")
     if rc != 0:
@@ -382,15 +389,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 _ops.define("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-            "float scale) -> Tensor")
+            "float scale, Tensor? tree_start=None, Tensor? tree_mask=None) -> Tensor")
 
 
 @torch.library.register_fake("quadrant::paged_decode")
 def _paged_decode_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                        seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                        seq_lens: torch.Tensor, scale: float, tree_start: torch.Tensor | None = None,
+                        tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.ops.quadrant.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                    seq_lens: torch.Tensor, scale: float, tree_start: torch.Tensor | None = None,
+                    tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.quadrant.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, tree_start, tree_mask)

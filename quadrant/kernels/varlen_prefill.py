@@ -17,6 +17,16 @@ from quadrant.kernels.attention_tile import attend_kv_tile
 from quadrant.kernels.kv_store import check_paged_attention_inputs, dot_dtype, gather_kv
 
 
+def tree_allowed(bits: torch.Tensor, span_start: int, num_k: int) -> torch.Tensor:
+    """Boolean [L, S] mask of a token tree's row (True = attend): keys before the span all, keys in it by
+    the query's ancestor bits [L] int64 (AttentionMetadata.tree_mask). The row's queries are its span,
+    so ancestry implies causality."""
+    k_pos = torch.arange(num_k, device=bits.device)
+    shift = (k_pos - span_start).clamp(min=0)
+    in_tree = ((bits[:, None] >> shift[None, :]) & 1) != 0
+    return in_tree | (k_pos < span_start)[None, :]
+
+
 def varlen_prefill_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -35,8 +45,6 @@ def varlen_prefill_ref(
 ) -> torch.Tensor:
     """q: [T, Hq, D], the last q_len positions of each sequence; returns [T, Hq, D] in fp32 math.
     tree_start [B] / tree_mask [T]: speculative token trees (AttentionMetadata)."""
-    from quadrant.layers.attn_backends import tree_allowed
-
     num_heads = q.shape[1]
     num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)

@@ -82,9 +82,9 @@ def torch_attention(
     starts = meta.query_start_loc_cpu
     use_cache = layer.kv_cache is not None and meta.block_tables is not None
     num_seqs = meta.num_seqs
-    if use_cache and meta.max_query_len == 1:
+    if use_cache and meta.max_query_len == 1:  # (tree rows here: compiled CPU verification, a row per token)
         return _paged_decode(layer, q, meta.block_tables, meta.seq_lens, meta.max_seq_len,  # type: ignore[arg-type]
-                             meta.padded_decode)
+                             meta.padded_decode, meta.tree_start, meta.tree_mask)
     if not use_cache and num_seqs > 1 and layer.sliding_window is None and layer.logit_softcap is None:
         lengths = {b - a for a, b in zip(starts, starts[1:])}
         if len(lengths) == 1:  # equal-length sequences (training rows): one batched causal call
@@ -112,20 +112,12 @@ def torch_attention(
             k_ctx, v_ctx = k[qs:qe].transpose(0, 1).to(q.dtype), v[qs:qe].transpose(0, 1).to(q.dtype)
         tree = None
         if spans is not None and spans[i] < seq_len:
+            from quadrant.kernels.varlen_prefill import tree_allowed
+
             assert meta.tree_mask is not None
             tree = tree_allowed(meta.tree_mask[qs:qe], spans[i], seq_len)
         out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx, tree)
     return out
-
-
-def tree_allowed(bits: torch.Tensor, span_start: int, num_k: int) -> torch.Tensor:
-    """Boolean [L, S] mask of a token tree's row (True = attend): keys before the span all, keys in it by
-    the query's ancestor bits [L] int64 (AttentionMetadata.tree_mask). The row's queries are its span,
-    so ancestry implies causality."""
-    k_pos = torch.arange(num_k, device=bits.device)
-    shift = (k_pos - span_start).clamp(min=0)
-    in_tree = ((bits[:, None] >> shift[None, :]) & 1) != 0
-    return in_tree | (k_pos < span_start)[None, :]
 
 
 def _attend_equal(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -153,15 +145,17 @@ def _gather_context(layer: "Attention", block_table: torch.Tensor, seq_len: int,
 
 
 def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                  max_seq_len: int, padded: bool = False) -> torch.Tensor:
-    """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]."""
+                  max_seq_len: int, padded: bool = False, tree_start: torch.Tensor | None = None,
+                  tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence. q: [B, Hq, D]; returns [B, Hq, D]. tree_start / tree_mask [B]: rows of
+    speculative token trees attend within their tree by ancestry (AttentionMetadata)."""
     kv = layer.kv_cache
     assert kv is not None
     if kv.native_decode and q.dtype == torch.float32 and layer.logit_softcap is None and layer.sliding_window is None:
         from quadrant.kernels.cpu_native import paged_decode, paged_decode_op
 
         native = paged_decode_op if torch.compiler.is_compiling() else paged_decode
-        return native(q, kv.k, kv.v, block_tables, seq_lens, layer.scale)
+        return native(q, kv.k, kv.v, block_tables, seq_lens, layer.scale, tree_start, tree_mask)
     bsz, num_heads, dim = q.shape
     num_kv, block_size = kv.k.shape[1], kv.block_size
     width = (max_seq_len + block_size - 1) // block_size
@@ -174,11 +168,14 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(layer.scale)  # [B, Hk, G, S]
     if layer.logit_softcap is not None:
         scores = torch.tanh(scores / layer.logit_softcap) * layer.logit_softcap
-    if bsz > 1 or padded or layer.sliding_window is not None:
+    if bsz > 1 or padded or layer.sliding_window is not None or tree_start is not None:
         pos = torch.arange(span, device=q.device)
         valid = pos[None, :] < seq_lens[:, None]  # [B, S]
         if layer.sliding_window is not None:
             valid &= pos[None, :] > (seq_lens[:, None] - 1 - layer.sliding_window)
+        if tree_start is not None and tree_mask is not None:
+            shift = (pos[None, :] - tree_start[:, None]).clamp(min=0)
+            valid &= (pos[None, :] < tree_start[:, None]) | (((tree_mask[:, None] >> shift) & 1) != 0)
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v)  # [B, Hk, G, D]
@@ -188,7 +185,7 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
 def _attend(layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             tree: torch.Tensor | None = None) -> torch.Tensor:
     """q: [L, Hq, D] for the last L positions of a context of S keys k/v: [Hk, S, D]; `tree`: a token
-    tree row's [L, S] mask instead of the causal one (tree_allowed)."""
+    tree row's [L, S] mask instead of the causal one (kernels/varlen_prefill.tree_allowed)."""
     num_q, num_k = q.shape[0], k.shape[1]
     window = layer.sliding_window
     # A whole sequence (no cached prefix) is plain causal: `is_causal` instead of an [L, S] mask.

@@ -85,6 +85,24 @@ def test_verification_steps_run_through_the_decode_graphs(tiny, compiling):
     assert set(engine.runner.compiled.seconds) >= {4}  # and were timed for the policy
 
 
+def test_token_tree_verification_runs_through_the_decode_graphs(tiny, compiling):
+    """Token trees on CPU: each tree token a decode row of the compiled graph, masked to its ancestors.
+    n-gram trees of three continuations (unigram lookups: the tiny model's output repeats tokens with
+    different successors) give transformers' greedy tokens, with tree verifications run compiled."""
+    from tests.engine.conftest import hf_greedy
+
+    phrase = [5, 17, 99, 3]
+    prompt = phrase + [40, 41, 42] + phrase + [50, 51, 52] + phrase + [60, 61] + phrase * 3
+    spec = SpeculativeConfig("ngram", 3, draft_cost=0.0, tree_branches=3, prompt_lookup_min=1)
+    engine = make_engine(tiny[0], max_num_seqs=1, speculative=spec)
+    assert engine.compile_decode([1, 4])
+    ran = count_compiled_steps(engine.runner)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert run_all(engine, [prompt], params) == [hf_greedy(tiny[1], prompt, 24)]
+    assert engine.spec_stats.num_tree_verifications > 0
+    assert 4 in ran
+
+
 def test_compiled_step_costs_follow_measured_times():
     """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed, then the
     graph's measured time over the one-row graph's, and the eager ratio past the largest graph."""

@@ -55,6 +55,11 @@ def test_ngram_tree_holds_every_distinct_continuation():
     assert lookup_tree(seq, 5, 2, 3, branches=2) == ([6, 7, 8, 1, 4], [-1, 0, 1, 2, -1])
     assert lookup_tree(seq, 5, 2, 3, branches=3)[0] == [6, 7, 8, 1, 4]  # no third occurrence
     assert lookup_tree(seq, 3, 2, 3, branches=1) == ([6, 7, 8], [-1, 0, 1])
+    # Padded steps: the other branch only takes rows the best continuation's step pays for anyway.
+    assert lookup_tree(seq, 3, 2, 3, branches=2, room=lambda best: 3) == ([6, 7, 8], [-1, 0, 1])
+    asked = []
+    assert lookup_tree(seq, 5, 2, 3, branches=2, room=lambda best: asked.append(best) or 2) == ([6, 7], [-1, 0])
+    assert asked == [5]  # the best continuation's length
 
 
 def _request(greedy: bool, output: list[int] | None = None) -> WorkerRequest:

@@ -83,6 +83,45 @@ def test_backend_takes_the_native_kernel_and_agrees_with_the_gather_path():
     torch.testing.assert_close(native, gathered, rtol=0, atol=2e-5)
 
 
+def test_token_tree_rows_attend_to_their_ancestors_only():
+    """Rows of a speculative token tree (compiled CPU verification: one decode row per token): each
+    attends to the positions before its tree's span and to its ancestors in it. Native kernel, the
+    C++ op and the gather path against the reference over exactly those positions; a row without a tree
+    (span past its length) as before."""
+    from quadrant.engine.spec.tree import ancestor_masks
+    from quadrant.layers.attention import LayerKVCache
+
+    parents = [-1, -1, 0, 1, 1]  # root at position 20; nodes at 21..25
+    bits = ancestor_masks(parents)
+    _, k, v = random_cache(7, 10, 2, 16, 32)
+    table = torch.randperm(10, generator=torch.Generator().manual_seed(1))[:3].int()
+    rows = len(bits) + 1  # the tree's 6 tokens, then a plain row
+    tables = table[None].expand(rows, -1).contiguous()
+    seq_lens = torch.tensor([21 + j for j in range(6)] + [30], dtype=torch.int32)  # a token sees up to itself
+    tree_start = torch.tensor([20] * 6 + [30], dtype=torch.int32)
+    tree_mask = torch.tensor(bits + [-1])
+    q = torch.randn(rows, 4, 32)
+    ancestors = [[0]]
+    for i, p in enumerate(parents):
+        ancestors.append(ancestors[p + 1] + [i + 1])
+    ref = torch.empty(rows, 4, 32, dtype=torch.float64)
+    for r in range(rows):
+        keep = list(range(20)) + [20 + j for j in ancestors[r]] if r < 6 else list(range(30))
+        index = torch.tensor(keep)
+        kk = k[table.long()].double().permute(1, 0, 2, 3).reshape(2, -1, 32)[:, index]  # [Hk, S', D]
+        vv = v[table.long()].double().permute(1, 0, 2, 3).reshape(2, -1, 32)[:, index]
+        for h in range(4):
+            ref[r, h] = torch.softmax(kk[h // 2] @ q[r, h].double() * 0.2, 0) @ vv[h // 2]
+    native = cn.paged_decode(q, k, v, tables, seq_lens, 0.2, tree_start, tree_mask)
+    torch.testing.assert_close(native.double(), ref, rtol=0, atol=2e-5)
+    op = cn.paged_decode_op(q, k, v, tables, seq_lens, 0.2, tree_start, tree_mask)
+    torch.testing.assert_close(op, native, rtol=0, atol=1e-6)
+    layer = type("Layer", (), {"kv_cache": LayerKVCache(k, v), "scale": 0.2, "logit_softcap": None,
+                               "sliding_window": None})()
+    gathered = attn_backends._paged_decode(layer, q, tables, seq_lens, 30, True, tree_start, tree_mask)
+    torch.testing.assert_close(gathered.double(), ref, rtol=0, atol=2e-5)
+
+
 def test_custom_op_traces_in_compiled_code():
     _, k, v = random_cache(5, 6, 2, 16, 16)
     q, tables, lens = torch.randn(2, 4, 16), torch.tensor([[0, 3], [5, 1]], dtype=torch.int32), torch.tensor(

@@ -12,6 +12,8 @@ whose best-weighted nodes fill the request's draft budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from quadrant.engine.request import Request
@@ -55,9 +57,12 @@ def occurrences(tokens: np.ndarray, n_min: int, n_max: int, limit: int) -> list[
     return starts
 
 
-def lookup_tree(tokens: np.ndarray, k: int, n_min: int, n_max: int, branches: int) -> tuple[list[int], list[int]]:
+def lookup_tree(tokens: np.ndarray, k: int, n_min: int, n_max: int, branches: int,
+                room: Callable[[int], int] | None = None) -> tuple[list[int], list[int]]:
     """A tree of up to k nodes (tokens, parents) from the continuations of up to `branches` distinct
-    earlier occurrences; empty when the last n-gram never occurred before."""
+    earlier occurrences; empty when the last n-gram never occurred before. `room`: the nodes a tree may
+    hold given its best continuation's length (where step costs come in steps, the other branches fill
+    what that continuation's step costs anyway)."""
     weights: dict[tuple[int, ...], float] = {}
     weight = 1.0
     for start in occurrences(tokens, n_min, n_max, 4 * branches):  # repeats merge: look a little further
@@ -65,7 +70,10 @@ def lookup_tree(tokens: np.ndarray, k: int, n_min: int, n_max: int, branches: in
         if continuation and (continuation in weights or len(weights) < branches):
             weights[continuation] = weights.get(continuation, 0.0) + weight
         weight *= _BRANCH_WEIGHT
-    return merge_branches([(w, c) for c, w in weights.items()], k, _DEPTH_DECAY)
+    if not weights:
+        return [], []
+    budget = k if room is None else max(1, min(k, room(len(next(iter(weights))))))
+    return merge_branches([(w, c) for c, w in weights.items()], budget, _DEPTH_DECAY)
 
 
 class NgramProposer:
@@ -75,13 +83,16 @@ class NgramProposer:
     def __init__(self, n_min: int, n_max: int, branches: int = 1) -> None:
         self.n_min, self.n_max = n_min, n_max
         self.branches = branches
+        # Trees: the nodes a request's tree may hold given its best continuation's length (set by the engine
+        # where steps run padded graphs); None: the request's whole draft budget.
+        self.room: Callable[[int], int] | None = None
 
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         drafts: Drafts = {}
         for req, k in asks:
             tokens = np.asarray(req.all_token_ids, dtype=np.int64)
             if self.branches > 1 and k > 1:
-                found, parents = lookup_tree(tokens, k, self.n_min, self.n_max, self.branches)
+                found, parents = lookup_tree(tokens, k, self.n_min, self.n_max, self.branches, self.room)
                 if found:
                     drafts[req.request_id] = Draft(found, parents=None if is_chain(parents) else parents)
                 continue

@@ -10,6 +10,7 @@
 // Cache layout: K and V each [num_blocks, Hk, block_size, D] (engine/kv_cache.py, head-major).
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -49,14 +50,22 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
+// Whether position s is attended by a query whose speculative token tree span starts at `span` with
+// ancestor bits `bits` (bit j: the span's j-th position); positions before the span always are.
+static inline int in_tree(int64_t s, int64_t span, int64_t bits) {
+    return s < span || (((uint64_t)bits >> (s - span)) & 1u);
+}
+
 // One sequence's one KV head: the G query heads q [G, D] over its S cached positions -> out [G, D].
-// scores: scratch of G * S floats; acc: G * D floats.
+// scores: scratch of G * S floats; acc: G * D floats. Positions from `span` on count only where their
+// bit is set in `bits` (span >= S: none masked).
 static void attend_head(const float *q, const float *kc, const float *vc, const int32_t *table, int64_t S,
-                        int64_t Hk, int64_t h, int64_t BS, int64_t D, int64_t G, float scale, float *scores,
-                        float *acc, float *out) {
+                        int64_t span, int64_t bits, int64_t Hk, int64_t h, int64_t BS, int64_t D, int64_t G,
+                        float scale, float *scores, float *acc, float *out) {
     for (int64_t s = 0; s < S; s++) {
         const int64_t row = (((int64_t)table[s / BS] * Hk + h) * BS + s % BS) * D;
-        for (int64_t g = 0; g < G; g++) scores[g * S + s] = dot(q + g * D, kc + row, D) * scale;
+        const int keep = in_tree(s, span, bits);
+        for (int64_t g = 0; g < G; g++) scores[g * S + s] = keep ? dot(q + g * D, kc + row, D) * scale : -INFINITY;
     }
     for (int64_t g = 0; g < G; g++) {
         float *p = scores + g * S;
@@ -79,10 +88,11 @@ static void attend_head(const float *q, const float *kc, const float *vc, const 
             for (int64_t i = s; i < S; i++) p[i] = e[i - s], sum += e[i - s];
         }
         const float inv = 1.0f / sum;
-        for (s = 0; s < S; s++) p[s] *= inv;
+        for (s = 0; s < S; s++) p[s] = in_tree(s, span, bits) ? p[s] * inv : 0.0f;  // exp8 floors at e^-87
     }
     for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
     for (int64_t s = 0; s < S; s++) {
+        if (!in_tree(s, span, bits)) continue;
         const float *v = vc + (((int64_t)table[s / BS] * Hk + h) * BS + s % BS) * D;
         for (int64_t g = 0; g < G; g++) {
             const __m256 w = _mm256_set1_ps(scores[g * S + s]);
@@ -94,11 +104,13 @@ static void attend_head(const float *q, const float *kc, const float *vc, const 
     for (int64_t i = 0; i < G * D; i++) out[i] = acc[i];
 }
 
-// q [B, Hq, D], tables [B, W] int32, seq_lens [B] int32 (each >= 1) -> out [B, Hq, D].
+// q [B, Hq, D], tables [B, W] int32, seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]. tree_start [B]
+// int32 and tree_bits [B] int64, or both NULL: rows verifying a speculative token tree, each attending
+// to the positions before its tree's span and to its ancestors in it (AttentionMetadata.tree_mask).
 // Returns 0 on success, 1 when scratch memory ran out, 2 for a shape it does not take.
 int paged_decode_f32(const float *q, const float *kc, const float *vc, const int32_t *tables, int64_t W,
-                     const int32_t *seq_lens, int64_t B, int64_t Hq, int64_t Hk, int64_t BS, int64_t D,
-                     float scale, float *out) {
+                     const int32_t *seq_lens, const int32_t *tree_start, const int64_t *tree_bits, int64_t B,
+                     int64_t Hq, int64_t Hk, int64_t BS, int64_t D, float scale, float *out) {
     if (D % 8 != 0 || Hk <= 0 || Hq % Hk != 0) return 2;
     const int64_t G = Hq / Hk;
     int64_t max_len = 1;
@@ -118,8 +130,10 @@ int paged_decode_f32(const float *q, const float *kc, const float *vc, const int
         for (int64_t b = 0; b < B; b++) {
             for (int64_t h = 0; h < Hk; h++) {
                 if (!scores) continue;
-                attend_head(q + (b * Hq + h * G) * D, kc, vc, tables + b * W, seq_lens[b], Hk, h, BS, D, G, scale,
-                            scores, scores + G * max_len, out + (b * Hq + h * G) * D);
+                const int64_t span = tree_start ? tree_start[b] : seq_lens[b];
+                attend_head(q + (b * Hq + h * G) * D, kc, vc, tables + b * W, seq_lens[b], span,
+                            tree_bits ? tree_bits[b] : -1, Hk, h, BS, D, G, scale, scores, scores + G * max_len,
+                            out + (b * Hq + h * G) * D);
             }
         }
         free(scores);

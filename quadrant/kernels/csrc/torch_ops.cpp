@@ -15,7 +15,8 @@ typedef int (*q4_gemm_fn)(const float *, int64_t, int64_t, const uint8_t *, cons
 typedef int (*q8_gemm_fn)(const float *, int64_t, int64_t, const uint8_t *, const float *, int64_t, const float *,
                           float *);
 typedef int (*paged_decode_fn)(const float *, const float *, const float *, const int32_t *, int64_t,
-                               const int32_t *, int64_t, int64_t, int64_t, int64_t, int64_t, float, float *);
+                               const int32_t *, const int32_t *, const int64_t *, int64_t, int64_t, int64_t, int64_t,
+                               int64_t, float, float *);
 
 static q4_gemm_fn q4_gemm = nullptr;
 static q8_gemm_fn q8_gemm = nullptr;
@@ -75,15 +76,24 @@ at::Tensor q8_mm(const at::Tensor &x, const at::Tensor &codes, const at::Tensor 
 }
 
 at::Tensor paged_decode(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
-                        const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
+                        const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale,
+                        const std::optional<at::Tensor> &tree_start, const std::optional<at::Tensor> &tree_mask) {
     TORCH_CHECK(paged_decode_f32 != nullptr, "quadrant's native kernels are not loaded");
+    TORCH_CHECK(tree_start.has_value() == tree_mask.has_value(), "tree_start and tree_mask come together");
     auto qc = q.contiguous();
     auto tables = block_tables.to(at::kInt).contiguous();
     auto lens = seq_lens.to(at::kInt).contiguous();
+    at::Tensor starts, bits;
+    if (tree_start.has_value()) {
+        starts = tree_start->to(at::kInt).contiguous();
+        bits = tree_mask->to(at::kLong).contiguous();
+    }
     auto out = at::empty_like(qc);
     int rc = paged_decode_f32(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                              tables.data_ptr<int32_t>(), tables.size(1), lens.data_ptr<int32_t>(), qc.size(0),
-                              qc.size(1), k_cache.size(1), k_cache.size(2), qc.size(2), static_cast<float>(scale),
+                              tables.data_ptr<int32_t>(), tables.size(1), lens.data_ptr<int32_t>(),
+                              starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
+                              bits.defined() ? bits.data_ptr<int64_t>() : nullptr, qc.size(0), qc.size(1),
+                              k_cache.size(1), k_cache.size(2), qc.size(2), static_cast<float>(scale),
                               out.data_ptr<float>());
     TORCH_CHECK(rc != 1, "native paged decode: out of memory for its score scratch");
     TORCH_CHECK(rc == 0, "native paged decode cannot take q ", qc.sizes(), " over a cache ", k_cache.sizes(),
