@@ -1,7 +1,7 @@
 """GPU decode: quadrant against the weight-streaming roofline and Hugging Face transformers, in one run.
 
     python benchmarks/gpu_decode.py                  # all workloads, H100-sized (about 6-8 minutes)
-    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention (--sweep), profile
+    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention (--sweep), profile, verify
     python benchmarks/gpu_decode.py --smoke          # tiny shapes: checks the script itself (CPU works)
 
 Random weights of real architectures (--load-format dummy with the configs shipped in
@@ -17,6 +17,8 @@ quadrant/model_configs), bf16. Measured in the same run:
 5. decode attention alone (the paged split-KV kernel) at 8k-32k context, batch 32-128,
    bf16, fp8 and int8 caches: achieved bandwidth (bytes actually read) against the copy bandwidth.
 6. profile (asked for by name): torch.profiler over batch-1 decode steps of the SmolLM2-135M shape.
+7. verify (asked for by name): a speculative verification step (8 drafts per row, a chain or a token
+   tree) against the one-token decode step, Llama-3-8B shape, batch 1, 8 and 64.
 Prints one table; --json writes the figures.
 """
 
@@ -309,6 +311,61 @@ def bench_attention(ctx: Context, sweep: bool = False) -> None:
             _free(ctx)
 
 
+def bench_verify(ctx: Context) -> None:
+    """Speculative verification's price: a decode step of B requests whose rows carry k drafts (a chain,
+    or a token tree of k nodes in three branches) against the plain one-token step (CUDA graphs where
+    they run), Llama-3-8B shape, 512-token contexts. The runner's step alone, median of 20 after warm-up;
+    a ratio of r means verifying pays once a row's accepted drafts average more than r - 1."""
+    from quadrant.engine.step import NewRequest, ScheduledRow, StepInput
+
+    engine = engine_for(ctx, "llama-3-8b", max_num_seqs=64, kv_memory=(64 << 20) if ctx.smoke else (8 << 30),
+                        budget=4096)
+    runner = engine.runner
+    block = engine.config.cache.block_size
+    ctx_len, k = (24, 4) if ctx.smoke else (512, 8)
+    per_request = -(-(ctx_len + k + 1) // block)
+    rng = random.Random(2)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+    chain = ([rng.randrange(vocab) for _ in range(k)], None)
+    third = k // 3
+    tree_parents = [-1] + list(range(k - 2 * third - 1)) + [-1] + [k - 2 * third + i for i in range(third - 1)] + \
+        [-1] + [k - third + i for i in range(third - 1)]  # three branches, the first the longest
+    tree = ([rng.randrange(vocab) for _ in range(k)], tree_parents)
+
+    def timed(step: StepInput, repeats: int = 20) -> float:
+        times = []
+        for i in range(repeats + 3):
+            ctx.sync()
+            t = time.perf_counter()
+            runner.execute(step)
+            ctx.sync()
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    for batch in (1, 8) if ctx.smoke else (1, 8, 64):
+        if batch * per_request > engine.kv.pool.num_blocks:
+            continue
+        ids = [f"verify-{batch}-{i}" for i in range(batch)]
+        news = [NewRequest(rid, [rng.randrange(vocab) for _ in range(ctx_len)], [], params, None,
+                           list(range(i * per_request, (i + 1) * per_request))) for i, rid in enumerate(ids)]
+        runner.execute(StepInput(new_requests=news, rows=[ScheduledRow(rid, 0, ctx_len) for rid in ids]))  # prefill
+
+        def step(drafts: tuple[list[int], list[int] | None]) -> StepInput:  # the last prompt token again, then drafts
+            tokens, parents = drafts
+            return StepInput(rows=[ScheduledRow(rid, ctx_len - 1, 1 + len(tokens), tokens, None, parents) for rid in ids])
+
+        plain = timed(step(([], None)))
+        for name, drafts in (("chain", chain), ("tree (3 branches)", tree)):
+            t = timed(step(drafts))
+            ctx.rows.append(Row(f"verify {k} drafts, {name}, batch {batch}", t * 1e3, plain * 1e3,
+                                "one-token decode step", "ms", f"{batch * (1 + k)} tokens a step"))
+        runner.execute(StepInput(finished_request_ids=ids))
+    del engine, runner
+    _free(ctx)
+
+
 def profile_decode(ctx: Context, name: str, steps: int = 64) -> None:
     """Where a batch-1 decode step's time goes: torch.profiler over `steps` steps, the top kernels
     and host functions by time, and the wall time per step (printed, not a row)."""
@@ -338,7 +395,7 @@ def profile_decode(ctx: Context, name: str, steps: int = 64) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention", "profile"],
+    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention", "profile", "verify"],
                     default=["batch1", "small", "throughput", "attention"])
     ap.add_argument("--sweep", action="store_true", help="attention: also time the other kernel tiles")
     ap.add_argument("--overlap", action="store_true",
@@ -351,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"batch1": lambda: bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape"),
               "small": lambda: bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape"),
               "throughput": lambda: bench_throughput(ctx), "attention": lambda: bench_attention(ctx, args.sweep),
-              "profile": lambda: profile_decode(ctx, "smollm2-135m")}
+              "profile": lambda: profile_decode(ctx, "smollm2-135m"), "verify": lambda: bench_verify(ctx)}
     for name, stage in stages.items():
         if name in args.only:
             done = len(ctx.rows)

@@ -670,6 +670,9 @@ class EngineConfig:
             raise ValueError(f"attention backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load format must be auto or dummy, got {self.load_format!r}")
+        if self.speculative.tree_branches > 1 and self.kv_transfer.role != "both":
+            raise ValueError("token trees do not combine with --role prefill/decode yet: a verified tree's KV moves "
+                             "wait for the next step, and a pulled prompt may land in the blocks they target first")
         if self.speculative.tree_branches > 1 and self.cache.quantized:
             raise ValueError("token trees move accepted K/V between slots, which 8-bit caches' shared scales do not "
                              "allow: use --kv-cache-dtype auto or --speculative-tree-branches 1")

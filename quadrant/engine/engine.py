@@ -32,7 +32,7 @@ from quadrant.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutp
 from quadrant.engine.spec.ngram import NgramProposer
 from quadrant.engine.spec.policy import SpeculationPolicy
 from quadrant.engine.spec.proposer import Proposer, SpecStats, make_proposer
-from quadrant.engine.spec.tree import depths, first_chain
+from quadrant.engine.spec.tree import best_line, depths
 from quadrant.engine.step import Pooled, PromptLogprobs, StepEncoder, StepOutput
 from quadrant.engine.structured import GrammarError, StructuredOutputs
 from quadrant.engine.worker import Worker
@@ -411,9 +411,10 @@ class LLMEngine:
             req = by_id[rid]
             tokens, probs, parents = draft.tokens, draft.probs, draft.parents
             if req.grammar is not None:  # drafts the grammar refuses are never verified
-                # (its masks follow one line of tokens: a tree keeps its first chain)
-                keep = StructuredOutputs.valid_prefix(req.grammar, tokens[: first_chain(parents)] if parents else tokens)
-                tokens, probs, parents = tokens[:keep], (probs[:keep] if probs is not None and keep else None), None
+                if parents is not None:  # its masks follow one line of tokens: a tree keeps its best line
+                    tokens, parents = [tokens[i] for i in best_line(parents)], None
+                keep = StructuredOutputs.valid_prefix(req.grammar, tokens)
+                tokens, probs = tokens[:keep], (probs[:keep] if probs is not None and keep else None)
             req.draft_token_ids, req.draft_probs, req.draft_parents = tokens, probs, parents
 
     def _shadow_drafts(self, requests: list[Request]) -> None:

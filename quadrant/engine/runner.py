@@ -96,7 +96,9 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
         if any(row.draft_parents is not None for _, row in batch):
-            meta.tree_start, meta.tree_mask = self._tree_masks(batch, starts, seq_lens)
+            meta.tree_start_cpu, tree_bits = self._tree_masks(batch, starts, seq_lens)
+            meta.tree_start = torch.tensor(meta.tree_start_cpu, dtype=torch.int32, device=dev)
+            meta.tree_mask = torch.tensor(tree_bits, dtype=torch.int64, device=dev)
         if self.backend is TRITON_BACKEND and meta.max_query_len == 1:
             from quadrant.kernels.paged_decode import num_sms, plan_splits
 
@@ -136,7 +138,8 @@ class ModelRunner:
                 last = positions[end - n - 1]
                 positions[end - n : end] = [last + d for d in depths(row.draft_parents)]
 
-    def _tree_masks(self, batch: Batch, starts: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _tree_masks(batch: Batch, starts: list[int], seq_lens: list[int]) -> tuple[list[int], list[int]]:
         """AttentionMetadata.tree_start [B] and tree_mask [T]: tree rows attend within their span by
         ancestry; every other token's bits are all set and its row's span starts past its context."""
         span_starts = list(seq_lens)
@@ -146,8 +149,7 @@ class ModelRunner:
                 n = len(row.draft_parents)
                 span_starts[b] = seq_lens[b] - n - 1
                 bits[starts[b + 1] - n - 1 : starts[b + 1]] = ancestor_masks(row.draft_parents)
-        return (torch.tensor(span_starts, dtype=torch.int32, device=self.device),
-                torch.tensor(bits, dtype=torch.int64, device=self.device))
+        return span_starts, bits
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
@@ -312,8 +314,7 @@ class ModelRunner:
         if any(row.draft_parents is not None for _, row in batch):
             self._tree_positions(batch, positions, starts)
             spans, bits = self._tree_masks(batch, starts, seq_lens)
-            tree = ([s for s, (_, row) in zip(spans.tolist(), batch) for _ in range(row.num_new_tokens)],
-                    bits.tolist())
+            tree = ([s for s, (_, row) in zip(spans, batch) for _ in range(row.num_new_tokens)], bits)
         return self._compiled_logits(input_ids, positions, slots, lengths, tables, tree)
 
     def _compiled_logits(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],

@@ -113,7 +113,7 @@ def _prefill_kernel(
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
             allowed = allowed & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
             if TREE:
-                shift = tl.maximum(pos - span, 0).to(tl.int64)
+                shift = tl.minimum(tl.maximum(pos - span, 0), 63).to(tl.int64)  # (lanes past the keys: >= 64)
                 ancestor = ((bits[:, None] >> shift[None, :]) & 1) != 0
                 allowed = allowed & (ancestor | (pos < span)[None, :])
             acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, allowed, k_cache, v_cache, k_scale, v_scale,

@@ -79,6 +79,7 @@ class AttentionMetadata:
     # bits over its row's span [T] int64 (bit j: the span's j-th token). Keys in a span are attended only
     # where the query's bit is set; the rest of the context as usual.
     tree_start: torch.Tensor | None = None
+    tree_start_cpu: list[int] | None = None  # its host copy (the torch backend reads it without a device sync)
     tree_mask: torch.Tensor | None = None
     # Called after each layer has written its K/V (eager steps of a prefill engine: decode engines pull a
     # prompt layer by layer while the later layers run).

@@ -100,7 +100,7 @@ def torch_attention(
                                               meta.seq_lens[:num_decodes], max(meta.seq_lens_cpu[:num_decodes]))
         else:
             num_decodes = 0
-    spans = meta.tree_start.tolist() if meta.tree_start is not None and use_cache else None
+    spans = meta.tree_start_cpu if use_cache else None
     for i in range(num_decodes, num_seqs):
         qs, qe = starts[i], starts[i + 1]
         if qe == qs:

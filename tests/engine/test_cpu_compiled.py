@@ -85,27 +85,27 @@ def test_verification_steps_run_through_the_decode_graphs(tiny, compiling):
     assert set(engine.runner.compiled.seconds) >= {4}  # and were timed for the policy
 
 
-def test_token_tree_verification_runs_through_the_decode_graphs(tiny, compiling):
+def test_token_tree_verification_runs_through_the_decode_graphs(tiny, prompts, reference, compiling):
     """Token trees on CPU: each tree token a decode row of the compiled graph, masked to its ancestors.
-    n-gram trees of three continuations (unigram lookups: the tiny model's output repeats tokens with
-    different successors) give transformers' greedy tokens, with tree verifications run compiled."""
-    from tests.engine.conftest import hf_greedy
+    Trees whose accepted path always lies off the first branch (tests/engine/test_spec_trees.py) give
+    transformers' greedy tokens, verified compiled, their K/V moved to a chain's slots every time."""
+    from tests.engine.test_spec_trees import oracle_engine
 
-    phrase = [5, 17, 99, 3]
-    prompt = phrase + [40, 41, 42] + phrase + [50, 51, 52] + phrase + [60, 61] + phrase * 3
-    spec = SpeculativeConfig("ngram", 3, draft_cost=0.0, tree_branches=3, prompt_lookup_min=1)
-    engine = make_engine(tiny[0], max_num_seqs=1, speculative=spec)
-    assert engine.compile_decode([1, 4])
+    engine = oracle_engine(tiny[0], prompts[:1], reference[:1], max_num_seqs=1)
+    assert engine.compile_decode([1, 8])
     ran = count_compiled_steps(engine.runner)
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    assert run_all(engine, [prompt], params) == [hf_greedy(tiny[1], prompt, 24)]
-    assert engine.spec_stats.num_tree_verifications > 0
-    assert 4 in ran
+    moves, execute = [], engine.runner.execute
+    engine.runner.execute = lambda step: (moves.append(len(step.kv_moves)), execute(step))[1]
+    assert run_all(engine, prompts[:1]) == reference[:1]
+    stats = engine.spec_stats
+    assert stats.num_tree_verifications == stats.num_verifications > 3
+    assert sum(n >= 5 for n in ran) >= 3 and sum(moves) > 3  # tree steps of 5+ rows ran compiled
 
 
 def test_compiled_step_costs_follow_measured_times():
-    """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed, then the
-    graph's measured time over the one-row graph's, and the eager ratio past the largest graph."""
+    """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed (when it
+    compiled, then by steps), the graph's measured time over the one-row graph's, and the eager ratio
+    past the largest graph."""
     compiled = CompiledDecode(object(), 4, 10, 16)
     compiled.ready = {1, 2, 4, 8, 16}
     assert compiled.step_cost(3) == pytest.approx(1.75)  # padded to 4 rows
@@ -115,6 +115,17 @@ def test_compiled_step_costs_follow_measured_times():
     assert compiled.step_cost(17) == pytest.approx(2.5 * (1 + 0.25 * 16))
     compiled.ready = {1}
     assert compiled.step_cost(2) == pytest.approx(2.5 * 1.25)  # no graph yet: eager
+    compiled.ready, compiled.calibrated = {1, 2, 4}, {2: 1.8}
+    assert compiled.step_cost(2) == pytest.approx(1.8)  # timed when it compiled, not yet by a step
+    assert compiled.step_cost(4) == pytest.approx(1.75)  # neither: the prior
+
+
+def test_graphs_are_timed_against_the_one_row_graph_when_they_compile(tiny, compiling):
+    engine = make_engine(tiny[0], max_num_seqs=4)
+    compiled = engine.runner.compiled
+    assert engine.compile_decode([2, 1])  # (in either order, each pair is timed once both exist)
+    assert set(compiled.calibrated) == {2} and compiled.calibrated[2] > 0
+    assert compiled.step_cost(2) == compiled.calibrated[2]
 
 
 def test_a_graph_that_cannot_build_leaves_the_eager_path(tiny, prompts, reference, compiling, monkeypatch):

@@ -11,11 +11,11 @@ import torch
 from scipy.stats import chisquare
 
 from quadrant import SamplingParams
-from quadrant.config import SpeculativeConfig
+from quadrant.config import EngineConfig, KVTransferConfig, SpeculativeConfig
 from quadrant.engine.request import Request
 from quadrant.engine.spec.ngram import lookup, lookup_tree
 from quadrant.engine.spec.proposer import Draft, Drafts
-from quadrant.engine.spec.tree import (accepted_path, ancestor_masks, depths, first_chain, merge_branches,
+from quadrant.engine.spec.tree import (accepted_path, ancestor_masks, best_line, depths, merge_branches,
                                        path_moves)
 from quadrant.engine.spec.verify import verify_tree
 from quadrant.engine.step import WorkerRequest
@@ -36,7 +36,7 @@ def test_tree_helpers():
     assert accepted_path(parents, tokens, [8, 10, 11]) == [1, 3, 4]
     assert path_moves([1, 3, 4]) == [(1, 0), (3, 1), (4, 2)]
     assert path_moves([0, 2]) == [(2, 1)]
-    assert first_chain(parents) == 1 and first_chain([-1, 0, 1]) == 3
+    assert best_line(parents) == [0, 2] and best_line([-1, 0, 1]) == [0, 1, 2] and best_line([]) == []
     # 63 nodes in a chain: the last mask has bit 63 set and must stay a valid int64
     assert torch.tensor(ancestor_masks(list(range(-1, 62)))).dtype == torch.int64
 
@@ -105,16 +105,17 @@ class OracleTrees:
     free = False
     last_forwards = None
 
-    def __init__(self, references: dict[tuple[int, ...], list[int]]) -> None:
+    def __init__(self, references: dict[tuple[int, ...], list[int]], cut_odd: bool = True) -> None:
         self.references = references
+        self.cut_odd = cut_odd  # False: the second branch is right to its end
 
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         drafts: Drafts = {}
         for req, k in asks:
-            truth = self.references[tuple(req.prompt_ids)][len(req.output_ids):][:k]
+            truth = self.references.get(tuple(req.prompt_ids), [])[len(req.output_ids):][:k]
             if not truth:
                 continue
-            if len(req.output_ids) % 2:
+            if self.cut_odd and len(req.output_ids) % 2:
                 truth = truth[:-1] + [(truth[-1] + 1) % 256]
             wrong = (truth[0] + 1) % 256
             tokens, parents = [wrong, truth[0], (wrong + 5) % 256], [-1, -1, 0]
@@ -133,9 +134,9 @@ class OracleTrees:
         pass
 
 
-def _oracle_engine(path, prompts, references, **options):
+def oracle_engine(path, prompts, references, cut_odd=True, **options):
     engine = make_engine(path, speculative=SpeculativeConfig("ngram", 4, draft_cost=0.0, tree_branches=2), **options)
-    engine.proposer = OracleTrees({tuple(p): r for p, r in zip(prompts, references)})
+    engine.proposer = OracleTrees({tuple(p): r for p, r in zip(prompts, references)}, cut_odd)
     return engine
 
 
@@ -143,7 +144,7 @@ def _oracle_engine(path, prompts, references, **options):
 def test_trees_greedy_identical_with_paths_off_the_first_branch(tiny, prompts, reference, regime):
     path, _ = tiny
     options = {"batched": {}, "tiny-pool": {"num_blocks": 30, "budget": 16}}[regime]
-    engine = _oracle_engine(path, prompts, reference, **options)
+    engine = oracle_engine(path, prompts, reference, **options)
     assert run_all(engine, prompts) == reference
     stats = engine.spec_stats
     assert stats.num_tree_verifications == stats.num_verifications > 10
@@ -153,11 +154,27 @@ def test_trees_greedy_identical_with_paths_off_the_first_branch(tiny, prompts, r
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
 
 
+def test_prefix_cache_reuses_blocks_whose_tree_moves_came_after_their_request_ended(tiny, prompts, reference):
+    """A request ends at a verification whose accepted path still has to move; its blocks are cached as
+    it ends. A second request continuing its text reuses them (prefix cache) and must read the moved K/V:
+    it continues exactly as transformers does."""
+    path, _ = tiny
+    engine = oracle_engine(path, prompts[:1], reference[:1], cut_odd=False)
+    # 1 token from the prompt's step, then two verifications of 4 drafts each taking all 4 and one more.
+    first = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)
+    assert run_all(engine, prompts[:1], first) == [reference[0][:11]]
+    assert engine.spec_stats.num_verifications == 2 and engine.scheduler.kv_moves  # still to move
+    second = prompts[0] + reference[0][:11]
+    assert run_all(engine, [second], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) == \
+        [reference[0][11:19]]
+    assert engine.kv.hit_rate > 0
+
+
 def test_trees_through_the_triton_kernels(tiny, prompts, reference):
     """The varlen kernel's tree mask under the interpreter (kept short)."""
     path, _ = tiny
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    engine = _oracle_engine(path, prompts[:2], reference[:2], attention_backend="triton")
+    engine = oracle_engine(path, prompts[:2], reference[:2], attention_backend="triton")
     assert run_all(engine, prompts[:2], params) == [r[:8] for r in reference[:2]]
     assert engine.spec_stats.num_accepted_tokens > 0
 
@@ -166,7 +183,7 @@ def test_tree_logprobs_match_plain_decoding(tiny, prompts, reference):
     path, _ = tiny
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
     outs = []
-    for engine in (make_engine(path), _oracle_engine(path, prompts[:1], reference[:1])):
+    for engine in (make_engine(path), oracle_engine(path, prompts[:1], reference[:1])):
         engine.add_request(prompts[0], params, request_id="r")
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -197,3 +214,6 @@ def test_tree_settings_refused_clearly(tiny):
         SpeculativeConfig("draft", 3, tree_branches=2)
     with pytest.raises(ValueError, match="8-bit caches"):
         make_engine(tiny[0], cache_dtype="int8", speculative=SpeculativeConfig("ngram", 3, tree_branches=2))
+    with pytest.raises(ValueError, match="--role prefill/decode"):
+        EngineConfig(tiny[0], kv_transfer=KVTransferConfig(role="decode"),
+                     speculative=SpeculativeConfig("ngram", 3, tree_branches=2))

@@ -60,12 +60,14 @@ def accepted_path(parents: Sequence[int], tokens: Sequence[int], accepted: Seque
     return path
 
 
-def first_chain(parents: Sequence[int]) -> int:
-    """How many leading nodes form a chain from the root (node i's parent being i - 1)."""
-    n = 0
-    while n < len(parents) and parents[n] == n - 1:
-        n += 1
-    return n
+def best_line(parents: Sequence[int]) -> list[int]:
+    """The nodes of the line that takes the first child at every level (a drafted tree lists siblings
+    best first): its best continuation."""
+    line, node = [], -1
+    while (child := next((i for i, p in enumerate(parents) if p == node), None)) is not None:
+        line.append(child)
+        node = child
+    return line
 
 
 def path_moves(path: Sequence[int]) -> list[tuple[int, int]]:

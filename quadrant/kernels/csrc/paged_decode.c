@@ -53,7 +53,7 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 // Whether position s is attended by a query whose speculative token tree span starts at `span` with
 // ancestor bits `bits` (bit j: the span's j-th position); positions before the span always are.
 static inline int in_tree(int64_t s, int64_t span, int64_t bits) {
-    return s < span || (((uint64_t)bits >> (s - span)) & 1u);
+    return s < span || (s - span < 64 && (((uint64_t)bits >> (s - span)) & 1u));
 }
 
 // One sequence's one KV head: the G query heads q [G, D] over its S cached positions -> out [G, D].
