@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from typing import Any
 
 import torch
@@ -58,9 +57,6 @@ class CompiledDecode:
             self.sizes.append(next(s for s in BATCH_SIZES if s >= max_batch))
         self.ready: set[int] = set()
         self.seconds: dict[int, float] = {}  # padded batch size -> decayed mean time of a step (LM head included)
-        # Padded batch size -> its step's time over the one-row step's, timed once right after it compiled:
-        # the speculation policy's cost until real steps have timed both.
-        self.calibrated: dict[int, float] = {}
         self.failed = False
         self._queued: set[int] = set()
         self._lock = threading.Lock()  # guards _queued
@@ -131,8 +127,6 @@ class CompiledDecode:
         if bs is not None and bs in self.ready and not self.failed:
             if one is not None and bs in self.seconds:
                 return self.seconds[bs] / one
-            if bs in self.calibrated:
-                return self.calibrated[bs]
             return 1.0 + _PRIOR_ROW_COST * (bs - 1)
         return EAGER_RATIO * (1.0 + _PRIOR_ROW_COST * (rows - 1))
 
@@ -173,7 +167,7 @@ class CompiledDecode:
         for bs in tqdm(self.sizes, desc="compile CPU decode graphs", unit=" graphs"):
             with self._lock:
                 self._queued.add(bs)
-            self._compile(bs, compile_threads=self._threads, calibrate=True)  # nothing else runs yet: all cores
+            self._compile(bs, compile_threads=self._threads)  # nothing else runs yet: all cores
 
     def compile_now(self, num_seqs: int) -> bool:
         """Compile the graph for num_seqs rows on this thread, waiting for a background compile if one
@@ -183,12 +177,10 @@ class CompiledDecode:
         bs = next(s for s in self.sizes if s >= num_seqs)
         with self._lock:
             self._queued.add(bs)
-        self._compile(bs, calibrate=True)
+        self._compile(bs)
         return bs in self.ready
 
-    def _compile(self, bs: int, compile_threads: int | None = None, calibrate: bool = False) -> None:
-        """`calibrate`: time the graph against the one-row graph once it is built (foreground compiles only:
-        beside running steps the timings would be theirs too)."""
+    def _compile(self, bs: int, compile_threads: int | None = None) -> None:
         with self._compile_lock:
             if self.failed or bs in self.ready or not threading.main_thread().is_alive():
                 return
@@ -208,21 +200,3 @@ class CompiledDecode:
                 log.warning("compiled CPU decode unavailable, staying eager: %s", str(e).strip().splitlines()[-1][:300])
                 return
             self.ready.add(bs)
-            for other in sorted(self.ready - {1} if bs == 1 else {bs}) if calibrate else ():
-                self._calibrate(other)
-
-    def _calibrate(self, bs: int, rounds: int = 3) -> None:
-        """Time graph bs against the one-row graph, taking turns (a step running beside them slows both
-        alike), LM head included: the policy's first costs are this machine's, not a prior. A 2-row step
-        measured 1.85 one-row steps where the prior says 1.25, so new requests drafted at a loss."""
-        if 1 not in self.ready:
-            return
-        inputs = {s: self._inputs([0], [0], [self.scratch_slot], [1], [[self.scratch_block]], s) for s in (1, bs)}
-        best = {1: float("inf"), bs: float("inf")}
-        with torch.inference_mode():
-            for _ in range(rounds):
-                for s in (1, bs):
-                    start = time.perf_counter()
-                    self.model.compute_logits(self._compiled(*inputs[s]))
-                    best[s] = min(best[s], time.perf_counter() - start)
-        self.calibrated[bs] = best[bs] / best[1]
