@@ -118,12 +118,23 @@ class CompiledDecode:
             old = self.seconds.get(bs)
             self.seconds[bs] = seconds if old is None else _TIME_DECAY * old + (1 - _TIME_DECAY) * seconds
 
+    def one_row_seconds(self) -> float | None:
+        """A one-row compiled step's time: measured, or, while no one-row step has run (a lone request
+        that verifies drafts at every step), the smallest measured graph's time over its prior cost;
+        None before any compiled step ran."""
+        if 1 in self.seconds:
+            return self.seconds[1]
+        if not self.seconds:
+            return None
+        smallest = min(self.seconds)
+        return self.seconds[smallest] / (1.0 + _PRIOR_ROW_COST * (smallest - 1))
+
     def step_cost(self, rows: int) -> float:
         """A decode-only step of `rows` rows (speculative drafts count as rows), in one-row compiled
         steps: the measured time of its graph, a prior of 1 + 0.25 per padded row until measured,
         and EAGER_RATIO times that where no graph takes it (too large, not compiled yet, failed)."""
         bs = self.padded(rows)
-        one = self.seconds.get(1)
+        one = self.one_row_seconds()
         if bs is not None and bs in self.ready and not self.failed:
             if one is not None and bs in self.seconds:
                 return self.seconds[bs] / one

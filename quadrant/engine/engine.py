@@ -430,7 +430,7 @@ class LLMEngine:
     def _one_token_step_seconds(self) -> float | None:
         """A one-token decode step's time, where it is measured: the compiled CPU graph's (None elsewhere,
         so the policy prices drafts by their verification alone)."""
-        return None if self._compiled is None else self._compiled.seconds.get(1)
+        return None if self._compiled is None else self._compiled.one_row_seconds()
 
     def _grammar_masks(self, out: SchedulerOutput, masks: dict[str, torch.Tensor]) -> None:
         """Structured outputs: the allowed-token bitmasks of the constrained rows that sample this step."""

@@ -114,6 +114,17 @@ def test_compiled_step_costs_follow_measured_times():
     assert compiled.step_cost(17) == pytest.approx(2.5 * (1 + 0.25 * 16))
     compiled.ready = {1}
     assert compiled.step_cost(2) == pytest.approx(2.5 * 1.25)  # no graph yet: eager
+    # Only verification steps so far (a lone request drafting at every step): the one-row step's time is
+    # inferred from the smallest measured graph, so drafting gets priced from the first propose call on.
+    fresh = CompiledDecode(object(), 4, 10, 16)
+    fresh.ready = {1, 2, 4, 8, 16}
+    assert fresh.one_row_seconds() is None
+    fresh.record(4, 0.020)
+    fresh.record(8, 0.050)
+    assert fresh.one_row_seconds() == pytest.approx(0.020 / 1.75)
+    assert fresh.step_cost(7) == pytest.approx(0.050 / (0.020 / 1.75))
+    fresh.record(1, 0.010)
+    assert fresh.one_row_seconds() == 0.010
 
 
 def test_a_graph_that_cannot_build_leaves_the_eager_path(tiny, prompts, reference, compiling, monkeypatch):
