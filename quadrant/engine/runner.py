@@ -277,12 +277,23 @@ class ModelRunner:
 
     def _graph_logits(self, batch: Batch) -> torch.Tensor | None:
         """Logits of every row of a decode-only step replayed from a captured graph (or a compiled
-        one on CPU); None if none fits. On CPU a step that verifies drafts is decode-only too: each of
-        a row's 1 + k tokens runs as a decode row of its own, over the same block table with a context
-        one longer than the token before it. Every layer writes all the step's K/V before attending,
-        so a draft sees the tokens ahead of it, and the graph needs no shape of its own."""
-        if self.compiled is not None and any(row.draft_token_ids for _, row in batch):
-            return self._compiled_verification_logits(batch)
+        one on CPU); None if none fits. A step that verifies drafts is decode-only too: each of a row's
+        1 + k tokens runs as a decode row of its own, over the same block table with a context one
+        longer than the token before it. Every layer writes all the step's K/V before attending, so a
+        draft sees the tokens ahead of it, and the graph needs no shape of its own (a token tree's
+        nodes also carry their ancestor masks: the compiled CPU graphs take them, the CUDA graphs'
+        decode kernel does not, so trees run eagerly there)."""
+        if any(row.draft_token_ids for _, row in batch):
+            rows = self._verification_rows(batch)
+            if rows is None:
+                return None
+            if self.compiled is not None:
+                return self._compiled_logits(*rows)
+            input_ids, positions, slots, lengths, tables, tree = rows
+            if self.graphs is None or tree is not None or \
+                    not self.graphs.fits(len(input_ids), max(len(t) for t in tables)):
+                return None
+            return self.graphs.run(input_ids, positions, slots, lengths, tables)
         if any(row.num_new_tokens != 1 for _, row in batch):
             return None  # (token trees included: the varlen kernel's tree masks)
         if self.compiled is not None:
@@ -296,11 +307,11 @@ class ModelRunner:
         tables = [req.block_table for req, _ in batch]
         return self.graphs.run(input_ids, positions, slots, seq_lens, tables)
 
-    def _compiled_verification_logits(self, batch: Batch) -> torch.Tensor | None:
-        """Logits [T, V] of every token of a step whose rows are all decodes, some with drafts (each
-        row's last token and its drafts, in batch order); None if a row is a prefill chunk or the
-        step has more tokens than the largest compiled graph takes."""
-        assert self.compiled is not None
+    def _verification_rows(self, batch: Batch) -> tuple[list[int], list[int], list[int], list[int], list[list[int]],
+                                                        tuple[list[int], list[int]] | None] | None:
+        """A step whose rows are all decodes, some with drafts, as one decode row per token (each row's last
+        token and its drafts, in batch order): input ids, positions, slots, context lengths, block tables
+        and, with token trees, each row's span start and ancestor bits; None if a row is a prefill chunk."""
         if any(row.num_new_tokens != 1 + len(row.draft_token_ids)
                or row.num_computed_tokens + 1 != req.num_tokens for req, row in batch):
             return None
@@ -315,7 +326,7 @@ class ModelRunner:
             self._tree_positions(batch, positions, starts)
             spans, bits = self._tree_masks(batch, starts, seq_lens)
             tree = ([s for s, (_, row) in zip(spans, batch) for _ in range(row.num_new_tokens)], bits)
-        return self._compiled_logits(input_ids, positions, slots, lengths, tables, tree)
+        return input_ids, positions, slots, lengths, tables, tree
 
     def _compiled_logits(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
                          tables: list[list[int]], tree: tuple[list[int], list[int]] | None = None) -> torch.Tensor | None:

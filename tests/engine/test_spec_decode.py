@@ -63,14 +63,23 @@ def test_greedy_identical_with_every_proposer(tiny, spec_prompts, spec_reference
         assert len(engine.proposer.free_blocks) == engine.kv.pool.num_blocks
 
 
-def test_triton_backend_verifies_identically(tiny, spec_prompts, spec_reference):
-    """Verification rows through the Triton attention kernels (interpreted on CPU: kept short)."""
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_triton_backend_verifies_identically(tiny, spec_prompts, spec_reference, graphs):
+    """Verification rows through the Triton attention kernels (interpreted on CPU: kept short): with CUDA
+    graphs, each of a row's 1 + k tokens a decode row of the graphs' padded buffers (off CUDA they run
+    eagerly); without, the varlen kernel over multi-token rows."""
     path, _ = tiny
     prompts = [spec_prompts[0], spec_prompts[-1]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    engine = make_engine(path, attention_backend="triton", speculative=SpeculativeConfig("draft", 3, draft_cost=0.0))
+    engine = make_engine(path, attention_backend="triton", cuda_graphs=graphs,
+                         speculative=SpeculativeConfig("draft", 3, draft_cost=0.0))
+    ran: list[int] = []
+    if graphs:
+        run = engine.runner.graphs.run
+        engine.runner.graphs.run = lambda ids, *rest: (ran.append(len(ids)), run(ids, *rest))[1]
     assert run_all(engine, prompts, params) == [spec_reference[0][:10], spec_reference[-1][:10]]
     assert engine.spec_stats.num_accepted_tokens > 0
+    assert (max(ran, default=0) > len(prompts)) == graphs  # verification steps: more rows than requests
 
 
 def test_int8_kv_cache_greedy_identical(tiny, spec_prompts):
