@@ -57,6 +57,9 @@ class CompiledDecode:
             self.sizes.append(next(s for s in BATCH_SIZES if s >= max_batch))
         self.ready: set[int] = set()
         self.seconds: dict[int, float] = {}  # padded batch size -> decayed mean time of a step (LM head included)
+        self._warmed: set[int] = set()  # graphs whose first real step has run (not timed)
+        self._num_timed = 0  # steps timed so far
+        self._timed_at: dict[int, int] = {}  # padded batch size -> _num_timed at its latest timing
         self.failed = False
         self._queued: set[int] = set()
         self._lock = threading.Lock()  # guards _queued
@@ -112,11 +115,25 @@ class CompiledDecode:
         return next((s for s in self.sizes if s >= rows), None)
 
     def record(self, rows: int, seconds: float) -> None:
-        """A compiled step of `rows` decode rows took `seconds` (the speculation policy's cost model)."""
+        """A compiled step of `rows` decode rows took `seconds` (the speculation policy's cost model). A
+        graph's first real step is left out: it ran at about twice its usual time (7.7 and 10.8 ms for the
+        first 2-row steps against 4.5 ms for one row), and a rarely run graph would keep that for long."""
         bs = self.padded(rows)
-        if bs is not None:
+        if bs is not None and bs not in self._warmed:
+            self._warmed.add(bs)
+        elif bs is not None:
+            self._num_timed += 1
+            self._timed_at[bs] = self._num_timed
             old = self.seconds.get(bs)
             self.seconds[bs] = seconds if old is None else _TIME_DECAY * old + (1 - _TIME_DECAY) * seconds
+
+    def wants_one_row_step(self, every: int = 64) -> bool:
+        """Whether the one-row graph's time is unmeasured, or last measured more than `every` timed steps ago:
+        a lone request that verifies drafts at every step never runs it otherwise, and every cost the
+        policy weighs is counted in it."""
+        if 1 not in self.ready or self.failed:
+            return False
+        return 1 not in self.seconds or self._num_timed - self._timed_at[1] > every
 
     def one_row_seconds(self) -> float | None:
         """A one-row compiled step's time: measured, or, while no one-row step has run (a lone request

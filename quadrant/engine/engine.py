@@ -395,6 +395,9 @@ class LLMEngine:
         if len(decoding) > self.config.speculative.max_batch_size:
             self.spec_stats.num_large_batch_steps += 1
             return
+        compiled = self._compiled
+        if compiled is not None and len(decoding) == 1 and compiled.wants_one_row_step():
+            return  # a plain step: the one-row time every cost is counted in, measured rather than inferred
         plan = self.spec_policy.plan(decoding)
         if self.proposer.free:
             self._shadow_drafts([r for r in decoding if r.request_id not in plan])

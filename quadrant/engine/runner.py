@@ -32,6 +32,11 @@ from quadrant.layers.sampler import TokenLogprob, logprob_records, sample
 
 Batch = list[tuple[WorkerRequest, ScheduledRow]]  # one step's requests and their rows, in batch order
 
+# Verification through the CUDA-graph decode buffers reads a row's context once per token (1 + k times, where
+# the varlen kernel reads it once): past this many tokens of context the eager step is likely the faster.
+# A first guess, not measured yet (benchmarks/gpu_decode.py --only verify times 512-token contexts).
+GRAPH_VERIFY_MAX_CONTEXT = 2048
+
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
@@ -284,14 +289,17 @@ class ModelRunner:
         nodes also carry their ancestor masks: the compiled CPU graphs take them, the CUDA graphs'
         decode kernel does not, so trees run eagerly there)."""
         if any(row.draft_token_ids for _, row in batch):
+            if self.compiled is None and (self.graphs is None or any(row.draft_parents is not None for _, row in batch)
+                                          or max(req.num_tokens for req, _ in batch) > GRAPH_VERIFY_MAX_CONTEXT):
+                return None
             rows = self._verification_rows(batch)
             if rows is None:
                 return None
             if self.compiled is not None:
                 return self._compiled_logits(*rows)
-            input_ids, positions, slots, lengths, tables, tree = rows
-            if self.graphs is None or tree is not None or \
-                    not self.graphs.fits(len(input_ids), max(len(t) for t in tables)):
+            assert self.graphs is not None
+            input_ids, positions, slots, lengths, tables, _ = rows
+            if not self.graphs.fits(len(input_ids), max(len(t) for t in tables)):
                 return None
             return self.graphs.run(input_ids, positions, slots, lengths, tables)
         if any(row.num_new_tokens != 1 for _, row in batch):

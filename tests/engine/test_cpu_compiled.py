@@ -103,13 +103,14 @@ def test_token_tree_verification_runs_through_the_decode_graphs(tiny, prompts, r
 
 
 def test_compiled_step_costs_follow_measured_times():
-    """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed, then the
-    graph's measured time over the one-row graph's, and the eager ratio past the largest graph."""
+    """The policy's cost model: a prior of 1 + 0.25 per padded row until a graph is timed (its first
+    real step left out: a warm-up), then the graph's measured time over the one-row graph's, and the
+    eager ratio past the largest graph."""
     compiled = CompiledDecode(object(), 4, 10, 16)
     compiled.ready = {1, 2, 4, 8, 16}
     assert compiled.step_cost(3) == pytest.approx(1.75)  # padded to 4 rows
-    compiled.record(1, 0.010)
-    compiled.record(5, 0.030)
+    for rows, seconds in ((1, 0.5), (5, 0.5), (1, 0.010), (5, 0.030)):  # the first of each graph: a warm-up
+        compiled.record(rows, seconds)
     assert compiled.step_cost(6) == pytest.approx(3.0)  # 8-row graph: 30 ms against 10
     assert compiled.step_cost(17) == pytest.approx(2.5 * (1 + 0.25 * 16))
     compiled.ready = {1}
@@ -119,12 +120,17 @@ def test_compiled_step_costs_follow_measured_times():
     fresh = CompiledDecode(object(), 4, 10, 16)
     fresh.ready = {1, 2, 4, 8, 16}
     assert fresh.one_row_seconds() is None
-    fresh.record(4, 0.020)
-    fresh.record(8, 0.050)
+    for rows, seconds in ((4, 1.0), (8, 1.0), (4, 0.020), (8, 0.050)):
+        fresh.record(rows, seconds)
     assert fresh.one_row_seconds() == pytest.approx(0.020 / 1.75)
     assert fresh.step_cost(7) == pytest.approx(0.050 / (0.020 / 1.75))
+    assert fresh.wants_one_row_step()  # so the engine runs one plain step for a lone request
+    fresh.record(1, 1.0)
     fresh.record(1, 0.010)
-    assert fresh.one_row_seconds() == 0.010
+    assert fresh.one_row_seconds() == 0.010 and not fresh.wants_one_row_step()
+    for _ in range(65):
+        fresh.record(4, 0.020)
+    assert fresh.wants_one_row_step()  # measured again now and then
 
 
 def test_a_graph_that_cannot_build_leaves_the_eager_path(tiny, prompts, reference, compiling, monkeypatch):
