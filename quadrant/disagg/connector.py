@@ -81,6 +81,10 @@ class _Load:
     staging: list[LayerKVCache] | None = None  # staged: the pulled blocks, for the workers
     first: tuple[int, TokenLogprob | None] | None = None  # overlapped: the first token, from the final done
 
+    def gone(self) -> bool:
+        """Its request ended meanwhile (aborted, or done on its first token): waits for the transfer stop."""
+        return self.request.is_finished
+
 
 class KVConnector:
     """One engine's side of the KV transfer; `role` decides which half runs."""
@@ -257,13 +261,13 @@ class KVConnector:
         remote, client = load.remote, self.client
         # A request that ended already (aborted, or done on its first token) needs no blocks, but the
         # prefill side's lease is still ended.
-        if not load.request.is_finished:
+        if not load.gone():
             self._pull(load)
-        gone = load.request.is_finished
+        gone = load.gone()
         if remote.overlapped and (gone or load.error is not None):
             self._tell(remote, "abandon")  # an expected prompt is then freed once computed, not after a lease
         elif load.error is None:
-            answer = self._tell(remote, "done", give_up=lambda: load.request.is_finished)
+            answer = self._tell(remote, "done", give_up=load.gone)
             if remote.overlapped and answer is not None and answer.get("first_token_id") is not None:
                 token = answer["first_token_id"]
                 try:
@@ -298,17 +302,16 @@ class KVConnector:
             k = min(self.config.num_streams * (4 if remote.overlapped else 1), n)
             bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
             local_ids = load.local_ids
-            give_up = lambda: load.request.is_finished  # noqa: E731 - aborted meanwhile: stop waiting
             if remote.overlapped:  # until the prompt's last step starts, here: not in the shared streams
                 self.client.request(remote.host, remote.port, {"op": "wait", "transfer_id": remote.transfer_id,
                                                                "first_block": load.first_block,
-                                                               "prompt_digest": remote.prompt_digest}, give_up)
+                                                               "prompt_digest": remote.prompt_digest}, load.gone)
             if self.caches is None:  # staged: pull into host blocks 0..n-1; the engine thread hands them on
                 load.staging = self._host_blocks(len(local_ids))
                 local_ids = list(range(len(local_ids)))
             futures = [self._streams.submit(self.client.pull, remote.host, remote.port, remote.transfer_id,
                                             load.remote_ids, local_ids, b, load.first_block, remote.prompt_digest,
-                                            load.staging, give_up)
+                                            load.staging, load.gone)
                        for b in bounds]
             self._wait(futures, FIRST_EXCEPTION)
             for f in futures:

@@ -82,7 +82,8 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
-        if any(row.draft_parents is not None for _, row in batch):
+        trees = any(row.draft_parents is not None for _, row in batch)
+        if trees:
             self._tree_positions(batch, positions, starts)
         width = max(len(req.block_table) for req, _ in batch)
         tables = [req.block_table + [0] * (width - len(req.block_table)) for req, _ in batch]
@@ -100,7 +101,7 @@ class ModelRunner:
             slot_offset=slot_mapping % self.block_size,
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
-        if any(row.draft_parents is not None for _, row in batch):
+        if trees:
             meta.tree_start_cpu, tree_bits = self._tree_masks(batch, starts, seq_lens)
             meta.tree_start = torch.tensor(meta.tree_start_cpu, dtype=torch.int32, device=dev)
             meta.tree_mask = torch.tensor(tree_bits, dtype=torch.int64, device=dev)

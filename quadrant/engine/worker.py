@@ -68,19 +68,16 @@ class Worker:
         backend = config.resolved_backend
         # Expert-parallel dispatch sizes its messages on the host: no graphs for it yet.
         graphs = config.cuda_graphs and backend == "triton" and self.parallel.ep_size == 1
+        # Verification steps replay the decode graphs too, one row per token: up to 1 + k rows for each
+        # request that drafts (no more than max_batch_size of them).
         rows = config.scheduler.max_num_seqs
         spec = config.speculative
-        if spec.enabled:  # verification steps replay them too, a row per token: up to 1 + k per drafting request
+        if spec.enabled:
             rows = max(rows, min(spec.max_batch_size, rows) * (1 + spec.num_speculative_tokens))
         graph_sizes = default_batch_sizes(rows) if graphs else None
         # CPU: decode steps through compiled graphs (whichever weight kernels their batch size takes).
         compiled = (config.cpu_compile and backend == "torch" and torch.device(config.device).type == "cpu"
                     and self.parallel.world_size == 1 and not config.cache.quantized and compile_available())
-        # Verification steps run through the same graphs, one row per token: a lone request with k drafts
-        # needs k + 1 rows.
-        rows = config.scheduler.max_num_seqs
-        if spec.enabled:
-            rows *= 1 + spec.num_speculative_tokens
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, self.dtype, config.device,
                                   backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker,
                                   compile_decode=min(BATCH_SIZES[-1], rows) if compiled else 0,

@@ -17,14 +17,15 @@ from quadrant.kernels.attention_tile import attend_kv_tile
 from quadrant.kernels.kv_store import check_paged_attention_inputs, dot_dtype, gather_kv
 
 
-def tree_allowed(bits: torch.Tensor, span_start: int, num_k: int) -> torch.Tensor:
-    """Boolean [L, S] mask of a token tree's row (True = attend): keys before the span all, keys in it by
-    the query's ancestor bits [L] int64 (AttentionMetadata.tree_mask). The row's queries are its span,
-    so ancestry implies causality."""
-    k_pos = torch.arange(num_k, device=bits.device)
-    shift = (k_pos - span_start).clamp(min=0)
-    in_tree = ((bits[:, None] >> shift[None, :]) & 1) != 0
-    return in_tree | (k_pos < span_start)[None, :]
+def tree_allowed(bits: torch.Tensor, span_start: int | torch.Tensor, num_k: int) -> torch.Tensor:
+    """Boolean [L, S] mask of token-tree queries (True = attend): keys before the span all, keys in it by
+    the query's ancestor bits [L] int64 (AttentionMetadata.tree_mask). `span_start`: one row's, or each
+    query's [L] (decode rows of different trees). A tree's queries lie in its span, so ancestry implies
+    causality."""
+    k_pos = torch.arange(num_k, device=bits.device)[None, :]
+    start = span_start[:, None] if isinstance(span_start, torch.Tensor) else span_start
+    shift = (k_pos - start).clamp(min=0)
+    return (((bits[:, None] >> shift) & 1) != 0) | (k_pos < start)
 
 
 def varlen_prefill_ref(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from quadrant.kernels.kv_store import gather_kv, store_kv_ref
+from quadrant.kernels.varlen_prefill import tree_allowed, varlen_prefill
 
 if TYPE_CHECKING:
     from quadrant.layers.attention import Attention, AttentionMetadata, LayerKVCache
@@ -65,8 +66,6 @@ class TritonBackend:
             return paged_decode(q, kv.k, kv.v, meta.block_tables, meta.seq_lens, layer.scale,
                                 meta.decode_num_splits, meta.decode_chunk, kv.k_scale, kv.v_scale, kv.group,
                                 window, softcap)
-        from quadrant.kernels.varlen_prefill import varlen_prefill
-
         return varlen_prefill(q, kv.k, kv.v, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                               meta.max_query_len, layer.scale, kv.k_scale, kv.v_scale, kv.group, window, softcap,
                               tree_start=meta.tree_start, tree_mask=meta.tree_mask)
@@ -112,8 +111,6 @@ def torch_attention(
             k_ctx, v_ctx = k[qs:qe].transpose(0, 1).to(q.dtype), v[qs:qe].transpose(0, 1).to(q.dtype)
         tree = None
         if spans is not None and spans[i] < seq_len:
-            from quadrant.kernels.varlen_prefill import tree_allowed
-
             assert meta.tree_mask is not None
             tree = tree_allowed(meta.tree_mask[qs:qe], spans[i], seq_len)
         out[qs:qe] = _attend(layer, q[qs:qe], k_ctx, v_ctx, tree)
@@ -174,8 +171,7 @@ def _paged_decode(layer: "Attention", q: torch.Tensor, block_tables: torch.Tenso
         if layer.sliding_window is not None:
             valid &= pos[None, :] > (seq_lens[:, None] - 1 - layer.sliding_window)
         if tree_start is not None and tree_mask is not None:
-            shift = (pos[None, :] - tree_start[:, None]).clamp(min=0)
-            valid &= (pos[None, :] < tree_start[:, None]) | (((tree_mask[:, None] >> shift) & 1) != 0)
+            valid &= tree_allowed(tree_mask, tree_start, span)
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v)  # [B, Hk, G, D]
