@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quadrant import SamplingParams
-from quadrant.config import CacheConfig, SchedulerConfig
+from quadrant.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from quadrant.engine.engine import LLMEngine
 from quadrant.loader.source import SHIPPED_CONFIGS
 
@@ -105,7 +105,8 @@ def streamed_bytes(engine: LLMEngine) -> int:
 
 
 def engine_for(ctx: Context, model: str, max_num_seqs: int = 8, kv_memory: int | None = None,
-               fraction: float | None = None, budget: int = 2048, overlap: bool = False) -> LLMEngine:
+               fraction: float | None = None, budget: int = 2048, overlap: bool = False,
+               speculative: SpeculativeConfig | None = None) -> LLMEngine:
     if ctx.smoke_config:
         model = ctx.smoke_config
     return LLMEngine.from_model(
@@ -113,7 +114,7 @@ def engine_for(ctx: Context, model: str, max_num_seqs: int = 8, kv_memory: int |
         load_format="dummy",
         cache=CacheConfig(kv_cache_memory=kv_memory, memory_fraction=fraction),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
-        async_scheduling=overlap,
+        async_scheduling=overlap, speculative=speculative or SpeculativeConfig(),
     )
 
 
@@ -314,15 +315,17 @@ def bench_attention(ctx: Context, sweep: bool = False) -> None:
 def bench_verify(ctx: Context) -> None:
     """Speculative verification's price: a decode step of B requests whose rows carry k drafts (a chain,
     or a token tree of k nodes in three branches) against the plain one-token step (CUDA graphs where
-    they run), Llama-3-8B shape, 512-token contexts. The runner's step alone, median of 20 after warm-up;
-    a ratio of r means verifying pays once a row's accepted drafts average more than r - 1."""
+    they run: the engine drafts trees, so its graphs take tree masks and cover 1 + k rows for up to
+    max_batch_size drafting requests), Llama-3-8B shape, 512-token contexts; trees also eagerly (the
+    varlen kernel). The runner's step alone, median of 20 after warm-up; a ratio of r means verifying
+    pays once a row's accepted drafts average more than r - 1."""
     from quadrant.engine.step import NewRequest, ScheduledRow, StepInput
 
+    ctx_len, k = (24, 4) if ctx.smoke else (512, 8)
     engine = engine_for(ctx, "llama-3-8b", max_num_seqs=64, kv_memory=(64 << 20) if ctx.smoke else (8 << 30),
-                        budget=4096)
+                        budget=4096, speculative=SpeculativeConfig("ngram", k, tree_branches=3))
     runner = engine.runner
     block = engine.config.cache.block_size
-    ctx_len, k = (24, 4) if ctx.smoke else (512, 8)
     per_request = -(-(ctx_len + k + 1) // block)
     rng = random.Random(2)
     vocab = engine.model_config.vocab_size
@@ -357,10 +360,18 @@ def bench_verify(ctx: Context) -> None:
             return StepInput(rows=[ScheduledRow(rid, ctx_len - 1, 1 + len(tokens), tokens, None, parents) for rid in ids])
 
         plain = timed(step(([], None)))
-        for name, drafts in (("chain", chain), ("tree (3 branches)", tree)):
+        graphs = runner.graphs
+        fits = graphs is not None and graphs.fits(batch * (1 + k), per_request)
+        for name, drafts, eager in (("chain", chain, False), ("tree (3 branches)", tree, False),
+                                    ("tree (3 branches), eager", tree, True)):
+            if eager and not fits:
+                continue  # the row above already ran eagerly
+            runner.graphs = None if eager else graphs
             t = timed(step(drafts))
+            runner.graphs = graphs
+            how = "graphs" if fits and not eager else "eager"
             ctx.rows.append(Row(f"verify {k} drafts, {name}, batch {batch}", t * 1e3, plain * 1e3,
-                                "one-token decode step", "ms", f"{batch * (1 + k)} tokens a step"))
+                                "one-token decode step", "ms", f"{batch * (1 + k)} tokens a step, {how}"))
         runner.execute(StepInput(finished_request_ids=ids))
     del engine, runner
     _free(ctx)

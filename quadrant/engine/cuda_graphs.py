@@ -5,8 +5,10 @@ launching them from Python costs more than running them. Each graph holds the wh
 forward and the LM head over static input buffers. A step fills the buffers for its real
 rows and pads to the next captured size with rows that write nothing (slot -1) and attend
 to nothing (length 0). The split-KV grid depth is fixed per graph; the chunk length, a
-device scalar, follows the batch (kernels/paged_decode.py). Off CUDA (tests) the same
-buffers run the forward eagerly, so the padding logic is exercised on CPU too.
+device scalar, follows the batch (kernels/paged_decode.py). With `trees`, the graphs also take
+each row's token-tree span and ancestor bits, so speculative token trees verify through them
+(each node a decode row). Off CUDA (tests) the same buffers run the forward eagerly, so the
+padding logic is exercised on CPU too.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def default_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: Any, batch_sizes: list[int], block_size: int, max_blocks_per_seq: int,
-                 num_kv_heads: int, device: torch.device) -> None:
+                 num_kv_heads: int, device: torch.device, trees: bool = False) -> None:
         self.model = model
+        self.trees = trees
         self.block_size = block_size
         self.sizes = sorted(set(batch_sizes))
         self.device = device
@@ -46,6 +49,9 @@ class DecodeGraphs:
             self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32)  # [B, W]
             self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32)  # [B + 1]: one token each
             self.chunk = torch.zeros(1, dtype=torch.int32)
+            # Token trees (AttentionMetadata.tree_start / tree_mask): a plain row's span starts at its length.
+            self.tree_start = torch.zeros(max_bs, dtype=torch.int32) if trees else None  # [B]
+            self.tree_mask = torch.full((max_bs,), -1, dtype=torch.int64) if trees else None  # [B]
         self.row_valid = torch.zeros(max_bs, dtype=torch.long, device=device)  # [B]: 1 for real rows
         self.splits = {bs: grid_splits(bs, num_kv_heads, self.num_sms) for bs in self.sizes}
         from quadrant.layers.moe import Experts
@@ -68,6 +74,8 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bs],
             decode_num_splits=self.splits[bs],
             decode_chunk=self.chunk,
+            tree_start=None if self.tree_start is None else self.tree_start[:bs],
+            tree_mask=None if self.tree_mask is None else self.tree_mask[:bs],
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -107,8 +115,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, V] fp32 of a decode-only step of n <= the largest captured size."""
+            block_tables: list[list[int]], tree: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+        """Logits [n, V] fp32 of a decode-only step of n <= the largest captured size. `tree`: each row's
+        token-tree span start and ancestor bits (graphs captured with `trees` only)."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
@@ -119,6 +128,12 @@ class DecodeGraphs:
         width = max(len(t) for t in block_tables)
         rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.block_tables[:n, :width].copy_(rows, non_blocking=True)
+        if self.tree_start is not None and self.tree_mask is not None:
+            spans, bits = tree if tree is not None else (seq_lens, [-1] * n)
+            self.tree_start[:bs].copy_(torch.tensor(spans + [0] * pad, dtype=torch.int32), non_blocking=True)
+            self.tree_mask[:bs].copy_(torch.tensor(bits + [-1] * pad, dtype=torch.int64), non_blocking=True)
+        else:
+            assert tree is None, "these graphs were captured without token-tree inputs"
         _, chunk = plan_splits(seq_lens, self.num_kv_heads, self.num_sms, max_splits=self.splits[bs])
         self.chunk.fill_(chunk)
         self.row_valid[:bs].copy_(torch.tensor([1] * n + [0] * pad), non_blocking=True)

@@ -43,12 +43,13 @@ class ModelRunner:
                  num_blocks: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  backend: str = "torch", graph_batch_sizes: list[int] | None = None,
                  max_model_len: int | None = None, samples: bool = True, compile_decode: int = 0,
-                 compile_at_start: bool = False, keep_hidden: bool = False) -> None:
+                 compile_at_start: bool = False, keep_hidden: bool = False, graph_trees: bool = False) -> None:
         """`compile_decode`: on CPU, the largest batch size to run decode steps through compiled graphs
         (engine/cpu_compiled.py); 0 keeps every step eager. `compile_at_start`: all those graphs now,
         before the first step, instead of in the background. `keep_hidden`: every step returns its
         rows' final hidden states (an EAGLE head drafts from them); CUDA graphs then stay off, since
-        theirs end in the LM head."""
+        theirs end in the LM head. `graph_trees`: the decode graphs take token-tree masks (speculative
+        token trees verify through them)."""
         self.keep_hidden = keep_hidden
         self.on_layer_stored: Callable[[], None] | None = None  # see AttentionMetadata.on_layer_stored
         self._hidden: torch.Tensor | None = None  # the last forward's final hidden states [T, D], batch order
@@ -78,7 +79,7 @@ class ModelRunner:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
             max_len = max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, -(-max_len // self.block_size),
-                                       self.num_kv_heads, self.device)
+                                       self.num_kv_heads, self.device, trees=graph_trees)
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
@@ -287,10 +288,11 @@ class ModelRunner:
         1 + k tokens runs as a decode row of its own, over the same block table with a context one
         longer than the token before it. Every layer writes all the step's K/V before attending, so a
         draft sees the tokens ahead of it, and the graph needs no shape of its own (a token tree's
-        nodes also carry their ancestor masks: the compiled CPU graphs take them, the CUDA graphs'
-        decode kernel does not, so trees run eagerly there)."""
+        nodes also carry their ancestor masks: the compiled CPU graphs take them, and so do CUDA graphs
+        captured with `trees`)."""
         if any(row.draft_token_ids for _, row in batch):
-            if self.compiled is None and (self.graphs is None or any(row.draft_parents is not None for _, row in batch)
+            trees = any(row.draft_parents is not None for _, row in batch)
+            if self.compiled is None and (self.graphs is None or (trees and not self.graphs.trees)
                                           or max(req.num_tokens for req, _ in batch) > GRAPH_VERIFY_MAX_CONTEXT):
                 return None
             rows = self._verification_rows(batch)
@@ -299,10 +301,10 @@ class ModelRunner:
             if self.compiled is not None:
                 return self._compiled_logits(*rows)
             assert self.graphs is not None
-            input_ids, positions, slots, lengths, tables, _ = rows
+            input_ids, positions, slots, lengths, tables, tree = rows
             if not self.graphs.fits(len(input_ids), max(len(t) for t in tables)):
                 return None
-            return self.graphs.run(input_ids, positions, slots, lengths, tables)
+            return self.graphs.run(input_ids, positions, slots, lengths, tables, tree)
         if any(row.num_new_tokens != 1 for _, row in batch):
             return None  # (token trees included: the varlen kernel's tree masks)
         if self.compiled is not None:

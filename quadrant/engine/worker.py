@@ -82,7 +82,8 @@ class Worker:
                                   backend, graph_sizes, max_model_len, samples=self.parallel.is_driver_worker,
                                   compile_decode=min(BATCH_SIZES[-1], rows) if compiled else 0,
                                   compile_at_start=config.cpu_compile_at_start,
-                                  keep_hidden=config.speculative.method == "eagle")
+                                  keep_hidden=config.speculative.method == "eagle",
+                                  graph_trees=config.speculative.tree_branches > 1)
         self.runner.capture_graphs()
         self.reset_expert_stats()  # warm-up and capture passes routed nothing real
 

@@ -5,7 +5,9 @@ is packed into the rows of one tile, so every K/V block is read once for the gro
 sequence's context is cut into chunks of `chunk` tokens; programs past its end exit at
 once, so the grid can stay fixed (CUDA graphs) while the chunk length follows the batch.
 A second kernel merges the splits by their log-sum-exp. 8-bit caches enter the dots as their
-codes; their per-token scales multiply score and probability columns (attention_tile).
+codes; their per-token scales multiply score and probability columns (attention_tile). A row may be
+a node of a speculative token tree (verification replayed through the decode graphs): it then
+attends to the keys of its tree's span by its ancestor bits (varlen_prefill.tree_allowed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from quadrant.kernels.triton_import import require_triton, tl, triton
 
 from quadrant.kernels.attention_tile import attend_kv_tile
 from quadrant.kernels.kv_store import QUANT_FP8, check_paged_attention_inputs, dot_dtype, gather_kv
+from quadrant.kernels.varlen_prefill import tree_allowed
 
 MIN_CHUNK = 128  # tokens: shorter splits cost more in the merge than they win in parallelism
 MAX_SPLITS = 32
@@ -56,8 +59,11 @@ def paged_decode_ref(
     group: int = 0,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    tree_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [B, Hq, D]; caches [num_blocks, Hk, block_size, D]; returns [B, Hq, D], computed in fp32."""
+    """q: [B, Hq, D]; caches [num_blocks, Hk, block_size, D]; returns [B, Hq, D], computed in fp32.
+    tree_start [B] int32 / tree_mask [B] int64: rows of token trees (AttentionMetadata)."""
     bsz, num_heads, _ = q.shape
     num_kv, block_size = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -73,6 +79,9 @@ def paged_decode_ref(
         scores = qg @ ks.transpose(1, 2) * scale  # [Hk, G, S]
         if logit_softcap is not None:
             scores = torch.tanh(scores / logit_softcap) * logit_softcap
+        if tree_start is not None and tree_mask is not None:
+            allowed = tree_allowed(tree_mask[b : b + 1].long(), int(tree_start[b]), n)[0, lo:]  # [S]
+            scores = scores.masked_fill(~allowed, float("-inf"))
         out[b] = (scores.softmax(-1) @ vs).reshape(num_heads, -1).to(q.dtype)
     return out
 
@@ -81,11 +90,11 @@ def paged_decode_ref(
 @triton.jit
 def _decode_split_kernel(
     q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, chunk_ptr, out, part_out, part_lse,
-    sm_scale, softcap, window,
+    tree_start, tree_mask, sm_scale, softcap, window,
     q_sb, q_sh, c_sb, c_sh, c_st, s_sb, s_sh, bt_sb, o_sb, o_sh, p_sb, p_sh, p_ss,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, QGROUP: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT: tl.constexpr, SINGLE: tl.constexpr, CONV: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT: tl.constexpr, SINGLE: tl.constexpr, CONV: tl.constexpr, TREE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -112,10 +121,17 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if TREE:  # a token tree's node: keys from its span on are attended by its ancestor bits
+        span = tl.load(tree_start + b)
+        bits = tl.load(tree_mask + b)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, valid[None, :], k_cache, v_cache, k_scale, v_scale,
+        allowed = valid
+        if TREE:
+            shift = tl.minimum(tl.maximum(pos - span, 0), 63).to(tl.int64)  # (lanes past the keys: >= 64)
+            allowed = valid & ((((bits >> shift) & 1) != 0) | (pos < span))
+        acc, m_i, l_i = attend_kv_tile(acc, m_i, l_i, qt, allowed[None, :], k_cache, v_cache, k_scale, v_scale,
                                        block_tables + b * bt_sb, kh, pos, valid, d, d_mask, sm_scale, softcap,
                                        c_sb, c_sh, c_st, s_sb, s_sh, PAGE, QUANT, QGROUP, SOFTCAP,
                                        tl.float16 if CONV != 0 else DOT, CONV)
@@ -168,12 +184,15 @@ def paged_decode(
     out: torch.Tensor | None = None,
     tile: tuple[int, int, int] | None = None,
     convert: int | None = None,
+    tree_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_ref. `num_splits` and `chunk` ([1] int32 on q's device) come
     from plan_splits: the grid has `num_splits` programs per (sequence, KV head), each reading at
     most `chunk` tokens; num_splits * chunk must cover the longest context. `tile`: (tokens per
     tile, warps, pipeline stages) instead of decode_tile's choice, `convert` (CONVERSIONS) instead of
-    decode_conversion's: benchmarks sweep both."""
+    decode_conversion's: benchmarks sweep both. `tree_start` [B] int32 / `tree_mask` [B] int64: rows
+    that are token-tree nodes (AttentionMetadata); other rows' spans start at their length."""
     require_triton()
     bsz, num_heads, dim = q.shape
     num_kv, page = k_cache.shape[1], k_cache.shape[2]
@@ -194,16 +213,20 @@ def paged_decode(
     conv = decode_conversion(mode, q.device, q.dtype) if convert is None else convert
     if conv and (mode == 0 or triton.knobs.runtime.interpret):
         raise ValueError("fp16 conversions of the codes are for 8-bit caches on the GPU")
+    tree = tree_start is not None and tree_mask is not None
+    if tree_start is not None and tree_mask is not None:
+        assert tree_start.shape == (bsz,) and tree_mask.shape == (bsz,) and tree_mask.dtype == torch.int64
     _decode_split_kernel[(bsz, num_kv, num_splits)](
         q, k_cache, v_cache, scales[0], scales[1], block_tables, seq_lens, chunk, out, part_out, part_lse,
-        scale, logit_softcap or 0.0, sliding_window or 0,
+        tree_start if tree else seq_lens, tree_mask if tree else seq_lens, scale, logit_softcap or 0.0,
+        sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scales[0].stride(0), scales[0].stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads * num_splits, num_splits, 1,
         GROUP=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, QUANT=mode, QGROUP=max(group, 1),
         SOFTCAP=logit_softcap is not None, DOT=dot_dtype(q.dtype), SINGLE=single, CONV=conv,
-        num_warps=warps, num_stages=stages,
+        TREE=tree, num_warps=warps, num_stages=stages,
     )
     if not single:
         _merge_splits_kernel[(bsz, num_heads)](

@@ -65,7 +65,7 @@ class TritonBackend:
 
             return paged_decode(q, kv.k, kv.v, meta.block_tables, meta.seq_lens, layer.scale,
                                 meta.decode_num_splits, meta.decode_chunk, kv.k_scale, kv.v_scale, kv.group,
-                                window, softcap)
+                                window, softcap, tree_start=meta.tree_start, tree_mask=meta.tree_mask)
         return varlen_prefill(q, kv.k, kv.v, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                               meta.max_query_len, layer.scale, kv.k_scale, kv.v_scale, kv.group, window, softcap,
                               tree_start=meta.tree_start, tree_mask=meta.tree_mask)

@@ -170,13 +170,27 @@ def test_prefix_cache_reuses_blocks_whose_tree_moves_came_after_their_request_en
     assert engine.kv.hit_rate > 0
 
 
-def test_trees_through_the_triton_kernels(tiny, prompts, reference):
-    """The varlen kernel's tree mask under the interpreter (kept short)."""
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_trees_through_the_triton_kernels(tiny, prompts, reference, graphs):
+    """The Triton kernels' tree masks under the interpreter (kept short): with CUDA graphs, each tree
+    node a decode row of the graphs' padded buffers (off CUDA they run eagerly) through the split-KV
+    decode kernel; without, the varlen kernel over multi-token rows."""
     path, _ = tiny
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    engine = oracle_engine(path, prompts[:2], reference[:2], attention_backend="triton")
+    engine = oracle_engine(path, prompts[:2], reference[:2], attention_backend="triton", cuda_graphs=graphs)
+    trees: list[int] = []
+    if graphs:
+        assert engine.runner.graphs.trees
+        run = engine.runner.graphs.run
+
+        def spy(*args):  # args[5]: the rows' tree spans and bits (verification rows of a tree)
+            trees.append(len(args) > 5 and args[5] is not None)
+            return run(*args)
+
+        engine.runner.graphs.run = spy
     assert run_all(engine, prompts[:2], params) == [r[:8] for r in reference[:2]]
     assert engine.spec_stats.num_accepted_tokens > 0
+    assert any(trees) == graphs  # tree verifications replayed the graphs
 
 
 def test_tree_logprobs_match_plain_decoding(tiny, prompts, reference):
