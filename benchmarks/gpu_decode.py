@@ -367,8 +367,10 @@ def bench_verify(ctx: Context) -> None:
             if eager and not fits:
                 continue  # the row above already ran eagerly
             runner.graphs = None if eager else graphs
-            t = timed(step(drafts))
-            runner.graphs = graphs
+            try:
+                t = timed(step(drafts))
+            finally:
+                runner.graphs = graphs
             how = "graphs" if fits and not eager else "eager"
             ctx.rows.append(Row(f"verify {k} drafts, {name}, batch {batch}", t * 1e3, plain * 1e3,
                                 "one-token decode step", "ms", f"{batch * (1 + k)} tokens a step, {how}"))

@@ -23,6 +23,9 @@ from quadrant.kernels.paged_decode import grid_splits, num_sms, plan_splits
 from quadrant.layers.attention import AttentionMetadata
 
 
+NO_SPAN = 2**31 - 1  # tree_start of a row that is not a token tree's node: every key attended
+
+
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, then every multiple of 8 up to max_num_seqs (and max_num_seqs itself)."""
     sizes = [s for s in (1, 2, 4) if s <= max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
@@ -49,9 +52,11 @@ class DecodeGraphs:
             self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32)  # [B, W]
             self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32)  # [B + 1]: one token each
             self.chunk = torch.zeros(1, dtype=torch.int32)
-            # Token trees (AttentionMetadata.tree_start / tree_mask): a plain row's span starts at its length.
-            self.tree_start = torch.zeros(max_bs, dtype=torch.int32) if trees else None  # [B]
+            # Token trees (AttentionMetadata.tree_start / tree_mask). A plain row's span starts past any
+            # context, so plain steps leave these buffers alone (no host copies) until a tree step.
+            self.tree_start = torch.full((max_bs,), NO_SPAN, dtype=torch.int32) if trees else None  # [B]
             self.tree_mask = torch.full((max_bs,), -1, dtype=torch.int64) if trees else None  # [B]
+        self._tree_written = False  # a tree step wrote the buffers: the next plain step resets them
         self.row_valid = torch.zeros(max_bs, dtype=torch.long, device=device)  # [B]: 1 for real rows
         self.splits = {bs: grid_splits(bs, num_kv_heads, self.num_sms) for bs in self.sizes}
         from quadrant.layers.moe import Experts
@@ -129,9 +134,16 @@ class DecodeGraphs:
         rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.block_tables[:n, :width].copy_(rows, non_blocking=True)
         if self.tree_start is not None and self.tree_mask is not None:
-            spans, bits = tree if tree is not None else (seq_lens, [-1] * n)
-            self.tree_start[:bs].copy_(torch.tensor(spans + [0] * pad, dtype=torch.int32), non_blocking=True)
-            self.tree_mask[:bs].copy_(torch.tensor(bits + [-1] * pad, dtype=torch.int64), non_blocking=True)
+            if tree is not None:
+                spans, bits = tree
+                self.tree_start[:bs].copy_(torch.tensor(spans + [NO_SPAN] * pad, dtype=torch.int32),
+                                           non_blocking=True)
+                self.tree_mask[:bs].copy_(torch.tensor(bits + [-1] * pad, dtype=torch.int64), non_blocking=True)
+                self._tree_written = True
+            elif self._tree_written:
+                self.tree_start.fill_(NO_SPAN)
+                self.tree_mask.fill_(-1)
+                self._tree_written = False
         else:
             assert tree is None, "these graphs were captured without token-tree inputs"
         _, chunk = plan_splits(seq_lens, self.num_kv_heads, self.num_sms, max_splits=self.splits[bs])

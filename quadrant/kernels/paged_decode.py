@@ -192,7 +192,7 @@ def paged_decode(
     most `chunk` tokens; num_splits * chunk must cover the longest context. `tile`: (tokens per
     tile, warps, pipeline stages) instead of decode_tile's choice, `convert` (CONVERSIONS) instead of
     decode_conversion's: benchmarks sweep both. `tree_start` [B] int32 / `tree_mask` [B] int64: rows
-    that are token-tree nodes (AttentionMetadata); other rows' spans start at their length."""
+    that are token-tree nodes (AttentionMetadata); other rows' spans start at or past their length."""
     require_triton()
     bsz, num_heads, dim = q.shape
     num_kv, page = k_cache.shape[1], k_cache.shape[2]

@@ -60,20 +60,22 @@ def test_paged_decode_fixed_grid_wider_than_needed_and_bf16():
 def test_paged_decode_token_tree_rows(dtype):
     """Token-tree verification replayed through the decode graphs: each of a tree's 6 tokens (root at
     position 20, then 5 nodes in two branches) is a decode row over the same table, attending to the
-    keys before the tree and to its ancestors only; a plain row beside them. The reference against a
+    keys before the tree and to its ancestors only; two plain rows beside them (spans at their length,
+    and past any length: the graphs' NO_SPAN). The reference against a
     direct per-query softmax over exactly those keys; the kernel against the reference, one split per
     row and several (the tree's keys then straddle a split boundary)."""
+    from quadrant.engine.cuda_graphs import NO_SPAN
     from quadrant.engine.spec.tree import ancestor_masks
     from quadrant.kernels.kv_store import gather_kv
 
     parents = [-1, -1, 0, 1, 1]  # root -> {0, 1}; 0 -> 2; 1 -> {3, 4}
     num_heads, num_kv, dim, block = 4, 2, 32, 8
     pc = make_paged_case([26, 30], num_kv, dim, block, dtype, seed=5)
-    tables = torch.cat([pc.block_tables[:1].expand(6, -1), pc.block_tables[1:]])  # [7, W]
-    seq_lens = torch.tensor([21 + j for j in range(6)] + [30], dtype=torch.int32)  # a token sees up to itself
-    tree_start = torch.tensor([20] * 6 + [30], dtype=torch.int32)  # the plain row: its span past its length
-    tree_mask = torch.tensor(ancestor_masks(parents) + [-1], dtype=torch.int64)
-    q = torch.randn(7, num_heads, dim).to(dtype)
+    tables = torch.cat([pc.block_tables[:1].expand(6, -1), pc.block_tables[1:], pc.block_tables[1:]])  # [8, W]
+    seq_lens = torch.tensor([21 + j for j in range(6)] + [30, 30], dtype=torch.int32)  # a token sees up to itself
+    tree_start = torch.tensor([20] * 6 + [30, NO_SPAN], dtype=torch.int32)
+    tree_mask = torch.tensor(ancestor_masks(parents) + [-1, -1], dtype=torch.int64)
+    q = torch.randn(8, num_heads, dim).to(dtype)
     ref = paged_decode_ref(q, pc.k_cache, pc.v_cache, tables, seq_lens, dim**-0.5, tree_start=tree_start,
                            tree_mask=tree_mask)
     keys = gather_kv(pc.k_cache, None, 0, pc.block_tables[:1].long(), 26, torch.float32)[0]  # [Hk, S, D]
@@ -87,7 +89,7 @@ def test_paged_decode_token_tree_rows(dtype):
         probs = (q[r].float()[:, None, :] @ k.transpose(1, 2) * dim**-0.5).softmax(-1)  # [Hq, 1, S']
         torch.testing.assert_close(ref[r].float(), (probs @ v)[:, 0], atol=TOL[dtype], rtol=TOL[dtype])
     plain = paged_decode_ref(q, pc.k_cache, pc.v_cache, tables, seq_lens, dim**-0.5)
-    torch.testing.assert_close(ref[6], plain[6])  # the plain row is untouched
+    torch.testing.assert_close(ref[6:], plain[6:])  # the plain rows are untouched
     assert not torch.allclose(ref[2:6].float(), plain[2:6].float())  # the mask changed something
     for num_splits, chunk in ((1, 32), (3, 16)):
         got = paged_decode(q, pc.k_cache, pc.v_cache, tables, seq_lens, dim**-0.5, num_splits,

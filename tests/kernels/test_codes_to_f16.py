@@ -102,23 +102,25 @@ from quadrant.kernels.paged_decode import CONVERSIONS, _decode_split_kernel
 
 pointers = {"q": "*bf16", "k_cache": "cache", "v_cache": "cache", "k_scale": "*fp32", "v_scale": "*fp32",
             "block_tables": "*i32", "seq_lens": "*i32", "chunk_ptr": "*i32", "out": "*bf16", "part_out": "*fp32",
-            "part_lse": "*fp32"}
-for cache, quant in (("*i8", 1), ("*fp8e4nv", 2)):
-    for conv in CONVERSIONS:
-        const = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE=16, BLOCK_N=128, QUANT=quant, QGROUP=16,
-                     SOFTCAP=False, DOT=tl.bfloat16, SINGLE=False, CONV=conv)
-        sig = {n: "constexpr" if n in const else pointers.get(n, "i32").replace("cache", cache)
-               for n in _decode_split_kernel.arg_names}
-        sig["sm_scale"] = sig["softcap"] = "fp32"
-        compiled = triton.compile(ASTSource(_decode_split_kernel, signature=sig, constexprs=const),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-        op = "sub.f16x2" if quant == 1 else "mul.f16x2"
-        print(cache, conv, len(compiled.asm["cubin"]), op in compiled.asm["ptx"])
+            "part_lse": "*fp32", "tree_start": "*i32", "tree_mask": "*i64"}
+# the 8-bit caches under each conversion, then a bf16 cache with token-tree rows
+variants = [(cache, quant, conv, False) for cache, quant in (("*i8", 1), ("*fp8e4nv", 2)) for conv in CONVERSIONS]
+for cache, quant, conv, tree in variants + [("*bf16", 0, 0, True)]:
+    const = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE=16, BLOCK_N=128 if quant else 64, QUANT=quant,
+                 QGROUP=16, SOFTCAP=False, DOT=tl.bfloat16, SINGLE=False, CONV=conv, TREE=tree)
+    sig = {n: "constexpr" if n in const else pointers.get(n, "i32").replace("cache", cache)
+           for n in _decode_split_kernel.arg_names}
+    sig["sm_scale"] = sig["softcap"] = "fp32"
+    compiled = triton.compile(ASTSource(_decode_split_kernel, signature=sig, constexprs=const),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    op = "sub.f16x2" if quant == 1 else "mul.f16x2"
+    print(cache, "tree" if tree else conv, len(compiled.asm["cubin"]), op in compiled.asm["ptx"])
 """
 
 
 def test_ptx_conversion_compiles_for_sm90(tmp_path):
-    """The split-KV decode kernel, with each conversion of both 8-bit caches, compiles for an H100
+    """The split-KV decode kernel, with each conversion of both 8-bit caches and with token-tree rows
+    over a bf16 cache, compiles for an H100
     with no GPU present: Triton's ptxas assembles the inline PTX (in a process of its own: this one
     runs Triton's interpreter, which compiles nothing). A GPU session lost its sweep of conversion
     2 to a compile error this finds."""
@@ -133,4 +135,5 @@ def test_ptx_conversion_compiles_for_sm90(tmp_path):
     rows = [line.split() for line in done.stdout.splitlines()]
     # every variant assembled; the PTX conversion's instructions are there in conversion 2 alone
     assert [(c, conv, int(n) > 0, ok) for c, conv, n, ok in rows] == [
-        (cache, str(conv), True, str(conv == 2)) for cache in ("*i8", "*fp8e4nv") for conv in (0, 1, 2)]
+        (cache, str(conv), True, str(conv == 2)) for cache in ("*i8", "*fp8e4nv") for conv in (0, 1, 2)] + [
+        ("*bf16", "tree", True, "False")]
