@@ -14,9 +14,10 @@ quadrant already leads, does not flatter the figure). llama.cpp runs through lla
 `LlamaPromptLookupDecoding` at num_pred_tokens 2 (its documented CPU setting) and 10 (its default).
 Prints tokens/s, acceptance length and the ratios to plain quadrant and to llama.cpp.
 
-ngram-tree drafts token trees of up to `--tree-branches` continuations in the same k tokens. On the
-CPU its verification steps run eagerly (the compiled decode graphs verify chains only), so there its
-acceptance length against ngram's, not its speed, is the figure that carries over to a GPU.
+ngram-tree drafts token trees of up to `--tree-branches` continuations in the same k tokens, verified
+through the compiled decode graphs like chains (each node a masked decode row). On two cores an extra
+row costs a quarter to half a step, so the branches only fill rows a graph pads anyway: its
+acceptance length against ngram's, more than its speed, is the figure that carries over to a GPU.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+from collections import deque
 from typing import Any
 
 import torch
@@ -38,7 +39,11 @@ EAGER_RATIO = 2.5
 # Each extra row's share of a one-row step before a graph's own time is measured: the eager kernels'
 # figure (BENCHMARKS.md); measured graphs on 2 cores came out between 0.13 and 0.7.
 _PRIOR_ROW_COST = 0.25
-_TIME_DECAY = 0.9  # weight of a graph's time history at each new measurement
+# A graph's time is the lower quartile of its latest timings. Other load only ever slows a step, and a
+# process's first steps run slow (7.4, 6.8, 5.8 ms, then 4.3 for one row here): a mean kept the
+# rarely run one-row graph at 6.5 ms, a 2-row step then looked cheaper than one row, and a weak
+# proposer drafted at a loss.
+_TIMINGS_KEPT = 16
 
 
 def compile_available() -> bool:
@@ -56,7 +61,8 @@ class CompiledDecode:
         if max_batch > self.sizes[-1] and max_batch < BATCH_SIZES[-1]:
             self.sizes.append(next(s for s in BATCH_SIZES if s >= max_batch))
         self.ready: set[int] = set()
-        self.seconds: dict[int, float] = {}  # padded batch size -> decayed mean time of a step (LM head included)
+        self.seconds: dict[int, float] = {}  # padded batch size -> time of a step (LM head included)
+        self._timings: dict[int, deque[float]] = {}  # padded batch size -> its latest timings
         self._warmed: set[int] = set()  # graphs whose first real step has run (not timed)
         self._num_timed = 0  # steps timed so far
         self._timed_at: dict[int, int] = {}  # padded batch size -> _num_timed at its latest timing
@@ -124,8 +130,9 @@ class CompiledDecode:
         elif bs is not None:
             self._num_timed += 1
             self._timed_at[bs] = self._num_timed
-            old = self.seconds.get(bs)
-            self.seconds[bs] = seconds if old is None else _TIME_DECAY * old + (1 - _TIME_DECAY) * seconds
+            timings = self._timings.setdefault(bs, deque(maxlen=_TIMINGS_KEPT))
+            timings.append(seconds)
+            self.seconds[bs] = sorted(timings)[(len(timings) - 1) // 4]
 
     def wants_one_row_step(self, every: int = 64) -> bool:
         """Whether the one-row graph's time is unmeasured, or last measured more than `every` timed steps ago:
