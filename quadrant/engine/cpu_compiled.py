@@ -44,6 +44,7 @@ _PRIOR_ROW_COST = 0.25
 # rarely run one-row graph at 6.5 ms, a 2-row step then looked cheaper than one row, and a weak
 # proposer drafted at a loss.
 _TIMINGS_KEPT = 16
+_ONE_ROW_TIMINGS = 4  # a lone drafting request takes plain steps until the one-row graph has this many
 
 
 def compile_available() -> bool:
@@ -135,12 +136,13 @@ class CompiledDecode:
             self.seconds[bs] = sorted(timings)[(len(timings) - 1) // 4]
 
     def wants_one_row_step(self, every: int = 64) -> bool:
-        """Whether the one-row graph's time is unmeasured, or last measured more than `every` timed steps ago:
+        """Whether the one-row graph's time rests on fewer than 4 timings (one alone sits at the median, not
+        the lower quartile), or was last measured more than `every` timed steps ago:
         a lone request that verifies drafts at every step never runs it otherwise, and every cost the
         policy weighs is counted in it."""
         if 1 not in self.ready or self.failed:
             return False
-        return 1 not in self.seconds or self._num_timed - self._timed_at[1] > every
+        return len(self._timings.get(1, ())) < _ONE_ROW_TIMINGS or self._num_timed - self._timed_at[1] > every
 
     def one_row_seconds(self) -> float | None:
         """A one-row compiled step's time: measured, or, while no one-row step has run (a lone request
