@@ -191,6 +191,12 @@ def test_trees_through_the_triton_kernels(tiny, prompts, reference, graphs):
     assert run_all(engine, prompts[:2], params) == [r[:8] for r in reference[:2]]
     assert engine.spec_stats.num_accepted_tokens > 0
     assert any(trees) == graphs  # tree verifications replayed the graphs
+    if graphs:  # the next plain step resets the tree buffers: no stale span may mask a plain row
+        from quadrant.engine.cuda_graphs import NO_SPAN
+
+        graphs_ = engine.runner.graphs
+        graphs_.run([1], [0], [-1], [0], [[0]])  # a row that writes and reads nothing
+        assert (graphs_.tree_start == NO_SPAN).all() and (graphs_.tree_mask == -1).all()
 
 
 def test_tree_logprobs_match_plain_decoding(tiny, prompts, reference):
