@@ -126,14 +126,16 @@ class CompiledDecode:
         graph's first real step is left out: it ran at about twice its usual time (7.7 and 10.8 ms for the
         first 2-row steps against 4.5 ms for one row), and a rarely run graph would keep that for long."""
         bs = self.padded(rows)
-        if bs is not None and bs not in self._warmed:
+        if bs is None:
+            return
+        if bs not in self._warmed:
             self._warmed.add(bs)
-        elif bs is not None:
-            self._num_timed += 1
-            self._timed_at[bs] = self._num_timed
-            timings = self._timings.setdefault(bs, deque(maxlen=_TIMINGS_KEPT))
-            timings.append(seconds)
-            self.seconds[bs] = sorted(timings)[(len(timings) - 1) // 4]
+            return
+        self._num_timed += 1
+        self._timed_at[bs] = self._num_timed
+        timings = self._timings.setdefault(bs, deque(maxlen=_TIMINGS_KEPT))
+        timings.append(seconds)
+        self.seconds[bs] = sorted(timings)[(len(timings) - 1) // 4]
 
     def wants_one_row_step(self, every: int = 64) -> bool:
         """Whether the one-row graph's time rests on fewer than 4 timings (one alone sits at the median, not
