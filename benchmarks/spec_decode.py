@@ -3,7 +3,7 @@ llama.cpp plain and with its own prompt-lookup decoding, same GGUF, same threads
 
     python benchmarks/spec_decode.py [--model smollm2:135m] [--max-tokens 128] [--repeats 3]
                                      [--draft-layers 10] [--eagle-head DIR] [--find-links DIR]
-                                     [--methods ngram ngram-tree draft eagle] [--tree-branches 3]
+                                     [--methods ngram ngram-tree draft eagle eagle-tree] [--tree-branches 3]
 
 Three chat workloads: copy/edit (rewrite a passage with one name changed), code (rename a
 variable in a function and explain it) and open chat (a question with no text to copy). Each
@@ -18,6 +18,8 @@ ngram-tree drafts token trees of up to `--tree-branches` continuations in the sa
 through the compiled decode graphs like chains (each node a masked decode row). On two cores an extra
 row costs a quarter to half a step, so the branches only fill rows a graph pads anyway: its
 acceptance length against ngram's, more than its speed, is the figure that carries over to a GPU.
+eagle-tree: the EAGLE head grows trees (EAGLE-2), `--tree-branches` nodes expanded per depth, the same
+way bounded by the padded rows on CPU.
 """
 
 from __future__ import annotations
@@ -161,9 +163,10 @@ def main() -> None:
     ap.add_argument("--eagle-head", default=None,
                     help="an EAGLE head folder (`quadrant train --eagle MODEL -o DIR`): adds quadrant eagle")
     ap.add_argument("--methods", nargs="+", default=["ngram", "draft", "eagle"],
-                    choices=["ngram", "ngram-tree", "draft", "eagle"],
-                    help="proposers to run beside plain decoding (eagle needs --eagle-head)")
-    ap.add_argument("--tree-branches", type=int, default=3, help="ngram-tree: continuations per draft tree")
+                    choices=["ngram", "ngram-tree", "draft", "eagle", "eagle-tree"],
+                    help="proposers to run beside plain decoding (eagle and eagle-tree need --eagle-head)")
+    ap.add_argument("--tree-branches", type=int, default=3,
+                    help="ngram-tree: continuations per draft tree; eagle-tree: nodes expanded per depth")
     ap.add_argument("--skip-peer", action="store_true", help="quadrant only (no llama-cpp-python)")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -182,8 +185,11 @@ def main() -> None:
                    "speculative_draft_layers": args.draft_layers}),
         "eagle": (f"quadrant eagle k={k}", {"speculative_method": "eagle", "num_speculative_tokens": k,
                                             "speculative_model": args.eagle_head}),
+        "eagle-tree": (f"quadrant eagle tree({args.tree_branches}) k={k}",
+                       {"speculative_method": "eagle", "num_speculative_tokens": k,
+                        "speculative_model": args.eagle_head, "speculative_tree_branches": args.tree_branches}),
     }
-    methods = [m for m in args.methods if m != "eagle" or args.eagle_head]
+    methods = [m for m in args.methods if not m.startswith("eagle") or args.eagle_head]
     engines: dict[str, Generate] = {}
     lengths: dict[str, Callable[[], float | None]] = {}
     resets: dict[str, Callable[[], None]] = {}

@@ -500,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speculative-draft-layers", type=int, default=None,
                    help="keep only the draft model's first N layers")
     g.add_argument("--speculative-tree-branches", type=int, default=1,
-                   help="ngram: draft token trees holding up to N distinct continuations, verified at once "
-                        "(for GPUs, where extra tokens in a step are nearly free; 1: chains)")
+                   help="draft token trees, verified at once (for GPUs, where extra tokens in a step are "
+                        "nearly free; 1: chains). ngram: up to N distinct continuations; eagle: the head "
+                        "expands its N likeliest nodes at each depth by their N likeliest tokens (EAGLE-2)")
     p.add_argument("--version", action="version", version=f"quadrant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -588,7 +588,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     draft_cost: float | None = None
     max_batch_size: int = 32
-    tree_branches: int = 1  # ngram: distinct continuations a draft tree may hold (1: chains)
+    # Token trees (1: chains). ngram: distinct continuations a tree may hold; eagle: the head's top tokens
+    # taken at each node it expands, and the nodes it expands at each depth (EAGLE-2).
+    tree_branches: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "ngram", "draft", "eagle"):
@@ -610,9 +612,9 @@ class SpeculativeConfig:
             raise ValueError("draft_cost must be in [0, 1] and max_batch_size >= 1")
         if not 1 <= self.tree_branches <= 8:
             raise ValueError(f"speculative tree branches must be in [1, 8], got {self.tree_branches}")
-        if self.tree_branches > 1 and self.method != "ngram":
+        if self.tree_branches > 1 and self.method not in ("ngram", "eagle"):
             raise ValueError("token trees (--speculative-tree-branches > 1) are drafted by --speculative-method "
-                             "ngram only; draft models and EAGLE heads draft chains")
+                             "ngram or eagle; draft models draft chains")
 
     def resolved_draft_cost(self, device: str) -> float:
         if self.draft_cost is not None:

@@ -97,10 +97,14 @@ class LLMEngine:
         if self._compiled is not None and spec.draft_cost is None:
             self.spec_policy.step_cost = self._compiled.step_cost  # measured compiled step times
             self.spec_policy.max_step_tokens = None  # those times include the switch to dense GEMMs
-        if self._compiled is not None and isinstance(self.proposer, NgramProposer) and spec.tree_branches > 1:
+        if self._compiled is not None and spec.tree_branches > 1:
             # A graph of 8 rows costs the same for 5 tokens as for 8: a tree's other branches fill the rows
-            # its best continuation leaves padded (exact for a lone request), never more.
+            # its best continuation (n-gram) or a lone request's planned chain (EAGLE) leaves padded (exact
+            # for a lone request), never more.
+            from quadrant.engine.spec.eagle import EagleProposer
+
             graphs = self._compiled
+            assert isinstance(self.proposer, (NgramProposer, EagleProposer))
             self.proposer.room = lambda best: (graphs.padded(1 + best) or 1 + best) - 1
         self.spec_stats = SpecStats()
         self.output = OutputProcessor(self.max_model_len, self.scheduler.finish)

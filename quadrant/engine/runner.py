@@ -57,6 +57,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
         self.num_kv_heads = model_config.num_key_value_heads
+        self.max_model_len = max_model_len or model_config.max_position_embeddings
         self.generator = torch.Generator(device=self.device)  # for unseeded requests
         self.generator.seed()
         self.requests = WorkerRequests(self.device)
@@ -77,15 +78,15 @@ class ModelRunner:
             self.compiled.compile_all() if compile_at_start else self.compiled.start()
         if graph_batch_sizes and not keep_hidden:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
-            max_len = max_model_len or model_config.max_position_embeddings
-            self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, -(-max_len // self.block_size),
-                                       self.num_kv_heads, self.device, trees=graph_trees)
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, max_blocks, self.num_kv_heads,
+                                       self.device, trees=graph_trees)
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
         trees = any(row.draft_parents is not None for _, row in batch)
         if trees:
-            self._tree_positions(batch, positions, starts)
+            self._tree_positions(batch, positions, starts, seq_lens)
         width = max(len(req.block_table) for req, _ in batch)
         tables = [req.block_table + [0] * (width - len(req.block_table)) for req, _ in batch]
         dev = self.device
@@ -137,13 +138,17 @@ class ModelRunner:
         return input_ids, positions, slots, starts, seq_lens
 
     @staticmethod
-    def _tree_positions(batch: Batch, positions: list[int], starts: list[int]) -> None:
-        """A tree node runs at its depth past the row's last token, not at its index."""
+    def _tree_positions(batch: Batch, positions: list[int], starts: list[int], seq_lens: list[int]) -> None:
+        """A tree node runs at its depth past its root (the row's last token), not at its index. A row
+        holds its root and every node (verification), or only the newest nodes (an EAGLE head expanding
+        one depth of its tree: the others' K/V are already in its cache)."""
         for b, (_, row) in enumerate(batch):
             if row.draft_parents is not None:
-                end, n = starts[b + 1], len(row.draft_parents)
-                last = positions[end - n - 1]
-                positions[end - n : end] = [last + d for d in depths(row.draft_parents)]
+                n = len(row.draft_parents)
+                root = seq_lens[b] - n - 1  # the root's index, and so its position
+                held = min(row.num_new_tokens, n + 1)
+                line = [root] + [root + d for d in depths(row.draft_parents)]
+                positions[starts[b + 1] - held : starts[b + 1]] = line[n + 1 - held :]
 
     @staticmethod
     def _tree_masks(batch: Batch, starts: list[int], seq_lens: list[int]) -> tuple[list[int], list[int]]:
@@ -155,7 +160,8 @@ class ModelRunner:
             if row.draft_parents is not None:
                 n = len(row.draft_parents)
                 span_starts[b] = seq_lens[b] - n - 1
-                bits[starts[b + 1] - n - 1 : starts[b + 1]] = ancestor_masks(row.draft_parents)
+                held = min(row.num_new_tokens, n + 1)  # the root and all nodes, or the newest nodes
+                bits[starts[b + 1] - held : starts[b + 1]] = ancestor_masks(row.draft_parents)[n + 1 - held :]
         return span_starts, bits
 
     @torch.inference_mode()
@@ -188,8 +194,14 @@ class ModelRunner:
             prompt_out.hidden = self._rows_hidden(batch, hidden)
         if logits is None or not rows:
             return prompt_out
-        prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks)
+        paths: dict[str, list[int]] = {}
+        prompt_out.sampled = self._sample(logits, [batch[i] for i in rows], step.token_masks, paths)
         self.requests.record(prompt_out.sampled)
+        for rid, used in paths.items():  # a verified tree's states along its accepted path, like a chain's
+            if rid not in prompt_out.hidden:
+                continue
+            first, states = prompt_out.hidden[rid]
+            prompt_out.hidden[rid] = (first, states[torch.tensor(used or [0], device=states.device)])
         return prompt_out
 
     def forward_logits(self, batch: Batch, tails: list[int], whole: list[int] = (),  # type: ignore[assignment]
@@ -239,10 +251,12 @@ class ModelRunner:
         pooled = rows.sum(0) if req.params.pooling == "mean" else rows[-1]
         return row.num_computed_tokens, count, pooled.cpu()
 
-    def _sample(self, logits: torch.Tensor, rows: Batch, token_masks: dict[str, torch.Tensor]) -> Sampled:
+    def _sample(self, logits: torch.Tensor, rows: Batch, token_masks: dict[str, torch.Tensor],
+                paths: dict[str, list[int]] | None = None) -> Sampled:
         """Rows that verify drafts take their tokens from verification, the others one sampled token
         each; logits hold one row per plain request and k + 1 per verifying one, in batch order.
-        Structured-output rows see only the tokens their grammar allows."""
+        Structured-output rows see only the tokens their grammar allows. `paths` gets each verified
+        token tree's row indices (0: its root) of the accepted path, when hidden states are kept."""
         sampled: Sampled = {}
         offsets, at = [], 0
         for _, row in rows:
@@ -276,6 +290,8 @@ class ModelRunner:
                 used = list(range(len(accepted)))
             else:
                 accepted, used = verify_tree(span, row.draft_token_ids, row.draft_parents, req, self.generator)
+                if paths is not None and self.keep_hidden:
+                    paths[req.request_id] = used
             want = req.params.logprobs
             kept_records = logprob_records(raw[torch.tensor(used, device=raw.device)], accepted,
                                            [want] * len(accepted)) if want is not None and accepted else []
@@ -334,7 +350,7 @@ class ModelRunner:
                    for j in range(row.num_new_tokens)]
         tree = None
         if any(row.draft_parents is not None for _, row in batch):
-            self._tree_positions(batch, positions, starts)
+            self._tree_positions(batch, positions, starts, seq_lens)
             spans, bits = self._tree_masks(batch, starts, seq_lens)
             tree = ([s for s, (_, row) in zip(spans, batch) for _ in range(row.num_new_tokens)], bits)
         return input_ids, positions, slots, lengths, tables, tree

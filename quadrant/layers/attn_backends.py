@@ -95,8 +95,11 @@ def torch_attention(
         while num_decodes < num_seqs and starts[num_decodes + 1] - starts[num_decodes] == 1:
             num_decodes += 1
         if num_decodes > 1:
+            tree_start = meta.tree_start[:num_decodes] if meta.tree_start is not None else None
+            tree_mask = meta.tree_mask[:num_decodes] if meta.tree_mask is not None else None  # one token a row
             out[:num_decodes] = _paged_decode(layer, q[:num_decodes], meta.block_tables[:num_decodes],  # type: ignore[index]
-                                              meta.seq_lens[:num_decodes], max(meta.seq_lens_cpu[:num_decodes]))
+                                              meta.seq_lens[:num_decodes], max(meta.seq_lens_cpu[:num_decodes]),
+                                              tree_start=tree_start, tree_mask=tree_mask)
         else:
             num_decodes = 0
     spans = meta.tree_start_cpu if use_cache else None

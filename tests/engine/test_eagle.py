@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from quadrant import SamplingParams  # noqa: E402
 from quadrant.config import SpeculativeConfig  # noqa: E402
 from quadrant.engine.spec.eagle import _Features  # noqa: E402
+from quadrant.engine.spec.tree import best_line, is_chain  # noqa: E402
 from quadrant.errors import QuadrantError  # noqa: E402
 from quadrant.models.eagle import load_head  # noqa: E402
 from quadrant.train.eagle import EagleTrainConfig, fit_head, init_head, target_pass  # noqa: E402
@@ -81,6 +82,134 @@ def test_greedy_identical_with_a_random_head(tiny, random_head, prompts, referen
     engine.step()  # nothing left: the next proposal forgets every finished request
     assert not proposer.features and not proposer.states  # type: ignore[union-attr]
     assert len(proposer.free_blocks) == proposer.runner.kv_caches[0].k.shape[0]  # type: ignore[union-attr]
+
+
+def _record_drafts(engine) -> list:
+    """The drafts the engine's proposer returns, as they come."""
+    drafts, propose = [], engine.proposer.propose
+
+    def spy(asks):
+        out = propose(asks)
+        drafts.extend(out.values())
+        return out
+
+    engine.proposer.propose = spy
+    return drafts
+
+
+def _line(draft) -> list[int]:
+    """A draft's likeliest line: a chain whole, a tree's first child at each level."""
+    return draft.tokens if draft.parents is None else [draft.tokens[i] for i in best_line(draft.parents)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_exact_head_growing_trees_is_accepted_along_its_best_line(one_layer, exact_head, prompts, backend):
+    """Trees of 8 nodes, 2 expanded per depth (EAGLE-2; the tiny model's flat distributions make them
+    bushy: their likeliest lines reach depth 3 at most). The exact head's likeliest line is the target's
+    greedy continuation only if each depth's row, holding only the newest nodes, sees the cache and
+    each node's own ancestors at the right positions: then every verification accepts that whole line."""
+    short = backend == "triton"  # the interpreted kernels are slow: two prompts, 10 tokens
+    chosen, params = (prompts[:2], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)) if short \
+        else (prompts, GREEDY)
+    engine = make_engine(one_layer[0], attention_backend=backend, speculative=SpeculativeConfig(
+        "eagle", 8, model=exact_head, draft_cost=0.0, tree_branches=2))
+    drafts = _record_drafts(engine)
+    assert run_all(engine, chosen, params) == [hf_greedy(one_layer[1], p, params.max_tokens) for p in chosen]
+    stats = engine.spec_stats
+    assert stats.num_verifications == len(drafts) and stats.num_tree_verifications > 0
+    assert stats.num_accepted_tokens == sum(len(_line(d)) for d in drafts)
+    assert any(len(_line(d)) >= 3 for d in drafts)  # nodes of a third forward, its rows beside non-ancestors
+    assert all(d.probs is None for d in drafts)  # certain drafts: verified by the target's own probability
+
+
+def test_a_heads_trees_follow_its_own_chains(tiny, random_head, prompts):
+    """A random head (its fc mixes state and embedding): at every position where both engines drafted,
+    the likeliest line of its tree is the chain it drafts without trees, as far as both go. A node that
+    read the wrong parent's state, or saw a non-ancestor, would leave the line."""
+    def drafted(branches: int) -> dict[tuple[str, int], list[int]]:
+        engine = make_engine(tiny[0], prefix=False, speculative=SpeculativeConfig(
+            "eagle", 8, model=random_head, draft_cost=0.0, tree_branches=branches))
+        seen, propose = {}, engine.proposer.propose
+
+        def spy(asks):
+            out = propose(asks)
+            seen.update({(req.request_id, req.num_tokens): _line(out[req.request_id])
+                         for req, _ in asks if req.request_id in out})
+            return out
+
+        engine.proposer.propose = spy
+        run_all(engine, prompts, GREEDY)
+        return seen
+
+    chains, trees = drafted(1), drafted(2)
+    both = chains.keys() & trees.keys()
+    assert len(both) >= 10
+    compared = [min(len(chains[at]), len(trees[at])) for at in both]
+    for at, n in zip(both, compared):
+        assert trees[at][:n] == chains[at][:n], at
+    assert max(compared) >= 3
+
+
+def test_trees_from_a_random_head_hand_over_the_accepted_paths_states(tiny, random_head, prompts, reference):
+    """A random head's trees (3 per depth, up to 5 nodes) under preemption: greedy output as
+    transformers', and every hidden state the head is given is the target's at that position: after a
+    tree's verification, the accepted path's states, in order, one per token it added."""
+    engine = make_engine(tiny[0], num_blocks=30, budget=16, speculative=SpeculativeConfig(
+        "eagle", 5, model=random_head, draft_cost=0.0, tree_branches=3))
+    handed, observe = [], engine.proposer.observe
+    added: dict[str, tuple[int, bool]] = {}  # request -> (tokens its verification added, a tree's?)
+    reordered = []
+    sample = engine.runner._sample
+
+    def spy_sample(logits, rows, masks, paths=None):
+        out = sample(logits, rows, masks, paths)
+        for req, row in rows:
+            if row.draft_token_ids:
+                added[req.request_id] = (len(out[req.request_id][0]), row.draft_parents is not None)
+        reordered.extend(used != list(range(len(used))) for used in (paths or {}).values())
+        return out
+
+    def spy(hidden):
+        for rid, (first, rows) in hidden.items():
+            if rid in added:  # a tree hands over its accepted path; a chain all its rows, rejected ones stale
+                n, tree = added.pop(rid)
+                assert len(rows) == n if tree else len(rows) >= n
+                rows = rows[:n]
+            handed.append((rid, first, rows.clone()))
+        observe(hidden)
+
+    engine.runner._sample, engine.proposer.observe = spy_sample, spy
+    assert run_all(engine, prompts, GREEDY) == reference
+    assert engine.spec_stats.num_tree_verifications > 0 and engine.scheduler.num_preemptions > 0
+    assert any(reordered)  # some accepted path left the tree's node order
+    with torch.no_grad():
+        states = [tiny[1](torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
+                  for p, r in zip(prompts, reference)]
+    for rid, first, rows in handed:
+        torch.testing.assert_close(rows, states[int(rid)][first : first + len(rows)], atol=2e-4, rtol=2e-4)
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+
+
+def test_a_request_under_a_grammar_drafts_a_chain(tiny, random_head, prompts):
+    engine = make_engine(tiny[0], speculative=SpeculativeConfig("eagle", 3, model=random_head, draft_cost=0.0,
+                                                                tree_branches=2))
+    for rid in ("free", "bound"):
+        engine.add_request(prompts[2], GREEDY, request_id=rid)
+    while len([r for r in engine.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]) < 2:
+        engine.step()
+    running = {r.request_id: r for r in engine.scheduler.running}
+    running["bound"].grammar = object()  # the proposer only asks whether there is one
+    try:
+        drafts = engine.proposer.propose([(running["free"], 3), (running["bound"], 3)])
+        assert engine.proposer.last_forwards is None  # the first catch-up ran over the prompts: untimed
+        engine.proposer.propose([(running["free"], 3), (running["bound"], 3)])  # now one token each
+    finally:
+        running["bound"].grammar = None
+    assert drafts["bound"].parents is None and len(drafts["bound"].tokens) == 3
+    # The same head's tree for the other request (the same text) has the chain as its likeliest line.
+    assert _line(drafts["free"]) == drafts["bound"].tokens[: len(_line(drafts["free"]))]
+    seconds, forwards = engine.proposer.last_forwards
+    assert seconds > 0 and forwards >= 3 + 1  # the chain's three forwards and the tree's
 
 
 def test_eagle_sampling_is_distributed_as_the_target(tiny, random_head):

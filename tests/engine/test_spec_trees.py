@@ -15,8 +15,8 @@ from quadrant.config import EngineConfig, KVTransferConfig, SpeculativeConfig
 from quadrant.engine.request import Request
 from quadrant.engine.spec.ngram import lookup, lookup_tree
 from quadrant.engine.spec.proposer import Draft, Drafts
-from quadrant.engine.spec.tree import (accepted_path, ancestor_masks, best_line, depths, merge_branches,
-                                       path_moves)
+from quadrant.engine.spec.tree import (GrownTree, accepted_path, ancestor_masks, best_line, depths,
+                                       merge_branches, path_moves)
 from quadrant.engine.spec.verify import verify_tree
 from quadrant.engine.step import WorkerRequest
 
@@ -46,6 +46,23 @@ def test_merge_branches_keeps_parents_before_children_and_the_heaviest_nodes():
     # Scores (weight x 0.8^depth): "1" 1.2, "1 2" 0.96, "3" 0.51, "4" 0.41, "5" 0.26, "6" 0.2, "7" 0.16.
     assert tokens == [1, 2, 3, 4, 5, 6]
     assert parents == [-1, 0, 1, 2, 1, -1]
+
+
+def test_a_grown_tree_expands_its_likeliest_nodes_and_drafts_the_best_scored():
+    tree = GrownTree(width=2, budget=4)
+    tree.grow([[-0.1, -2.5]], [[5, 6]])  # the root's two likeliest tokens: nodes 0 and 1
+    assert tree.frontier == [0, 1] and tree.worth_growing()
+    assert tree.frontier_row() == ([5, 6], [-1, -1])
+    tree.grow([[-0.2, -1.0], [-0.05, -3.0]], [[7, 8], [9, 10]])  # nodes 2..5: scores -0.3 -1.1 -2.55 -5.5
+    assert tree.frontier == [2, 3]  # the two best of the new depth, not one per parent
+    assert tree.worth_growing()  # -0.3 beats the 4th best score so far (-2.5)
+    assert tree.frontier_row() == ([7, 8], [-1, -1, 0, 0])  # node 2's and 3's parent, node 0, sits in slot 0
+    tree.grow([[-0.1, -0.2], [-4.0, -5.0]], [[11, 12], [13, 14]])  # nodes 6..9: -0.4 -0.5 -5.1 -6.1
+    assert tree.frontier == [6, 7] and tree.worth_growing()
+    assert tree.frontier_row() == ([11, 12], [-1, -1, 0, 0, 2, 2])
+    tree.grow([[-3.0, -4.0], [-1.0, -2.0]], [[15, 16], [17, 18]])  # nodes 10..13: -3.4 -4.4 -1.5 -2.5
+    assert not tree.worth_growing()  # the frontier's best (-1.5) cannot pass the 4th best (-0.5)
+    assert tree.draft() == ([5, 7, 11, 12], [-1, 0, 1, 1])  # a line of the likeliest and a late fork
 
 
 def test_ngram_tree_holds_every_distinct_continuation():
@@ -230,7 +247,7 @@ def test_ngram_trees_greedy_identical(tiny):
 
 
 def test_tree_settings_refused_clearly(tiny):
-    with pytest.raises(ValueError, match="ngram only"):
+    with pytest.raises(ValueError, match="ngram or eagle; draft models draft chains"):
         SpeculativeConfig("draft", 3, tree_branches=2)
     with pytest.raises(ValueError, match="8-bit caches"):
         make_engine(tiny[0], cache_dtype="int8", speculative=SpeculativeConfig("ngram", 3, tree_branches=2))

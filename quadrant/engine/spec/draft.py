@@ -14,6 +14,7 @@ lossless verification (verify.py); greedy requests draft greedily.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -122,15 +123,7 @@ class DraftModelProposer:
     def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
         start = time.perf_counter()  # the whole call: mirrors and sampling cost as much as forwards here
         self.last_forwards = None
-        rows: list[_Row] = []
-        for req, k in asks:
-            state = self._sync(req)
-            # Positions up to the last draft fed (the k-th draft is only sampled, never fed).
-            if not self._reserve(state, req.num_tokens + k - 1):
-                continue  # the draft's pool is full: this request goes without drafts this step
-            mirror = WorkerRequest(req.request_id, req.prompt_ids, list(req.output_ids), req.params,
-                                   state.generator, state.block_table)
-            rows.append((req, k, state, mirror))
+        rows = self._rows(asks, lambda k: k - 1)  # positions up to the last draft fed (the k-th is only sampled)
         if not rows:
             return {}
         batch, carry = self._first_pass(rows)
@@ -167,6 +160,19 @@ class DraftModelProposer:
         return {req.request_id: Draft(drafts[req.request_id],
                                       torch.stack(probs[req.request_id]) if probs[req.request_id] else None)
                 for req, *_ in rows}
+
+    def _rows(self, asks: list[tuple[Request, int]], reach: Callable[[int], int]) -> list[_Row]:
+        """Each asked request's row, with blocks for its slots up to num_tokens + reach(k); a request
+        goes without drafts this step when the draft's pool is full."""
+        rows: list[_Row] = []
+        for req, k in asks:
+            state = self._sync(req)
+            if not self._reserve(state, req.num_tokens + reach(k)):
+                continue
+            mirror = WorkerRequest(req.request_id, req.prompt_ids, list(req.output_ids), req.params,
+                                   state.generator, state.block_table)
+            rows.append((req, k, state, mirror))
+        return rows
 
     def _first_pass(self, rows: list[_Row]) -> tuple[Batch, torch.Tensor | None]:
         """The first batch: what the draft has not seen yet, up to each request's last token; and

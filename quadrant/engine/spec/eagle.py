@@ -8,6 +8,12 @@ drafts token n. Each further draft feeds the head its own previous guess. The he
 positions it ran on guesses are rewritten from true hidden states at the next proposal (they are
 never kept), so the head's cache, like the target's, only ever holds what the target confirmed.
 
+With `--speculative-tree-branches N` the head grows a token tree instead (EAGLE-2, Li et al. 2024;
+tree.GrownTree): each further forward runs the N best-scored nodes of the newest depth as one row
+per request, in the head's slots after the request's last token, each node attending to the cache
+and its own ancestors. After the target verifies the tree, the runner hands over the hidden states
+of the accepted path in order, as a chain's.
+
 Block tables, the head's pool and the sampling of drafts are the draft model's (draft.py); a
 prompt position the target did not compute (a prefix-cache hit) reads a zero hidden state: the
 drafts there are poorer, never wrong, since the target verifies them all.
@@ -15,14 +21,19 @@ drafts there are poorer, never wrong, since the target verifies them all.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from quadrant.config import SpeculativeConfig
 from quadrant.engine.executor import InProcessExecutor
+from quadrant.engine.request import Request
 from quadrant.engine.runner import Batch, ModelRunner
-from quadrant.engine.spec.draft import DraftModelProposer, _DraftState, _Row
+from quadrant.engine.spec.draft import _CATCH_UP_TIMED, DraftModelProposer, _DraftState, _Row
+from quadrant.engine.spec.proposer import Draft, Drafts
+from quadrant.engine.spec.tree import MAX_TREE_NODES, GrownTree, is_chain
 from quadrant.engine.step import Hidden, ScheduledRow
 from quadrant.errors import QuadrantError
 from quadrant.models.eagle import head_config, load_head
@@ -63,10 +74,15 @@ class _Features:
 
 
 class EagleProposer(DraftModelProposer):
-    def __init__(self, runner: ModelRunner, num_blocks: int) -> None:
+    def __init__(self, runner: ModelRunner, num_blocks: int, branches: int = 1) -> None:
         super().__init__(runner, num_blocks)
         self.features: dict[str, _Features] = {}
         self.width = runner.model.config.hidden_size
+        self.branches = branches  # > 1: token trees (tree.GrownTree) expanding this many nodes per depth
+        self.max_model_len = runner.max_model_len
+        # Trees: the nodes a lone request's tree may hold, given the chain length k the policy planned (set
+        # by the engine where steps run padded graphs, as for n-gram trees); None, or several requests: k.
+        self.room: Callable[[int], int] | None = None
 
     @classmethod
     def for_engine(cls, spec: SpeculativeConfig, engine: LLMEngine) -> "EagleProposer":  # type: ignore[override]
@@ -80,7 +96,7 @@ class EagleProposer(DraftModelProposer):
         num_blocks = engine.kv.pool.num_blocks
         runner = ModelRunner(head, head_config(engine.model_config), target.cache, num_blocks, dtype, target.device,
                              target.resolved_backend, max_model_len=engine.max_model_len, samples=False)
-        return cls(runner, num_blocks)
+        return cls(runner, num_blocks, spec.tree_branches)
 
     def observe(self, hidden: Hidden) -> None:
         for rid, (first, rows) in hidden.items():
@@ -114,3 +130,95 @@ class EagleProposer(DraftModelProposer):
 
     def _fed(self, state: _DraftState, token: int) -> None:
         pass  # K/V the head wrote from its own guesses is rewritten at the next proposal, never kept
+
+    # -- token trees ---------------------------------------------------------------------------
+    def propose(self, asks: list[tuple[Request, int]]) -> Drafts:
+        """Chains, or with branches trees; a request under a grammar drafts a chain either way (the
+        engine would cut its tree to one line, shorter than the chain the same forwards give)."""
+        if self.branches == 1:
+            return super().propose(asks)
+        chains = [(req, k) for req, k in asks if req.grammar is not None]
+        trees = [(req, k) for req, k in asks if req.grammar is None]
+        drafts: Drafts = {}
+        timings = []
+        for part, run in ((chains, super().propose), (trees, self._propose_trees)):
+            if part:
+                drafts.update(run(part))
+                timings.append(self.last_forwards)
+        # Both parts timed: their forwards together (one untimed part leaves the call untimed).
+        self.last_forwards = None if None in timings or not timings else \
+            (sum(t[0] for t in timings if t), sum(t[1] for t in timings if t))
+        return drafts
+
+    def _depth(self, k: int) -> int:
+        """Depths a tree for a chain of k grows (one head forward each, the catch-up the first); the
+        nodes it expands must fit one int64 of ancestor bits."""
+        return min(k, MAX_TREE_NODES // self.branches + 1)
+
+    @torch.inference_mode()
+    def _propose_trees(self, asks: list[tuple[Request, int]]) -> Drafts:
+        """A tree per request, grown a depth per forward. The head runs each tree's frontier as one row
+        that attends to the request's cache and to each node's own ancestors, the frontiers before it,
+        whose K/V the head wrote in the slots after the request's last token. Each node reads the head's
+        state at its parent. The drafts are certain: verification keeps a node with the target's own
+        probability of it (verify.verify_tree), whatever the head thought of it."""
+        start = time.perf_counter()
+        self.last_forwards = None
+        rows = self._rows(asks, lambda k: (self._depth(k) - 1) * self.branches)
+        if not rows:
+            return {}
+        batch, carry = self._first_pass(rows)
+        assert carry is not None
+        timed = max(row.num_new_tokens for _, row in batch) <= _CATCH_UP_TIMED
+        hidden, ends = self._head_states(batch, carry)
+        last = hidden[torch.tensor(ends, device=hidden.device) - 1]  # each request's state at its last token
+        # A lone request's tree fills the rows its step's graph pads anyway; several requests' trees keep to
+        # the plan (their steps' padding is shared), and no tree's slots pass the context.
+        lone = self.room if self.room is not None and len(rows) == 1 else None
+        trees = [GrownTree(self.branches, min(lone(k) if lone is not None else k,
+                                              self.max_model_len - req.num_tokens - 1)) for req, k, _, _ in rows]
+        ran = {req.request_id: ([-1], last[i : i + 1]) for i, (req, *_) in enumerate(rows)}  # nodes, states
+        self._grow(trees, last)
+        forwards = 1
+        while True:
+            active = [(tree, req, mirror) for tree, (req, k, _, mirror) in zip(trees, rows)
+                      if forwards < self._depth(k) and tree.worth_growing()]
+            if not active:
+                break
+            batch, feed = [], []
+            for tree, req, mirror in active:
+                nodes, states = ran[req.request_id]
+                feed.append(states[torch.tensor([nodes.index(tree.parents[n]) for n in tree.frontier],
+                                                device=states.device)])
+                ran[req.request_id] = (list(tree.frontier), states)
+                tokens, parents = tree.frontier_row()
+                first = req.num_tokens + len(parents) - len(tokens)  # the slot after the frontiers before it
+                batch.append((mirror, ScheduledRow(req.request_id, first, len(tokens), tokens, None, parents)))
+            hidden, ends = self._head_states(batch, torch.cat(feed))
+            for (_, req, _), lo, hi in zip(active, [0] + ends[:-1], ends):
+                ran[req.request_id] = (ran[req.request_id][0], hidden[lo:hi])
+            self._grow([tree for tree, _, _ in active], hidden)
+            forwards += 1
+        if timed:
+            self.last_forwards = (time.perf_counter() - start, forwards)
+        drafts: Drafts = {}
+        for tree, (req, *_) in zip(trees, rows):
+            tokens, parents = tree.draft()
+            drafts[req.request_id] = Draft(tokens, None, None if is_chain(parents) else parents)
+        return drafts
+
+    def _head_states(self, batch: Batch, carry: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The head's output states [T, D] at every token of the batch, and each row's end in them."""
+        ids, pos, meta = self.runner.prepare(batch)
+        return self.runner.model(ids, pos, meta, carry), list(meta.query_start_loc_cpu[1:])
+
+    def _grow(self, trees: list[GrownTree], states: torch.Tensor) -> None:
+        """Grow each tree by a depth from the head's states at its frontier (rows of `states`, in order)."""
+        head = self.runner.model
+        top, picks = head.draft_logits(states).log_softmax(-1).topk(self.branches, dim=-1)
+        logprobs, tokens = top.tolist(), head.draft_vocab[picks].tolist()
+        at = 0
+        for tree in trees:
+            n = len(tree.frontier)
+            tree.grow(logprobs[at : at + n], tokens[at : at + n])
+            at += n

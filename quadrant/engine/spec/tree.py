@@ -103,3 +103,56 @@ def merge_branches(branches: Sequence[tuple[float, Sequence[int]]], budget: int,
     order = sorted(range(len(weight)), key=lambda n: (-weight[n] * decay ** depth[n], depth[n], n))[:budget]
     index = {n: i for i, n in enumerate(order)}
     return [token[n] for n in order], [index[parent[n]] if parent[n] >= 0 else -1 for n in order]
+
+
+class GrownTree:
+    """A token tree grown from a proposer's log-probabilities, as EAGLE-2 does (Li et al. 2024): each
+    depth, the `width` best-scored nodes of the newest depth are expanded by their `width` likeliest
+    tokens. A node's score is its path's summed log-probability, which never rises along a path, so
+    the draft, the `budget` best-scored nodes, keeps every kept node's parent, and growing can stop
+    as soon as no frontier node outscores the budget-th node already grown."""
+
+    def __init__(self, width: int, budget: int) -> None:
+        self.width, self.budget = width, min(budget, MAX_TREE_NODES)
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.scores: list[float] = []
+        self.depths: list[int] = []
+        self.frontier: list[int] = [-1]  # the nodes whose children come next (-1: the root)
+        self.expanded: list[int] = []  # nodes run through the proposer, in the order of its K/V slots
+
+    def grow(self, logprobs: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]]) -> None:
+        """Add each frontier node's children (its likeliest tokens and their log-probabilities, frontier
+        order); the `width` best of them are the next frontier."""
+        new = []
+        for node, lps, toks in zip(self.frontier, logprobs, tokens):
+            base, depth = (self.scores[node], self.depths[node] + 1) if node >= 0 else (0.0, 1)
+            for lp, t in zip(lps, toks):
+                new.append(len(self.tokens))
+                self.tokens.append(t)
+                self.parents.append(node)
+                self.scores.append(base + lp)
+                self.depths.append(depth)
+        self.frontier = sorted(new, key=lambda n: -self.scores[n])[: self.width]
+
+    def worth_growing(self) -> bool:
+        """Whether a child of the frontier could still make the draft."""
+        if len(self.tokens) < self.budget:
+            return True
+        kth = sorted(self.scores, reverse=True)[self.budget - 1]
+        return max(self.scores[n] for n in self.frontier) > kth  # a tie goes to the shallower node
+
+    def frontier_row(self) -> tuple[list[int], list[int]]:
+        """The frontier's tokens, expanded next after the nodes expanded before them, and every expanded
+        node's parent among those (-1: the root): the proposer's row for its next forward (a tree row
+        holding only its newest nodes, engine/runner.py)."""
+        self.expanded.extend(self.frontier)
+        slot = {n: i for i, n in enumerate(self.expanded)}
+        return [self.tokens[n] for n in self.frontier], [slot.get(self.parents[n], -1) for n in self.expanded]
+
+    def draft(self) -> tuple[list[int], list[int]]:
+        """The draft: the budget best-scored nodes (ties: shallower first), as tokens and parents."""
+        order = sorted(range(len(self.tokens)), key=lambda n: (-self.scores[n], self.depths[n], n))[: self.budget]
+        index = {n: i for i, n in enumerate(order)}
+        return [self.tokens[n] for n in order], [index[self.parents[n]] if self.parents[n] >= 0 else -1
+                                                 for n in order]
