@@ -2,7 +2,8 @@
 
 A decode step of a small model is dozens of kernel launches of a few microseconds each:
 launching them from Python costs more than running them. Each graph holds the whole
-forward and the LM head over static input buffers. A step fills the buffers for its real
+forward over static input buffers, up to the final hidden states (the LM head runs after the
+replay, and an EAGLE head reads those states too). A step fills the buffers for its real
 rows and pads to the next captured size with rows that write nothing (slot -1) and attend
 to nothing (length 0). The split-KV grid depth is fixed per graph; the chunk length, a
 device scalar, follows the batch (kernels/paged_decode.py). With `trees`, the graphs also take
@@ -121,8 +122,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]], tree: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
-        """Logits [n, V] fp32 of a decode-only step of n <= the largest captured size. `tree`: each row's
-        token-tree span start and ancestor bits (graphs captured with `trees` only)."""
+        """Final hidden states [n, D] of a decode-only step of n <= the largest captured size: a view of
+        the graph's output, overwritten by its next replay. `tree`: each row's token-tree span start and
+        ancestor bits (graphs captured with `trees` only)."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
@@ -155,4 +157,4 @@ class DecodeGraphs:
         else:
             with self._counting_real_rows():
                 hidden = self._forward(bs)
-        return self.model.compute_logits(hidden[:n])  # [n, V] fp32
+        return hidden[:n]

@@ -47,8 +47,8 @@ class ModelRunner:
         """`compile_decode`: on CPU, the largest batch size to run decode steps through compiled graphs
         (engine/cpu_compiled.py); 0 keeps every step eager. `compile_at_start`: all those graphs now,
         before the first step, instead of in the background. `keep_hidden`: every step returns its
-        rows' final hidden states (an EAGLE head drafts from them); CUDA graphs then stay off, since
-        theirs end in the LM head. `graph_trees`: the decode graphs take token-tree masks (speculative
+        rows' final hidden states (an EAGLE head drafts from them), CUDA graph replays included.
+        `graph_trees`: the decode graphs take token-tree masks (speculative
         token trees verify through them)."""
         self.keep_hidden = keep_hidden
         self.on_layer_stored: Callable[[], None] | None = None  # see AttentionMetadata.on_layer_stored
@@ -76,7 +76,7 @@ class ModelRunner:
         if compile_decode:
             self.compiled = CompiledDecode(self.model, self.block_size, num_blocks, compile_decode)
             self.compiled.compile_all() if compile_at_start else self.compiled.start()
-        if graph_batch_sizes and not keep_hidden:
+        if graph_batch_sizes:
             assert backend == "triton", "decode graphs need the triton backend (no host-side metadata)"
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, graph_batch_sizes, self.block_size, max_blocks, self.num_kv_heads,
@@ -320,7 +320,7 @@ class ModelRunner:
             input_ids, positions, slots, lengths, tables, tree = rows
             if not self.graphs.fits(len(input_ids), max(len(t) for t in tables)):
                 return None
-            return self.graphs.run(input_ids, positions, slots, lengths, tables, tree)
+            return self._replayed_logits(self.graphs.run(input_ids, positions, slots, lengths, tables, tree))
         if any(row.num_new_tokens != 1 for _, row in batch):
             return None  # (token trees included: the varlen kernel's tree masks)
         if self.compiled is not None:
@@ -332,7 +332,14 @@ class ModelRunner:
             return None
         input_ids, positions, slots, _, seq_lens = self._flatten(batch)
         tables = [req.block_table for req, _ in batch]
-        return self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+        return self._replayed_logits(self.graphs.run(input_ids, positions, slots, seq_lens, tables))
+
+    def _replayed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over a CUDA graph's output states; kept (copied: the next replay overwrites them)
+        where an EAGLE head reads them."""
+        if self.keep_hidden:
+            self._hidden = hidden.clone()
+        return self.model.compute_logits(hidden)
 
     def _verification_rows(self, batch: Batch) -> tuple[list[int], list[int], list[int], list[int], list[list[int]],
                                                         tuple[list[int], list[int]] | None] | None:

@@ -150,12 +150,24 @@ def test_a_heads_trees_follow_its_own_chains(tiny, random_head, prompts):
     assert max(compared) >= 3
 
 
-def test_trees_from_a_random_head_hand_over_the_accepted_paths_states(tiny, random_head, prompts, reference):
-    """A random head's trees (3 per depth, up to 5 nodes) under preemption: greedy output as
-    transformers', and every hidden state the head is given is the target's at that position: after a
-    tree's verification, the accepted path's states, in order, one per token it added."""
-    engine = make_engine(tiny[0], num_blocks=30, budget=16, speculative=SpeculativeConfig(
+@pytest.mark.parametrize("regime", ["preempted", "graphs"])
+def test_trees_from_a_random_head_hand_over_the_accepted_paths_states(tiny, random_head, prompts, reference,
+                                                                      regime):
+    """A random head's trees (3 per depth, up to 5 nodes): greedy output as transformers', and every
+    hidden state the head is given is the target's at that position: after a tree's verification, the
+    accepted path's states, in order, one per token it added. Under preemption (torch attention); and
+    through the decode graphs' buffers (Triton, interpreted: two prompts, 8 tokens), whose output
+    states the head reads too."""
+    graphs = regime == "graphs"
+    options = {"attention_backend": "triton", "cuda_graphs": True} if graphs else {"num_blocks": 30, "budget": 16}
+    if graphs:
+        prompts, reference = prompts[:2], [r[:8] for r in reference[:2]]
+    engine = make_engine(tiny[0], **options, speculative=SpeculativeConfig(
         "eagle", 5, model=random_head, draft_cost=0.0, tree_branches=3))
+    replays: list[int] = []
+    if graphs:
+        run = engine.runner.graphs.run
+        engine.runner.graphs.run = lambda ids, *rest: (replays.append(len(ids)), run(ids, *rest))[1]
     handed, observe = [], engine.proposer.observe
     added: dict[str, tuple[int, bool]] = {}  # request -> (tokens its verification added, a tree's?)
     reordered = []
@@ -179,8 +191,10 @@ def test_trees_from_a_random_head_hand_over_the_accepted_paths_states(tiny, rand
         observe(hidden)
 
     engine.runner._sample, engine.proposer.observe = spy_sample, spy
-    assert run_all(engine, prompts, GREEDY) == reference
-    assert engine.spec_stats.num_tree_verifications > 0 and engine.scheduler.num_preemptions > 0
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True) if graphs else GREEDY
+    assert run_all(engine, prompts, params) == reference
+    assert engine.spec_stats.num_tree_verifications > 0
+    assert (engine.scheduler.num_preemptions > 0) != graphs and bool(replays) == graphs
     assert any(reordered)  # some accepted path left the tree's node order
     with torch.no_grad():
         states = [tiny[1](torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
