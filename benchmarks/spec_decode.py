@@ -167,6 +167,9 @@ def main() -> None:
                     help="proposers to run beside plain decoding (eagle and eagle-tree need --eagle-head)")
     ap.add_argument("--tree-branches", type=int, default=3,
                     help="ngram-tree: continuations per draft tree; eagle-tree: nodes expanded per depth")
+    ap.add_argument("--draft-cost", type=float, default=None,
+                    help="a verifying token's cost in one-token steps for every proposer (0: always draft k, "
+                         "to compare acceptance lengths as a GPU would see them); default: measured")
     ap.add_argument("--skip-peer", action="store_true", help="quadrant only (no llama-cpp-python)")
     ap.add_argument("--find-links", default=None, help="folder with a prebuilt llama-cpp-python wheel")
     args = ap.parse_args()
@@ -189,6 +192,10 @@ def main() -> None:
                        {"speculative_method": "eagle", "num_speculative_tokens": k,
                         "speculative_model": args.eagle_head, "speculative_tree_branches": args.tree_branches}),
     }
+    if args.draft_cost is not None:
+        for m, (_, options) in configs.items():
+            if m != "plain":
+                options["speculative_draft_cost"] = args.draft_cost
     methods = [m for m in args.methods if not m.startswith("eagle") or args.eagle_head]
     engines: dict[str, Generate] = {}
     lengths: dict[str, Callable[[], float | None]] = {}
@@ -216,11 +223,11 @@ def main() -> None:
         for name, r in rows.items():
             peer = peers.get("llama.cpp plain", {}).get(name)
             lookups = [p[name].decode_tps for e, p in peers.items() if "lookup" in e]
-            best = max(lookups) if lookups else float("nan")
+            to_peer = f"{r.decode_tps / peer.decode_tps:.2f}" if peer else "-"  # "-": no peer ran (--skip-peer)
+            to_lookup = f"{r.decode_tps / max(lookups):.2f}" if lookups else "-"
             print(f"{engine:<36} {name:<10} {r.tokens:>6} {r.decode_tps:>12.1f} "
                   f"{(f'{r.acceptance_length:.2f}' if r.acceptance_length else '-'):>7} "
-                  f"{r.decode_tps / plain[name].decode_tps:>7.2f} "
-                  f"{(r.decode_tps / peer.decode_tps if peer else float('nan')):>11.2f} {r.decode_tps / best:>13.2f}")
+                  f"{r.decode_tps / plain[name].decode_tps:>7.2f} {to_peer:>11} {to_lookup:>13}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ Prompt = str | list[int]
 
 _SPECULATIVE_OPTIONS = {"speculative_method": "method", "num_speculative_tokens": "num_speculative_tokens",
                         "speculative_model": "model", "speculative_draft_layers": "draft_layers",
-                        "speculative_tree_branches": "tree_branches"}
+                        "speculative_tree_branches": "tree_branches", "speculative_draft_cost": "draft_cost"}
 
 
 class PromptTooLongError(QuadrantError, ValueError):
@@ -215,7 +215,8 @@ class LLMEngine:
                    parallel: ParallelConfig | None = None, **options: Any) -> "LLMEngine":
         """`options`: the other EngineConfig fields (attention_backend, load_format, cuda_graphs,
         speculative), or speculation as vLLM names it: speculative_method (ngram, draft, eagle),
-        num_speculative_tokens, speculative_model, speculative_draft_layers, speculative_tree_branches.
+        num_speculative_tokens, speculative_model, speculative_draft_layers, speculative_tree_branches,
+        speculative_draft_cost (a verifying token's cost in one-token steps: the policy's whole cost model).
         `parallel` (nodes, rendezvous) wins over the two sizes."""
         if parallel is not None and (tensor_parallel_size, expert_parallel_size) != (1, 1):
             raise ValueError("give the parallel sizes once: in `parallel` or as tensor/expert_parallel_size")

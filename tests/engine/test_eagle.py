@@ -235,6 +235,18 @@ def test_eagle_sampling_is_distributed_as_the_target(tiny, random_head):
                                                        draft_cost=0.0))
 
 
+def test_eagle_trees_sampled_are_distributed_as_the_target(one_layer, exact_head):
+    """Trees of certain drafts (the head's two likeliest tokens a node), each child tried with its
+    probability under what remains of p: 2048 4-token samples follow the target's exact distribution
+    (chi-square). The exact head, since a random one's likeliest tokens lie outside the sampled
+    top-4 and no draft would ever be accepted."""
+    from tests.engine.test_spec_decode import check_sampled_distribution
+
+    stats = check_sampled_distribution(one_layer, SpeculativeConfig("eagle", 2, model=exact_head, max_batch_size=4096,
+                                                                    draft_cost=0.0, tree_branches=2))
+    assert stats.num_tree_verifications > 100
+
+
 def test_a_trained_head_agrees_with_its_target(tiny):
     engine = make_engine(tiny[0])
     g = torch.Generator().manual_seed(3)

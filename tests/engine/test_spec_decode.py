@@ -17,6 +17,7 @@ from quadrant.config import SpeculativeConfig  # noqa: E402
 from quadrant.engine.request import Request  # noqa: E402
 from quadrant.engine.spec.ngram import lookup  # noqa: E402
 from quadrant.engine.spec.policy import SpeculationPolicy, expected_tokens  # noqa: E402
+from quadrant.engine.spec.proposer import SpecStats  # noqa: E402
 from quadrant.engine.spec.verify import verify  # noqa: E402
 from quadrant.engine.step import WorkerRequest  # noqa: E402
 from quadrant.layers.sampler import apply_penalties, filter_logits  # noqa: E402
@@ -182,7 +183,7 @@ def test_speculative_sampling_matches_target_distribution_end_to_end(tiny):
                                                        draft_cost=0.0))  # never backs off
 
 
-def check_sampled_distribution(tiny, spec: SpeculativeConfig) -> None:
+def check_sampled_distribution(tiny, spec: SpeculativeConfig) -> SpecStats:
     path, model = tiny
     prompt = [11, 200, 37, 5, 90]
     params = SamplingParams(n=128, max_tokens=4, temperature=0.9, top_k=4, top_p=0.95, repetition_penalty=1.3,
@@ -207,6 +208,7 @@ def check_sampled_distribution(tiny, spec: SpeculativeConfig) -> None:
     observed.append(total - sum(observed))
     expected.append(total - sum(expected))
     assert chisquare(observed, expected).pvalue > 1e-3
+    return stats
 
 
 def test_seeded_sampling_is_reproducible_with_speculation(tiny, prompts):
