@@ -1,7 +1,8 @@
 """GPU decode: quadrant against the weight-streaming roofline and Hugging Face transformers, in one run.
 
     python benchmarks/gpu_decode.py                  # all workloads, H100-sized (about 6-8 minutes)
-    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention (--sweep), profile, verify
+    python benchmarks/gpu_decode.py --only batch1    # or: small, throughput, attention (--sweep), profile, verify,
+                                                     #     drafting
     python benchmarks/gpu_decode.py --smoke          # tiny shapes: checks the script itself (CPU works)
 
 Random weights of real architectures (--load-format dummy with the configs shipped in
@@ -19,6 +20,8 @@ quadrant/model_configs), bf16. Measured in the same run:
 6. profile (asked for by name): torch.profiler over batch-1 decode steps of the SmolLM2-135M shape.
 7. verify (asked for by name): a speculative verification step (8 drafts per row, a chain or a token
    tree) against the one-token decode step, Llama-3-8B shape, batch 1, 8 and 64.
+8. drafting (asked for by name): an EAGLE head's propose call (a chain of 8 drafts, or an EAGLE-2
+   tree of 8 nodes) against the one-token decode step, same shape and batches.
 Prints one table; --json writes the figures.
 """
 
@@ -31,6 +34,7 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -312,6 +316,73 @@ def bench_attention(ctx: Context, sweep: bool = False) -> None:
             _free(ctx)
 
 
+def median_time(ctx: Context, call: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Seconds of `call`, synchronised: the median of `repeats` after `warmup` untimed calls."""
+    times = []
+    for i in range(repeats + warmup):
+        ctx.sync()
+        t = time.perf_counter()
+        call()
+        ctx.sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_drafting(ctx: Context) -> None:
+    """EAGLE drafting's price: a head for the Llama-3-8B shape (random weights, so acceptance is not
+    measured here; a 32k-token draft vocabulary, as EAGLE-3's), one propose call for B requests at
+    512-token contexts in steady state (one token to catch up): a chain of k drafts (k head forwards)
+    and an EAGLE-2 tree (4 nodes expanded a depth, the k best kept), against the target's one-token
+    decode step (CUDA graphs). Drafting pays once the tokens a verification accepts repay it and the
+    verification step (`--only verify`)."""
+    import tempfile
+
+    from quadrant.engine.request import Request
+    from quadrant.engine.spec.eagle import EagleProposer
+    from quadrant.engine.step import NewRequest, ScheduledRow, StepInput
+    from quadrant.train.eagle import init_head
+
+    ctx_len, k, width = (24, 4, 2) if ctx.smoke else (512, 8, 4)
+    kv_memory = (64 << 20) if ctx.smoke else (8 << 30)
+    target = engine_for(ctx, "llama-3-8b", max_num_seqs=64, kv_memory=kv_memory, budget=4096)
+    vocab = target.model_config.vocab_size
+    folder = Path(tempfile.mkdtemp()) / "head"
+    init_head(target.model, target.model_config, torch.arange(min(vocab, 32768)), "llama-3-8b shape").save(folder)
+    del target
+    _free(ctx)
+    engine = engine_for(ctx, "llama-3-8b", max_num_seqs=64, kv_memory=kv_memory, budget=4096,
+                        speculative=SpeculativeConfig("eagle", k, model=str(folder), tree_branches=width))
+    runner, proposer = engine.runner, engine.proposer
+    assert isinstance(proposer, EagleProposer)
+    block = engine.config.cache.block_size
+    per_request = -(-(ctx_len + 1) // block)
+    rng = random.Random(3)
+    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+    for batch in (1, 8) if ctx.smoke else (1, 8, 64):
+        if batch * per_request > engine.kv.pool.num_blocks:
+            continue
+        ids = [f"draft-{batch}-{i}" for i in range(batch)]
+        prompts = [[rng.randrange(vocab) for _ in range(ctx_len)] for _ in ids]
+        news = [NewRequest(rid, p, [], params, None, list(range(i * per_request, (i + 1) * per_request)))
+                for i, (rid, p) in enumerate(zip(ids, prompts))]
+        runner.execute(StepInput(new_requests=news, rows=[ScheduledRow(rid, 0, ctx_len) for rid in ids]))
+        plain = StepInput(rows=[ScheduledRow(rid, ctx_len - 1, 1) for rid in ids])  # the last prompt token again
+        step = median_time(ctx, lambda: runner.execute(plain))
+        asks = [(Request(rid, p, params), k) for rid, p in zip(ids, prompts)]
+        for name, branches in (("chain", 1), (f"tree ({width} a depth)", width)):
+            proposer.branches = branches
+            proposer.propose(asks)  # the head's catch-up over the prompts, untimed
+            t = median_time(ctx, lambda: proposer.propose(asks))
+            forwards = proposer.last_forwards[1] if proposer.last_forwards else 0
+            ctx.rows.append(Row(f"EAGLE drafting, {name}, k={k}, batch {batch}", t * 1e3, step * 1e3,
+                                "one-token decode step", "ms", f"{forwards} head forwards a call"))
+        proposer.retain(set())
+        runner.execute(StepInput(finished_request_ids=ids))
+    del engine, runner, proposer
+    _free(ctx)
+
+
 def bench_verify(ctx: Context) -> None:
     """Speculative verification's price: a decode step of B requests whose rows carry k drafts (a chain,
     or a token tree of k nodes in three branches) against the plain one-token step (CUDA graphs where
@@ -336,16 +407,8 @@ def bench_verify(ctx: Context) -> None:
         [-1] + [k - third + i for i in range(third - 1)]  # three branches, the first the longest
     tree = ([rng.randrange(vocab) for _ in range(k)], tree_parents)
 
-    def timed(step: StepInput, repeats: int = 20) -> float:
-        times = []
-        for i in range(repeats + 3):
-            ctx.sync()
-            t = time.perf_counter()
-            runner.execute(step)
-            ctx.sync()
-            if i >= 3:
-                times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
+    def timed(step: StepInput) -> float:
+        return median_time(ctx, lambda: runner.execute(step))
 
     for batch in (1, 8) if ctx.smoke else (1, 8, 64):
         if batch * per_request > engine.kv.pool.num_blocks:
@@ -408,7 +471,8 @@ def profile_decode(ctx: Context, name: str, steps: int = 64) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", nargs="+", choices=["batch1", "small", "throughput", "attention", "profile", "verify"],
+    ap.add_argument("--only", nargs="+",
+                    choices=["batch1", "small", "throughput", "attention", "profile", "verify", "drafting"],
                     default=["batch1", "small", "throughput", "attention"])
     ap.add_argument("--sweep", action="store_true", help="attention: also time the other kernel tiles")
     ap.add_argument("--overlap", action="store_true",
@@ -421,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"batch1": lambda: bench_batch1(ctx, "llama-3-8b", "Llama-3-8B shape"),
               "small": lambda: bench_batch1(ctx, "smollm2-135m", "SmolLM2-135M shape"),
               "throughput": lambda: bench_throughput(ctx), "attention": lambda: bench_attention(ctx, args.sweep),
-              "profile": lambda: profile_decode(ctx, "smollm2-135m"), "verify": lambda: bench_verify(ctx)}
+              "profile": lambda: profile_decode(ctx, "smollm2-135m"), "verify": lambda: bench_verify(ctx),
+              "drafting": lambda: bench_drafting(ctx)}
     for name, stage in stages.items():
         if name in args.only:
             done = len(ctx.rows)

@@ -9,7 +9,7 @@
 # (the decode kernel with its tile and conversion sweep), profile (where a small model's decode step
 # goes), throughput-overlap (the 1,000 prompts with overlapped scheduling), overlap (overlapped
 # scheduling, 135M and 8B shapes), verify (speculative verification steps, chains and token trees,
-# against the one-token step)
+# against the one-token step), drafting (an EAGLE head's chains and trees against the same step)
 #
 # Logs go to $OUT (or ./gpu-logs): one file per step, plus a short summary at the end.
 # Needs python3 with torch + triton + transformers and quadrant's own dependencies
@@ -45,6 +45,7 @@ for step in $steps; do
     attention) run attention 150 python3 benchmarks/gpu_decode.py --only attention --sweep --json "$out/attention.json" ;;
     profile) run profile 60 python3 benchmarks/gpu_decode.py --only profile ;;
     verify) run verify 150 python3 benchmarks/gpu_decode.py --only verify --json "$out/verify.json" ;;
+    drafting) run drafting 150 python3 benchmarks/gpu_decode.py --only drafting --json "$out/drafting.json" ;;
     overlap) run overlap 150 bash -c 'python3 benchmarks/overlap.py --model smollm2-135m --load-format dummy \
                --batch-sizes 1 8 64 --kv-cache-memory 2 --max-tokens 128 --repeats 2 &&
              python3 benchmarks/overlap.py --model llama-3-8b --load-format dummy --batch-sizes 1 8 64 \
