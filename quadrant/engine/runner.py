@@ -86,7 +86,7 @@ class ModelRunner:
         input_ids, positions, slots, starts, seq_lens = self._flatten(batch)
         trees = any(row.draft_parents is not None for _, row in batch)
         if trees:
-            self._tree_positions(batch, positions, starts, seq_lens)
+            tree_spans, tree_bits = self._tree_layout(batch, positions, starts, seq_lens)
         width = max(len(req.block_table) for req, _ in batch)
         tables = [req.block_table + [0] * (width - len(req.block_table)) for req, _ in batch]
         dev = self.device
@@ -104,7 +104,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
         if trees:
-            meta.tree_start_cpu, tree_bits = self._tree_masks(batch, starts, seq_lens)
+            meta.tree_start_cpu = tree_spans
             meta.tree_start = torch.tensor(meta.tree_start_cpu, dtype=torch.int32, device=dev)
             meta.tree_mask = torch.tensor(tree_bits, dtype=torch.int64, device=dev)
         if self.backend is TRITON_BACKEND and meta.max_query_len == 1:
@@ -138,10 +138,15 @@ class ModelRunner:
         return input_ids, positions, slots, starts, seq_lens
 
     @staticmethod
-    def _tree_positions(batch: Batch, positions: list[int], starts: list[int], seq_lens: list[int]) -> None:
-        """A tree node runs at its depth past its root (the row's last token), not at its index. A row
-        holds its root and every node (verification), or only the newest nodes (an EAGLE head expanding
-        one depth of its tree: the others' K/V are already in its cache)."""
+    def _tree_layout(batch: Batch, positions: list[int], starts: list[int],
+                     seq_lens: list[int]) -> tuple[list[int], list[int]]:
+        """Token trees: each node's position becomes its depth past its root (the row's last token), not
+        its index; returns AttentionMetadata.tree_start [B] and tree_mask [T]: tree rows attend within
+        their span by ancestry, every other token's bits are all set and its row's span starts past its
+        context. A row holds its root and every node (verification), or only the newest nodes (an EAGLE
+        head expanding one depth of its tree: the others' K/V are already in its cache)."""
+        span_starts = list(seq_lens)
+        bits = [-1] * starts[-1]
         for b, (_, row) in enumerate(batch):
             if row.draft_parents is not None:
                 n = len(row.draft_parents)
@@ -149,18 +154,7 @@ class ModelRunner:
                 held = min(row.num_new_tokens, n + 1)
                 line = [root] + [root + d for d in depths(row.draft_parents)]
                 positions[starts[b + 1] - held : starts[b + 1]] = line[n + 1 - held :]
-
-    @staticmethod
-    def _tree_masks(batch: Batch, starts: list[int], seq_lens: list[int]) -> tuple[list[int], list[int]]:
-        """AttentionMetadata.tree_start [B] and tree_mask [T]: tree rows attend within their span by
-        ancestry; every other token's bits are all set and its row's span starts past its context."""
-        span_starts = list(seq_lens)
-        bits = [-1] * starts[-1]
-        for b, (_, row) in enumerate(batch):
-            if row.draft_parents is not None:
-                n = len(row.draft_parents)
-                span_starts[b] = seq_lens[b] - n - 1
-                held = min(row.num_new_tokens, n + 1)  # the root and all nodes, or the newest nodes
+                span_starts[b] = root
                 bits[starts[b + 1] - held : starts[b + 1]] = ancestor_masks(row.draft_parents)[n + 1 - held :]
         return span_starts, bits
 
@@ -357,8 +351,7 @@ class ModelRunner:
                    for j in range(row.num_new_tokens)]
         tree = None
         if any(row.draft_parents is not None for _, row in batch):
-            self._tree_positions(batch, positions, starts, seq_lens)
-            spans, bits = self._tree_masks(batch, starts, seq_lens)
+            spans, bits = self._tree_layout(batch, positions, starts, seq_lens)
             tree = ([s for s, (_, row) in zip(spans, batch) for _ in range(row.num_new_tokens)], bits)
         return input_ids, positions, slots, lengths, tables, tree
 

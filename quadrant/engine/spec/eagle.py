@@ -79,7 +79,6 @@ class EagleProposer(DraftModelProposer):
         self.features: dict[str, _Features] = {}
         self.width = runner.model.config.hidden_size
         self.branches = branches  # > 1: token trees (tree.GrownTree) expanding this many nodes per depth
-        self.max_model_len = runner.max_model_len
         # Trees: the nodes a lone request's tree may hold, given the chain length k the policy planned (set
         # by the engine where steps run padded graphs, as for n-gram trees); None, or several requests: k.
         self.room: Callable[[int], int] | None = None
@@ -176,8 +175,11 @@ class EagleProposer(DraftModelProposer):
         # the plan (their steps' padding is shared), and no tree's slots pass the context.
         lone = self.room if self.room is not None and len(rows) == 1 else None
         trees = [GrownTree(self.branches, min(lone(k) if lone is not None else k,
-                                              self.max_model_len - req.num_tokens - 1)) for req, k, _, _ in rows]
-        ran = {req.request_id: ([-1], last[i : i + 1]) for i, (req, *_) in enumerate(rows)}  # nodes, states
+                                              self.runner.max_model_len - req.num_tokens - 1))
+                 for req, k, _, _ in rows]
+        # Per request, the nodes the last forward ran (-1: the root, in the catch-up) and its states at them.
+        ran_nodes = {req.request_id: [-1] for req, *_ in rows}
+        ran_states = {req.request_id: last[i : i + 1] for i, (req, *_) in enumerate(rows)}
         self._grow(trees, last)
         forwards = 1
         while True:
@@ -187,16 +189,16 @@ class EagleProposer(DraftModelProposer):
                 break
             batch, feed = [], []
             for tree, req, mirror in active:
-                nodes, states = ran[req.request_id]
+                nodes, states = ran_nodes[req.request_id], ran_states[req.request_id]
                 feed.append(states[torch.tensor([nodes.index(tree.parents[n]) for n in tree.frontier],
                                                 device=states.device)])
-                ran[req.request_id] = (list(tree.frontier), states)
+                ran_nodes[req.request_id] = list(tree.frontier)
                 tokens, parents = tree.frontier_row()
                 first = req.num_tokens + len(parents) - len(tokens)  # the slot after the frontiers before it
                 batch.append((mirror, ScheduledRow(req.request_id, first, len(tokens), tokens, None, parents)))
             hidden, ends = self._head_states(batch, torch.cat(feed))
             for (_, req, _), lo, hi in zip(active, [0] + ends[:-1], ends):
-                ran[req.request_id] = (ran[req.request_id][0], hidden[lo:hi])
+                ran_states[req.request_id] = hidden[lo:hi]
             self._grow([tree for tree, _, _ in active], hidden)
             forwards += 1
         if timed:
